@@ -1,0 +1,203 @@
+"""`halfbyte convert`: a Hugging Face checkpoint -> one GGUF file, in one streaming pass.
+
+Memory stays bounded by the largest tensor (as float32) plus the quantized copy of one
+chunk: tensors are read one at a time straight from the checkpoint files, transformed
+(row permutations), quantized and appended to the output, which is renamed into place
+only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, Keys
+
+from converters import falcon, llama, mpt
+from converters.base import ConversionPlan, PlannedTensor
+from converters.vocab import check_vocab_fits
+from engine import quants
+from engine.errors import HalfbyteError, file_error
+from engine.filetypes import FILE_TYPES
+from engine.gguf_file import GGUFWriter
+from engine.progress import progress_bar
+
+ARCHITECTURES: tuple[ModuleType, ...] = (llama, mpt, falcon)
+QUANTIZATION_VERSION = 2  # ggml's current block layouts (general.quantization_version)
+CHUNK_ROWS_ELEMENTS = 1 << 22
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise file_error(path, "missing (a Hugging Face checkpoint directory has a config.json)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise file_error(path, f"invalid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise file_error(path, "expected a JSON object")
+    return config
+
+
+def supported_names() -> str:
+    return ", ".join(name for module in ARCHITECTURES for name in module.HF_ARCHITECTURES)
+
+
+def pick_architecture(config: dict[str, Any], config_path: Path) -> ModuleType:
+    """The architecture module for a config: by `architectures`, else by `model_type`."""
+    declared = config.get("architectures") or []
+    for module in ARCHITECTURES:
+        if any(name in module.HF_ARCHITECTURES for name in declared):
+            return module
+    for module in ARCHITECTURES:
+        if config.get("model_type") in module.MODEL_TYPES:
+            return module
+    what = declared[0] if declared else config.get("model_type", "<none>")
+    raise file_error(config_path, f"unsupported architecture {what!r} (supported: {supported_names()})")
+
+
+def output_type(planned: PlannedTensor, requested: GGMLQuantizationType) -> GGMLQuantizationType:
+    """1-D tensors (norms, biases) stay F32, as in llama.cpp; rows that do not split into blocks
+    fall back to F16."""
+    if len(planned.shape) < 2:
+        return GGMLQuantizationType.F32
+    if planned.shape[-1] % quants.block_size(requested):
+        return GGMLQuantizationType.F16
+    return requested
+
+
+def encode_rows(array: np.ndarray, ggml_type: GGMLQuantizationType) -> Iterator[np.ndarray]:
+    """Yield the stored bytes of a float32 tensor, converted a chunk of rows at a time."""
+    if ggml_type == GGMLQuantizationType.F32:
+        yield np.ascontiguousarray(array, dtype=np.float32)
+        return
+    rows = array.reshape(-1, array.shape[-1])
+    per_chunk = max(1, CHUNK_ROWS_ELEMENTS // rows.shape[1])
+    for start in range(0, rows.shape[0], per_chunk):
+        chunk = rows[start : start + per_chunk]
+        if ggml_type == GGMLQuantizationType.F16:
+            yield chunk.astype(np.float16)
+        else:
+            yield quants.quantize(np.ascontiguousarray(chunk), ggml_type)
+
+
+def check_plan(plan: ConversionPlan, checkpoint: Any, config_path: Path) -> None:
+    """Every planned tensor exists with the shape the config implies; warn about leftovers."""
+    available = set(checkpoint.names())
+    for planned in plan.tensors:
+        if planned.source not in available:
+            raise file_error(
+                config_path.parent, f"checkpoint has no tensor {planned.source!r} (required by config.json)"
+            )
+        meta = checkpoint.info(planned.source)
+        if tuple(meta.shape) != planned.shape:
+            raise file_error(
+                meta.file,
+                f"tensor {planned.source!r} has shape {tuple(meta.shape)}, config.json implies {planned.shape}",
+            )
+    used = {p.source for p in plan.tensors}
+    leftovers = [n for n in checkpoint.names() if n not in used and not plan.ignored(n)]
+    if leftovers:
+        more = f" and {len(leftovers) - 3} more" if len(leftovers) > 3 else ""
+        print(f"halfbyte: warning: ignoring checkpoint tensors {', '.join(leftovers[:3])}{more}", file=sys.stderr)
+
+
+def default_output_name(model_name: str, ggml_type: GGMLQuantizationType, vocab_only: bool) -> str:
+    suffix = "vocab" if vocab_only else ggml_type.name.lower()
+    return f"{model_name}-{suffix}.gguf"
+
+
+def convert_directory(
+    directory: Path,
+    output: Path,
+    requested: GGMLQuantizationType,
+    model_name: str,
+    vocab_only: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert a local checkpoint directory to ``output``; returns the written path."""
+    from converters.checkpoint import open_checkpoint
+
+    config = read_config(directory)
+    config_path = directory / "config.json"
+    module = pick_architecture(config, config_path)
+    vocab_entries = module.vocab(directory, config)
+
+    checkpoint = None if vocab_only else open_checkpoint(directory)
+    try:
+        names = set(checkpoint.names()) if checkpoint is not None else set()
+        plan = module.plan(config, config_path, names)
+        vocab_rows = next(p.shape[0] for p in plan.tensors if p.name.startswith("token_embd."))
+        check_vocab_fits(vocab_entries, vocab_rows, directory / "config.json")
+        if checkpoint is not None:
+            check_plan(plan, checkpoint, config_path)
+        return _write(plan, vocab_entries, checkpoint, output, requested, model_name, vocab_only, progress)
+    finally:
+        if checkpoint is not None:
+            checkpoint.close()
+
+
+def _write(
+    plan: ConversionPlan, vocab_entries: list, checkpoint: Any, output: Path,
+    requested: GGMLQuantizationType, model_name: str, vocab_only: bool, progress: bool,
+) -> Path:
+    tensors = [] if vocab_only else [(p, output_type(p, requested)) for p in plan.tensors]
+    with GGUFWriter(output) as writer:
+        writer.add_string(Keys.General.ARCHITECTURE, plan.arch)
+        writer.add_string(Keys.General.NAME, model_name)
+        writer.add_uint32(Keys.General.FILE_TYPE, int(FILE_TYPES[requested]))
+        writer.add_uint32(Keys.General.QUANTIZATION_VERSION, QUANTIZATION_VERSION)
+        for entry in [*plan.metadata, *vocab_entries]:
+            writer.add(entry.key, entry.value, entry.value_type, entry.elem_type)
+        for planned, ggml_type in tensors:
+            writer.add_tensor_info(planned.name, planned.shape, ggml_type)
+        try:
+            writer.write_header()
+            total = sum(int(np.prod(p.shape)) * 4 for p, _ in tensors)
+            with progress_bar(total, f"convert {output.name}", progress) as bar:
+                for planned, ggml_type in tensors:
+                    bar.set_postfix_str(planned.name, refresh=False)
+                    array = checkpoint.load(planned.source)
+                    if planned.transform is not None:
+                        array = planned.transform(array)
+                    writer.write_tensor(planned.name, encode_rows(array, ggml_type))
+                    del array
+                    bar.update(int(np.prod(planned.shape)) * 4)
+            writer.finish()
+        except OSError as exc:
+            if exc.errno == 28:  # ENOSPC
+                raise file_error(output, "no space left on device") from None
+            raise file_error(exc.filename or output, f"cannot write: {exc.strerror or exc}") from None
+    return output
+
+
+def convert(
+    source: str,
+    output: str | os.PathLike | None,
+    requested: GGMLQuantizationType,
+    revision: str | None = None,
+    vocab_only: bool = False,
+    progress: bool = True,
+) -> Path:
+    """`halfbyte convert SOURCE`: alias, repo id or local directory -> GGUF file."""
+    from converters.sources import resolve_source
+
+    directory = resolve_source(source, revision=revision, progress=progress)
+    model_name = Path(source.rstrip("/")).name if Path(source).is_dir() else source.rstrip("/").split("/")[-1]
+    target = Path(output) if output is not None else Path.cwd() / default_output_name(model_name, requested, vocab_only)
+    if target.is_dir():
+        raise file_error(target, "is a directory (give a file name with -o)")
+    if not target.parent.is_dir():
+        raise file_error(target.parent, "output directory does not exist")
+    try:
+        return convert_directory(directory, target, requested, model_name, vocab_only, progress)
+    except MemoryError:
+        raise HalfbyteError(f"{directory}: out of memory while converting") from None

@@ -1,0 +1,233 @@
+"""Tokenizer files of a Hugging Face checkpoint -> llama.cpp's ``tokenizer.ggml.*`` metadata.
+
+Two families, as llama.cpp names them:
+- ``llama``: a SentencePiece ``tokenizer.model`` (pieces, scores, token types), LLaMA.
+- ``gpt2``: a byte-level BPE ``tokenizer.json`` (vocab, merges), MPT and Falcon, with
+  ``tokenizer.ggml.pre`` naming the pre-tokenizer so llama.cpp splits text the same way.
+
+Both pad the vocabulary to the model's ``vocab_size`` (embedding rows) with unused
+``[PAD<i>]`` tokens, as llama.cpp's converter does, so ids and embedding rows agree.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGUFValueType, Keys, TokenType
+
+from converters.base import MetadataEntry, boolean, string, u32
+from engine.errors import HalfbyteError, file_error
+
+SPECIAL_NAMES = ("bos", "eos", "unk", "pad")
+SPECIAL_KEYS = {
+    "bos": Keys.Tokenizer.BOS_ID,
+    "eos": Keys.Tokenizer.EOS_ID,
+    "unk": Keys.Tokenizer.UNK_ID,
+    "pad": Keys.Tokenizer.PAD_ID,
+}
+
+
+def float_array(key: str, values: list[float]) -> MetadataEntry:
+    return MetadataEntry(key, np.asarray(values, np.float32), GGUFValueType.ARRAY, GGUFValueType.FLOAT32)
+
+
+def int_array(key: str, values: list[int]) -> MetadataEntry:
+    return MetadataEntry(key, np.asarray(values, np.int32), GGUFValueType.ARRAY, GGUFValueType.INT32)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise file_error(path, "missing tokenizer file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise file_error(path, f"invalid JSON: {exc}") from None
+
+
+def _optional_json(path: Path) -> dict[str, Any]:
+    return _read_json(path) if path.is_file() else {}
+
+
+def _token_content(value: Any) -> str | None:
+    """tokenizer_config.json stores special tokens as strings or as {"content": ...}."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _special_ids(
+    directory: Path, config: Mapping[str, Any], lookup: Mapping[str, int], defaults: Mapping[str, int]
+) -> dict[str, int]:
+    """bos/eos/unk/pad ids: tokenizer_config.json strings, then config.json ids, then defaults."""
+    tokenizer_config = _optional_json(directory / "tokenizer_config.json")
+    special_map = _optional_json(directory / "special_tokens_map.json")
+    ids = dict(defaults)
+    for name in SPECIAL_NAMES:
+        config_id = config.get(f"{name}_token_id")
+        if isinstance(config_id, int) and not isinstance(config_id, bool) and config_id >= 0:
+            ids[name] = config_id
+        for source in (special_map, tokenizer_config):
+            content = _token_content(source.get(f"{name}_token"))
+            if content is not None and content in lookup:
+                ids[name] = lookup[content]
+    return ids
+
+
+def _special_entries(ids: Mapping[str, int], vocab_size: int) -> list[MetadataEntry]:
+    return [u32(SPECIAL_KEYS[name], token_id) for name, token_id in ids.items() if 0 <= token_id < vocab_size]
+
+
+def _add_flags(directory: Path, default_bos: bool) -> list[MetadataEntry]:
+    tokenizer_config = _optional_json(directory / "tokenizer_config.json")
+    add_bos = tokenizer_config.get("add_bos_token", default_bos)
+    add_eos = tokenizer_config.get("add_eos_token", False)
+    return [
+        boolean(Keys.Tokenizer.ADD_BOS, bool(add_bos)),
+        boolean(Keys.Tokenizer.ADD_EOS, bool(add_eos)),
+    ]
+
+
+def _pad_vocab(tokens: list[str], types: list[int], vocab_size: int, scores: list[float] | None) -> None:
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]")
+        types.append(TokenType.UNUSED)
+        if scores is not None:
+            scores.append(-1000.0)
+
+
+def sentencepiece_vocab(directory: Path, config: Mapping[str, Any]) -> list[MetadataEntry]:
+    """``tokenizer.model`` (+ added_tokens.json) -> tokenizer.ggml.* for ``model = llama``."""
+    import sentencepiece
+
+    model_path = directory / "tokenizer.model"
+    if not model_path.is_file():
+        raise file_error(model_path, "missing tokenizer file (LLaMA checkpoints need tokenizer.model)")
+    processor = sentencepiece.SentencePieceProcessor()
+    try:
+        processor.Load(str(model_path))
+    except (OSError, RuntimeError) as exc:
+        raise file_error(model_path, f"not a SentencePiece model: {str(exc).splitlines()[0]}") from None
+
+    tokens, scores, types = [], [], []
+    for token_id in range(processor.GetPieceSize()):
+        tokens.append(processor.IdToPiece(token_id))
+        scores.append(processor.GetScore(token_id))
+        if processor.IsUnknown(token_id):
+            types.append(TokenType.UNKNOWN)
+        elif processor.IsControl(token_id):
+            types.append(TokenType.CONTROL)
+        elif processor.IsUnused(token_id):
+            types.append(TokenType.UNUSED)
+        elif processor.IsByte(token_id):
+            types.append(TokenType.BYTE)
+        else:
+            types.append(TokenType.NORMAL)
+
+    # Fine-tunes add tokens beyond the SentencePiece model (e.g. a pad token at 32000).
+    added = _optional_json(directory / "added_tokens.json")
+    for content, token_id in sorted(added.items(), key=lambda item: item[1]):
+        if token_id < len(tokens):
+            continue
+        if token_id != len(tokens):
+            raise file_error(directory / "added_tokens.json", f"token {content!r} id {token_id} leaves a gap")
+        tokens.append(content)
+        scores.append(-1000.0)
+        types.append(TokenType.USER_DEFINED)
+
+    vocab_size = int(config.get("vocab_size") or len(tokens))
+    if vocab_size < len(tokens):
+        raise file_error(
+            directory / "config.json", f"vocab_size {vocab_size} is smaller than the tokenizer's {len(tokens)} tokens"
+        )
+    _pad_vocab(tokens, types, vocab_size, scores)
+
+    defaults = {
+        "bos": processor.bos_id(), "eos": processor.eos_id(), "unk": processor.unk_id(), "pad": processor.pad_id(),
+    }
+    lookup = {piece: i for i, piece in enumerate(tokens)}
+    ids = _special_ids(directory, config, lookup, defaults)
+    # A SentencePiece model that adds a dummy prefix turns "x" into "▁x".
+    add_space_prefix = processor.EncodeAsPieces("x")[:1] != ["x"]
+    return [
+        string(Keys.Tokenizer.MODEL, "llama"),
+        string(Keys.Tokenizer.PRE, "default"),
+        MetadataEntry(Keys.Tokenizer.LIST, tokens, GGUFValueType.ARRAY, GGUFValueType.STRING),
+        float_array(Keys.Tokenizer.SCORES, scores),
+        int_array(Keys.Tokenizer.TOKEN_TYPE, types),
+        *_special_entries(ids, vocab_size),
+        *_add_flags(directory, default_bos=True),
+        boolean(Keys.Tokenizer.ADD_PREFIX, add_space_prefix),
+    ]
+
+
+def bpe_vocab(directory: Path, config: Mapping[str, Any], pre: str) -> list[MetadataEntry]:
+    """``tokenizer.json`` (byte-level BPE) -> tokenizer.ggml.* for ``model = gpt2``."""
+    path = directory / "tokenizer.json"
+    if not path.is_file():
+        raise file_error(path, "missing tokenizer file (MPT and Falcon checkpoints need tokenizer.json)")
+    data = _read_json(path)
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise file_error(path, "not a BPE tokenizer.json (expected model.type = BPE with a vocab)")
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = [t for t in data.get("added_tokens", []) if isinstance(t, dict) and "id" in t and "content" in t]
+    for token in added:
+        vocab[token["content"]] = int(token["id"])
+
+    size = max(vocab.values(), default=-1) + 1
+    vocab_size = max(int(config.get("vocab_size") or size), size)
+    by_id: dict[int, str] = {}
+    for content, token_id in vocab.items():
+        by_id[token_id] = content
+    special = {t["id"]: bool(t.get("special")) for t in added}
+    tokens, types = [], []
+    for token_id in range(size):
+        content = by_id.get(token_id)
+        if content is None:
+            tokens.append(f"[PAD{token_id}]")
+            types.append(TokenType.UNUSED)
+        elif token_id in special:
+            tokens.append(content)
+            types.append(TokenType.CONTROL if special[token_id] else TokenType.USER_DEFINED)
+        else:
+            tokens.append(content)
+            types.append(TokenType.NORMAL)
+    _pad_vocab(tokens, types, vocab_size, None)
+
+    merges = []
+    for merge in model.get("merges", []):
+        # Older files store "a b", newer ones ["a", "b"].
+        if isinstance(merge, str):
+            merges.append(merge)
+        elif isinstance(merge, list) and len(merge) == 2:
+            merges.append(f"{merge[0]} {merge[1]}")
+        else:
+            raise file_error(path, f"unreadable merge {merge!r}")
+
+    endoftext = vocab.get("<|endoftext|>")
+    defaults = {name: endoftext for name in ("bos", "eos", "unk")} if endoftext is not None else {}
+    ids = _special_ids(directory, config, vocab, defaults)
+    return [
+        string(Keys.Tokenizer.MODEL, "gpt2"),
+        string(Keys.Tokenizer.PRE, pre),
+        MetadataEntry(Keys.Tokenizer.LIST, tokens, GGUFValueType.ARRAY, GGUFValueType.STRING),
+        int_array(Keys.Tokenizer.TOKEN_TYPE, types),
+        MetadataEntry(Keys.Tokenizer.MERGES, merges, GGUFValueType.ARRAY, GGUFValueType.STRING),
+        *_special_entries(ids, vocab_size),
+    ]
+
+
+def check_vocab_fits(entries: list[MetadataEntry], n_vocab_rows: int, where: Path) -> None:
+    """The embedding must have a row for every token id."""
+    for entry in entries:
+        if entry.key == Keys.Tokenizer.LIST and len(entry.value) > n_vocab_rows:
+            raise HalfbyteError(
+                f"{where}: tokenizer has {len(entry.value)} tokens but the embedding has {n_vocab_rows} rows"
+            )
