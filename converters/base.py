@@ -98,6 +98,18 @@ class ConfigReader:
             raise file_error(self.path, f"{keys[0]!r} must be a number, got {value!r}")
         return float(value)
 
+    def rope(self) -> tuple[float, str | None, float]:
+        """(theta, scaling type, scaling factor): transformers 5 keeps these in
+        ``rope_parameters``, older configs in ``rope_theta`` and ``rope_scaling``."""
+        params = self.get("rope_parameters", default={}) or {}
+        scaling = self.get("rope_scaling", default=None) or params
+        theta = params.get("rope_theta", self.get("rope_theta", default=10000.0))
+        kind = scaling.get("rope_type", scaling.get("type"))
+        factor = float(scaling.get("factor", 1.0) or 1.0)
+        if kind in (None, "default"):
+            return float(theta), None, 1.0
+        return float(theta), kind, factor
+
     def fail(self, reason: str) -> HalfbyteError:
         return file_error(self.path, reason)
 

@@ -76,7 +76,9 @@ def plan(config: Mapping[str, Any], config_path: Path, names: set[str]) -> Conve
         u32(Keys.Attention.HEAD_COUNT_KV.format(arch=ARCH), n_head_kv),
         f32(Keys.Attention.LAYERNORM_EPS.format(arch=ARCH), cfg.float_value("layer_norm_epsilon", default=1e-5)),
     ]
-    rope_theta = cfg.float_value("rope_theta", default=10000.0)
+    rope_theta, scaling_type, _ = cfg.rope()
+    if scaling_type is not None:
+        raise cfg.fail(f"rope scaling {scaling_type!r} is not supported for Falcon")
     if rope_theta != 10000.0:
         metadata.append(f32(Keys.Rope.FREQ_BASE.format(arch=ARCH), rope_theta))
 

@@ -59,16 +59,14 @@ def plan(config: Mapping[str, Any], config_path: Path, names: set[str]) -> Conve
         u32(Keys.Attention.HEAD_COUNT_KV.format(arch=ARCH), n_head_kv),
         f32(Keys.Attention.LAYERNORM_RMS_EPS.format(arch=ARCH), cfg.float_value("rms_norm_eps", default=1e-6)),
         u32(Keys.Rope.DIMENSION_COUNT.format(arch=ARCH), head_dim),
-        f32(Keys.Rope.FREQ_BASE.format(arch=ARCH), cfg.float_value("rope_theta", default=10000.0)),
     ]
-    scaling = cfg.get("rope_scaling")
-    if isinstance(scaling, dict):
-        scaling_type = scaling.get("rope_type", scaling.get("type"))
-        if scaling_type == "linear":
-            metadata.append(string(Keys.Rope.SCALING_TYPE.format(arch=ARCH), "linear"))
-            metadata.append(f32(Keys.Rope.SCALING_FACTOR.format(arch=ARCH), float(scaling["factor"])))
-        elif scaling_type not in (None, "default"):
-            raise cfg.fail(f"rope_scaling type {scaling_type!r} is not supported (supported: linear)")
+    rope_theta, scaling_type, scaling_factor = cfg.rope()
+    metadata.append(f32(Keys.Rope.FREQ_BASE.format(arch=ARCH), rope_theta))
+    if scaling_type == "linear":
+        metadata.append(string(Keys.Rope.SCALING_TYPE.format(arch=ARCH), "linear"))
+        metadata.append(f32(Keys.Rope.SCALING_FACTOR.format(arch=ARCH), scaling_factor))
+    elif scaling_type is not None:
+        raise cfg.fail(f"rope scaling {scaling_type!r} is not supported (supported: linear)")
 
     def q_permute(w: np.ndarray) -> np.ndarray:
         return permute_for_rope(w, n_head)

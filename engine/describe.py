@@ -42,27 +42,46 @@ def _human_count(n: int) -> str:
     return str(n)
 
 
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (list, np.ndarray))
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def tokenizer_summary(metadata: dict[str, Any]) -> list[str]:
-    """Lines describing the embedded tokenizer (empty if the file has none)."""
+    """Lines describing the embedded tokenizer (empty if the file has none).
+
+    `info` is how a user inspects a suspect file, so a key of the wrong GGUF type is shown
+    as it is rather than crashing the report.
+    """
     model = metadata.get("tokenizer.ggml.model")
     if model is None:
         return []
     tokens = metadata.get("tokenizer.ggml.tokens", [])
+    if not _is_array(tokens):
+        tokens = []
     lines = [f"  model:      {model}"]
     if "tokenizer.ggml.pre" in metadata:
         lines.append(f"  pre:        {metadata['tokenizer.ggml.pre']}")
     lines.append(f"  vocab size: {len(tokens)}")
-    if "tokenizer.ggml.merges" in metadata:
-        lines.append(f"  merges:     {len(metadata['tokenizer.ggml.merges'])}")
+    merges = metadata.get("tokenizer.ggml.merges")
+    if merges is not None:
+        lines.append(f"  merges:     {len(merges) if _is_array(merges) else _format_value(merges)}")
     token_types = metadata.get("tokenizer.ggml.token_type")
-    if token_types is not None and len(token_types):
+    if isinstance(token_types, np.ndarray) and len(token_types):
         kinds, counts = np.unique(np.asarray(token_types), return_counts=True)
         parts = [f"{TOKEN_TYPE_NAMES.get(int(k), str(k))} {c}" for k, c in zip(kinds, counts)]
         lines.append(f"  token types: {', '.join(parts)}")
     for name in SPECIAL_TOKEN_KEYS:
         key = f"tokenizer.ggml.{name}_token_id"
         if key in metadata:
-            token_id = int(metadata[key])
+            token_id = metadata[key]
+            if not _is_integer(token_id):
+                lines.append(f"  {name + ' id:':11} {_format_value(token_id)} <not an integer>")
+                continue
+            token_id = int(token_id)
             piece = tokens[token_id] if 0 <= token_id < len(tokens) else "<out of range>"
             lines.append(f"  {name + ' id:':11} {token_id} {piece!r}")
     for flag in ("add_bos_token", "add_eos_token", "add_space_prefix"):
@@ -75,13 +94,15 @@ def tokenizer_summary(metadata: dict[str, Any]) -> list[str]:
 def describe(gguf: GGUFFile) -> str:
     """The full `info` report."""
     md = gguf.metadata
-    arch = md.get("general.architecture", "<none>")
+    arch = str(md.get("general.architecture", "<none>"))  # str(): shown even if stored with a wrong type
     lines = [f"file:         {gguf.path}", f"format:       GGUF v{gguf.version}, alignment {gguf.alignment}"]
     lines.append(f"architecture: {arch}")
     if "general.name" in md:
         lines.append(f"name:         {md['general.name']}")
     if "general.file_type" in md:
-        lines.append(f"file type:    {file_type_name(int(md['general.file_type']))}")
+        file_type = md["general.file_type"]
+        shown = file_type_name(int(file_type)) if _is_integer(file_type) else _format_value(file_type)
+        lines.append(f"file type:    {shown}")
 
     hyper = [(k, v) for k, v in md.items() if k.startswith(f"{arch}.")]
     if hyper:
@@ -119,4 +140,7 @@ def describe(gguf: GGUFFile) -> str:
     lines.append(f"  file size:       {gguf.file_size} bytes ({_human_bytes(gguf.file_size)})")
     if n_params:
         lines.append(f"  bits per weight: {tensor_bytes * 8 / n_params:.2f}")
-    return "\n".join(lines)
+    report = "\n".join(lines)
+    # Invalid UTF-8 from the file is held as lone surrogates, which a strict UTF-8 stdout
+    # refuses (a traceback instead of a report): show those bytes as \xNN instead.
+    return report.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -42,6 +42,7 @@ READABLE_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_ARRAY_NESTING = 8
+MAX_TENSOR_ELEMENTS = (2**63 - 1) // 8  # so the bytes of any view (<= 8 per element) fit in int64
 
 # Fixed-size scalar value types: struct format per type.
 _SCALAR_FORMATS: dict[GGUFValueType, str] = {
@@ -212,7 +213,8 @@ class GGUFFile:
         cur.pos = 4
         version = cur.u32("header")
         if version not in READABLE_VERSIONS:
-            if version & 0xFFFF == 0 and (version >> 16) in (1, 2, 3):
+            # A big-endian file's version 3 reads as 0x03000000 here.
+            if version & 0x00FFFFFF == 0 and (version >> 24) in (1, 2, 3):
                 raise cur.fail("big-endian GGUF files are not supported")
             if version == 1:
                 raise cur.fail("GGUF version 1 is not supported (re-convert the model)")
@@ -276,12 +278,17 @@ class GGUFFile:
             if ggml_type not in GGML_QUANT_SIZES:
                 raise cur.fail(f"tensor {name!r} has unsupported type {ggml_type.name}")
             block_size, _ = GGML_QUANT_SIZES[ggml_type]
-            n_elements = 1
+            # numpy cannot even shape an empty view whose nonzero dims span more than int64
+            # bytes (ggml would overflow its int64 sizes too): bound the element count.
+            nonzero_product = 1
             for dim in ne:
-                n_elements *= dim
-            if ne and ne[0] % block_size:
+                nonzero_product *= max(dim, 1)
+            if nonzero_product > MAX_TENSOR_ELEMENTS:
+                raise cur.fail(f"tensor {name!r} has an impossible shape {ne}")
+            row_length = ne[0] if ne else 1  # a 0-dim tensor is one element, as in ggml
+            if row_length % block_size:
                 raise cur.fail(
-                    f"tensor {name!r} row length {ne[0]} is not a multiple of the "
+                    f"tensor {name!r} row length {row_length} is not a multiple of the "
                     f"{ggml_type.name} block size {block_size}"
                 )
             shape = tuple(reversed(ne))
@@ -451,6 +458,9 @@ class GGUFWriter:
     """
 
     def __init__(self, path: str | os.PathLike, alignment: int = DEFAULT_ALIGNMENT) -> None:
+        if not 0 < alignment < 2**32 or alignment & (alignment - 1):
+            # The reader (ours and llama.cpp's) refuses anything else: fail before writing a byte.
+            raise ValueError(f"alignment must be a power of two that fits a uint32, got {alignment}")
         self.path = Path(path)
         self.alignment = alignment
         self._kv: dict[str, tuple[GGUFValueType, GGUFValueType | None, Any]] = {}
@@ -510,9 +520,12 @@ class GGUFWriter:
         if any(name == t[0] for t in self._tensors):
             raise ValueError(f"duplicate tensor name {name!r}")
         block_size, _ = GGML_QUANT_SIZES[ggml_type]
-        if shape and shape[-1] % block_size:
-            raise HalfbyteError(
-                f"{name}: row length {shape[-1]} is not a multiple of the {ggml_type.name} block size {block_size}"
+        row_length = shape[-1] if shape else 1  # the reader's rule: a 0-dim tensor is one element
+        if row_length % block_size:
+            raise file_error(
+                self.path,
+                f"tensor {name!r} row length {row_length} is not a multiple of the {ggml_type.name} "
+                f"block size {block_size}",
             )
         self._tensors.append((name, tuple(int(d) for d in shape), ggml_type, tensor_nbytes(ggml_type, shape)))
 

@@ -68,7 +68,8 @@ def quantize_gguf(
     with GGUFFile(src_path) as src:
         plan = [(info, target_type(info, requested)) for info in src.tensors.values()]
         with GGUFWriter(dst_path, alignment=src.alignment) as out:
-            out.copy_metadata(src, skip=("general.file_type",))
+            out.copy_metadata(src)
+            # Overwrites the copied key in place, so the output keeps the input's key order.
             out.add("general.file_type", int(FILE_TYPES[requested]), GGUFValueType.UINT32)
             for info, new_type in plan:
                 out.add_tensor_info(info.name, info.shape, new_type)

@@ -1,0 +1,27 @@
+"""One file per architecture; the runtime picks one by ``general.architecture``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.errors import file_error
+from engine.gguf_file import GGUFFile
+from models.falcon import Falcon
+from models.llama import Llama
+from models.mpt import Mpt
+
+ARCHITECTURES: dict[str, type] = {"llama": Llama, "mpt": Mpt, "falcon": Falcon}
+
+
+def load_architecture(file: GGUFFile) -> Any:
+    """Build the forward pass for ``file``; unknown architectures name the supported ones."""
+    arch = file.architecture
+    if arch is None:
+        raise file_error(file.path, "missing metadata key 'general.architecture'")
+    try:
+        model_class = ARCHITECTURES[arch]
+    except KeyError:
+        raise file_error(
+            file.path, f"unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})"
+        ) from None
+    return model_class(file)

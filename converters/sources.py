@@ -1,0 +1,208 @@
+"""Where `halfbyte convert SOURCE` finds a checkpoint: a local directory, a Hub repo id, or an alias.
+
+Hub downloads go through huggingface_hub itself, so its cache, its progress bars and its
+environment (``HF_HOME``, ``HF_HUB_CACHE``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``, ``HF_ENDPOINT``) work
+as everywhere else. Only what conversion needs is fetched: config.json, the tokenizer files and
+one set of weights (safetensors when the repo has them, else PyTorch .bin), never both.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from pathlib import Path
+from typing import Any
+
+from converters.checkpoint import WeightLayout, pick_weight_layout, read_index
+from engine.errors import HalfbyteError, file_error
+
+ALIASES: dict[str, str] = {
+    "llama-7b": "huggyllama/llama-7b",
+    "llama-13b": "huggyllama/llama-13b",
+    "llama-30b": "huggyllama/llama-30b",
+    "llama-65b": "huggyllama/llama-65b",
+    "llama2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama2-7b-chat": "meta-llama/Llama-2-7b-chat-hf",
+    "open-llama-3b": "openlm-research/open_llama_3b",
+    "open-llama-7b": "openlm-research/open_llama_7b",
+    "open-llama-13b": "openlm-research/open_llama_13b",
+    "tinyllama": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+    "mpt-7b": "mosaicml/mpt-7b",
+    "mpt-7b-instruct": "mosaicml/mpt-7b-instruct",
+    "mpt-7b-chat": "mosaicml/mpt-7b-chat",
+    "falcon-7b": "tiiuae/falcon-7b",
+    "falcon-7b-instruct": "tiiuae/falcon-7b-instruct",
+    "falcon-40b": "tiiuae/falcon-40b",
+    "falcon-40b-instruct": "tiiuae/falcon-40b-instruct",
+}
+
+# config.json plus every tokenizer file the vocab readers may use; each is fetched if the repo has it.
+CONFIG_AND_TOKENIZER_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+# The Hub's own rule for repo ids: "namespace/name", letters, digits, '-', '_', '.'.
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+LOCAL_HINT = "download the checkpoint elsewhere and run `halfbyte convert /path/to/dir`"
+
+
+def resolve_source(source: str, revision: str | None = None, progress: bool = True) -> Path:
+    """The local directory holding the checkpoint named by ``source``.
+
+    An existing directory is used as is (it wins over a repo id or alias of the same spelling);
+    an alias from ``ALIASES`` or an ``org/name`` repo id is downloaded into (or found in) the
+    Hugging Face cache at ``revision``.
+    """
+    if not source.strip():
+        raise HalfbyteError("empty source: give a checkpoint directory, a Hub repo id (org/name) or an alias")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise file_error(path, "is a file; expected a checkpoint directory, a Hub repo id (org/name) or an alias")
+    repo_id = ALIASES.get(source) or ALIASES.get(source.lower())
+    if repo_id is None and REPO_ID.fullmatch(source):
+        repo_id = source
+    if repo_id is None:
+        raise HalfbyteError(
+            f"{source}: not a directory, a Hub repo id (org/name) or a known alias "
+            f"(aliases: {', '.join(sorted(ALIASES))})"
+        )
+    return download_checkpoint(repo_id, revision=revision, progress=progress)
+
+
+def download_checkpoint(repo_id: str, revision: str | None = None, progress: bool = True) -> Path:
+    """Fetch config, tokenizer and weights of ``repo_id`` into the Hugging Face cache (or find them
+    there when offline) and return the snapshot directory."""
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    try:
+        api = huggingface_hub.HfApi()
+        # Resolving once pins every later call to one commit, and records revision -> commit in
+        # the cache so that the same call works again offline.
+        resolved = api.resolve_revision(repo_id, revision=revision)
+        files = _repo_files(api, repo_id, resolved)
+        layout = pick_weight_layout(files)
+        if "config.json" not in files:
+            raise HalfbyteError(f"{repo_id}: the repo has no config.json (not a transformers checkpoint)")
+        if layout is None:
+            raise HalfbyteError(
+                f"{repo_id}: the repo has no weights halfbyte reads (model.safetensors, pytorch_model.bin "
+                "or their sharded forms)"
+            )
+        wanted = [name for name in CONFIG_AND_TOKENIZER_FILES if name in files]
+        snapshot = _download(repo_id, resolved, [*wanted, *_weight_files(layout, [])], progress)
+        if layout.index is not None:
+            # The index says which shards hold the weights (a repo may also carry other
+            # *.safetensors, e.g. consolidated.safetensors): fetch exactly those.
+            shards = sorted(set(read_index(snapshot / layout.index).values()))
+            missing = [shard for shard in shards if shard not in files]
+            if missing:
+                raise HalfbyteError(f"{repo_id}: {layout.index} names {missing[0]}, which the repo does not have")
+            snapshot = _download(repo_id, resolved, [*wanted, *_weight_files(layout, shards)], progress)
+        return snapshot
+    except hub_errors.GatedRepoError:
+        raise HalfbyteError(
+            f"{repo_id}: gated repo: accept its license on the Hub, then set HF_TOKEN (or run `hf auth login`)"
+        ) from None
+    except hub_errors.RepositoryNotFoundError:
+        raise HalfbyteError(
+            f"{repo_id}: repo not found on the Hugging Face Hub, and no local directory of that name "
+            "(for a private repo set HF_TOKEN)"
+        ) from None
+    except hub_errors.RevisionNotFoundError:
+        raise HalfbyteError(f"{repo_id}: revision {revision!r} not found on the Hugging Face Hub") from None
+    except hub_errors.HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status in (401, 403):
+            raise HalfbyteError(f"{repo_id}: access denied by the Hugging Face Hub (HTTP {status}): set HF_TOKEN "
+                                "to a token that can read this repo") from None
+        raise HalfbyteError(f"{repo_id}: Hugging Face Hub error (HTTP {status}); {LOCAL_HINT}") from None
+    except _no_network_errors():
+        raise _no_network_error(repo_id) from None
+    except OSError as exc:  # the cache itself: disk full, read-only, permissions
+        raise file_error(exc.filename or huggingface_hub.constants.HF_HUB_CACHE,
+                         f"cannot write the Hugging Face cache: {exc.strerror or exc}") from None
+
+
+def _repo_files(api: Any, repo_id: str, resolved: Any) -> list[str]:
+    """File names of the repo at the resolved commit: from the tree listing the cache keeps per
+    commit (works offline), else from the Hub."""
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
+    try:
+        return [entry.path for entry in get_cached_repo_tree(repo_id, revision=resolved)]
+    except CachedRepoTreeNotFoundError:
+        return api.list_repo_files(repo_id, revision=resolved.resolved)
+
+
+def _weight_files(layout: WeightLayout, shards: list[str]) -> list[str]:
+    return [*([layout.index] if layout.index else []), *layout.files, *shards]
+
+
+def _download(repo_id: str, resolved: Any, files: list[str], progress: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(
+        repo_id,
+        revision=resolved,
+        # Exact names, escaped: allow_patterns are fnmatch patterns.
+        allow_patterns=[glob.escape(name) for name in files],
+        tqdm_class=None if progress else _silent_tqdm(),
+    )
+    return Path(folder)
+
+
+def _silent_tqdm() -> type:
+    """huggingface_hub's tqdm, always disabled (``progress=False``) without touching its global switch."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    class SilentTqdm(hub_tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return SilentTqdm
+
+
+def _no_network_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub raises when the Hub cannot be reached and the cache cannot stand in."""
+    from huggingface_hub import errors as hub_errors
+
+    found: list[type[BaseException]] = [
+        hub_errors.OfflineModeIsEnabled,  # HF_HUB_OFFLINE=1
+        hub_errors.LocalEntryNotFoundError,  # includes IncompleteSnapshotError
+        hub_errors.RevisionResolutionError,
+        ConnectionError,
+        TimeoutError,
+    ]
+    try:  # the HTTP client huggingface_hub 2.x uses; transport errors can escape mid-download
+        import httpx2
+
+        found.append(httpx2.TransportError)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+def _no_network_error(repo_id: str) -> HalfbyteError:
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return HalfbyteError(
+            f"{repo_id}: HF_HUB_OFFLINE is set and the files are not all in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}); unset it to download, or {LOCAL_HINT}"
+        )
+    return HalfbyteError(
+        f"{repo_id}: cannot reach the Hugging Face Hub at {constants.ENDPOINT} (no network?) and the files are "
+        f"not in the local cache; {LOCAL_HINT}"
+    )

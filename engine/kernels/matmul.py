@@ -1,0 +1,763 @@
+"""Weight-matrix products, computed on the memory-mapped weights in place.
+
+A weight of ggml type T and ggml shape ``ne = [n_in, n_out]`` stays in its file layout:
+``n_out`` rows of ``n_in / block_size`` ggml blocks. Two products are provided:
+
+* ``matvec(w, x)``: ``y = W x`` for one token (the decode step), parallel over rows;
+* ``matmul(w, X)``: ``Y = X W^T`` for a batch of tokens (prompt processing). Each
+  task unpacks (or widens) 16 weight rows once and dots them with every token, so the
+  weights are read from memory once per batch instead of once per token. A batch of
+  one token goes through ``matvec``.
+
+Quantized weights follow ggml: the activations are quantized once per call to 8 bits
+per 32-block (Q8_0 for Q4_0/Q5_0/Q8_0; Q8_1, i.e. with the block sum ``s = d * sum(q)``,
+for Q4_1/Q5_1), every block's dot product is an exact integer, and the float scales
+are applied per block::
+
+    Q4_0/Q5_0/Q8_0:  y += (d_w * d_x) * sum_j(q_w[j] * q_x[j])
+    Q4_1/Q5_1:       y += (d_w * d_x) * sum_j(q_w[j] * q_x[j]) + m_w * s_x
+
+(``q_w`` is the signed ``q - 8`` / ``q - 16`` for Q4_0/Q5_0 and the unsigned ``q`` for
+the ``_1`` types.) F32/F16/BF16 weights use float dots with float32 accumulation on
+float32 activations.
+
+The per-type block code (``_row_dot_<type>`` for matvec, ``_unpack_<type>`` for
+matmul, selected by the ``kind`` branches in ``_matvec_quant``/``_matmul_quant``) is the
+single dispatch point per type and the plain reference an explicit-SIMD version must
+reproduce. Plain Numba code only vectorizes well with LLVM's SLP
+vectorizer, which Numba leaves off by default, so the kernels are compiled with it
+switched on (``_call``); see the notes there.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numba
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+from engine.errors import HalfbyteError
+
+QK = 32  # elements per block of every type handled here (and of the Q8_0/Q8_1 activations)
+
+# Type codes passed into kernels (plain ints, so one compiled kernel serves every type).
+F32 = int(GGMLQuantizationType.F32)
+F16 = int(GGMLQuantizationType.F16)
+BF16 = int(GGMLQuantizationType.BF16)
+Q4_0 = int(GGMLQuantizationType.Q4_0)
+Q4_1 = int(GGMLQuantizationType.Q4_1)
+Q5_0 = int(GGMLQuantizationType.Q5_0)
+Q5_1 = int(GGMLQuantizationType.Q5_1)
+Q8_0 = int(GGMLQuantizationType.Q8_0)
+
+FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+QUANT_TYPES = (
+    GGMLQuantizationType.Q4_0,
+    GGMLQuantizationType.Q4_1,
+    GGMLQuantizationType.Q5_0,
+    GGMLQuantizationType.Q5_1,
+    GGMLQuantizationType.Q8_0,
+)
+SUPPORTED_TYPES = FLOAT_TYPES + QUANT_TYPES
+
+# Weight rows unpacked together by one matmul task: 16 rows of int8 for n_in = 11008
+# is 176 KiB, which stays in L2 while every token of the batch is dotted with them.
+ROWS_PER_TASK = 16
+
+# ---------------------------------------------------------------------------------------------
+# Number formats Numba lacks: IEEE half (ggml's scales, F16 weights, the fp16 KV cache) and
+# bfloat16. These compile to single instructions (vcvtph2ps / vcvtps2ph with F16C) and vectorize.
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_int16(builder: Any, value: Any, bitwidth: int) -> Any:
+    if bitwidth > 16:
+        return builder.trunc(value, ir.IntType(16))
+    if bitwidth < 16:
+        return builder.zext(value, ir.IntType(16))
+    return value
+
+
+@intrinsic
+def f16_to_f32(typingctx, bits):
+    """IEEE half given as its 16 bits (any integer type; low 16 bits used) -> float32, exactly."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        half = builder.bitcast(_as_int16(builder, args[0], bits.bitwidth), ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def f32_to_f16(typingctx, value):
+    """float32 -> IEEE half bits (uint16), rounding to nearest even like ggml and numpy."""
+    if not isinstance(value, types.Float):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if value.bitwidth == 64:
+            v = builder.fptrunc(v, ir.FloatType())
+        return builder.bitcast(builder.fptrunc(v, ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(value), codegen
+
+
+@intrinsic
+def bf16_to_f32(typingctx, bits):
+    """bfloat16 given as its 16 bits -> float32 (exact: the bits are the float's top half)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        word = builder.zext(_as_int16(builder, args[0], bits.bitwidth), ir.IntType(32))
+        return builder.bitcast(builder.shl(word, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+def to_f32(value):  # pragma: no cover - only the overload below runs, inside jitted code
+    """An element of a float array, or of a uint16 array of IEEE half bits, as float32."""
+    raise NotImplementedError
+
+
+@overload(to_f32, inline="always")
+def _to_f32_overload(value):
+    if isinstance(value, types.Float):
+        return lambda value: np.float32(value)
+    if isinstance(value, types.Integer):
+        return lambda value: f16_to_f32(value)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling with the SLP vectorizer
+# ---------------------------------------------------------------------------------------------
+#
+# The per-block integer dots below are short fixed-length loops that LLVM fully unrolls;
+# only the SLP ("straight-line") vectorizer turns them into SIMD code (vpmaddwd & co.),
+# 5-10x faster than scalar. Numba disables SLP by default (numba#8705, a miscompile with
+# LLVM 11; Numba 0.68 runs LLVM 22 through llvmlite 0.50) and reads the setting each time it builds an
+# optimization pipeline, so we switch it on around our own kernel calls, where any
+# compilation of our kernels happens, and restore it afterwards. The tests compare every
+# kernel against a plain reference, which is what guards against miscompilation.
+
+
+_slp_lock = threading.Lock()
+_slp_users = 0  # kernel calls in progress (any thread) that asked for SLP
+_slp_saved = 0  # the setting to restore when the last of them returns
+
+
+def _call(kernel: Callable[..., Any], *args: Any) -> Any:
+    """Run ``kernel(*args)`` with SLP vectorization on for any compilation it triggers.
+
+    Kernels must only be called through here: a kernel first compiled without SLP would
+    be cached on disk (``cache=True``) in its slow form.
+    """
+    global _slp_users, _slp_saved
+    config = numba.core.config
+    with _slp_lock:
+        if _slp_users == 0:
+            _slp_saved = config.SLP_VECTORIZE
+            config.SLP_VECTORIZE = 1
+        _slp_users += 1
+    try:
+        return kernel(*args)
+    finally:
+        with _slp_lock:
+            _slp_users -= 1
+            if _slp_users == 0:
+                config.SLP_VECTORIZE = _slp_saved
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightView:
+    """A weight matrix in its file layout: ``n_out`` rows of ``n_in`` inputs.
+
+    ``data`` is a read-only view, never a copy: uint8 ``(n_out, row_bytes)`` for block
+    types, float32 ``(n_out, n_in)`` for F32, uint16 bits ``(n_out, n_in)`` for F16/BF16.
+    """
+
+    ggml_type: GGMLQuantizationType
+    n_in: int
+    n_out: int
+    data: np.ndarray
+
+    @classmethod
+    def from_raw(cls, ggml_type: GGMLQuantizationType | int, ne: tuple[int, ...] | list[int],
+                 raw: np.ndarray) -> WeightView:
+        """Wrap ``raw`` (as the GGUF reader returns it) of ggml type/shape ``ne = [n_in, n_out]``."""
+        try:
+            qtype = GGMLQuantizationType(int(ggml_type))
+        except ValueError:
+            raise HalfbyteError(f"unknown ggml type {ggml_type!r}") from None
+        if qtype not in SUPPORTED_TYPES:
+            names = ", ".join(t.name for t in SUPPORTED_TYPES)
+            raise HalfbyteError(f"matrix products do not support ggml type {qtype.name} (supported: {names})")
+        dims = [int(n) for n in ne]
+        while len(dims) > 2 and dims[-1] == 1:
+            dims.pop()
+        if len(dims) != 2 or min(dims) < 1:
+            raise HalfbyteError(f"a weight matrix needs a 2-D ggml shape [n_in, n_out], got {list(ne)}")
+        n_in, n_out = dims
+        block_size, type_size = GGML_QUANT_SIZES[qtype]
+        if n_in % block_size:
+            raise HalfbyteError(f"{qtype.name} rows must be a multiple of {block_size} long, got n_in={n_in}")
+        row_bytes = n_in // block_size * type_size
+        raw = np.asarray(raw)
+        if raw.nbytes != n_out * row_bytes:
+            raise HalfbyteError(
+                f"{qtype.name} weight of shape {[n_in, n_out]} needs {n_out * row_bytes} bytes, got {raw.nbytes}"
+            )
+        if not raw.flags.c_contiguous:
+            raise HalfbyteError("weight data must be C-contiguous (a view of the file, not a strided slice)")
+        if qtype == GGMLQuantizationType.F32:
+            dtype = np.float32
+        elif qtype in (GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+            dtype = np.uint16
+        else:
+            dtype = np.uint8
+        expected = {np.dtype(np.uint8), np.dtype(dtype)}
+        if qtype == GGMLQuantizationType.F16:
+            expected.add(np.dtype(np.float16))
+        if raw.dtype not in expected:
+            raise HalfbyteError(f"{qtype.name} weight data must be one of {sorted(str(d) for d in expected)}, "
+                                f"got {raw.dtype}")
+        data = raw.reshape(-1).view(dtype).reshape(n_out, -1)
+        # Always read-only (the mmap is): one compiled kernel specialization for files and tests.
+        data = data.view()
+        data.flags.writeable = False
+        return cls(qtype, n_in, n_out, data)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation quantization (ggml quantize_row_q8_0 / quantize_row_q8_1, reference versions)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantizedActivations:
+    """Activations as Q8_0 / Q8_1 blocks, unpacked: ``qs`` int8 ``(n_tok, n_in)``, per-block
+    fp16 scales ``d`` and Q8_1 sums ``s = fp16(d * sum(qs))`` (both as float32, ``(n_tok, n_in/32)``).
+    """
+
+    qs: np.ndarray
+    d: np.ndarray
+    s: np.ndarray
+
+
+@njit(cache=True, inline="always")
+def _roundf(v):
+    """C ``roundf`` (half away from zero) on float32, exactly, like ggml's reference quantizer."""
+    a = abs(v)
+    r = np.floor(a)
+    r += np.floor(np.float32(2.0) * (a - r))
+    return -r if v < 0 else r
+
+
+@njit(cache=True)
+def _quantize_q8_kernel(x, qs, d, s):
+    n_tok, n_in = x.shape
+    for t in range(n_tok):
+        for b in range(n_in // QK):
+            o = b * QK
+            amax = np.float32(0.0)
+            for j in range(QK):
+                amax = max(amax, abs(x[t, o + j]))
+            scale = amax / np.float32(127.0)
+            inv = np.float32(1.0) / scale if scale != 0 else np.float32(0.0)
+            total = 0
+            for j in range(QK):
+                q = np.int32(_roundf(x[t, o + j] * inv))
+                qs[t, o + j] = q
+                total += q
+            # ggml stores d and s as fp16 and converts them back for the dot product.
+            d[t, b] = f16_to_f32(f32_to_f16(scale))
+            s[t, b] = f16_to_f32(f32_to_f16(np.float32(total) * scale))
+
+
+def quantize_activations(x: np.ndarray) -> QuantizedActivations:
+    """Quantize float32 activations ``(n_tok, n_in)`` (or ``(n_in,)``) to Q8_0/Q8_1 blocks, like ggml."""
+    x2 = np.ascontiguousarray(x, dtype=np.float32)
+    if x2.ndim == 1:
+        x2 = x2.reshape(1, -1)
+    n_tok, n_in = x2.shape
+    if n_in % QK:
+        raise HalfbyteError(f"activations to quantize must be a multiple of {QK} long, got {n_in}")
+    qs = np.empty((n_tok, n_in), np.int8)
+    d = np.empty((n_tok, n_in // QK), np.float32)
+    s = np.empty((n_tok, n_in // QK), np.float32)
+    _call(_quantize_q8_kernel, x2, qs, d, s)
+    return QuantizedActivations(qs, d, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-type block code. Byte layouts (ggml): Q8_0 = d:f16, qs:i8[32]; Q4_0 = d, qs:u8[16]
+# (element j < 16 is the low nibble of qs[j], element j+16 its high nibble); Q4_1 = d, m, qs;
+# Q5_0 = d, qh:u32 (bit j is bit 4 of element j), qs; Q5_1 = d, m, qh, qs.
+#
+# Integer sums are truncated to int32 at the end: that is what lets LLVM narrow Numba's
+# 64-bit integer arithmetic to 16/32-bit vector lanes. Every block sum fits easily
+# (|sum| <= 32 * 128 * 128).
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _f16_at(row, o):
+    return f16_to_f32(np.uint16(row[o]) | (np.uint16(row[o + 1]) << np.uint16(8)))
+
+
+@njit(cache=True, inline="always")
+def _u32_at(row, o):
+    return (np.uint32(row[o]) | (np.uint32(row[o + 1]) << np.uint32(8))
+            | (np.uint32(row[o + 2]) << np.uint32(16)) | (np.uint32(row[o + 3]) << np.uint32(24)))
+
+
+@njit(cache=True)
+def _row_dot_q8_0(row, xq, xd, nb):
+    acc = np.float32(0.0)
+    for b in range(nb):
+        o = b * 34
+        isum = 0
+        for j in range(QK):
+            isum += np.int8(row[o + 2 + j]) * xq[b * QK + j]
+        acc += (_f16_at(row, o) * xd[b]) * np.float32(np.int32(isum))
+    return acc
+
+
+@njit(cache=True)
+def _row_dot_q4_0(row, xq, xd, nb):
+    acc = np.float32(0.0)
+    for b in range(nb):
+        o = b * 18
+        isum = 0
+        for j in range(16):
+            q = row[o + 2 + j]
+            isum += (np.int8(q & 15) - np.int8(8)) * xq[b * QK + j]
+            isum += (np.int8(q >> 4) - np.int8(8)) * xq[b * QK + 16 + j]
+        acc += (_f16_at(row, o) * xd[b]) * np.float32(np.int32(isum))
+    return acc
+
+
+@njit(cache=True)
+def _row_dot_q4_1(row, xq, xd, xs, nb):
+    acc = np.float32(0.0)
+    for b in range(nb):
+        o = b * 20
+        isum = 0
+        for j in range(16):
+            q = row[o + 4 + j]
+            isum += np.int8(q & 15) * xq[b * QK + j]
+            isum += np.int8(q >> 4) * xq[b * QK + 16 + j]
+        acc += (_f16_at(row, o) * xd[b]) * np.float32(np.int32(isum)) + _f16_at(row, o + 2) * xs[b]
+    return acc
+
+
+@njit(cache=True)
+def _row_dot_q5_0(row, xq, xd, nb):
+    acc = np.float32(0.0)
+    for b in range(nb):
+        o = b * 22
+        qh = _u32_at(row, o + 2)
+        isum = 0
+        for j in range(16):
+            q = row[o + 6 + j]
+            lo = np.int8((q & 15) | ((qh >> j) & 1) << 4) - np.int8(16)
+            hi = np.int8((q >> 4) | ((qh >> (j + 16)) & 1) << 4) - np.int8(16)
+            isum += lo * xq[b * QK + j] + hi * xq[b * QK + 16 + j]
+        acc += (_f16_at(row, o) * xd[b]) * np.float32(np.int32(isum))
+    return acc
+
+
+@njit(cache=True)
+def _row_dot_q5_1(row, xq, xd, xs, nb):
+    acc = np.float32(0.0)
+    for b in range(nb):
+        o = b * 24
+        qh = _u32_at(row, o + 4)
+        isum = 0
+        for j in range(16):
+            q = row[o + 8 + j]
+            lo = np.int8((q & 15) | ((qh >> j) & 1) << 4)
+            hi = np.int8((q >> 4) | ((qh >> (j + 16)) & 1) << 4)
+            isum += lo * xq[b * QK + j] + hi * xq[b * QK + 16 + j]
+        acc += (_f16_at(row, o) * xd[b]) * np.float32(np.int32(isum)) + _f16_at(row, o + 2) * xs[b]
+    return acc
+
+
+@njit(cache=True)
+def _unpack_q8_0(row, nb, wq, wd, wm):
+    for b in range(nb):
+        o = b * 34
+        wd[b] = _f16_at(row, o)
+        for j in range(QK):
+            wq[b * QK + j] = np.int8(row[o + 2 + j])
+
+
+@njit(cache=True)
+def _unpack_q4_0(row, nb, wq, wd, wm):
+    for b in range(nb):
+        o = b * 18
+        wd[b] = _f16_at(row, o)
+        for j in range(16):
+            q = row[o + 2 + j]
+            wq[b * QK + j] = np.int8(q & 15) - np.int8(8)
+            wq[b * QK + 16 + j] = np.int8(q >> 4) - np.int8(8)
+
+
+@njit(cache=True)
+def _unpack_q4_1(row, nb, wq, wd, wm):
+    for b in range(nb):
+        o = b * 20
+        wd[b] = _f16_at(row, o)
+        wm[b] = _f16_at(row, o + 2)
+        for j in range(16):
+            q = row[o + 4 + j]
+            wq[b * QK + j] = np.int8(q & 15)
+            wq[b * QK + 16 + j] = np.int8(q >> 4)
+
+
+@njit(cache=True)
+def _unpack_q5_0(row, nb, wq, wd, wm):
+    for b in range(nb):
+        o = b * 22
+        wd[b] = _f16_at(row, o)
+        qh = _u32_at(row, o + 2)
+        for j in range(16):
+            q = row[o + 6 + j]
+            wq[b * QK + j] = np.int8((q & 15) | ((qh >> j) & 1) << 4) - np.int8(16)
+            wq[b * QK + 16 + j] = np.int8((q >> 4) | ((qh >> (j + 16)) & 1) << 4) - np.int8(16)
+
+
+@njit(cache=True)
+def _unpack_q5_1(row, nb, wq, wd, wm):
+    for b in range(nb):
+        o = b * 24
+        wd[b] = _f16_at(row, o)
+        wm[b] = _f16_at(row, o + 2)
+        qh = _u32_at(row, o + 4)
+        for j in range(16):
+            q = row[o + 8 + j]
+            wq[b * QK + j] = np.int8((q & 15) | ((qh >> j) & 1) << 4)
+            wq[b * QK + 16 + j] = np.int8((q >> 4) | ((qh >> (j + 16)) & 1) << 4)
+
+
+@njit(cache=True)
+def _unpacked_dot(wq, wd, xq, xd, nb):
+    acc = np.float32(0.0)
+    for b in range(nb):
+        isum = 0
+        for j in range(QK):
+            isum += wq[b * QK + j] * xq[b * QK + j]
+        acc += (wd[b] * xd[b]) * np.float32(np.int32(isum))
+    return acc
+
+
+@njit(cache=True)
+def _unpacked_dot_min(wq, wd, wm, xq, xd, xs, nb):
+    acc = np.float32(0.0)
+    for b in range(nb):
+        isum = 0
+        for j in range(QK):
+            isum += wq[b * QK + j] * xq[b * QK + j]
+        acc += (wd[b] * xd[b]) * np.float32(np.int32(isum)) + wm[b] * xs[b]
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, parallel=True)
+def _matvec_quant(kind, raw, xq, xd, xs, y):
+    nb = xq.size // QK
+    for r in prange(raw.shape[0]):
+        row = raw[r]
+        if kind == Q4_0:
+            y[r] = _row_dot_q4_0(row, xq, xd, nb)
+        elif kind == Q4_1:
+            y[r] = _row_dot_q4_1(row, xq, xd, xs, nb)
+        elif kind == Q5_0:
+            y[r] = _row_dot_q5_0(row, xq, xd, nb)
+        elif kind == Q5_1:
+            y[r] = _row_dot_q5_1(row, xq, xd, xs, nb)
+        else:
+            y[r] = _row_dot_q8_0(row, xq, xd, nb)
+
+
+@njit(cache=True, parallel=True)
+def _matmul_quant(kind, raw, xq, xd, xs, y, rows_per_task):
+    n_out = raw.shape[0]
+    n_tok, n_in = xq.shape
+    nb = n_in // QK
+    has_min = kind == Q4_1 or kind == Q5_1
+    n_tasks = (n_out + rows_per_task - 1) // rows_per_task
+    for task in prange(n_tasks):
+        r0 = task * rows_per_task
+        n_rows = min(rows_per_task, n_out - r0)
+        wq = np.empty((n_rows, n_in), np.int8)
+        wd = np.empty((n_rows, nb), np.float32)
+        wm = np.zeros((n_rows, nb), np.float32)
+        for i in range(n_rows):
+            # Row of blocks -> int8 values (signed for the _0 types), scales and minimums.
+            if kind == Q4_0:
+                _unpack_q4_0(raw[r0 + i], nb, wq[i], wd[i], wm[i])
+            elif kind == Q4_1:
+                _unpack_q4_1(raw[r0 + i], nb, wq[i], wd[i], wm[i])
+            elif kind == Q5_0:
+                _unpack_q5_0(raw[r0 + i], nb, wq[i], wd[i], wm[i])
+            elif kind == Q5_1:
+                _unpack_q5_1(raw[r0 + i], nb, wq[i], wd[i], wm[i])
+            else:
+                _unpack_q8_0(raw[r0 + i], nb, wq[i], wd[i], wm[i])
+        for t in range(n_tok):
+            xqt = xq[t]
+            xdt = xd[t]
+            xst = xs[t]
+            for i in range(n_rows):
+                if has_min:
+                    y[t, r0 + i] = _unpacked_dot_min(wq[i], wd[i], wm[i], xqt, xdt, xst, nb)
+                else:
+                    y[t, r0 + i] = _unpacked_dot(wq[i], wd[i], xqt, xdt, nb)
+
+
+_FLOAT_DOT = {"reassoc", "contract", "nsz"}  # lets LLVM split the float32 sums into vector lanes
+
+
+@njit(cache=True, fastmath=_FLOAT_DOT)
+def _dot_f32(w, x):
+    acc = np.float32(0.0)
+    for i in range(x.size):
+        acc += w[i] * x[i]
+    return acc
+
+
+@njit(cache=True, fastmath=_FLOAT_DOT)
+def _dot_f16(w, x):
+    acc = np.float32(0.0)
+    for i in range(x.size):
+        acc += f16_to_f32(w[i]) * x[i]
+    return acc
+
+
+@njit(cache=True, fastmath=_FLOAT_DOT)
+def _dot_bf16(w, x):
+    acc = np.float32(0.0)
+    for i in range(x.size):
+        acc += bf16_to_f32(w[i]) * x[i]
+    return acc
+
+
+@njit(cache=True)
+def _widen_f16(src, dst):
+    for i in range(src.size):
+        dst[i] = f16_to_f32(src[i])
+
+
+@njit(cache=True)
+def _widen_bf16(src, dst):
+    for i in range(src.size):
+        dst[i] = bf16_to_f32(src[i])
+
+
+@njit(cache=True, parallel=True)
+def _matvec_f32(w, x, y):
+    for r in prange(w.shape[0]):
+        y[r] = _dot_f32(w[r], x)
+
+
+@njit(cache=True, parallel=True)
+def _matvec_half(w, is_bf16, x, y):
+    for r in prange(w.shape[0]):
+        y[r] = _dot_bf16(w[r], x) if is_bf16 else _dot_f16(w[r], x)
+
+
+@njit(cache=True, fastmath=_FLOAT_DOT)
+def _dot_2x4(w0, w1, x0, x1, x2, x3):
+    """Two rows times four tokens in one pass: each loaded weight feeds four FMAs."""
+    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+    for i in range(x0.size):
+        u = w0[i]
+        v = w1[i]
+        c0 = x0[i]
+        c1 = x1[i]
+        c2 = x2[i]
+        c3 = x3[i]
+        a0 += u * c0
+        a1 += u * c1
+        a2 += u * c2
+        a3 += u * c3
+        b0 += v * c0
+        b1 += v * c1
+        b2 += v * c2
+        b3 += v * c3
+    return a0, a1, a2, a3, b0, b1, b2, b3
+
+
+@njit(cache=True)
+def _float_rows_times_tokens(rows, x, y, r0):
+    """``y[:, r0 + i] = x @ rows[i]`` for float32 ``rows`` (a few weight rows) and all tokens."""
+    n_rows = rows.shape[0]
+    n_tok = x.shape[0]
+    n_tok4 = n_tok - n_tok % 4
+    n_rows2 = n_rows - n_rows % 2
+    for i in range(0, n_rows2, 2):
+        for t in range(0, n_tok4, 4):
+            (y[t, r0 + i], y[t + 1, r0 + i], y[t + 2, r0 + i], y[t + 3, r0 + i],
+             y[t, r0 + i + 1], y[t + 1, r0 + i + 1], y[t + 2, r0 + i + 1], y[t + 3, r0 + i + 1]) = _dot_2x4(
+                rows[i], rows[i + 1], x[t], x[t + 1], x[t + 2], x[t + 3])
+    for t in range(n_tok4, n_tok):
+        for i in range(n_rows2):
+            y[t, r0 + i] = _dot_f32(rows[i], x[t])
+    if n_rows2 < n_rows:
+        for t in range(n_tok):
+            y[t, r0 + n_rows2] = _dot_f32(rows[n_rows2], x[t])
+
+
+@njit(cache=True, parallel=True)
+def _matmul_f32(w, x, y, rows_per_task):
+    n_out = w.shape[0]
+    n_tasks = (n_out + rows_per_task - 1) // rows_per_task
+    for task in prange(n_tasks):
+        r0 = task * rows_per_task
+        _float_rows_times_tokens(w[r0:min(r0 + rows_per_task, n_out)], x, y, r0)
+
+
+@njit(cache=True, parallel=True)
+def _matmul_half(w, is_bf16, x, y, rows_per_task):
+    n_out, n_in = w.shape
+    n_tasks = (n_out + rows_per_task - 1) // rows_per_task
+    for task in prange(n_tasks):
+        r0 = task * rows_per_task
+        n_rows = min(rows_per_task, n_out - r0)
+        # Widen the rows once per batch, then multiply them like F32 rows.
+        rows = np.empty((n_rows, n_in), np.float32)
+        for i in range(n_rows):
+            if is_bf16:
+                _widen_bf16(w[r0 + i], rows[i])
+            else:
+                _widen_f16(w[r0 + i], rows[i])
+        _float_rows_times_tokens(rows, x, y, r0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, np.float32)
+    if out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
+        raise HalfbyteError(f"out must be a writable C-contiguous float32 array of shape {shape}, "
+                            f"got {out.dtype} {out.shape}")
+    return out
+
+
+def _activations(weight: WeightView, x: np.ndarray, ndim: int) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != ndim or x.shape[-1] != weight.n_in:
+        want = "(n_in,)" if ndim == 1 else "(n_tok, n_in)"
+        raise HalfbyteError(f"activations of shape {x.shape} do not fit a {weight.ggml_type.name} weight with "
+                            f"n_in={weight.n_in} (expected {want})")
+    return x
+
+
+def matvec(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``y = W x``: float32 ``(n_in,)`` -> float32 ``(n_out,)``, written into ``out`` if given."""
+    x = _activations(weight, x, 1)
+    y = _check_out(out, (weight.n_out,))
+    kind = int(weight.ggml_type)
+    if kind == F32:
+        _call(_matvec_f32, weight.data, x, y)
+    elif kind in (F16, BF16):
+        _call(_matvec_half, weight.data, kind == BF16, x, y)
+    else:
+        act = quantize_activations(x)
+        _call(_matvec_quant, kind, weight.data, act.qs[0], act.d[0], act.s[0], y)
+    return y
+
+
+def matmul(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``Y = X W^T``: float32 ``(n_tok, n_in)`` -> float32 ``(n_tok, n_out)``, into ``out`` if given.
+
+    Row ``t`` of the result equals ``matvec(weight, X[t])``: bit for bit for quantized types,
+    to float32 rounding for float types (their batched dots sum in a different order).
+    """
+    x = _activations(weight, x, 2)
+    y = _check_out(out, (x.shape[0], weight.n_out))
+    if x.shape[0] <= 1:  # one token: the decode kernel, without unpacking rows for a batch
+        if x.shape[0] == 1:
+            matvec(weight, x[0], out=y[0])
+        return y
+    kind = int(weight.ggml_type)
+    if kind == F32:
+        _call(_matmul_f32, weight.data, x, y, ROWS_PER_TASK)
+    elif kind in (F16, BF16):
+        _call(_matmul_half, weight.data, kind == BF16, x, y, ROWS_PER_TASK)
+    else:
+        act = quantize_activations(x)
+        _call(_matmul_quant, kind, weight.data, act.qs, act.d, act.s, y, ROWS_PER_TASK)
+    return y
+
+
+def dequantize_weight(weight: WeightView) -> np.ndarray:
+    """The whole matrix as float32 ``(n_out, n_in)``, through ``gguf.quants`` (tests and references only)."""
+    from gguf import quants
+
+    if weight.ggml_type == GGMLQuantizationType.F32:
+        return np.array(weight.data, dtype=np.float32)
+    if weight.ggml_type == GGMLQuantizationType.F16:
+        return weight.data.view(np.float16).astype(np.float32)
+    return quants.dequantize(weight.data.view(np.uint8), weight.ggml_type).reshape(weight.n_out, weight.n_in)
+
+
+def reference_matmul(weight: WeightView, x: np.ndarray, quantize_activations: bool = False) -> np.ndarray:
+    """Plain float64 ``X W^T`` on the dequantized weight, for tests; float64 ``(n_tok, n_out)``.
+
+    With ``quantize_activations=True`` (quantized weight types only) ``X`` is first rounded
+    through Q8_0 by ``gguf.quants``, which is what ggml and the fast path compute on.
+    """
+    from gguf import quants
+
+    x2 = np.asarray(x, dtype=np.float32)
+    squeeze = x2.ndim == 1
+    x2 = x2.reshape(-1, weight.n_in)
+    correction = 0.0
+    if quantize_activations and weight.ggml_type in QUANT_TYPES:
+        q8 = GGMLQuantizationType.Q8_0
+        blocks = quants.quantize(x2, q8).reshape(x2.shape[0], -1, 34)
+        x_dq = quants.dequantize(blocks.reshape(x2.shape[0], -1), q8).reshape(x2.shape)
+        if weight.ggml_type in (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q5_1):
+            # Q8_1: the minimum multiplies s = fp16(d * sum(q)) with the unrounded float32 d,
+            # not the fp16 d the dequantized activations carry; add the difference.
+            q_sum = blocks[..., 2:].view(np.int8).astype(np.int32).sum(-1)
+            d32 = np.abs(x2.reshape(x2.shape[0], -1, QK)).max(-1) / np.float32(127)
+            s = (q_sum.astype(np.float32) * d32).astype(np.float16).astype(np.float64)
+            d16 = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float64)
+            type_size = GGML_QUANT_SIZES[weight.ggml_type][1]
+            minimums = weight.data.reshape(weight.n_out, -1, type_size)[..., 2:4].copy().view(np.float16)[..., 0]
+            correction = (s - d16 * q_sum) @ minimums.astype(np.float64).T
+        x2 = x_dq
+    y = x2.astype(np.float64) @ dequantize_weight(weight).astype(np.float64).T + correction
+    return y[0] if squeeze else y

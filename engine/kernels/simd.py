@@ -1,0 +1,898 @@
+"""Fast Q4_0 / Q8_0 matrix-vector and matrix-matrix products, written as explicit LLVM vector IR.
+
+Why IR and not plain Numba loops: LLVM does not auto-vectorize nibble unpacking followed by
+per-block reductions (plain ``@njit`` loops reach 1-2.5 GB/s of weights on the 2-vCPU Zen 3 dev
+box, see /work/shared/notes/q4-kernel-findings.md). Here the whole row loop is emitted with
+llvmlite's IR builder through ``numba.extending.intrinsic``: one loop with phi nodes over the
+ggml blocks, the blocks read in place, 8 float accumulator lanes that live across the row and one
+horizontal sum per row.
+
+Data contract (identical to ggml):
+
+* weights are the raw ggml bytes of a row-major matrix, ``uint8[n_out, row_bytes]``:
+  ``block_q4_0`` = fp16 ``d`` + 16 bytes, byte ``j`` holds element ``j`` in its low nibble and
+  element ``j + 16`` in its high nibble, value = ``d * (nibble - 8)`` (18 bytes per 32 weights);
+  ``block_q8_0`` = fp16 ``d`` + 32 int8, value = ``d * q`` (34 bytes per 32 weights).
+* activations are quantized once per product by :func:`quantize_activations_q8_0`, bit-identical
+  to ``gguf.quants.quantize(x, Q8_0)`` (ggml's ``quantize_row_q8_0_ref``): int8 values in
+  [-127, 127], one float32 scale per 32-block whose value is exactly the fp16 scale ggml stores,
+  and per block the int32 sum of the int8 values (the Q4_0 "-8" offset becomes
+  ``- 8 * sum(x_block)``, so the nibbles can stay unsigned 0..15 for ``pmaddubsw``).
+
+Every block product is computed exactly in integers; the float result is
+``sum_b float(idot_b) * fp32(d_w,b * d_x,b)`` up to float summation order (8 lanes x blocks, then
+a fixed tree); see :func:`row_dot_error_bound` for the bound the tests check.
+
+Kernel variants ("ISA"): ``kernel_isa()`` is the single place that picks the host-specific IR
+("avx2": ``llvm.x86.avx2.pmadd.ub.sw`` / ``pmadd.wd`` / ``psign.b``) or the portable one
+("generic": only target-independent LLVM vector ops that LLVM lowers to SSE/AVX/NEON). Every
+driver has a ``*_generic`` twin so the portable IR can be run (and tested) on any host.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+QK = 32  # elements per ggml block (Q4_0 and Q8_0)
+Q4_0_BLOCK_BYTES = 18
+Q8_0_BLOCK_BYTES = 34
+
+__all__ = [
+    "QK",
+    "Q4_0_BLOCK_BYTES",
+    "Q8_0_BLOCK_BYTES",
+    "kernel_isa",
+    "quantize_activations_q8_0",
+    "quantize_activations_q8_0_batch",
+    "q4_0_row_dot",
+    "q4_0_row_dot_generic",
+    "q8_0_row_dot",
+    "q8_0_row_dot_generic",
+    "matvec_q4_0",
+    "matvec_q4_0_generic",
+    "matvec_q8_0",
+    "matvec_q8_0_generic",
+    "matmul_q4_0",
+    "matmul_q4_0_generic",
+    "matmul_q8_0",
+    "matmul_q8_0_generic",
+    "standalone_row_dot_ir",
+    "q4_0_block_dots_ref",
+    "q8_0_block_dots_ref",
+    "q4_0_row_dot_ref",
+    "q8_0_row_dot_ref",
+    "matvec_q4_0_ref",
+    "matvec_q8_0_ref",
+    "row_dot_error_bound",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# ISA selection: the one place that decides which IR the "host" kernels emit.
+# --------------------------------------------------------------------------------------------
+
+
+def _target_features() -> set[str]:
+    """CPU features Numba compiles for: NUMBA_CPU_FEATURES if set, else the host's (as Numba does)."""
+    from llvmlite import binding as llvm_binding
+    from numba.core import config
+
+    features = (
+        config.CPU_FEATURES if config.CPU_FEATURES is not None else llvm_binding.get_host_cpu_features().flatten()
+    )
+    return {item[1:] for item in features.split(",") if item.startswith("+")}
+
+
+@functools.cache
+def kernel_isa() -> str:
+    """The IR flavour the host kernels use: "avx2" or "generic".
+
+    Evaluated lazily, at the first kernel compilation (not at import). It must agree with the
+    features Numba targets, because Numba's on-disk cache is keyed by CPU name and features:
+    a cache built here is never loaded on a CPU with other features. Future ARM paths (NEON
+    ``sdot`` when "dotprod" is present) are to be added here and in ``_Emitter.lane_dots``.
+    """
+    features = _target_features()
+    # f16c for the one-instruction fp16 -> fp32 scale conversion, fma for the accumulation.
+    if {"avx2", "fma", "f16c"} <= features:
+        return "avx2"
+    return "generic"
+
+
+# --------------------------------------------------------------------------------------------
+# IR emission
+# --------------------------------------------------------------------------------------------
+
+_I1 = ir.IntType(1)
+_I8 = ir.IntType(8)
+_I16 = ir.IntType(16)
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_F16 = ir.HalfType()
+_F32 = ir.FloatType()
+_V16I8 = ir.VectorType(_I8, 16)
+_V32I8 = ir.VectorType(_I8, 32)
+_V16I16 = ir.VectorType(_I16, 16)
+_V32I16 = ir.VectorType(_I16, 32)
+_V8I32 = ir.VectorType(_I32, 8)
+_V8F32 = ir.VectorType(_F32, 8)
+# Software prefetch distance for the weight stream, in bytes ahead of the block being read
+# (0 = off). Measured on the Zen 3 box (interleaved A/B runs, 1 thread, 400 MB Q4_0 matrix):
+# +4-13% streaming from DRAM; no loss when the matrix is in L3. A prefetch never faults (x86
+# PREFETCHh, arm64 PRFM), so running past the end of a row is harmless.
+_PREFETCH_BYTES = 2048
+_LANES = 8  # float accumulator lanes per (row, token) pair: one AVX2 register
+
+
+def _vconst(vec_type: ir.VectorType, value: int | float) -> ir.Constant:
+    return ir.Constant(vec_type, [value] * vec_type.count)
+
+
+def _mask(indices) -> ir.Constant:
+    return ir.Constant(ir.VectorType(_I32, len(indices)), list(indices))
+
+
+class _Emitter:
+    """Emits the block-product loop for one (quant type, ISA, rows x tokens tile) combination.
+
+    ``rows`` weight rows are multiplied with ``toks`` activation vectors; each of the
+    ``rows * toks`` pairs owns one <8 x float> accumulator. A weight block is loaded and
+    unpacked once per tile and used for all tokens; an activation block once and used for all
+    rows (the register blocking).
+    """
+
+    def __init__(self, builder: ir.IRBuilder, isa: str, qtype: str):
+        self.b = builder
+        self.isa = isa
+        self.qtype = qtype
+        self.block_bytes = Q4_0_BLOCK_BYTES if qtype == "q4_0" else Q8_0_BLOCK_BYTES
+        self.module = builder.module
+
+    # ---- small helpers ----------------------------------------------------------------------
+
+    def _llvm_fn(self, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
+        return cgutils.get_or_insert_function(self.module, ir.FunctionType(ret, args), name)
+
+    def _splat(self, scalar: ir.Value, vec_type: ir.VectorType) -> ir.Value:
+        # insertelement into lane 0, then a shuffle with an all-zero mask copies it to all lanes
+        one = self.b.insert_element(ir.Constant(vec_type, ir.Undefined), scalar, ir.Constant(_I32, 0))
+        return self.b.shuffle_vector(one, ir.Constant(vec_type, ir.Undefined), _mask([0] * vec_type.count))
+
+    def _halve_add(self, vec: ir.Value) -> ir.Value:
+        # lanes [0, n/2) + lanes [n/2, n): a reduction step that keeps the integer sum exact
+        n = vec.type.count
+        lo = self.b.shuffle_vector(vec, vec, _mask(range(n // 2)))
+        hi = self.b.shuffle_vector(vec, vec, _mask(range(n // 2, n)))
+        return self.b.add(lo, hi) if isinstance(vec.type.element, ir.IntType) else self.b.fadd(lo, hi)
+
+    def _load(self, ptr_i8: ir.Value, ty: ir.Type) -> ir.Value:
+        # ggml blocks are 18/34 bytes: nothing is aligned, every load says align 1
+        return self.b.load(self.b.bitcast(ptr_i8, ty.as_pointer()), align=1)
+
+    def _fp16_splat(self, ptr_i8: ir.Value) -> ir.Value:
+        """<8 x float> with the fp16 at ptr_i8 (a block's d) in every lane."""
+        bits = self._load(ptr_i8, _I16)
+        if self.isa == "avx2":
+            # Splat the half first, then convert 8 lanes: vpbroadcastw + vcvtph2ps (F16C). Converting
+            # a scalar half instead makes LLVM emit a vpinsrw that merges into whatever register
+            # it picks, often an accumulator: a false dependency across blocks (~10% slower).
+            halves = self._splat(self.b.bitcast(bits, _F16), ir.VectorType(_F16, _LANES))
+            return self.b.fpext(halves, _V8F32)
+        # Portable: `fpext half` would become a compiler-rt call (__extendhfsf2) on x86 without
+        # F16C, which Numba's JIT may not resolve. Instead move the half's sign to bit 31 and its
+        # exponent+mantissa to bits 13..27 of a float, which is then the half's value times
+        # 2**-112 (exponent bias 127 vs 15), and rescale. Exact for normal and subnormal halves
+        # (a float subnormal times 2**112 is exact); inf/nan are not valid ggml scales.
+        wide = self.b.zext(bits, _I32)
+        sign = self.b.shl(self.b.and_(wide, ir.Constant(_I32, 0x8000)), ir.Constant(_I32, 16))
+        magnitude = self.b.shl(self.b.and_(wide, ir.Constant(_I32, 0x7FFF)), ir.Constant(_I32, 13))
+        scaled_down = self.b.bitcast(self.b.or_(sign, magnitude), _F32)
+        return self._splat(self.b.fmul(scaled_down, ir.Constant(_F32, 2.0**112)), _V8F32)
+
+    # ---- per-block pieces ---------------------------------------------------------------------
+
+    def weight_block(self, block_ptr: ir.Value) -> tuple[ir.Value, tuple[ir.Value, ...]]:
+        """(fp32 scale in 8 lanes, operands for lane_dots) of the weight block at block_ptr."""
+        scale = self._fp16_splat(block_ptr)
+        payload = self.b.gep(block_ptr, [ir.Constant(_I64, 2)])
+        if self.qtype == "q4_0":
+            packed = self._load(payload, _V16I8)
+            # low nibbles are elements 0..15, high nibbles elements 16..31: mask / shift, then
+            # concatenate into one 32 x u8 vector in element order (matches the activations)
+            low = self.b.and_(packed, _vconst(_V16I8, 0x0F))
+            high = self.b.lshr(packed, _vconst(_V16I8, 4))
+            nibbles = self.b.shuffle_vector(low, high, _mask(range(32)))
+            if self.isa == "avx2":
+                return scale, (nibbles,)  # u8 operand of pmaddubsw
+            return scale, (self.b.zext(nibbles, _V32I16),)
+        weights = self._load(payload, _V32I8)
+        if self.isa == "avx2":
+            # pmaddubsw wants an unsigned operand: |w| as u8 (|-128| = 128 is still exact as u8),
+            # the sign moves to the activations per token (psign in lane_dots)
+            abs_fn = self._llvm_fn("llvm.abs.v32i8", _V32I8, [_V32I8, _I1])
+            return scale, (self.b.call(abs_fn, [weights, ir.Constant(_I1, 0)]), weights)
+        return scale, (self.b.sext(weights, _V32I16),)
+
+    def token_block(self, x_ptr: ir.Value, scale_ptr: ir.Value, sum_ptr: ir.Value | None):
+        """(activation operand, fp32 scale in 8 lanes, int32 block sum or None) of one activation block."""
+        x = self._load(x_ptr, _V32I8)
+        if self.isa != "avx2":
+            x = self.b.sext(x, _V32I16)
+        scale = self._splat(self.b.load(scale_ptr, align=4), _V8F32)  # a vbroadcastss from memory
+        block_sum = self.b.load(sum_ptr, align=4) if sum_ptr is not None else None
+        return x, scale, block_sum
+
+    def lane_dots(self, w_ops: tuple[ir.Value, ...], x: ir.Value, block_sum: ir.Value | None) -> ir.Value:
+        """<8 x i32> whose lane total is the exact integer block dot (Q4_0 offset included)."""
+        b = self.b
+        if self.isa == "avx2":
+            maddubs = self._llvm_fn("llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8])
+            maddwd = self._llvm_fn("llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
+            if self.qtype == "q4_0":
+                # u8 nibble x s8 activation, adjacent pairs summed into i16: |pair| <= 2*15*128,
+                # far from i16 saturation, so exact
+                pairs = b.call(maddubs, [w_ops[0], x])
+            else:
+                # sign trick: |w| * (x * sign(w)) = w * x; psign zeroes x where w == 0.
+                # Exact because activations are in [-127, 127] (never -128, whose negation
+                # overflows) and |pair| <= 2 * 128 * 127 = 32512 < 32767 (no saturation).
+                psign = self._llvm_fn("llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8])
+                pairs = b.call(maddubs, [w_ops[0], b.call(psign, [x, w_ops[1]])])
+            # pairs of i16 -> i32 (multiply by 1 and add adjacent): 8 lanes of 4 products each
+            lanes = b.call(maddwd, [pairs, _vconst(_V16I16, 1)])
+        elif self.qtype == "q4_0":
+            # |nibble * x| <= 15 * 128 = 1920: the product and two halving adds (<= 4 products,
+            # 7680) stay exact in i16; only then widen to the 8 x i32 lanes
+            products = b.mul(w_ops[0], x)
+            lanes = b.sext(self._halve_add(self._halve_add(products)), _V8I32)
+        else:
+            # |w * x| <= 128 * 128 = 16384 fits i16, but sums of two may not: widen before adding
+            products = b.sext(b.mul(w_ops[0], x), ir.VectorType(_I32, 32))
+            lanes = self._halve_add(self._halve_add(products))
+        if block_sum is not None:
+            # Q4_0 value is (nibble - 8): sum(nibble*x) - 8*sum(x); each of the 8 lanes takes off
+            # one sum(x), so the lane total carries the whole offset (still exact in i32)
+            lanes = b.sub(lanes, self._splat(block_sum, _V8I32))
+        return lanes
+
+    def accumulate(self, acc: ir.Value, lanes: ir.Value, scale_vec: ir.Value) -> ir.Value:
+        """acc + float(lanes) * scale_vec, lane-wise (one FMA on AVX2)."""
+        # |lane| < 2**24, so the int -> float conversion is exact
+        as_float = self.b.sitofp(lanes, _V8F32)
+        if self.isa == "avx2":
+            fma = self._llvm_fn("llvm.fma.v8f32", _V8F32, [_V8F32] * 3)
+        else:
+            # fmuladd: fused where the target has FMA, mul + add elsewhere (never a libm call)
+            fma = self._llvm_fn("llvm.fmuladd.v8f32", _V8F32, [_V8F32] * 3)
+        return self.b.call(fma, [as_float, scale_vec, acc])
+
+    def horizontal_sum(self, acc: ir.Value) -> ir.Value:
+        # fixed tree (8 -> 4 -> 2 -> 1), so results do not depend on anything but the inputs
+        v4 = self._halve_add(acc)
+        v2 = self._halve_add(v4)
+        return self.b.fadd(
+            self.b.extract_element(v2, ir.Constant(_I32, 0)), self.b.extract_element(v2, ir.Constant(_I32, 1))
+        )
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def block_step(self, block: ir.Value, w_rows, tokens, accs: list[ir.Value]) -> list[ir.Value]:
+        """Process block index `block` for every (row, token) pair; accs is row-major."""
+        b = self.b
+        weights = []
+        for row_ptr in w_rows:
+            block_ptr = b.gep(row_ptr, [b.mul(block, ir.Constant(_I64, self.block_bytes))])
+            if _PREFETCH_BYTES:
+                # llvm.prefetch(address, rw=0 read, locality=0 streaming, cache type=1 data)
+                prefetch = self._llvm_fn("llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+                ahead = b.gep(block_ptr, [ir.Constant(_I64, _PREFETCH_BYTES)])
+                b.call(prefetch, [ahead, ir.Constant(_I32, 0), ir.Constant(_I32, 0), ir.Constant(_I32, 1)])
+            weights.append(self.weight_block(block_ptr))
+        acts = []
+        for x_ptr, scale_ptr, sum_ptr in tokens:
+            acts.append(
+                self.token_block(
+                    b.gep(x_ptr, [b.mul(block, ir.Constant(_I64, QK))]),
+                    b.gep(scale_ptr, [block]),
+                    b.gep(sum_ptr, [block]) if sum_ptr is not None else None,
+                )
+            )
+        out = []
+        for r, (w_scale, w_ops) in enumerate(weights):
+            for t, (x, x_scale, x_sum) in enumerate(acts):
+                lanes = self.lane_dots(w_ops, x, x_sum)
+                out.append(self.accumulate(accs[r * len(acts) + t], lanes, b.fmul(w_scale, x_scale)))
+        return out
+
+    def tile(self, w_rows, tokens, n_blocks: ir.Value) -> list[ir.Value]:
+        """Emit the whole loop over blocks; returns the rows x tokens float32 dots (row-major).
+
+        w_rows: i8* per weight row; tokens: (i8* int8 values, float* scales, i32* sums or None).
+        Tiles with fewer than 4 (row, token) pairs are unrolled by two blocks into two accumulator
+        sets: the FMA latency (4 cycles on Zen 3) would otherwise bound a lone chain at ~4 cycles
+        per block (~13 GB/s), and LLVM does not reassociate float chains by itself.
+        """
+        b = self.b
+        n_pairs = len(w_rows) * len(tokens)
+        unroll = 2 if n_pairs < 4 else 1
+        zero = _vconst(_V8F32, 0.0)
+        entry = b.basic_block
+        fn = b.function
+        header = fn.append_basic_block("qdot.header")
+        body = fn.append_basic_block("qdot.body")
+        after = fn.append_basic_block("qdot.after")
+        n_iters = b.lshr(n_blocks, ir.Constant(_I64, 1)) if unroll == 2 else n_blocks
+        b.branch(header)
+
+        b.position_at_end(header)
+        index = b.phi(_I64, name="qdot.i")
+        index.add_incoming(ir.Constant(_I64, 0), entry)
+        accs = []
+        for _ in range(unroll * n_pairs):
+            acc = b.phi(_V8F32, name="qdot.acc")
+            acc.add_incoming(zero, entry)
+            accs.append(acc)
+        b.cbranch(b.icmp_signed("<", index, n_iters), body, after)
+
+        b.position_at_end(body)
+        new_accs = []
+        for u in range(unroll):
+            block = b.add(b.mul(index, ir.Constant(_I64, unroll)), ir.Constant(_I64, u))
+            new_accs += self.block_step(block, w_rows, tokens, accs[u * n_pairs : (u + 1) * n_pairs])
+        body_end = b.basic_block
+        index.add_incoming(b.add(index, ir.Constant(_I64, 1)), body_end)
+        for acc, new in zip(accs, new_accs):
+            acc.add_incoming(new, body_end)
+        b.branch(header)
+
+        b.position_at_end(after)
+        if unroll == 1:
+            finals = accs
+        else:
+            # odd block count: the last block goes into accumulator set 0
+            tail = fn.append_basic_block("qdot.tail")
+            done = fn.append_basic_block("qdot.done")
+            is_odd = b.trunc(b.and_(n_blocks, ir.Constant(_I64, 1)), _I1)
+            b.cbranch(is_odd, tail, done)
+            b.position_at_end(tail)
+            tail_accs = self.block_step(b.sub(n_blocks, ir.Constant(_I64, 1)), w_rows, tokens, accs[:n_pairs])
+            tail_end = b.basic_block
+            b.branch(done)
+            b.position_at_end(done)
+            merged = []
+            for k in range(n_pairs):  # all phis first: LLVM requires them at the top of the block
+                phi = b.phi(_V8F32)
+                phi.add_incoming(accs[k], after)
+                phi.add_incoming(tail_accs[k], tail_end)
+                merged.append(phi)
+            finals = [b.fadd(merged[k], accs[n_pairs + k]) for k in range(n_pairs)]
+        return [self.horizontal_sum(acc) for acc in finals]
+
+
+def _as_i8_ptr(builder: ir.IRBuilder, ptr: ir.Value) -> ir.Value:
+    return builder.bitcast(ptr, _I8.as_pointer())
+
+
+def _row_ptr(builder: ir.IRBuilder, ary, index: ir.Value, elem_type: ir.Type) -> ir.Value:
+    """Pointer to row `index` of a C-contiguous 2D array (rows are strides[0] bytes apart)."""
+    stride = builder.extract_value(ary.strides, 0)
+    ptr = builder.gep(_as_i8_ptr(builder, ary.data), [builder.mul(index, stride)])
+    return builder.bitcast(ptr, elem_type.as_pointer())
+
+
+def _umin(builder: ir.IRBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
+    return builder.select(builder.icmp_unsigned("<", a, b), a, b)
+
+
+def _safe_block_count(builder, w, xq, xs, xsum, block_bytes: int, last_dim: int) -> ir.Value:
+    """Blocks that are present in every operand: a shape mismatch can never read out of bounds."""
+    n = builder.udiv(builder.extract_value(w.shape, last_dim), ir.Constant(_I64, block_bytes))
+    n = _umin(builder, n, builder.udiv(builder.extract_value(xq.shape, last_dim), ir.Constant(_I64, QK)))
+    n = _umin(builder, n, builder.extract_value(xs.shape, last_dim))
+    if xsum is not None:
+        n = _umin(builder, n, builder.extract_value(xsum.shape, last_dim))
+    return n
+
+
+def _check_array(ty, ndim: int, dtype, what: str) -> None:
+    if not (isinstance(ty, types.Array) and ty.ndim == ndim and ty.dtype == dtype and ty.layout == "C"):
+        raise TypeError(f"{what}: expected a C-contiguous {ndim}-d {dtype} array, got {ty}")
+
+
+# --------------------------------------------------------------------------------------------
+# Intrinsics
+# --------------------------------------------------------------------------------------------
+
+
+def _make_row_dot(qtype: str, isa_mode: str):
+    """Intrinsic `(w_row, xq, xscales[, xsums]) -> float32` over 1-D C-contiguous arrays."""
+    has_sums = qtype == "q4_0"
+    block_bytes = Q4_0_BLOCK_BYTES if has_sums else Q8_0_BLOCK_BYTES
+
+    def codegen(context, builder, sig, args):
+        isa = kernel_isa() if isa_mode == "host" else "generic"
+        arrays = [context.make_array(ty)(context, builder, val) for ty, val in zip(sig.args, args)]
+        w, xq, xs = arrays[:3]
+        xsum = arrays[3] if has_sums else None
+        n_blocks = _safe_block_count(builder, w, xq, xs, xsum, block_bytes, 0)
+        token = (_as_i8_ptr(builder, xq.data), xs.data, xsum.data if has_sums else None)
+        [dot] = _Emitter(builder, isa, qtype).tile([_as_i8_ptr(builder, w.data)], [token], n_blocks)
+        return dot
+
+    def check(w_row, xq, xscales, xsums=None):
+        _check_array(w_row, 1, types.uint8, "w_row")
+        _check_array(xq, 1, types.int8, "xq")
+        _check_array(xscales, 1, types.float32, "xscales")
+        if xsums is not None:
+            _check_array(xsums, 1, types.int32, "xsums")
+
+    if has_sums:
+
+        def typer(typingctx, w_row, xq, xscales, xsums):
+            check(w_row, xq, xscales, xsums)
+            return types.float32(w_row, xq, xscales, xsums), codegen
+    else:
+
+        def typer(typingctx, w_row, xq, xscales):
+            check(w_row, xq, xscales)
+            return types.float32(w_row, xq, xscales), codegen
+
+    typer.__name__ = typer.__qualname__ = f"{qtype}_row_dot_{isa_mode}"
+    return intrinsic(typer)
+
+
+def _make_tile(qtype: str, isa_mode: str, n_rows: int, n_tok: int):
+    """Intrinsic `(w, row0, xq, xscales[, xsums], tok0) -> UniTuple(float32, n_rows * n_tok)`.
+
+    Rows row0..row0+n_rows-1 of the 2-D weights times activation rows tok0..tok0+n_tok-1 of the
+    2-D activations; results row-major (row r, token t at r * n_tok + t). The caller guarantees
+    the row and token ranges are in bounds.
+    """
+    has_sums = qtype == "q4_0"
+    block_bytes = Q4_0_BLOCK_BYTES if has_sums else Q8_0_BLOCK_BYTES
+    ret = types.UniTuple(types.float32, n_rows * n_tok)
+
+    def codegen(context, builder, sig, args):
+        isa = kernel_isa() if isa_mode == "host" else "generic"
+        w = context.make_array(sig.args[0])(context, builder, args[0])
+        row0 = args[1]
+        xq = context.make_array(sig.args[2])(context, builder, args[2])
+        xs = context.make_array(sig.args[3])(context, builder, args[3])
+        xsum = context.make_array(sig.args[4])(context, builder, args[4]) if has_sums else None
+        tok0 = args[-1]
+        n_blocks = _safe_block_count(builder, w, xq, xs, xsum, block_bytes, 1)
+        rows = [_row_ptr(builder, w, builder.add(row0, ir.Constant(_I64, r)), _I8) for r in range(n_rows)]
+        tokens = []
+        for t in range(n_tok):
+            tok = builder.add(tok0, ir.Constant(_I64, t))
+            tokens.append(
+                (
+                    _row_ptr(builder, xq, tok, _I8),
+                    _row_ptr(builder, xs, tok, _F32),
+                    _row_ptr(builder, xsum, tok, _I32) if has_sums else None,
+                )
+            )
+        dots = _Emitter(builder, isa, qtype).tile(rows, tokens, n_blocks)
+        return context.make_tuple(builder, ret, dots)
+
+    def check(w, xq, xscales, xsums=None):
+        _check_array(w, 2, types.uint8, "w")
+        _check_array(xq, 2, types.int8, "xq")
+        _check_array(xscales, 2, types.float32, "xscales")
+        if xsums is not None:
+            _check_array(xsums, 2, types.int32, "xsums")
+
+    if has_sums:
+
+        def typer(typingctx, w, row0, xq, xscales, xsums, tok0):
+            check(w, xq, xscales, xsums)
+            return ret(w, types.intp, xq, xscales, xsums, types.intp), codegen
+    else:
+
+        def typer(typingctx, w, row0, xq, xscales, tok0):
+            check(w, xq, xscales)
+            return ret(w, types.intp, xq, xscales, types.intp), codegen
+
+    typer.__name__ = typer.__qualname__ = f"{qtype}_tile_{n_rows}x{n_tok}_{isa_mode}"
+    return intrinsic(typer)
+
+
+# Public row dots, callable from any @njit code. All arrays 1-D C-contiguous, activations as
+# quantize_activations_q8_0 returns them (int8 in [-127, 127]: the AVX2 Q8_0 sign trick is wrong
+# for -128). Blocks beyond the shortest operand are ignored, never read.
+#: q4_0_row_dot(w_row: uint8[n/32*18], xq: int8[n], xscales: float32[n/32], xsums: int32[n/32]) -> float32
+q4_0_row_dot = _make_row_dot("q4_0", "host")
+q4_0_row_dot_generic = _make_row_dot("q4_0", "generic")
+#: q8_0_row_dot(w_row: uint8[n/32*34], xq: int8[n], xscales: float32[n/32]) -> float32
+q8_0_row_dot = _make_row_dot("q8_0", "host")
+q8_0_row_dot_generic = _make_row_dot("q8_0", "generic")
+
+# Register-blocked tiles for the batched drivers: 1 row x 4 tokens. Measured (4096x4096, 32 tokens,
+# 1 thread, tokens/s, one interleaved run on a loaded box): 1x1 663, 1x2 794, 2x2 788, 1x4 883,
+# 2x4 852, 1x8 906; 1x4 is within noise of the best and keeps register pressure low for the
+# portable IR (16 ymm / 32 NEON registers).
+_TILE_TOKENS = 4
+# Rows per parallel work item of the batched drivers: 16 rows of 4096 Q4_0 weights are 37 KB (L2),
+# and each 4-token activation tile is reused for all of them from L1 instead of being re-read from
+# L2/L3 per row (128 tokens x 4096 activations = 512 KB). Measured +4-7% at 128 tokens, 1 thread.
+_ROW_CHUNK = 16
+_q4_0_tile_1x4 = _make_tile("q4_0", "host", 1, _TILE_TOKENS)
+_q4_0_tile_1x4_generic = _make_tile("q4_0", "generic", 1, _TILE_TOKENS)
+_q8_0_tile_1x4 = _make_tile("q8_0", "host", 1, _TILE_TOKENS)
+_q8_0_tile_1x4_generic = _make_tile("q8_0", "generic", 1, _TILE_TOKENS)
+
+
+# --------------------------------------------------------------------------------------------
+# Activation quantization (ggml quantize_row_q8_0_ref, bit for bit)
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _fp16_value(d: float) -> np.float32:
+    """The float32 value of float16(d) (round to nearest even, overflow to inf), as ggml stores d."""
+    mantissa, exponent = math.frexp(d)  # d = mantissa * 2**exponent, mantissa in [0.5, 1)
+    # fp16 keeps 11 significant bits; below 2**-14 (exponent < -13) it is subnormal with a fixed
+    # quantum of 2**-24. Scaling by a power of two and rint are exact, so this is one rounding.
+    quantum = math.ldexp(1.0, max(exponent, -13) - 11)
+    rounded = np.rint(d / quantum) * quantum
+    if rounded > 65504.0:
+        return np.float32(np.inf)
+    return np.float32(rounded)
+
+
+@njit(cache=True)
+def _quantize_row_q8_0_into(x, qs, scales, sums) -> None:
+    n_blocks = x.shape[0] // QK
+    for blk in range(n_blocks):
+        base = blk * QK
+        amax = np.float32(0.0)
+        for j in range(QK):
+            a = abs(np.float32(x[base + j]))
+            if a > amax:
+                amax = a
+        # float32 arithmetic throughout, as ggml: d = amax / 127, id = 1 / d (from the float32 d,
+        # not from its fp16 rounding)
+        d = amax / np.float32(127.0)
+        inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
+        total = 0
+        for j in range(QK):
+            v = np.float32(x[base + j]) * inv
+            # roundf: half away from zero (ggml), not numpy's half-to-even
+            a = abs(v)
+            whole = int(a)
+            if a - np.float32(whole) >= np.float32(0.5):
+                whole += 1
+            q = -whole if v < 0 else whole
+            qs[base + j] = q
+            total += q
+        scales[blk] = _fp16_value(float(d))
+        sums[blk] = total
+
+
+@njit(cache=True)
+def quantize_activations_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize a float vector (n a multiple of 32) exactly like ggml / gguf Q8_0.
+
+    Returns (qs int8[n], scales float32[n/32], block_sums int32[n/32]): qs in [-127, 127] are
+    gguf's int8 values, scales[b] is the float32 value of the fp16 d gguf stores, block_sums[b] is
+    the sum of qs over block b. Inputs are converted to float32 first; they must be finite.
+    """
+    n = x.shape[0]
+    if n % QK != 0:
+        raise ValueError("quantize_activations_q8_0: length must be a multiple of 32")
+    qs = np.empty(n, np.int8)
+    scales = np.empty(n // QK, np.float32)
+    sums = np.empty(n // QK, np.int32)
+    _quantize_row_q8_0_into(x, qs, scales, sums)
+    return qs, scales, sums
+
+
+@njit(parallel=True, cache=True)
+def quantize_activations_q8_0_batch(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row-wise :func:`quantize_activations_q8_0` of x[n_tok, n]: int8[n_tok, n], float32 and
+    int32 [n_tok, n/32]."""
+    n_tok, n = x.shape
+    if n % QK != 0:
+        raise ValueError("quantize_activations_q8_0_batch: row length must be a multiple of 32")
+    qs = np.empty((n_tok, n), np.int8)
+    scales = np.empty((n_tok, n // QK), np.float32)
+    sums = np.empty((n_tok, n // QK), np.int32)
+    for t in prange(n_tok):
+        _quantize_row_q8_0_into(x[t], qs[t], scales[t], sums[t])
+    return qs, scales, sums
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar reference (plain Numba): the exact integer block dots the fast paths must reproduce
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _fp16_bits_to_f32(lo: int, hi: int) -> np.float32:
+    bits = int(lo) | (int(hi) << 8)
+    exponent = (bits >> 10) & 0x1F
+    mantissa = bits & 0x3FF
+    if exponent == 0:
+        value = mantissa * 2.0**-24
+    elif exponent == 31:
+        value = np.inf if mantissa == 0 else np.nan
+    else:
+        value = (1024 + mantissa) * 2.0 ** (exponent - 25)
+    return np.float32(-value if bits & 0x8000 else value)
+
+
+@njit(cache=True)
+def q4_0_block_dots_ref(w_row: np.ndarray, xq: np.ndarray) -> np.ndarray:
+    """int32[n/32]: per block sum_j (nibble_j - 8) * xq_j, straight from the ggml layout."""
+    n_blocks = xq.shape[0] // QK
+    out = np.empty(n_blocks, np.int32)
+    for blk in range(n_blocks):
+        base = blk * Q4_0_BLOCK_BYTES + 2
+        total = 0
+        for j in range(16):
+            byte = int(w_row[base + j])
+            total += ((byte & 0x0F) - 8) * int(xq[blk * QK + j])
+            total += ((byte >> 4) - 8) * int(xq[blk * QK + j + 16])
+        out[blk] = total
+    return out
+
+
+@njit(cache=True)
+def q8_0_block_dots_ref(w_row: np.ndarray, xq: np.ndarray) -> np.ndarray:
+    """int32[n/32]: per block sum_j w_j * xq_j."""
+    n_blocks = xq.shape[0] // QK
+    out = np.empty(n_blocks, np.int32)
+    for blk in range(n_blocks):
+        base = blk * Q8_0_BLOCK_BYTES + 2
+        total = 0
+        for j in range(QK):
+            total += int(np.int8(w_row[base + j])) * int(xq[blk * QK + j])
+        out[blk] = total
+    return out
+
+
+@njit(cache=True)
+def _scaled_sum_ref(w_row, xscales, dots, block_bytes: int) -> np.float32:
+    acc = np.float32(0.0)
+    for blk in range(dots.shape[0]):
+        w_scale = _fp16_bits_to_f32(w_row[blk * block_bytes], w_row[blk * block_bytes + 1])
+        acc += np.float32(dots[blk]) * (w_scale * xscales[blk])
+    return acc
+
+
+@njit(cache=True)
+def q4_0_row_dot_ref(w_row: np.ndarray, xq: np.ndarray, xscales: np.ndarray) -> np.float32:
+    """sum_b float32(idot_b) * (d_w,b * d_x,b), blocks in order, float32 (no FMA)."""
+    return _scaled_sum_ref(w_row, xscales, q4_0_block_dots_ref(w_row, xq), Q4_0_BLOCK_BYTES)
+
+
+@njit(cache=True)
+def q8_0_row_dot_ref(w_row: np.ndarray, xq: np.ndarray, xscales: np.ndarray) -> np.float32:
+    return _scaled_sum_ref(w_row, xscales, q8_0_block_dots_ref(w_row, xq), Q8_0_BLOCK_BYTES)
+
+
+@njit(cache=True)
+def matvec_q4_0_ref(w_raw: np.ndarray, xq: np.ndarray, xscales: np.ndarray, out: np.ndarray) -> None:
+    for row in range(w_raw.shape[0]):
+        out[row] = q4_0_row_dot_ref(w_raw[row], xq, xscales)
+
+
+@njit(cache=True)
+def matvec_q8_0_ref(w_raw: np.ndarray, xq: np.ndarray, xscales: np.ndarray, out: np.ndarray) -> None:
+    for row in range(w_raw.shape[0]):
+        out[row] = q8_0_row_dot_ref(w_raw[row], xq, xscales)
+
+
+def row_dot_error_bound(qtype: str, w_row: np.ndarray, xq: np.ndarray, xscales: np.ndarray) -> float:
+    """Bound on |fast - reference| for one row dot (qtype "q4_0" or "q8_0"); numpy, for tests.
+
+    Both paths compute S = sum_b idot_b * s_b with the same float32 s_b = fp32(d_w,b * d_x,b) and
+    the exact integer idot_b; they differ only in float summation order. The fast path adds
+    float(lane) * s_b into 8 lanes (one rounding per block with FMA, two with mul + add), merges
+    two accumulator sets and sums 8 lanes by a tree: each term sees at most n_blocks + 5
+    roundings, so |fast - S| <= gamma(n_blocks + 5) * sum_b |s_b| * L_b, where L_b bounds the sum
+    of |lane| over any split of the block into 8 lanes: sum_j nibble_j |x_j| + 8 |sum_j x_j| for
+    Q4_0 (each lane takes off one block sum), sum_j |w_j x_j| for Q8_0. The reference adds in
+    block order: |ref - S| <= gamma(n_blocks + 1) * sum_b |s_b idot_b|.
+    gamma(k) = k u / (1 - k u), u = 2**-24 (relative rounding; assumes no float32 underflow).
+    """
+    block_bytes = Q4_0_BLOCK_BYTES if qtype == "q4_0" else Q8_0_BLOCK_BYTES
+    n_blocks = len(xscales)
+    blocks = np.asarray(w_row, np.uint8).reshape(n_blocks, block_bytes)
+    x = np.asarray(xq, np.int64).reshape(n_blocks, QK)
+    w_scale = blocks[:, :2].copy().view(np.float16).astype(np.float32).ravel()
+    s = np.abs((w_scale * np.asarray(xscales, np.float32)).astype(np.float64))
+    if qtype == "q4_0":
+        packed = blocks[:, 2:].astype(np.int64)
+        nibbles = np.concatenate([packed & 0x0F, packed >> 4], axis=1)
+        lane_total = (nibbles * np.abs(x)).sum(axis=1) + 8 * np.abs(x.sum(axis=1))
+        idot = ((nibbles - 8) * x).sum(axis=1)
+    else:
+        w = blocks[:, 2:].view(np.int8).astype(np.int64)
+        lane_total = np.abs(w * x).sum(axis=1)
+        idot = (w * x).sum(axis=1)
+    u = 2.0**-24
+
+    def gamma(k: int) -> float:
+        return k * u / (1 - k * u)
+
+    return gamma(n_blocks + 5) * float(np.sum(s * lane_total)) + gamma(n_blocks + 1) * float(np.sum(s * np.abs(idot)))
+
+
+# --------------------------------------------------------------------------------------------
+# Drivers
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _check_shapes(w_raw, xq, xscales, out_len: int, block_bytes: int) -> None:
+    n_in = xq.shape[-1]
+    if n_in % QK != 0 or xscales.shape[-1] != n_in // QK:
+        raise ValueError("activations: need n_in % 32 == 0 and n_in / 32 scales")
+    if w_raw.shape[1] != (n_in // QK) * block_bytes:
+        raise ValueError("weights: row bytes do not match the activation length")
+    if out_len != w_raw.shape[0]:
+        raise ValueError("out: length must be the number of weight rows")
+
+
+# Each driver exists twice, host ISA and portable IR, rather than taking a flag: a runtime flag
+# would compile both IR flavours into every specialization, and the default-vs-explicit flag
+# would make two specializations of each (compile time is 2-4 s per driver on the dev box).
+
+
+@njit(parallel=True, cache=True)
+def matvec_q4_0(w_raw: np.ndarray, xq: np.ndarray, xscales: np.ndarray, xsums: np.ndarray, out: np.ndarray) -> None:
+    """out[r] = dot(Q4_0 row r of w_raw[n_out, n_in/32*18], activations); rows split over threads.
+
+    One whole-row intrinsic call per row (measured faster than 2-row tiles: the single-row loop
+    is unrolled by two blocks and needs no second weight stream).
+    """
+    _check_shapes(w_raw, xq, xscales, out.shape[0], Q4_0_BLOCK_BYTES)
+    if xsums.shape[0] != xscales.shape[0]:
+        raise ValueError("xsums: need n_in / 32 block sums")
+    for r in prange(w_raw.shape[0]):
+        out[r] = q4_0_row_dot(w_raw[r], xq, xscales, xsums)
+
+
+@njit(parallel=True, cache=True)
+def matvec_q4_0_generic(
+    w_raw: np.ndarray, xq: np.ndarray, xscales: np.ndarray, xsums: np.ndarray, out: np.ndarray
+) -> None:
+    """matvec_q4_0 with the portable IR."""
+    _check_shapes(w_raw, xq, xscales, out.shape[0], Q4_0_BLOCK_BYTES)
+    if xsums.shape[0] != xscales.shape[0]:
+        raise ValueError("xsums: need n_in / 32 block sums")
+    for r in prange(w_raw.shape[0]):
+        out[r] = q4_0_row_dot_generic(w_raw[r], xq, xscales, xsums)
+
+
+@njit(parallel=True, cache=True)
+def matvec_q8_0(w_raw: np.ndarray, xq: np.ndarray, xscales: np.ndarray, out: np.ndarray) -> None:
+    """out[r] = dot(Q8_0 row r of w_raw[n_out, n_in/32*34], activations); rows split over threads."""
+    _check_shapes(w_raw, xq, xscales, out.shape[0], Q8_0_BLOCK_BYTES)
+    for r in prange(w_raw.shape[0]):
+        out[r] = q8_0_row_dot(w_raw[r], xq, xscales)
+
+
+@njit(parallel=True, cache=True)
+def matvec_q8_0_generic(w_raw: np.ndarray, xq: np.ndarray, xscales: np.ndarray, out: np.ndarray) -> None:
+    """matvec_q8_0 with the portable IR."""
+    _check_shapes(w_raw, xq, xscales, out.shape[0], Q8_0_BLOCK_BYTES)
+    for r in prange(w_raw.shape[0]):
+        out[r] = q8_0_row_dot_generic(w_raw[r], xq, xscales)
+
+
+@njit(parallel=True, cache=True)
+def matmul_q4_0(w_raw: np.ndarray, xq: np.ndarray, xscales: np.ndarray, xsums: np.ndarray, out: np.ndarray) -> None:
+    """out[t, r] = dot(Q4_0 row r, activation row t) for xq[n_tok, n_in] quantized once.
+
+    Chunks of 16 rows are the outer (parallel) loop and each chunk meets all tokens while it is in
+    L2, so the weights are read from memory once per batch; tokens go 4 at a time (1 row x 4
+    tokens tile: the row's blocks are unpacked once for 4 tokens, and the 4 tokens' activations
+    stay in L1 across the chunk's rows), the remainder one at a time.
+    """
+    _check_shapes(w_raw, xq, xscales, out.shape[1], Q4_0_BLOCK_BYTES)
+    if xsums.shape != xscales.shape or out.shape[0] != xq.shape[0]:
+        raise ValueError("xsums / out: shapes do not match the activations")
+    n_tok = xq.shape[0]
+    n_tiled = n_tok - n_tok % _TILE_TOKENS
+    n_chunks = (w_raw.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK
+    for chunk in prange(n_chunks):
+        first = chunk * _ROW_CHUNK
+        last = min(first + _ROW_CHUNK, w_raw.shape[0])
+        for t in range(0, n_tiled, _TILE_TOKENS):
+            for r in range(first, last):
+                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = _q4_0_tile_1x4(w_raw, r, xq, xscales, xsums, t)
+        for t in range(n_tiled, n_tok):
+            for r in range(first, last):
+                out[t, r] = q4_0_row_dot(w_raw[r], xq[t], xscales[t], xsums[t])
+
+
+@njit(parallel=True, cache=True)
+def matmul_q4_0_generic(
+    w_raw: np.ndarray, xq: np.ndarray, xscales: np.ndarray, xsums: np.ndarray, out: np.ndarray
+) -> None:
+    """matmul_q4_0 with the portable IR."""
+    _check_shapes(w_raw, xq, xscales, out.shape[1], Q4_0_BLOCK_BYTES)
+    if xsums.shape != xscales.shape or out.shape[0] != xq.shape[0]:
+        raise ValueError("xsums / out: shapes do not match the activations")
+    n_tok = xq.shape[0]
+    n_tiled = n_tok - n_tok % _TILE_TOKENS
+    n_chunks = (w_raw.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK
+    for chunk in prange(n_chunks):
+        first = chunk * _ROW_CHUNK
+        last = min(first + _ROW_CHUNK, w_raw.shape[0])
+        for t in range(0, n_tiled, _TILE_TOKENS):
+            for r in range(first, last):
+                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = _q4_0_tile_1x4_generic(
+                    w_raw, r, xq, xscales, xsums, t
+                )
+        for t in range(n_tiled, n_tok):
+            for r in range(first, last):
+                out[t, r] = q4_0_row_dot_generic(w_raw[r], xq[t], xscales[t], xsums[t])
+
+
+@njit(parallel=True, cache=True)
+def matmul_q8_0(w_raw: np.ndarray, xq: np.ndarray, xscales: np.ndarray, out: np.ndarray) -> None:
+    """out[t, r] = dot(Q8_0 row r, activation row t) for xq[n_tok, n_in]; see matmul_q4_0."""
+    _check_shapes(w_raw, xq, xscales, out.shape[1], Q8_0_BLOCK_BYTES)
+    if out.shape[0] != xq.shape[0]:
+        raise ValueError("out: shape does not match the activations")
+    n_tok = xq.shape[0]
+    n_tiled = n_tok - n_tok % _TILE_TOKENS
+    n_chunks = (w_raw.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK
+    for chunk in prange(n_chunks):
+        first = chunk * _ROW_CHUNK
+        last = min(first + _ROW_CHUNK, w_raw.shape[0])
+        for t in range(0, n_tiled, _TILE_TOKENS):
+            for r in range(first, last):
+                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = _q8_0_tile_1x4(w_raw, r, xq, xscales, t)
+        for t in range(n_tiled, n_tok):
+            for r in range(first, last):
+                out[t, r] = q8_0_row_dot(w_raw[r], xq[t], xscales[t])
+
+
+@njit(parallel=True, cache=True)
+def matmul_q8_0_generic(w_raw: np.ndarray, xq: np.ndarray, xscales: np.ndarray, out: np.ndarray) -> None:
+    """matmul_q8_0 with the portable IR."""
+    _check_shapes(w_raw, xq, xscales, out.shape[1], Q8_0_BLOCK_BYTES)
+    if out.shape[0] != xq.shape[0]:
+        raise ValueError("out: shape does not match the activations")
+    n_tok = xq.shape[0]
+    n_tiled = n_tok - n_tok % _TILE_TOKENS
+    n_chunks = (w_raw.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK
+    for chunk in prange(n_chunks):
+        first = chunk * _ROW_CHUNK
+        last = min(first + _ROW_CHUNK, w_raw.shape[0])
+        for t in range(0, n_tiled, _TILE_TOKENS):
+            for r in range(first, last):
+                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = _q8_0_tile_1x4_generic(
+                    w_raw, r, xq, xscales, t
+                )
+        for t in range(n_tiled, n_tok):
+            for r in range(first, last):
+                out[t, r] = q8_0_row_dot_generic(w_raw[r], xq[t], xscales[t])
+
+
+def standalone_row_dot_ir(qtype: str, isa: str) -> str:
+    """LLVM IR text of a free-standing row dot, for cross-target checks (e.g. compile for aarch64).
+
+    ``float {qtype}_row_dot(i8* w_row, i8* xq, float* xscales, i32* xsums, i64 n_blocks)``
+    (xsums unused for Q8_0), the same loop the intrinsics emit.
+    """
+    module = ir.Module(name=f"{qtype}_{isa}")
+    fn_type = ir.FunctionType(_F32, [_I8.as_pointer(), _I8.as_pointer(), _F32.as_pointer(), _I32.as_pointer(), _I64])
+    fn = ir.Function(module, fn_type, name=f"{qtype}_row_dot")
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    w_row, xq, xscales, xsums, n_blocks = fn.args
+    token = (xq, xscales, xsums if qtype == "q4_0" else None)
+    [dot] = _Emitter(builder, isa, qtype).tile([w_row], [token], n_blocks)
+    builder.ret(dot)
+    return str(module)

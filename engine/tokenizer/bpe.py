@@ -1,0 +1,244 @@
+"""Byte-level BPE (``tokenizer.ggml.model = gpt2``): GPT-2, GPT-NeoX, MPT, Falcon.
+
+Encoding a text fragment is: pre-tokenize into words, map each word's UTF-8 bytes to
+GPT-2's printable byte characters, then merge adjacent symbols by rank (lowest rank
+first, ties to the leftmost pair), exactly as Hugging Face ``tokenizers`` does.
+
+Pre-tokenizers (what the ``tokenizer.ggml.pre`` names select):
+
+- GPT-2 pattern (``default``/absent, ``gpt-2``, ``mpt``)::
+
+      's|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+
+
+  reproduced by ``split_gpt2`` as a hand-written scanner. ``mpt`` also NFC-normalizes.
+- ``falcon``: Falcon's tokenizer.json sequence: Punctuation (contiguous runs split
+  off), the GPT-2 pattern with the byte-level mapping, Digits (contiguous runs of
+  numeric characters split off, judged on the *byte-level* characters), then every
+  ``[0-9]{3}`` isolated.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+from collections.abc import Callable, Sequence
+
+from engine.errors import HalfbyteError
+from engine.tokenizer.unicode import (
+    BYTE_LEVEL_NUMERIC,
+    BYTE_TO_UNICODE,
+    SPACE,
+    gpt2_class,
+    is_punctuation,
+    nfc_like_tokenizers,
+    to_utf8,
+)
+
+_CONTRACTION_ONE = frozenset("stmd")  # 's 't 'm 'd
+_CONTRACTION_TWO = frozenset(("re", "ve", "ll"))  # 're 've 'll
+_THREE_DIGITS = re.compile(r"[0-9]{3}")
+
+# Words longer than this are not cached (long runs of one class: base64, minified code).
+_MAX_CACHED_WORD = 256
+_MAX_CACHE_ENTRIES = 1 << 16
+
+
+def split_gpt2(text: str) -> list[str]:
+    """Split ``text`` as the GPT-2 pattern does (see module docstring), alternative by alternative."""
+    pieces: list[str] = []
+    n = len(text)
+    classes = [gpt2_class(char) for char in text]
+    i = 0
+    while i < n:
+        char = text[i]
+        if char == "'" and i + 1 < n:
+            if text[i + 1] in _CONTRACTION_ONE:
+                pieces.append(text[i : i + 2])
+                i += 2
+                continue
+            if text[i + 1 : i + 3] in _CONTRACTION_TWO:
+                pieces.append(text[i : i + 3])
+                i += 3
+                continue
+        start = i
+        cls = classes[i]
+        # ` ?X+`: one plain space (U+0020 only) may lead a run of letters, numbers or others.
+        if char == " " and i + 1 < n and classes[i + 1] != SPACE:
+            i += 1
+            cls = classes[i]
+        if cls != SPACE:
+            i += 1
+            while i < n and classes[i] == cls:
+                i += 1
+            pieces.append(text[start:i])
+            continue
+        end = i + 1
+        while end < n and classes[end] == SPACE:
+            end += 1
+        if end < n and end - start > 1:
+            # `\s+(?!\S)` backtracks by one so the last whitespace can lead the next word.
+            end -= 1
+        pieces.append(text[start:end])
+        i = end
+    return pieces
+
+
+def _split_contiguous(text: str, is_delimiter: Callable[[str], bool]) -> list[str]:
+    """Runs of delimiter characters and runs of the rest, in order (``Contiguous`` behaviour)."""
+    pieces: list[str] = []
+    start = 0
+    previous: bool | None = None
+    for i, char in enumerate(text):
+        current = is_delimiter(char)
+        if current != previous and i > start:
+            pieces.append(text[start:i])
+            start = i
+        previous = current
+    if start < len(text):
+        pieces.append(text[start:])
+    return pieces
+
+
+def _split_isolated(text: str, pattern: re.Pattern[str]) -> list[str]:
+    """Every match of ``pattern`` becomes its own piece, as do the gaps between (``Isolated``)."""
+    pieces: list[str] = []
+    start = 0
+    for match in pattern.finditer(text):
+        if match.start() > start:
+            pieces.append(text[start : match.start()])
+        pieces.append(match.group())
+        start = match.end()
+    if start < len(text):
+        pieces.append(text[start:])
+    return pieces
+
+
+def byte_level(word: str) -> str:
+    """The word's UTF-8 bytes as GPT-2 byte characters."""
+    return "".join([BYTE_TO_UNICODE[b] for b in to_utf8(word)])
+
+
+def pre_tokenize_gpt2(text: str) -> list[str]:
+    return [byte_level(word) for word in split_gpt2(text)]
+
+
+def pre_tokenize_falcon(text: str) -> list[str]:
+    words: list[str] = []
+    for chunk in _split_contiguous(text, is_punctuation):
+        for word in split_gpt2(chunk):
+            for run in _split_contiguous(byte_level(word), BYTE_LEVEL_NUMERIC.__contains__):
+                words.extend(_split_isolated(run, _THREE_DIGITS))
+    return words
+
+
+# pre name -> (normalizer or None, pre-tokenizer returning byte-level words)
+PRE_TOKENIZERS: dict[str, tuple[Callable[[str], str] | None, Callable[[str], list[str]]]] = {
+    "default": (None, pre_tokenize_gpt2),
+    "gpt-2": (None, pre_tokenize_gpt2),
+    "mpt": (nfc_like_tokenizers, pre_tokenize_gpt2),
+    "falcon": (None, pre_tokenize_falcon),
+}
+
+
+def parse_merges(merges: Sequence[str], token_to_id: dict[str, int]) -> dict[tuple[str, str], tuple[int, str]]:
+    """``"a b"`` strings -> {(a, b): (rank, "ab")}; rank is the position in the list."""
+    table: dict[tuple[str, str], tuple[int, str]] = {}
+    for rank, merge in enumerate(merges):
+        # Split at the first space after position 0, as llama.cpp does; byte-level
+        # symbols never contain a real space (it is spelled "Ġ").
+        cut = merge.find(" ", 1) if isinstance(merge, str) else -1
+        if cut < 0:
+            raise HalfbyteError(f"tokenizer.ggml.merges[{rank}] is not of the form 'left right': {merge!r}")
+        left, right = merge[:cut], merge[cut + 1 :]
+        merged = left + right
+        if merged not in token_to_id:
+            raise HalfbyteError(
+                f"tokenizer.ggml.merges[{rank}] makes {merged!r}, which is not in tokenizer.ggml.tokens"
+            )
+        table.setdefault((left, right), (rank, merged))
+    return table
+
+
+class ByteLevelBPE:
+    """Encodes text fragments (no special tokens in them) to ids."""
+
+    def __init__(self, token_to_id: dict[str, int], merges: Sequence[str], pre: str) -> None:
+        if pre not in PRE_TOKENIZERS:
+            supported = ", ".join(sorted(PRE_TOKENIZERS))
+            raise HalfbyteError(f"unsupported BPE pre-tokenizer tokenizer.ggml.pre = {pre!r} (supported: {supported})")
+        self.normalize, self.pre_tokenize = PRE_TOKENIZERS[pre]
+        self.token_to_id = token_to_id
+        self.merges = parse_merges(merges, token_to_id)
+        self._cache: dict[str, tuple[int, ...]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        if self.normalize is not None:
+            text = self.normalize(text)
+        ids: list[int] = []
+        cache = self._cache
+        for word in self.pre_tokenize(text):
+            word_ids = cache.get(word)
+            if word_ids is None:
+                word_ids = self._encode_word(word)
+                if len(word) <= _MAX_CACHED_WORD:
+                    if len(cache) >= _MAX_CACHE_ENTRIES:
+                        cache.clear()
+                    cache[word] = word_ids
+            ids.extend(word_ids)
+        return ids
+
+    def _encode_word(self, word: str) -> tuple[int, ...]:
+        token_to_id = self.token_to_id
+        # A byte character missing from the vocabulary (Falcon lacks a few) is dropped
+        # before merging, as tokenizers does without an unknown token: its neighbours
+        # become adjacent and may merge.
+        symbols: list[str | None] = [char for char in word if char in token_to_id]
+        n = len(symbols)
+        if n == 0:
+            return ()
+        next_index = list(range(1, n + 1))
+        next_index[-1] = -1
+        prev_index = list(range(-1, n - 1))
+        merges = self.merges
+
+        # Heap of (rank, left index, merged text): the lowest rank wins, ties go to the
+        # leftmost pair. An entry is stale once either side has been merged away or
+        # grown; then left + right no longer spells the recorded text.
+        heap: list[tuple[int, int, str]] = []
+        for i in range(n - 1):
+            found = merges.get((symbols[i], symbols[i + 1]))  # type: ignore[arg-type]
+            if found is not None:
+                heap.append((found[0], i, found[1]))
+        heapq.heapify(heap)
+
+        while heap:
+            _, left, merged = heapq.heappop(heap)
+            left_text = symbols[left]
+            right = next_index[left]
+            if left_text is None or right < 0:
+                continue
+            right_text = symbols[right]
+            if right_text is None or left_text + right_text != merged:
+                continue
+            symbols[left] = merged
+            symbols[right] = None
+            after = next_index[right]
+            next_index[left] = after
+            if after >= 0:
+                prev_index[after] = left
+            before = prev_index[left]
+            if before >= 0:
+                found = merges.get((symbols[before], merged))  # type: ignore[arg-type]
+                if found is not None:
+                    heapq.heappush(heap, (found[0], before, found[1]))
+            if after >= 0:
+                found = merges.get((merged, symbols[after]))  # type: ignore[arg-type]
+                if found is not None:
+                    heapq.heappush(heap, (found[0], left, found[1]))
+
+        ids: list[int] = []
+        i = 0
+        while i >= 0:
+            ids.append(token_to_id[symbols[i]])  # type: ignore[index]
+            i = next_index[i]
+        return tuple(ids)

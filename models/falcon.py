@@ -1,0 +1,119 @@
+"""Falcon: parallel attention + MLP blocks with LayerNorm, fused QKV, rotary positions
+(neox pairing), multi-query (7B) or grouped (40B, two LayerNorms) attention, GELU MLP.
+
+    x = embed(tokens)
+    for each layer:
+        a = layer_norm(x)                     (40B: a = ln_attn(x), m = ln_mlp(x); 7B: m = a)
+        q, k, v = split(a Wqkv) ; rope(q, k)
+        x = x + attention(q, k, v) Wo + gelu(m Wup) Wdown
+    logits = layer_norm(x) Woutput
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine import ops
+from engine.gguf_file import GGUFFile
+from engine.hparams import HParams, Tensors
+from engine.kernels.attention import KVCache
+from engine.weights import Weight
+
+ARCH = "falcon"
+
+
+@dataclass(frozen=True)
+class FalconParams:
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_ctx_train: int
+    norm_eps: float
+    rope_theta: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_file(cls, file: GGUFFile) -> FalconParams:
+        hp = HParams(file, ARCH)
+        n_embd = hp.int("embedding_length")
+        return cls(
+            n_vocab=hp.vocab_size(),
+            n_embd=n_embd,
+            n_layer=hp.int("block_count"),
+            n_head=hp.int("attention.head_count"),
+            n_head_kv=hp.int("attention.head_count_kv", 1),
+            n_ff=hp.int("feed_forward_length", 4 * n_embd),
+            n_ctx_train=hp.int("context_length", 2048),
+            norm_eps=hp.float("attention.layer_norm_epsilon", 1e-5),
+            rope_theta=hp.float("rope.freq_base", 10000.0),
+        )
+
+
+@dataclass
+class FalconLayer:
+    attn_norm: np.ndarray
+    attn_norm_b: np.ndarray
+    mlp_norm: np.ndarray | None  # 40B style: a second LayerNorm for the MLP branch
+    mlp_norm_b: np.ndarray | None
+    wqkv: Weight
+    wo: Weight
+    w_up: Weight
+    w_down: Weight
+
+
+class Falcon:
+    def __init__(self, file: GGUFFile) -> None:
+        p = self.params = FalconParams.from_file(file)
+        ops.check_heads(file, p.n_embd, p.n_head, p.n_head_kv, p.head_dim)
+        t = Tensors(file)
+        n_qkv = (p.n_head + 2 * p.n_head_kv) * p.head_dim
+        self.tok_embd = t.matrix("token_embd.weight", p.n_vocab, p.n_embd)
+        self.layers = [
+            FalconLayer(
+                attn_norm=t.vector(f"blk.{i}.attn_norm.weight", p.n_embd),
+                attn_norm_b=t.vector(f"blk.{i}.attn_norm.bias", p.n_embd),
+                mlp_norm=t.optional_vector(f"blk.{i}.attn_norm_2.weight", p.n_embd),
+                mlp_norm_b=t.optional_vector(f"blk.{i}.attn_norm_2.bias", p.n_embd),
+                wqkv=t.matrix(f"blk.{i}.attn_qkv.weight", n_qkv, p.n_embd),
+                wo=t.matrix(f"blk.{i}.attn_output.weight", p.n_embd, p.n_embd),
+                w_up=t.matrix(f"blk.{i}.ffn_up.weight", p.n_ff, p.n_embd),
+                w_down=t.matrix(f"blk.{i}.ffn_down.weight", p.n_embd, p.n_ff),
+            )
+            for i in range(p.n_layer)
+        ]
+        self.output_norm = t.vector("output_norm.weight", p.n_embd)
+        self.output_norm_b = t.vector("output_norm.bias", p.n_embd)
+        self.output = t.matrix("output.weight", p.n_vocab, p.n_embd) if t.has("output.weight") else self.tok_embd
+
+    def forward(self, tokens: np.ndarray, n_past: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        p = self.params
+        n = len(tokens)
+        hd = p.head_dim
+        positions = np.arange(n_past, n_past + n, dtype=np.int64)
+        scale = 1.0 / math.sqrt(hd)
+        x = ops.embed(self.tok_embd, tokens)
+        for i, layer in enumerate(self.layers):
+            a = ops.layer_norm(x, layer.attn_norm, layer.attn_norm_b, p.norm_eps)
+            m = a if layer.mlp_norm is None else ops.layer_norm(x, layer.mlp_norm, layer.mlp_norm_b, p.norm_eps)
+            qkv = ops.linear(a, layer.wqkv)
+            q = np.ascontiguousarray(qkv[:, : p.n_embd]).reshape(n, p.n_head, hd)
+            k = np.ascontiguousarray(qkv[:, p.n_embd : p.n_embd + p.n_head_kv * hd]).reshape(n, p.n_head_kv, hd)
+            v = qkv[:, p.n_embd + p.n_head_kv * hd :].reshape(n, p.n_head_kv, hd)
+            ops.rope(q, positions, hd, p.rope_theta, 1.0, neox=True)
+            ops.rope(k, positions, hd, p.rope_theta, 1.0, neox=True)
+            cache.store(i, k, v, n_past)
+            attn = ops.attention(q, cache, i, n_past, scale)
+            mlp = ops.linear(ops.gelu(ops.linear(m, layer.w_up)), layer.w_down)
+            x += ops.linear(attn.reshape(n, p.n_embd), layer.wo) + mlp
+        if not all_logits:
+            x = x[-1:]
+        return ops.linear(ops.layer_norm(x, self.output_norm, self.output_norm_b, p.norm_eps), self.output)

@@ -1,0 +1,161 @@
+"""Causal attention over the KV cache against numpy and torch scaled_dot_product_attention."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numba
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
+
+from engine.errors import HalfbyteError
+from engine.kernels.attention import KVCache, attend, reference_attention
+from engine.kernels.ops import alibi_slopes
+
+HEAD_LAYOUTS = [(8, 8), (8, 2), (8, 1)]  # (n_head, n_kv_head): multi-head, grouped-query, multi-query
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    previous = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+def fill_cache(rng, n_layer, n_ctx, n_kv_head, head_dim, n_keys, dtype, layer=0):
+    cache = KVCache(n_layer, n_ctx, n_kv_head, head_dim, dtype)
+    k = rng.standard_normal((n_keys, n_kv_head, head_dim), dtype=np.float32)
+    v = rng.standard_normal((n_keys, n_kv_head, head_dim), dtype=np.float32)
+    cache.store(layer, k, v, 0)
+    return cache, k, v
+
+
+def torch_attention(q, k, v, n_past, scale, bias=None):
+    """q (n_tok, n_head, hd); k, v (n_keys, n_kv_head, hd) float32 -> (n_tok, n_head, hd)."""
+    n_tok, n_head, _ = q.shape
+    n_keys = n_past + n_tok
+    group = n_head // k.shape[1]
+    qt = torch.from_numpy(q).transpose(0, 1)  # (n_head, n_tok, hd)
+    kt = torch.from_numpy(k[:n_keys]).transpose(0, 1).repeat_interleave(group, dim=0)
+    vt = torch.from_numpy(v[:n_keys]).transpose(0, 1).repeat_interleave(group, dim=0)
+    allowed = torch.arange(n_keys)[None, :] <= (n_past + torch.arange(n_tok))[:, None]
+    mask = torch.zeros(n_tok, n_keys).masked_fill(~allowed, float("-inf"))
+    if bias is not None:
+        mask = mask + bias  # (n_head, n_tok, n_keys)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+    return out.transpose(0, 1).numpy()
+
+
+@pytest.mark.parametrize("n_head,n_kv_head", HEAD_LAYOUTS)
+@pytest.mark.parametrize("n_past,n_tok", [(0, 9), (13, 6), (40, 1)])  # prompt, continued prompt, decode
+def test_attend_matches_torch_sdpa(n_head, n_kv_head, n_past, n_tok):
+    rng = np.random.default_rng(n_head * 100 + n_kv_head * 10 + n_past)
+    head_dim = 32
+    cache, k, v = fill_cache(rng, 2, 64, n_kv_head, head_dim, n_past + n_tok, np.float32, layer=1)
+    q = rng.standard_normal((n_tok, n_head, head_dim), dtype=np.float32)
+    scale = 1 / np.sqrt(head_dim)
+    out = attend(q, cache.keys(1), cache.values(1), n_past, scale)
+    assert out.shape == q.shape and out.dtype == np.float32
+    np.testing.assert_allclose(out, torch_attention(q, k, v, n_past, scale), atol=2e-6)
+    np.testing.assert_allclose(out, reference_attention(q, cache.keys(1), cache.values(1), n_past, scale), atol=1e-6)
+
+
+@pytest.mark.parametrize("n_head", [4, 6])
+def test_attend_with_alibi_matches_mpt_bias(n_head):
+    rng = np.random.default_rng(n_head)
+    n_past, n_tok, head_dim = 5, 7, 16
+    n_keys = n_past + n_tok
+    cache, k, v = fill_cache(rng, 1, 32, n_head, head_dim, n_keys, np.float32)
+    q = rng.standard_normal((n_tok, n_head, head_dim), dtype=np.float32)
+    scale = 1 / np.sqrt(head_dim)
+    out = attend(q, cache.keys(0), cache.values(0), n_past, scale, alibi_slopes(n_head, 8.0))
+    # transformers' MPT adds slope * (j - (n_keys - 1)) to every query row; softmax ignores the
+    # per-row constant, so this equals our slope * (j - i).
+    bias = build_mpt_alibi_tensor(n_head, n_keys, 8.0).expand(n_head, n_tok, n_keys)
+    np.testing.assert_allclose(out, torch_attention(q, k, v, n_past, scale, bias), atol=2e-6)
+    np.testing.assert_allclose(
+        out, reference_attention(q, cache.keys(0), cache.values(0), n_past, scale, alibi_slopes(n_head, 8.0)),
+        atol=1e-6)
+
+
+@pytest.mark.parametrize("n_head,n_kv_head", HEAD_LAYOUTS)
+def test_fp16_cache(n_head, n_kv_head):
+    rng = np.random.default_rng(5)
+    n_past, n_tok, head_dim = 20, 4, 64
+    cache, k, v = fill_cache(rng, 1, 32, n_kv_head, head_dim, n_past + n_tok, np.float16)
+    assert cache.k.dtype == np.float16
+    q = rng.standard_normal((n_tok, n_head, head_dim), dtype=np.float32)
+    out = attend(q, cache.keys(0), cache.values(0), n_past, 0.125)
+    # Exact on the values the cache holds (fp16 widens exactly) ...
+    rounded = reference_attention(q, cache.keys(0).astype(np.float32), cache.values(0).astype(np.float32),
+                                  n_past, 0.125)
+    np.testing.assert_allclose(out, rounded, atol=1e-6)
+    # ... and within fp16 storage error (2^-11 relative per element) of the float32 inputs.
+    np.testing.assert_allclose(out, torch_attention(q, k, v, n_past, 0.125), atol=3e-3)
+
+
+def test_one_and_two_threads_agree_bit_for_bit():
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba runs with a single thread here")
+    rng = np.random.default_rng(6)
+    for dtype in (np.float32, np.float16):
+        cache, _, _ = fill_cache(rng, 1, 48, 2, 32, 30, dtype)
+        q = rng.standard_normal((11, 6, 32), dtype=np.float32)
+        with threads(1):
+            one = attend(q, cache.keys(0), cache.values(0), 19, 0.2, alibi_slopes(6, 8.0))
+        with threads(2):
+            two = attend(q, cache.keys(0), cache.values(0), 19, 0.2, alibi_slopes(6, 8.0))
+        np.testing.assert_array_equal(one, two)
+
+
+def test_first_token_attends_only_to_itself():
+    rng = np.random.default_rng(7)
+    cache, _, v = fill_cache(rng, 1, 8, 1, 8, 1, np.float32)
+    out = attend(rng.standard_normal((1, 4, 8), dtype=np.float32), cache.keys(0), cache.values(0), 0, 1.0)
+    np.testing.assert_allclose(out, np.repeat(v, 4, axis=1), rtol=1e-6)
+
+
+def test_kv_cache_bookkeeping():
+    cache = KVCache(n_layer=2, n_ctx=8, n_kv_head=2, head_dim=4)
+    assert cache.dtype == np.float16 and cache.k.shape == (2, 8, 2, 4) and cache.n_past == 0
+    assert cache.nbytes == 2 * 2 * 8 * 2 * 4 * 2
+    k = np.full((3, 2, 4), 1.5, np.float32)
+    cache.store(0, k, -k, 0)
+    cache.store(1, k, -k, 0)
+    assert cache.n_past == 3
+    np.testing.assert_array_equal(cache.keys(1)[:3], 1.5)
+    np.testing.assert_array_equal(cache.values(0)[:3], -1.5)
+    cache.store(0, k[:1] * 2, k[:1], 3)
+    assert cache.n_past == 4 and cache.keys(0)[3, 0, 0] == 3.0
+    cache.reset()
+    assert cache.n_past == 0
+    with pytest.raises(HalfbyteError, match="do not fit"):
+        cache.store(0, k, k, 6)
+    with pytest.raises(HalfbyteError, match="out of range"):
+        cache.store(2, k, k, 0)
+    with pytest.raises(HalfbyteError, match="keys and values"):
+        cache.store(0, k[:, :1], k[:, :1], 0)
+    with pytest.raises(HalfbyteError, match="float16 or float32"):
+        KVCache(1, 4, 1, 4, np.float64)
+    assert KVCache(1, 4, 1, 4, np.float32).k.dtype == np.float32
+
+
+def test_attend_rejects_bad_shapes():
+    cache = KVCache(1, 8, 2, 4, np.float32)
+    q = np.zeros((2, 3, 4), np.float32)
+    with pytest.raises(HalfbyteError, match="evenly"):
+        attend(q, cache.keys(0), cache.values(0), 0, 1.0)
+    q = np.zeros((2, 4, 4), np.float32)
+    with pytest.raises(HalfbyteError, match="do not fit"):
+        attend(q, cache.keys(0), cache.values(0), 7, 1.0)
+    with pytest.raises(HalfbyteError, match="one slope per head"):
+        attend(q, cache.keys(0), cache.values(0), 0, 1.0, np.ones(3, np.float32))
+    with pytest.raises(HalfbyteError, match="C-contiguous"):
+        attend(q, cache.keys(0)[:, :, :2], cache.values(0), 0, 1.0)
+    assert attend(np.zeros((0, 4, 4), np.float32), cache.keys(0), cache.values(0), 0, 1.0).shape == (0, 4, 4)

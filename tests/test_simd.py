@@ -1,0 +1,442 @@
+"""The LLVM-IR Q4_0 / Q8_0 kernels (engine/kernels/simd.py) against the plain-Numba reference.
+
+* The activation quantizer is byte-identical to ``gguf.quants.quantize(x, Q8_0)`` (int8 values
+  and fp16 scales), including round-half-away ties, subnormal and overflowing fp16 scales.
+* Every fast path (host ISA and portable IR; matrix-vector and batched) matches the reference
+  within the float-summation bound of ``row_dot_error_bound``; with unit scales, where every
+  float operation is exact, they match bit for bit: the integer block dots are identical.
+* 1 and 2 threads give bit-identical results.
+* The portable IR compiles for aarch64 (NEON) and baseline x86-64 without library calls.
+* Compiled kernels are loaded from Numba's on-disk cache by a second process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import quantize
+
+from engine.kernels import simd
+
+REPO = Path(__file__).resolve().parents[1]
+N_INS = (32, 64, 4096, 11008)
+
+# (matvec, matmul) drivers per quant type and path
+DRIVERS = {
+    ("q4_0", "host"): (simd.matvec_q4_0, simd.matmul_q4_0),
+    ("q4_0", "generic"): (simd.matvec_q4_0_generic, simd.matmul_q4_0_generic),
+    ("q8_0", "host"): (simd.matvec_q8_0, simd.matmul_q8_0),
+    ("q8_0", "generic"): (simd.matvec_q8_0_generic, simd.matmul_q8_0_generic),
+}
+PATHS = ("host", "generic")
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def fp16_bytes(values: np.ndarray) -> np.ndarray:
+    return np.asarray(values, np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def make_weights(qtype: str, kind: str, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8[n_out, row_bytes] ggml rows: realistic (from gguf's quantizer) or hostile."""
+    if kind == "gguf":
+        dense = rng.standard_normal((n_out, n_in)).astype(np.float32)
+        gtype = GGMLQuantizationType.Q4_0 if qtype == "q4_0" else GGMLQuantizationType.Q8_0
+        return np.ascontiguousarray(quantize(dense, gtype))
+    block_bytes = simd.Q4_0_BLOCK_BYTES if qtype == "q4_0" else simd.Q8_0_BLOCK_BYTES
+    n_blocks = n_out * n_in // 32
+    payload = {
+        "random": lambda: rng.integers(0, 256, (n_blocks, block_bytes - 2)),
+        "all_high": lambda: np.full((n_blocks, block_bytes - 2), 0xFF if qtype == "q4_0" else 0x7F),  # 15 / +127
+        "all_low": lambda: np.full((n_blocks, block_bytes - 2), 0x00 if qtype == "q4_0" else 0x80),  # 0 / -128
+    }[kind]().astype(np.uint8)
+    scales = rng.uniform(0.25, 2.0, n_blocks) * rng.choice([-1.0, 1.0], n_blocks)
+    blocks = np.concatenate([fp16_bytes(scales), payload], axis=1)
+    return blocks.reshape(n_out, n_in // 32 * block_bytes)
+
+
+def make_activations(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    if kind == "normal":
+        return rng.standard_normal(n).astype(np.float32)
+    if kind == "zeros":
+        return np.zeros(n, np.float32)
+    if kind == "max":  # every value quantizes to +-127
+        return (rng.choice([-1.0, 1.0], n) * 1000.0).astype(np.float32)
+    if kind == "max_positive":
+        return np.full(n, 1000.0, np.float32)
+    raise ValueError(kind)
+
+
+def exact_row_dots(qtype: str, w_raw: np.ndarray, xq: np.ndarray) -> np.ndarray:
+    """int64[n_out] sum over the row of (weight integer) * (activation integer), in numpy."""
+    n_out = w_raw.shape[0]
+    if qtype == "q4_0":
+        blocks = w_raw.reshape(n_out, -1, 18)[:, :, 2:].astype(np.int64)
+        weights = np.concatenate([blocks & 0x0F, blocks >> 4], axis=2) - 8
+    else:
+        weights = w_raw.reshape(n_out, -1, 34)[:, :, 2:].view(np.int8).astype(np.int64)
+    return (weights.reshape(n_out, -1) * xq.astype(np.int64)).sum(axis=1)
+
+
+def reference(qtype: str, w_raw, xq, xscales) -> np.ndarray:
+    out = np.empty(w_raw.shape[0], np.float32)
+    (simd.matvec_q4_0_ref if qtype == "q4_0" else simd.matvec_q8_0_ref)(w_raw, xq, xscales, out)
+    return out
+
+
+def run_matvec(qtype: str, path: str, w_raw, xq, xscales, xsums) -> np.ndarray:
+    out = np.full(w_raw.shape[0], np.nan, np.float32)
+    matvec = DRIVERS[qtype, path][0]
+    if qtype == "q4_0":
+        matvec(w_raw, xq, xscales, xsums, out)
+    else:
+        matvec(w_raw, xq, xscales, out)
+    return out
+
+
+def run_matmul(qtype: str, path: str, w_raw, xq, xscales, xsums) -> np.ndarray:
+    out = np.full((xq.shape[0], w_raw.shape[0]), np.nan, np.float32)
+    matmul = DRIVERS[qtype, path][1]
+    if qtype == "q4_0":
+        matmul(w_raw, xq, xscales, xsums, out)
+    else:
+        matmul(w_raw, xq, xscales, out)
+    return out
+
+
+def assert_within_bound(qtype: str, fast: np.ndarray, ref: np.ndarray, w_raw, xq, xscales) -> None:
+    for row in range(w_raw.shape[0]):
+        bound = simd.row_dot_error_bound(qtype, w_raw[row], xq, xscales)
+        diff = abs(float(fast[row]) - float(ref[row]))
+        assert diff <= bound, f"row {row}: |{fast[row]} - {ref[row]}| = {diff} > bound {bound}"
+
+
+# ---------------------------------------------------------------------------------------------
+# activation quantizer
+# ---------------------------------------------------------------------------------------------
+
+
+def quantizer_cases() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    ties = np.tile(np.float32([127.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 126.5] * 4), 2)  # d = 1: exact .5
+    return {
+        "normal": rng.standard_normal(4096).astype(np.float32),
+        "wide": (rng.standard_normal(11008) * np.exp(rng.uniform(-8, 8, 11008))).astype(np.float32),
+        "uniform": rng.uniform(-1, 1, 64).astype(np.float32),
+        "zeros": np.zeros(64, np.float32),
+        "zero_block_then_normal": np.concatenate([np.zeros(32), rng.standard_normal(32)]).astype(np.float32),
+        "ties": ties,
+        "fp16_subnormal_scale": (rng.standard_normal(256) * 1e-4).astype(np.float32),
+        "fp16_underflow_scale": (rng.standard_normal(256) * 1e-9).astype(np.float32),
+        "fp16_overflow_scale": (rng.standard_normal(64) * 1e8).astype(np.float32),
+        "single_spike": np.eye(1, 32, 7, dtype=np.float32).ravel() * -3.0,
+    }
+
+
+@pytest.mark.parametrize("case", sorted(quantizer_cases()))
+def test_quantizer_matches_gguf_byte_for_byte(case: str) -> None:
+    x = quantizer_cases()[case]
+    with np.errstate(over="ignore"):
+        expected = quantize(x, GGMLQuantizationType.Q8_0).reshape(-1, 34)
+    qs, scales, sums = simd.quantize_activations_q8_0(x)
+    assert qs.dtype == np.int8 and scales.dtype == np.float32 and sums.dtype == np.int32
+    np.testing.assert_array_equal(qs, expected[:, 2:].view(np.int8).ravel())
+    with np.errstate(over="ignore"):
+        # the float32 scale is exactly the fp16 value: converting back is lossless, same bits
+        np.testing.assert_array_equal(
+            scales.astype(np.float16).view(np.uint16), expected[:, :2].copy().view(np.uint16).ravel()
+        )
+    np.testing.assert_array_equal(scales.astype(np.float16).astype(np.float32), scales)
+    np.testing.assert_array_equal(sums, qs.reshape(-1, 32).astype(np.int64).sum(axis=1))
+    assert qs.min() >= -127  # never -128: the Q8_0 sign trick relies on it
+
+
+def test_quantizer_batch_equals_rows() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 128)).astype(np.float32)
+    x[3] = 0.0
+    qs, scales, sums = simd.quantize_activations_q8_0_batch(x)
+    for t in range(5):
+        row = simd.quantize_activations_q8_0(x[t])
+        np.testing.assert_array_equal(qs[t], row[0])
+        np.testing.assert_array_equal(scales[t], row[1])
+        np.testing.assert_array_equal(sums[t], row[2])
+
+
+def test_quantizer_rejects_ragged_length() -> None:
+    with pytest.raises(ValueError):
+        simd.quantize_activations_q8_0(np.ones(33, np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# integer parts: reference block dots and bit-exactness of the fast paths
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+def test_reference_block_dots_are_exact(qtype: str) -> None:
+    rng = np.random.default_rng(3)
+    w_raw = make_weights(qtype, "random", 3, 256, rng)
+    xq = rng.integers(-127, 128, 256).astype(np.int8)
+    block_dots = simd.q4_0_block_dots_ref if qtype == "q4_0" else simd.q8_0_block_dots_ref
+    for row in range(3):
+        np.testing.assert_array_equal(
+            block_dots(w_raw[row], xq).sum(), exact_row_dots(qtype, w_raw[row : row + 1], xq)[0]
+        )
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("kind", ["random", "all_high", "all_low"])
+def test_unit_scales_are_bit_exact(qtype: str, path: str, kind: str) -> None:
+    """With weight and activation scales 1.0 every float step is an exact integer operation, so any
+    difference would be an integer-part error. Exactness holds when every partial sum stays below
+    2**24 whatever the split into lanes: the sum of |lane| over a block is at most
+    sum_j 15|x_j| + 8|sum_j x_j| <= 23 sum_j |x_j| for Q4_0 and 128 sum_j |x_j| for Q8_0, so the
+    activation magnitude is capped at (2**24 - 1) // (C * n_in)."""
+    rng = np.random.default_rng(4)
+    for n_in in N_INS:
+        n_out = 5 if n_in > 64 else 33
+        w_raw = make_weights(qtype, kind, n_out, n_in, rng)
+        block_bytes = simd.Q4_0_BLOCK_BYTES if qtype == "q4_0" else simd.Q8_0_BLOCK_BYTES
+        w_raw.reshape(n_out, -1, block_bytes)[:, :, :2] = fp16_bytes([1.0])[0]
+        limit = min(127, (2**24 - 1) // ((23 if qtype == "q4_0" else 128) * n_in))
+        xq = rng.integers(-limit, limit + 1, (4, n_in)).astype(np.int8)
+        xq[1] = limit  # max-magnitude activations
+        xq[2] = 0
+        xscales = np.ones((4, n_in // 32), np.float32)
+        xsums = xq.reshape(4, -1, 32).astype(np.int32).sum(axis=2).astype(np.int32)
+        for t in range(4):
+            exact = exact_row_dots(qtype, w_raw, xq[t])
+            np.testing.assert_array_equal(reference(qtype, w_raw, xq[t], xscales[t]), exact.astype(np.float32))
+            fast = run_matvec(qtype, path, w_raw, xq[t], xscales[t], xsums[t])
+            np.testing.assert_array_equal(fast, exact.astype(np.float32), err_msg=f"n_in={n_in} token={t}")
+        batched = run_matmul(qtype, path, w_raw, xq, xscales, xsums)
+        np.testing.assert_array_equal(batched, np.stack([exact_row_dots(qtype, w_raw, xq[t]) for t in range(4)]))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+def test_every_finite_fp16_weight_scale_is_decoded_exactly(qtype: str, path: str) -> None:
+    """One single-block row per finite fp16 bit pattern (subnormals, -0 included), block dot 1 and
+    activation scale 1: each output must be exactly the scale (F16C on AVX2, integer bit
+    manipulation in the portable IR)."""
+    bits = np.arange(0x10000, dtype=np.uint32)
+    bits = bits[(bits >> 10) & 0x1F != 0x1F].astype(np.uint16)  # exponent 31 is inf / nan
+    if qtype == "q4_0":
+        payload = np.full((len(bits), 16), 0x88, np.uint8)  # all weights 0 (nibble 8) ...
+        payload[:, 0] = 0x89  # ... but element 0 = +1
+    else:
+        payload = np.zeros((len(bits), 32), np.uint8)
+        payload[:, 0] = 1
+    w_raw = np.ascontiguousarray(np.concatenate([bits.reshape(-1, 1).view(np.uint8), payload], axis=1))
+    xq = np.zeros(32, np.int8)
+    xq[0] = 1
+    out = run_matvec(qtype, path, w_raw, xq, np.ones(1, np.float32), np.ones(1, np.int32))
+    expected = bits.view(np.float16).astype(np.float32)
+    assert np.array_equal(out, expected)  # value equality: -0 comes out as +0 (accumulators start at +0)
+    assert np.array_equal(out[expected != 0].view(np.uint32), expected[expected != 0].view(np.uint32))
+
+
+# ---------------------------------------------------------------------------------------------
+# float results within the summation-order bound
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_in", N_INS)
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+def test_matvec_matches_reference(qtype: str, n_in: int) -> None:
+    rng = np.random.default_rng(n_in)
+    n_out = 7 if n_in > 64 else 33
+    for w_kind in ("gguf", "random", "all_high", "all_low"):
+        w_raw = make_weights(qtype, w_kind, n_out, n_in, rng)
+        for x_kind in ("normal", "zeros", "max", "max_positive"):
+            xq, xscales, xsums = simd.quantize_activations_q8_0(make_activations(x_kind, n_in, rng))
+            ref = reference(qtype, w_raw, xq, xscales)
+            if x_kind == "zeros":
+                np.testing.assert_array_equal(ref, 0.0)
+            for path in PATHS:
+                fast = run_matvec(qtype, path, w_raw, xq, xscales, xsums)
+                assert np.all(np.isfinite(fast)), (w_kind, x_kind, path)
+                assert_within_bound(qtype, fast, ref, w_raw, xq, xscales)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+def test_row_dot_intrinsics_match_drivers(qtype: str) -> None:
+    """The public single-row intrinsics, called from user njit code, are the matvec rows."""
+    rng = np.random.default_rng(5)
+    w_raw = make_weights(qtype, "gguf", 3, 4096, rng)
+    xq, xscales, xsums = simd.quantize_activations_q8_0(make_activations("normal", 4096, rng))
+    if qtype == "q4_0":
+
+        @numba.njit
+        def rows(w, xq, xs, xsum):
+            return [
+                (simd.q4_0_row_dot(w[r], xq, xs, xsum), simd.q4_0_row_dot_generic(w[r], xq, xs, xsum)) for r in range(3)
+            ]
+
+        got = rows(w_raw, xq, xscales, xsums)
+    else:
+
+        @numba.njit
+        def rows(w, xq, xs):
+            return [(simd.q8_0_row_dot(w[r], xq, xs), simd.q8_0_row_dot_generic(w[r], xq, xs)) for r in range(3)]
+
+        got = rows(w_raw, xq, xscales)
+    np.testing.assert_array_equal(np.float32([g[0] for g in got]), run_matvec(qtype, "host", w_raw, xq, xscales, xsums))
+    np.testing.assert_array_equal(
+        np.float32([g[1] for g in got]), run_matvec(qtype, "generic", w_raw, xq, xscales, xsums)
+    )
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+def test_matmul_matches_reference(qtype: str, path: str) -> None:
+    """Batched drivers: 4-token tiles plus a remainder, each token within the bound of the reference."""
+    rng = np.random.default_rng(6)
+    for n_in, n_out, n_tok in ((32, 9, 1), (64, 33, 7), (4096, 5, 9), (11008, 3, 4)):
+        w_raw = make_weights(qtype, "gguf", n_out, n_in, rng)
+        x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+        x[n_tok // 2] = 0.0
+        xq, xscales, xsums = simd.quantize_activations_q8_0_batch(x)
+        out = run_matmul(qtype, path, w_raw, xq, xscales, xsums)
+        for t in range(n_tok):
+            assert_within_bound(qtype, out[t], reference(qtype, w_raw, xq[t], xscales[t]), w_raw, xq[t], xscales[t])
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+def test_one_and_two_threads_are_bit_identical(qtype: str) -> None:
+    rng = np.random.default_rng(7)
+    w_raw = make_weights(qtype, "gguf", 101, 4096, rng)
+    xq, xscales, xsums = simd.quantize_activations_q8_0_batch(rng.standard_normal((6, 4096)).astype(np.float32))
+    results = {}
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            results[threads] = [run_matvec(qtype, p, w_raw, xq[0], xscales[0], xsums[0]) for p in PATHS] + [
+                run_matmul(qtype, p, w_raw, xq, xscales, xsums) for p in PATHS
+            ]
+    finally:
+        numba.set_num_threads(before)
+    for one, two in zip(*results.values()):
+        np.testing.assert_array_equal(one, two)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+def test_drivers_reject_mismatched_shapes(qtype: str) -> None:
+    rng = np.random.default_rng(8)
+    w_raw = make_weights(qtype, "random", 4, 64, rng)
+    xq, xscales, xsums = simd.quantize_activations_q8_0(np.ones(96, np.float32))  # 3 blocks vs 2
+    with pytest.raises(ValueError):
+        run_matvec(qtype, "host", w_raw, xq, xscales, xsums)
+
+
+# ---------------------------------------------------------------------------------------------
+# ISA selection and portability of the generic IR
+# ---------------------------------------------------------------------------------------------
+
+
+def test_kernel_isa_follows_target_features(monkeypatch: pytest.MonkeyPatch) -> None:
+    host = simd._target_features()
+    assert simd.kernel_isa() == ("avx2" if {"avx2", "fma", "f16c"} <= host else "generic")
+    monkeypatch.setattr(simd, "_target_features", lambda: {"neon", "dotprod", "fp-armv8"})
+    assert simd.kernel_isa.__wrapped__() == "generic"
+    monkeypatch.setattr(simd, "_target_features", lambda: {"avx", "avx2", "fma", "f16c", "sse4.2"})
+    assert simd.kernel_isa.__wrapped__() == "avx2"
+    monkeypatch.undo()
+    # NUMBA_CPU_FEATURES (what Numba compiles for) wins over the host's features, as in Numba
+    monkeypatch.setattr(numba.core.config, "CPU_FEATURES", "+sse2,-avx2,+fma")
+    assert simd._target_features() == {"sse2", "fma"}
+
+
+def test_host_ir_uses_avx2_and_generic_ir_is_target_independent() -> None:
+    for qtype in ("q4_0", "q8_0"):
+        generic = simd.standalone_row_dot_ir(qtype, "generic")
+        assert "llvm.x86" not in generic
+        avx2 = simd.standalone_row_dot_ir(qtype, "avx2")
+        assert "llvm.x86.avx2.pmadd.ub.sw" in avx2 and "llvm.x86.avx2.pmadd.wd" in avx2
+
+
+@pytest.mark.parametrize(
+    "triple, cpu, features",
+    [
+        ("aarch64-unknown-linux-gnu", "generic", "+neon"),
+        ("aarch64-unknown-linux-gnu", "apple-m1", ""),
+        ("x86_64-unknown-linux-gnu", "x86-64", ""),  # SSE2 only: no F16C, no FMA
+    ],
+)
+def test_generic_ir_lowers_without_library_calls(triple: str, cpu: str, features: str) -> None:
+    import llvmlite.binding as llvm
+
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+    try:
+        target = llvm.Target.from_triple(triple)
+    except RuntimeError:
+        pytest.skip(f"this llvmlite has no {triple} backend")
+    machine = target.create_target_machine(cpu=cpu, features=features, opt=3)
+    for qtype in ("q4_0", "q8_0"):
+        module = llvm.parse_assembly(simd.standalone_row_dot_ir(qtype, "generic"))
+        module.triple = triple
+        module.verify()
+        builder = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(speed_level=3))
+        builder.getModulePassManager().run(module, builder)
+        asm = machine.emit_assembly(module)
+        instructions = [
+            line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")
+        ]
+        calls = [i for i in instructions if i in ("bl", "blr", "call", "callq")]
+        assert not calls, asm  # no libm / compiler-rt helpers (fmaf, __extendhfsf2, ...)
+        if triple.startswith("aarch64"):
+            assert "smull" in instructions or "smlal" in instructions  # NEON widening multiplies
+            assert "fmla" in instructions
+
+
+# ---------------------------------------------------------------------------------------------
+# on-disk cache across processes
+# ---------------------------------------------------------------------------------------------
+
+CACHE_SCRIPT = textwrap.dedent(
+    """
+    import time
+    t0 = time.perf_counter()
+    import numpy as np
+    from engine.kernels import simd
+    w = np.zeros((3, 36), np.uint8)
+    xq, xs, xsum = simd.quantize_activations_q8_0(np.ones(64, np.float32))
+    out = np.empty(3, np.float32)
+    simd.matvec_q4_0(w, xq, xs, xsum, out)
+    hits = sum(simd.matvec_q4_0.stats.cache_hits.values())
+    misses = sum(simd.matvec_q4_0.stats.cache_misses.values())
+    print(hits, misses, time.perf_counter() - t0)
+    """
+)
+
+
+@pytest.mark.slow
+def test_compiled_kernels_load_from_cache_in_a_new_process(tmp_path: Path) -> None:
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"), PYTHONPATH=str(REPO))
+    runs = []
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, "-c", CACHE_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stderr
+        hits, misses, seconds = result.stdout.split()
+        runs.append((int(hits), int(misses), float(seconds)))
+    (cold_hits, cold_misses, cold_s), (warm_hits, warm_misses, warm_s) = runs
+    assert cold_hits == 0 and cold_misses == 1
+    assert warm_hits == 1 and warm_misses == 0, "second process recompiled instead of loading the cache"
+    assert warm_s < cold_s
