@@ -199,7 +199,7 @@ def test_metadata_follows_the_config(checkpoints, tmp_path):
                   "llama.rope.dimension_count": 16, "llama.vocab_size": 32000, "tokenizer.ggml.model": "llama",
                   "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.add_bos_token": True},
         "mpt": {"mpt.embedding_length": 64, "mpt.block_count": 2, "mpt.attention.head_count": 4,
-                "mpt.feed_forward_length": 128, "mpt.context_length": 256, "mpt.attention.max_alibi_bias": 8.0,
+                "mpt.feed_forward_length": 256, "mpt.context_length": 256, "mpt.attention.max_alibi_bias": 8.0,
                 "mpt.attention.clamp_kqv": 6.0, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "mpt"},
         "falcon7b": {"falcon.embedding_length": 64, "falcon.attention.head_count": 4,
                      "falcon.attention.head_count_kv": 1, "falcon.feed_forward_length": 256,

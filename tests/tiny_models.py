@@ -36,7 +36,7 @@ def mpt_config(**overrides):
     from transformers import MptConfig
 
     settings = dict(
-        d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=256, vocab_size=50432,
+        d_model=64, n_heads=4, n_layers=2, expansion_ratio=4, max_seq_len=256, vocab_size=50432,
         attn_config={"alibi": True, "alibi_bias_max": 8, "clip_qkv": None},
     )
     settings.update(overrides)

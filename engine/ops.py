@@ -1,0 +1,54 @@
+"""The operations architecture files are written in, over the Numba kernels in engine/kernels/.
+
+Activations are float32 ``(n_tok, n)`` arrays. Everything here is architecture-neutral.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.errors import file_error
+from engine.gguf_file import GGUFFile
+from engine.kernels import attention as _attention
+from engine.kernels import matmul as _matmul
+from engine.kernels import ops as _ops
+from engine.kernels.attention import KVCache
+from engine.weights import Weight
+
+rms_norm = _ops.rms_norm
+alibi_slopes = _ops.alibi_slopes
+swiglu = _ops.swiglu
+# MPT and Falcon use the exact (erf) GELU in transformers.
+gelu = _ops.gelu_erf
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, eps: float) -> np.ndarray:
+    return _ops.layer_norm(x, weight, bias, eps)
+
+
+def embed(weight: Weight, tokens: np.ndarray) -> np.ndarray:
+    return weight.rows(tokens)
+
+
+def linear(x: np.ndarray, weight: Weight) -> np.ndarray:
+    """``x W^T``: (n_tok, n_in) -> (n_tok, n_out)."""
+    return _matmul.matmul(weight, np.ascontiguousarray(x, dtype=np.float32))
+
+
+def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, theta: float, scale: float, neox: bool) -> None:
+    """Rotate ``x`` (n_tok, n_head, head_dim) in place."""
+    _ops.rope(x, positions, n_rot, theta, scale, neox)
+
+
+def attention(q: np.ndarray, cache: KVCache, layer: int, n_past: int, scale: float,
+              alibi: np.ndarray | None = None) -> np.ndarray:
+    return _attention.attend(q, cache.keys(layer), cache.values(layer), n_past, scale, alibi)
+
+
+def check_heads(file: GGUFFile, n_embd: int, n_head: int, n_head_kv: int, n_rot: int) -> None:
+    """Head counts must divide the embedding and each other, or attention is undefined."""
+    if n_embd % n_head or n_head % n_head_kv or n_rot > n_embd // n_head or n_rot % 2:
+        raise file_error(
+            file.path, f"inconsistent attention shape: {n_embd} dims, {n_head} heads, {n_head_kv} KV heads, "
+            f"{n_rot} rotary dims"
+        )

@@ -1,0 +1,34 @@
+"""Weights used in place from the memory-mapped file (no copy of the model is ever made)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine import quants
+from engine.gguf_file import GGUFFile
+from engine.kernels.matmul import WeightView
+
+
+class Weight(WeightView):
+    """A weight matrix view with the file tensor it came from."""
+
+    @classmethod
+    def from_file(cls, file: GGUFFile, name: str) -> Weight:
+        info = file.tensors[name]
+        view = WeightView.from_raw(info.ggml_type, list(info.ne) if len(info.ne) > 1 else [info.ne[0], 1],
+                                   file.tensor_bytes(name))
+        return cls(view.ggml_type, view.n_in, view.n_out, view.data)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` as float32 (embedding lookup): only those rows are dequantized."""
+        selected = self.data[np.asarray(ids, dtype=np.int64)]
+        if self.ggml_type.name == "F32":
+            return np.array(selected, dtype=np.float32)
+        if self.ggml_type.name == "F16":
+            return selected.view(np.float16).astype(np.float32)
+        if self.ggml_type.name == "BF16":
+            return (selected.astype(np.uint32) << 16).view(np.float32)
+        return quants.dequantize(np.ascontiguousarray(selected), self.ggml_type).reshape(len(selected), self.n_in)
+
+    def dequantize(self) -> np.ndarray:
+        return self.rows(np.arange(self.n_out))
