@@ -9,7 +9,7 @@ from engine.filetypes import OUTPUT_TYPES
 
 def _type_flag(name: str) -> click.Option:
     help_text = "Output type (default)." if name == "q4_0" else f"Output type {name}."
-    return click.option(f"--{name}", "type_name", flag_value=name, default=name == "q4_0", help=help_text)
+    return click.option(f"--{name}", "type_name", flag_value=name, default=None, help=help_text)
 
 
 @click.command()
@@ -19,15 +19,15 @@ def _type_flag(name: str) -> click.Option:
 @click.option("--vocab-only", is_flag=True, help="Write the tokenizer and hyper-parameters only, no weights.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def convert(source: str, output: str | None, revision: str | None, vocab_only: bool, quiet: bool,
-            type_name: str) -> None:
+            type_name: str | None) -> None:
     """Convert a Hugging Face LLaMA, MPT or Falcon checkpoint to one GGUF file.
 
-    SOURCE is an alias (see `halfbyte convert --list-aliases`), an org/name repo id,
+    SOURCE is an alias (e.g. llama-7b, mpt-7b, falcon-7b), an org/name repo id,
     or a local checkpoint directory.
     """
     from converters.convert import convert as run_convert
 
-    path = run_convert(source, output, OUTPUT_TYPES[type_name], revision=revision, vocab_only=vocab_only,
+    path = run_convert(source, output, OUTPUT_TYPES[type_name or "q4_0"], revision=revision, vocab_only=vocab_only,
                        progress=not quiet)
     click.echo(f"wrote {path}", err=True)
 
