@@ -71,26 +71,14 @@ def quantize(input_file: str, output_file: str, type_name: str, quiet: bool) -> 
     click.echo(f"wrote {output_file}", err=True)
 
 
-def _register_optional_commands() -> None:
-    """Subcommands that live beside the engine (converters, runtime) register here."""
-    import importlib
+def _register_commands() -> None:
+    # Imported here, not at the top: these modules import engine.cli's siblings lazily and keep
+    # `halfbyte --help` fast (no Numba, no torch-sized imports until a command runs).
+    from converters.cli import convert
+    from engine.run_cli import run, tokenize
 
-    for module_name, attr in (
-        ("converters.cli", "convert"),
-        ("engine.run_cli", "run"),
-        ("engine.run_cli", "tokenize"),
-        ("engine.run_cli", "bench"),
-        ("engine.run_cli", "perplexity"),
-    ):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        command = getattr(module, attr, None)
-        if command is not None:
-            main.add_command(command)
+    for command in (convert, run, tokenize):
+        main.add_command(command)
 
 
-_register_optional_commands()
+_register_commands()
