@@ -10,6 +10,17 @@ import click
 from engine.errors import HalfbyteError
 
 
+def read_text_file(path: str) -> str:
+    """A UTF-8 file's exact text (no newline added or stripped); errors name the file."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8")
+    except OSError as exc:
+        raise HalfbyteError(f"{path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise HalfbyteError(f"{path}: not UTF-8 text") from None
+
+
 def _open_model(model_path: str | None, n_ctx: int | None, threads: int | None):  # -> engine.model.Model
     from engine import jit_cache
     from engine.model import Model
@@ -78,13 +89,7 @@ def run(model_path: str | None, prompt: str | None, prompt_file: str | None, max
     # Validate sampling values before the (slow) model load.
     SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
     if prompt_file is not None:
-        try:
-            with open(prompt_file, "rb") as f:
-                prompt = f.read().decode("utf-8")
-        except OSError as exc:
-            raise HalfbyteError(f"{prompt_file}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise HalfbyteError(f"{prompt_file}: not UTF-8 text") from None
+        prompt = read_text_file(prompt_file)
     if prompt is None and not interactive:
         prompt = ""
     if seed is None:
@@ -129,13 +134,7 @@ def tokenize(model_path: str, text: str | None, text_file: str | None, pieces: b
     if (text is None) == (text_file is None):
         raise HalfbyteError("give either TEXT or -f FILE")
     if text_file is not None:
-        try:
-            with open(text_file, "rb") as f:
-                text = f.read().decode("utf-8")
-        except OSError as exc:
-            raise HalfbyteError(f"{text_file}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise HalfbyteError(f"{text_file}: not UTF-8 text") from None
+        text = read_text_file(text_file)
     with GGUFFile(model_path) as file:
         tokenizer = Tokenizer.from_metadata(file.metadata)
     ids = tokenizer.encode(text, add_bos=False if no_bos else None, parse_special=special)
