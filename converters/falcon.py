@@ -3,8 +3,9 @@
 Two block styles share one set of names:
 - 7B style: multi-query attention (one KV head), one LayerNorm feeding attention and
   MLP in parallel (`input_layernorm`).
-- 40B style (`new_decoder_architecture`): `num_kv_heads` KV groups and two LayerNorms
-  (`ln_attn`, `ln_mlp`) -> attn_norm and attn_norm_2.
+- 40B style (`new_decoder_architecture`): `num_kv_heads` KV groups and two LayerNorms.
+  llama.cpp (gguf-py's tensor map) names `ln_mlp` attn_norm and `ln_attn` attn_norm_2: in its
+  graph attn_norm always feeds the MLP and attn_norm_2, when present, feeds attention.
 
 The fused `query_key_value` rows are stored per KV group as (q heads of the group, k, v);
 llama.cpp wants all q heads, then all k heads, then all v heads (its "jploski" layout),
@@ -98,8 +99,8 @@ def plan(config: Mapping[str, Any], config_path: Path, names: set[str]) -> Conve
     for i in range(n_layer):
         hf = f"transformer.h.{i}"
         if new_decoder:
-            tensors += norm(MODEL_TENSOR.ATTN_NORM, f"{hf}.ln_attn", i)
-            tensors += norm(MODEL_TENSOR.ATTN_NORM_2, f"{hf}.ln_mlp", i)
+            tensors += norm(MODEL_TENSOR.ATTN_NORM, f"{hf}.ln_mlp", i)
+            tensors += norm(MODEL_TENSOR.ATTN_NORM_2, f"{hf}.ln_attn", i)
         else:
             tensors += norm(MODEL_TENSOR.ATTN_NORM, f"{hf}.input_layernorm", i)
         tensors += [

@@ -3,7 +3,7 @@
 
     x = embed(tokens)
     for each layer:
-        a = layer_norm(x)                     (40B: a = ln_attn(x), m = ln_mlp(x); 7B: m = a)
+        m = layer_norm(x)                     (7B: a = m; 40B: a = a second layer_norm(x))
         q, k, v = split(a Wqkv) ; rope(q, k)
         x = x + attention(q, k, v) Wo + gelu(m Wup) Wdown
     logits = layer_norm(x) Woutput
@@ -60,10 +60,10 @@ class FalconParams:
 
 @dataclass
 class FalconLayer:
-    attn_norm: np.ndarray
-    attn_norm_b: np.ndarray
-    mlp_norm: np.ndarray | None  # 40B style: a second LayerNorm for the MLP branch
-    mlp_norm_b: np.ndarray | None
+    mlp_norm: np.ndarray  # attn_norm in the file
+    mlp_norm_b: np.ndarray
+    attn_norm: np.ndarray | None  # attn_norm_2 in the file: 40B style's LayerNorm for attention
+    attn_norm_b: np.ndarray | None
     wqkv: Weight
     wo: Weight
     w_up: Weight
@@ -79,10 +79,10 @@ class Falcon:
         self.tok_embd = t.matrix("token_embd.weight", p.n_vocab, p.n_embd)
         self.layers = [
             FalconLayer(
-                attn_norm=t.vector(f"blk.{i}.attn_norm.weight", p.n_embd),
-                attn_norm_b=t.vector(f"blk.{i}.attn_norm.bias", p.n_embd),
-                mlp_norm=t.optional_vector(f"blk.{i}.attn_norm_2.weight", p.n_embd),
-                mlp_norm_b=t.optional_vector(f"blk.{i}.attn_norm_2.bias", p.n_embd),
+                mlp_norm=t.vector(f"blk.{i}.attn_norm.weight", p.n_embd),
+                mlp_norm_b=t.vector(f"blk.{i}.attn_norm.bias", p.n_embd),
+                attn_norm=t.optional_vector(f"blk.{i}.attn_norm_2.weight", p.n_embd),
+                attn_norm_b=t.optional_vector(f"blk.{i}.attn_norm_2.bias", p.n_embd),
                 wqkv=t.matrix(f"blk.{i}.attn_qkv.weight", n_qkv, p.n_embd),
                 wo=t.matrix(f"blk.{i}.attn_output.weight", p.n_embd, p.n_embd),
                 w_up=t.matrix(f"blk.{i}.ffn_up.weight", p.n_ff, p.n_embd),
@@ -102,8 +102,10 @@ class Falcon:
         scale = 1.0 / math.sqrt(hd)
         x = ops.embed(self.tok_embd, tokens)
         for i, layer in enumerate(self.layers):
-            a = ops.layer_norm(x, layer.attn_norm, layer.attn_norm_b, p.norm_eps)
-            m = a if layer.mlp_norm is None else ops.layer_norm(x, layer.mlp_norm, layer.mlp_norm_b, p.norm_eps)
+            # As in llama.cpp: attn_norm feeds the MLP (and, in 7B-style blocks, attention too);
+            # 40B-style blocks have attn_norm_2 (HF's ln_attn) for attention.
+            m = ops.layer_norm(x, layer.mlp_norm, layer.mlp_norm_b, p.norm_eps)
+            a = m if layer.attn_norm is None else ops.layer_norm(x, layer.attn_norm, layer.attn_norm_b, p.norm_eps)
             qkv = ops.linear(a, layer.wqkv)
             q = np.ascontiguousarray(qkv[:, : p.n_embd]).reshape(n, p.n_head, hd)
             k = np.ascontiguousarray(qkv[:, p.n_embd : p.n_embd + p.n_head_kv * hd]).reshape(n, p.n_head_kv, hd)

@@ -115,7 +115,7 @@ def expected_tensors(key: str, directory: Path) -> dict[str, np.ndarray]:
             out[f"blk.{i}.attn_output.weight"] = state[p + "self_attention.dense.weight"]
             out[f"blk.{i}.ffn_up.weight"] = state[p + "mlp.dense_h_to_4h.weight"]
             out[f"blk.{i}.ffn_down.weight"] = state[p + "mlp.dense_4h_to_h.weight"]
-            norms = [("ln_attn", "attn_norm"), ("ln_mlp", "attn_norm_2")] if new else [("input_layernorm", "attn_norm")]
+            norms = [("ln_mlp", "attn_norm"), ("ln_attn", "attn_norm_2")] if new else [("input_layernorm", "attn_norm")]
             for hf, gg in norms:
                 out[f"blk.{i}.{gg}.weight"] = state[p + hf + ".weight"]
                 out[f"blk.{i}.{gg}.bias"] = state[p + hf + ".bias"]
@@ -389,3 +389,28 @@ def test_existing_output_is_untouched_on_failure(checkpoints, tmp_path):
 def test_library_errors_are_halfbyte_errors(tmp_path):
     with pytest.raises(HalfbyteError, match="config.json"):
         convert(str(tmp_path), tmp_path / "x.gguf", GGMLQuantizationType.Q4_0, progress=False)
+
+
+@pytest.mark.parametrize("key", list(ARCH_CONFIGS))
+def test_tensor_names_agree_with_gguf_tensor_map(checkpoints, key):
+    """Every checkpoint tensor goes where gguf-py's TensorNameMap (llama.cpp's converter) puts it."""
+    from gguf import MODEL_ARCH_NAMES, TensorNameMap
+
+    from converters.checkpoint import open_checkpoint
+    from converters.convert import pick_architecture, read_config
+
+    directory = checkpoints[key]
+    config = read_config(directory)
+    module = pick_architecture(config, directory / "config.json")
+    with open_checkpoint(directory) as checkpoint:
+        names = set(checkpoint.names())
+    plan = module.plan(config, directory / "config.json", names)
+    arch = next(a for a, name in MODEL_ARCH_NAMES.items() if name == plan.arch)
+    name_map = TensorNameMap(arch, config.get("num_hidden_layers") or config.get("n_layers"))
+    checked = 0
+    for planned in plan.tensors:
+        expected = name_map.get_name(planned.source, try_suffixes=(".weight", ".bias"))
+        if expected is not None:
+            assert planned.name == expected, planned.source
+            checked += 1
+    assert checked >= len(plan.tensors) - 1  # all but, at most, a tensor gguf-py does not list
