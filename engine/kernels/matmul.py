@@ -683,12 +683,85 @@ def _activations(weight: WeightView, x: np.ndarray, ndim: int) -> np.ndarray:
     return x
 
 
+# ---------------------------------------------------------------------------------------------
+# Kernel paths. Q4_0 and Q8_0, the types people run, have explicit-SIMD kernels (kernels/simd.py);
+# every other type, and every type under "reference", uses the plain per-type loops above.
+# The choice is made here, in Python, and not inside a jitted function: Numba's on-disk cache
+# does not notice when a jitted function in another module changes.
+# ---------------------------------------------------------------------------------------------
+
+KERNEL_PATHS = ("auto", "portable", "reference")
+
+
+def _initial_kernel_path() -> str:
+    import os
+
+    path = os.environ.get("HALFBYTE_KERNELS", "auto").strip().lower() or "auto"
+    if path not in KERNEL_PATHS:
+        raise HalfbyteError(f"HALFBYTE_KERNELS={path!r}: expected one of {', '.join(KERNEL_PATHS)}")
+    return path
+
+
+_kernel_path = _initial_kernel_path()
+
+
+def set_kernel_path(path: str) -> str:
+    """Choose the Q4_0/Q8_0 kernels: "auto" (SIMD IR for this CPU), "portable" (target-independent
+    vector IR) or "reference" (plain Numba loops). Returns the previous choice. Also settable with
+    the environment variable HALFBYTE_KERNELS."""
+    global _kernel_path
+    if path not in KERNEL_PATHS:
+        raise HalfbyteError(f"kernel path {path!r}: expected one of {', '.join(KERNEL_PATHS)}")
+    previous, _kernel_path = _kernel_path, path
+    return previous
+
+
+def kernel_description() -> str:
+    """What the quantized products run on, e.g. "simd-avx2", "simd-generic" or "reference"."""
+    if _kernel_path == "reference":
+        return "reference"
+    from engine.kernels import simd
+
+    return "simd-" + (simd.kernel_isa() if _kernel_path == "auto" else "generic")
+
+
+def _simd_kernels(kind: int):
+    """(matvec, matmul) SIMD drivers for this weight type and path, or None for the plain loops."""
+    if _kernel_path == "reference" or kind not in (Q4_0, Q8_0):
+        return None
+    from engine.kernels import simd
+
+    portable = _kernel_path == "portable"
+    if kind == Q4_0:
+        return (simd.matvec_q4_0_generic, simd.matmul_q4_0_generic) if portable else (simd.matvec_q4_0,
+                                                                                         simd.matmul_q4_0)
+    return (simd.matvec_q8_0_generic, simd.matmul_q8_0_generic) if portable else (simd.matvec_q8_0,
+                                                                                     simd.matmul_q8_0)
+
+
+def _simd_product(kind: int, drivers, raw: np.ndarray, x: np.ndarray, y: np.ndarray, batch: bool) -> None:
+    from engine.kernels import simd
+
+    if batch:
+        xq, scales, sums = _call(simd.quantize_activations_q8_0_batch, x)
+    else:
+        xq, scales, sums = _call(simd.quantize_activations_q8_0, x)
+    driver = drivers[1] if batch else drivers[0]
+    if kind == Q4_0:
+        _call(driver, raw, xq, scales, sums, y)
+    else:
+        _call(driver, raw, xq, scales, y)
+
+
 def matvec(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``y = W x``: float32 ``(n_in,)`` -> float32 ``(n_out,)``, written into ``out`` if given."""
     x = _activations(weight, x, 1)
     y = _check_out(out, (weight.n_out,))
     kind = int(weight.ggml_type)
-    if kind == F32:
+    drivers = _simd_kernels(kind)
+    if drivers is not None:
+        _simd_product(kind, drivers, weight.data, x, y, batch=False)
+    elif kind == F32:
         _call(_matvec_f32, weight.data, x, y)
     elif kind in (F16, BF16):
         _call(_matvec_half, weight.data, kind == BF16, x, y)
@@ -701,8 +774,8 @@ def matvec(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> 
 def matmul(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``Y = X W^T``: float32 ``(n_tok, n_in)`` -> float32 ``(n_tok, n_out)``, into ``out`` if given.
 
-    Row ``t`` of the result equals ``matvec(weight, X[t])``: bit for bit for quantized types,
-    to float32 rounding for float types (their batched dots sum in a different order).
+    Row ``t`` of the result equals ``matvec(weight, X[t])`` up to float32 rounding: the integer
+    block sums are identical, only the order of the float additions may differ.
     """
     x = _activations(weight, x, 2)
     y = _check_out(out, (x.shape[0], weight.n_out))
@@ -711,7 +784,10 @@ def matmul(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> 
             matvec(weight, x[0], out=y[0])
         return y
     kind = int(weight.ggml_type)
-    if kind == F32:
+    drivers = _simd_kernels(kind)
+    if drivers is not None:
+        _simd_product(kind, drivers, weight.data, x, y, batch=True)
+    elif kind == F32:
         _call(_matmul_f32, weight.data, x, y, ROWS_PER_TASK)
     elif kind in (F16, BF16):
         _call(_matmul_half, weight.data, kind == BF16, x, y, ROWS_PER_TASK)
