@@ -167,13 +167,15 @@ class Model:
         self.tokens.extend(int(t) for t in ids)
         return logits
 
-    def eval(self, tokens: Sequence[int]) -> np.ndarray:
-        """Append ``tokens`` to the context; returns their logits, shape (len(tokens), n_vocab)."""
+    def eval(self, tokens: Sequence[int], last_only: bool = False) -> np.ndarray:
+        """Append ``tokens`` to the context; returns their logits, shape (len(tokens), n_vocab),
+        or with ``last_only=True`` only the last token's, shape (1, n_vocab) (cheaper: the output
+        projection runs once)."""
         with self._exclusive():
             ids = self._check_tokens(tokens)
             if not ids.size:
                 return np.zeros((0, self.n_vocab), np.float32)
-            return self._forward(ids, all_logits=True)
+            return self._forward(ids, all_logits=not last_only)
 
     # -- generation --------------------------------------------------------------------------------
 
