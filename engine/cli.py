@@ -75,9 +75,10 @@ def _register_commands() -> None:
     # Imported here, not at the top: these modules import engine.cli's siblings lazily and keep
     # `halfbyte --help` fast (no Numba, no torch-sized imports until a command runs).
     from converters.cli import convert
+    from engine.bench import bench
     from engine.run_cli import run, tokenize
 
-    for command in (convert, run, tokenize):
+    for command in (convert, run, tokenize, bench):
         main.add_command(command)
 
 

@@ -1,0 +1,231 @@
+"""`halfbyte bench`: prompt-processing and generation speed, measured the way llama-bench does.
+
+* pp<P>: evaluate P random tokens as one batch on an empty context (logits of the last only);
+* tg<N>: generate N tokens one at a time on an empty context (each a one-token evaluation of
+  a random id, as llama-bench does: sampling is not part of the figure).
+
+Each test runs once untimed (warm-up: kernels loaded, weight pages touched) and then ``reps``
+timed repetitions; tokens/s is reported as mean +- standard deviation over the repetitions.
+Load time, the cold time to the first token (the first prompt evaluation after loading: it
+includes loading compiled kernels and faulting in the weights) and the process's peak RSS come
+with it. ``--json`` uses llama-bench's field names where they exist.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from engine.errors import HalfbyteError
+
+
+@dataclass
+class TestResult:
+    name: str  # "pp128" / "tg64"
+    n_prompt: int
+    n_gen: int
+    samples_ns: list[int]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_prompt + self.n_gen
+
+    @property
+    def samples_ts(self) -> list[float]:
+        return [self.n_tokens * 1e9 / ns for ns in self.samples_ns]
+
+    @property
+    def avg_ts(self) -> float:
+        return statistics.fmean(self.samples_ts)
+
+    @property
+    def stddev_ts(self) -> float:
+        return statistics.stdev(self.samples_ts) if len(self.samples_ns) > 1 else 0.0
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def _model_stats(model) -> tuple[int, int]:  # (bytes of tensor data, parameters)
+    size = sum(info.nbytes for info in model.file.tensors.values())
+    params = sum(int(np.prod(info.shape)) for info in model.file.tensors.values())
+    return size, params
+
+
+def _size_label(n_params: int) -> str:
+    return f"{n_params / 1e9:.1f}B" if n_params >= 1e9 else f"{n_params / 1e6:.0f}M"
+
+
+def run_bench(path: str | Path, n_prompt: int = 128, n_gen: int = 64, threads: int | None = None, reps: int = 5,
+              seed: int = 1, log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Benchmark one GGUF file; returns one llama-bench-style record per test (pp, tg)."""
+    from engine.kernels.matmul import kernel_description
+    from engine.machine import machine_info
+    from engine.model import Model
+
+    if n_prompt < 0 or n_gen < 0 or n_prompt + n_gen == 0:
+        raise HalfbyteError("need -p > 0 or -n > 0 tokens to measure")
+    if reps < 1:
+        raise HalfbyteError(f"repetitions must be >= 1, got {reps}")
+    log = log or (lambda message: None)
+    start = time.perf_counter()
+    model = Model.load(path, n_ctx=max(n_prompt, n_gen, 1), threads=threads)
+    load_ns = int((time.perf_counter() - start) * 1e9)
+    rng = np.random.default_rng(seed)
+
+    def random_tokens(n: int) -> list[int]:
+        return [int(t) for t in rng.integers(0, model.n_vocab, n)]
+
+    def prompt_pass(n: int) -> int:
+        tokens = random_tokens(n)
+        model.reset()
+        t0 = time.perf_counter_ns()
+        model.eval(tokens, last_only=True)
+        return time.perf_counter_ns() - t0
+
+    def generation_pass(n: int) -> int:
+        tokens = random_tokens(n)  # like llama-bench: random ids, no sampling in the timing
+        model.reset()
+        t0 = time.perf_counter_ns()
+        for token in tokens:
+            model.eval((token,), last_only=True)
+        return time.perf_counter_ns() - t0
+
+    # Cold: the first evaluation after loading, as a user's first prompt would see it.
+    first = prompt_pass(max(n_prompt, 1))
+    log(f"loaded in {load_ns / 1e6:.0f} ms; first {max(n_prompt, 1)}-token prompt in {first / 1e6:.0f} ms")
+    tests: list[TestResult] = []
+    if n_prompt:
+        prompt_pass(n_prompt)  # warm-up
+        tests.append(TestResult(f"pp{n_prompt}", n_prompt, 0, [prompt_pass(n_prompt) for _ in range(reps)]))
+        log(f"pp{n_prompt}: {tests[-1].avg_ts:.2f} t/s")
+    if n_gen:
+        generation_pass(1)  # warm-up
+        tests.append(TestResult(f"tg{n_gen}", 0, n_gen, [generation_pass(n_gen) for _ in range(reps)]))
+        log(f"tg{n_gen}: {tests[-1].avg_ts:.2f} t/s")
+
+    size, n_params = _model_stats(model)
+    info = machine_info()
+    file_type = model.metadata.get("general.file_type")
+    type_name = _file_type_name(file_type)
+    kv_bytes = model.cache.nbytes
+    records = []
+    for test in tests:
+        records.append({
+            "build_commit": info["versions"]["halfbyte"],
+            "build_number": 0,
+            "cpu_info": info["cpu_info"],
+            "gpu_info": "",
+            "backends": "CPU",
+            "model_filename": str(path),
+            "model_type": f"{model.architecture} {_size_label(n_params)} {type_name}",
+            "model_size": size,
+            "model_n_params": n_params,
+            "n_batch": n_prompt,
+            "n_ubatch": n_prompt,
+            "n_threads": model.threads,
+            "type_k": ("f16" if model.cache.dtype == np.float16 else "f32"),
+            "type_v": ("f16" if model.cache.dtype == np.float16 else "f32"),
+            "n_prompt": test.n_prompt,
+            "n_gen": test.n_gen,
+            "test_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "avg_ns": int(statistics.fmean(test.samples_ns)),
+            "stddev_ns": int(statistics.stdev(test.samples_ns)) if reps > 1 else 0,
+            "avg_ts": round(test.avg_ts, 6),
+            "stddev_ts": round(test.stddev_ts, 6),
+            "samples_ns": test.samples_ns,
+            "samples_ts": [round(v, 6) for v in test.samples_ts],
+            # halfbyte's own fields
+            "engine": "halfbyte",
+            "kernels": kernel_description(),
+            "cpu_features": info["cpu_features"],
+            "n_cpus": info["n_cpus"],
+            "machine": info["machine"],
+            "os": info["os"],
+            "versions": info["versions"],
+            "load_ms": round(load_ns / 1e6, 1),
+            "first_token_ms": round((load_ns + first) / 1e6, 1),
+            "peak_rss_bytes": peak_rss_bytes(),
+            "file_size": Path(path).stat().st_size,
+            "kv_cache_bytes": kv_bytes,
+        })
+    return records
+
+
+def _file_type_name(file_type: Any) -> str:
+    from gguf import LlamaFileType
+
+    try:
+        name = LlamaFileType(int(file_type)).name
+    except (TypeError, ValueError):
+        return "?"
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    """llama-bench's table: model, size, params, backend, threads, test, t/s."""
+    lines = ["| model | size | params | backend | threads | test | t/s |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
+    for r in records:
+        test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
+        lines.append(
+            f"| {r['model_type']} | {r['model_size'] / 2**30:.2f} GiB | {r['model_n_params'] / 1e9:.2f} B "
+            f"| {r['engine']} {r['kernels']} | {r['n_threads']} | {test} | {r['avg_ts']:.2f} ± {r['stddev_ts']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("model_path", metavar="[MODEL]", required=False, type=click.Path(dir_okay=False))
+@click.option("-p", "--n-prompt", default=128, show_default=True, help="Prompt tokens (pp test; 0 = skip).")
+@click.option("-n", "--n-gen", default=64, show_default=True, help="Generated tokens (tg test; 0 = skip).")
+@click.option("-t", "--threads", type=int, default=None, help="Threads (default: all cores).")
+@click.option("-r", "--repetitions", "reps", default=5, show_default=True, help="Timed repetitions per test.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list (llama-bench field names).")
+@click.option("--synthetic", metavar="SHAPE",
+              help="Benchmark a random-weight Q4_0 file of a known shape (llama-1b, llama-3b, llama-7b, "
+                   "llama-13b), built once and cached.")
+def bench(model_path: str | None, n_prompt: int, n_gen: int, threads: int | None, reps: int, as_json: bool,
+          synthetic: str | None) -> None:
+    """Measure prompt processing (pp) and generation (tg) tokens/s of a GGUF file, like llama-bench."""
+    from engine import jit_cache
+
+    if (model_path is None) == (synthetic is None):
+        raise HalfbyteError("give a MODEL file or --synthetic SHAPE (one of them)")
+    if synthetic is not None:
+        from converters.synthetic import synthetic_path
+
+        click.echo(f"halfbyte: using synthetic model {synthetic} (built on first use)", err=True)
+        model_path = str(synthetic_path(synthetic))
+    if not jit_cache.is_warm():
+        click.echo("halfbyte: compiling kernels (first run only)...", err=True)
+
+    def log(message: str) -> None:
+        click.echo(f"halfbyte: {message}", err=True)
+
+    records = run_bench(model_path, n_prompt, n_gen, threads, reps, log=log)
+    jit_cache.mark_warm()
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    click.echo(markdown_table(records))
+    r = records[0]
+    click.echo(
+        f"\nload {r['load_ms']:.0f} ms, first token {r['first_token_ms']:.0f} ms after start of load, "
+        f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB (file {r['file_size'] / 2**20:.0f} MiB, "
+        f"KV cache {r['kv_cache_bytes'] / 2**20:.0f} MiB); {r['cpu_info']}, {r['n_cpus']} CPUs, "
+        f"features {','.join(r['cpu_features'])}"
+    )
