@@ -1,0 +1,73 @@
+"""`halfbyte bench` and the synthetic benchmark files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from converters import synthetic
+from engine.cli import main
+from engine.gguf_file import GGUFFile
+from engine.model import Model
+
+TINY = synthetic.LlamaShape(n_vocab=32000, n_embd=128, n_layer=2, n_head=4, n_head_kv=2, n_ctx=256, n_ff=256)
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    return synthetic.write_synthetic(tmp_path_factory.mktemp("syn") / "tiny.gguf", TINY)
+
+
+def test_synthetic_file_has_the_shape_and_runs(tiny_file):
+    with GGUFFile(tiny_file) as f:
+        assert f.metadata["llama.block_count"] == 2
+        assert f.tensors["blk.0.attn_k.weight"].ne == (128, 64)  # GQA: 2 KV heads of 32
+        assert f.tensors["output.weight"].ggml_type == 2  # Q4_0
+        assert len(f.metadata["tokenizer.ggml.tokens"]) == 32000
+    model = Model.load(tiny_file, threads=1)
+    logits = model.eval(model.tokenize("hello world"))
+    assert np.all(np.isfinite(logits)) and logits.std() > 0
+
+
+def test_synthetic_files_are_built_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("HALFBYTE_CACHE", str(tmp_path))
+    monkeypatch.setitem(synthetic.SHAPES, "tiny", TINY)
+    path = synthetic.synthetic_path("tiny")
+    assert path.parent == tmp_path / "synthetic" and path.exists()
+    stamp = path.stat().st_mtime_ns
+    assert synthetic.synthetic_path("tiny") == path and path.stat().st_mtime_ns == stamp
+
+
+def test_bench_json_uses_llama_bench_fields(tiny_file):
+    result = CliRunner().invoke(main, ["bench", str(tiny_file), "-p", "8", "-n", "4", "-r", "2", "-t", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout)
+    assert [(r["n_prompt"], r["n_gen"]) for r in records] == [(8, 0), (0, 4)]
+    for r in records:
+        for key in ("n_threads", "avg_ts", "stddev_ts", "model_size", "model_n_params", "cpu_info", "samples_ns",
+                    "load_ms", "first_token_ms", "peak_rss_bytes", "kernels", "cpu_features", "versions"):
+            assert key in r
+        assert r["n_threads"] == 1 and len(r["samples_ns"]) == 2 and r["avg_ts"] > 0
+        assert r["model_n_params"] == sum(int(np.prod(t.shape)) for t in GGUFFile(tiny_file).tensors.values())
+
+
+def test_bench_table(tiny_file):
+    result = CliRunner().invoke(main, ["bench", str(tiny_file), "-p", "4", "-n", "0", "-r", "1"])
+    assert result.exit_code == 0, result.output
+    assert "| pp4 |" in result.stdout and "peak RSS" in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "give a MODEL file or --synthetic"),
+    (["--synthetic", "llama-2b"], "unknown synthetic model 'llama-2b'"),
+    (["{tiny}", "-p", "0", "-n", "0"], "need -p > 0 or -n > 0"),
+    (["{tiny}", "-r", "0"], "repetitions must be >= 1"),
+    (["{missing}"], "missing.gguf"),
+])
+def test_bench_bad_input(args, message, tiny_file, tmp_path):
+    args = [a.format(tiny=tiny_file, missing=tmp_path / "missing.gguf") for a in args]
+    result = CliRunner().invoke(main, ["bench", *args])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
