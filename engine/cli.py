@@ -76,9 +76,9 @@ def _register_commands() -> None:
     # `halfbyte --help` fast (no Numba, no torch-sized imports until a command runs).
     from converters.cli import convert
     from engine.bench import bench
-    from engine.run_cli import run, tokenize
+    from engine.run_cli import perplexity, run, tokenize
 
-    for command in (convert, run, tokenize, bench):
+    for command in (convert, run, tokenize, bench, perplexity):
         main.add_command(command)
 
 

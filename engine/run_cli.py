@@ -143,3 +143,40 @@ def tokenize(model_path: str, text: str | None, text_file: str | None, pieces: b
             click.echo(f"{token_id:6d} -> {tokenizer.token_bytes(token_id).decode('utf-8', 'replace')!r}")
     else:
         click.echo(" ".join(str(i) for i in ids))
+
+
+@click.command()
+@click.argument("model_path", metavar="[MODEL]", required=False, type=click.Path(dir_okay=False))
+@click.option("-f", "--file", "text_file", required=True, type=click.Path(dir_okay=False),
+              help="The text to score (UTF-8).")
+@click.option("-c", "--ctx-size", "n_ctx", default=512, show_default=True, help="Tokens per window.")
+@click.option("--chunks", "max_chunks", type=int, default=None, help="Score at most this many windows.")
+@click.option("-t", "--threads", type=int, default=None, help="Threads (default: all cores).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def perplexity(model_path: str | None, text_file: str, n_ctx: int, max_chunks: int | None, threads: int | None,
+               quiet: bool) -> None:
+    """Perplexity of MODEL on a text file, computed like llama.cpp's llama-perplexity."""
+    from tqdm import tqdm
+
+    from engine import jit_cache
+    from engine.perplexity import perplexity as compute
+
+    text = read_text_file(text_file)
+    model = _open_model(model_path, None, threads)
+    bar = None if quiet else tqdm(desc="perplexity", unit="chunk", file=sys.stderr, dynamic_ncols=True)
+
+    def on_chunk(done: int, total: int, ppl: float) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.set_postfix_str(f"PPL {ppl:.4f}")
+            bar.update(1)
+
+    try:
+        result = compute(model, text, n_ctx=n_ctx, max_chunks=max_chunks, on_chunk=on_chunk)
+    finally:
+        if bar is not None:
+            bar.close()
+    jit_cache.mark_warm()
+    click.echo(",".join(f"[{i + 1}]{p:.4f}" for i, p in enumerate(result.chunk_ppl)))
+    click.echo(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_error:.5f} "
+               f"({result.n_chunks} chunks of {result.n_ctx} tokens, {result.tokens_scored} tokens scored)")
