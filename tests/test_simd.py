@@ -440,3 +440,57 @@ def test_compiled_kernels_load_from_cache_in_a_new_process(tmp_path: Path) -> No
     assert cold_hits == 0 and cold_misses == 1
     assert warm_hits == 1 and warm_misses == 0, "second process recompiled instead of loading the cache"
     assert warm_s < cold_s
+
+
+# ---------------------------------------------------------------------------------------------
+# 8-row interleaved prompt-processing kernel (AVX2)
+# ---------------------------------------------------------------------------------------------
+
+needs_avx2 = pytest.mark.skipif(simd.kernel_isa() != "avx2", reason="the x8 kernel is AVX2 code")
+
+
+def test_repack_layout() -> None:
+    rng = np.random.default_rng(12)
+    w_raw = make_weights("q4_0", "random", 11, 96, rng)
+    packed = np.empty(3 * 256, np.uint8)
+    scales = np.empty(3 * 8, np.float32)
+    simd.repack_q4_0_x8(w_raw, 2, packed, scales)
+    blocks = w_raw.reshape(11, 3, 18)
+    nibbles = np.concatenate([blocks[..., 2:] & 0x0F, blocks[..., 2:] >> 4], axis=-1)  # (row, block, 32)
+    for r in range(8):
+        for b in range(3):
+            assert scales[b * 8 + r] == blocks[2 + r, b, :2].copy().view(np.float16)[0].astype(np.float32)
+            for e in range(32):
+                assert packed[b * 256 + (e // 4) * 32 + r * 4 + e % 4] == nibbles[2 + r, b, e]
+
+
+@needs_avx2
+def test_x8_matmul_matches_reference() -> None:
+    rng = np.random.default_rng(13)
+    for n_in, n_out, n_tok in ((32, 8, 1), (64, 37, 7), (4096, 16, 9), (11008, 13, 4), (256, 3, 5)):
+        w_raw = make_weights("q4_0", "gguf", n_out, n_in, rng)
+        x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+        x[n_tok // 2] = 0.0
+        xq, xscales, xsums = simd.quantize_activations_q8_0_batch(x)
+        out = np.full((n_tok, n_out), np.nan, np.float32)
+        simd.matmul_q4_0_x8(w_raw, xq, xscales, xsums, out)
+        for t in range(n_tok):
+            assert_within_bound("q4_0", out[t], reference("q4_0", w_raw, xq[t], xscales[t]), w_raw, xq[t],
+                                xscales[t])
+
+
+@needs_avx2
+def test_x8_extreme_blocks_stay_exact_in_16_bits() -> None:
+    """All nibbles 15 against activations of +-127: the largest 16-bit partial sums the kernel forms."""
+    n_in, n_out = 64, 8
+    w_raw = np.zeros((n_out, n_in // 32 * 18), np.uint8)
+    blocks = w_raw.reshape(n_out, -1, 18)
+    blocks[..., :2] = fp16_bytes(np.ones(1))[0]
+    blocks[..., 2:] = 0xFF
+    for sign in (1, -1):
+        x = np.full((1, n_in), sign * 127.0, np.float32)
+        xq, xscales, xsums = simd.quantize_activations_q8_0_batch(x)
+        out = np.empty((1, n_out), np.float32)
+        simd.matmul_q4_0_x8(w_raw, xq, xscales, xsums, out)
+        expected = (15 - 8) * 127 * sign * n_in * float(xscales[0, 0])
+        np.testing.assert_array_equal(out[0], np.float32(expected))

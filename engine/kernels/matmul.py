@@ -733,8 +733,10 @@ def _simd_kernels(kind: int):
 
     portable = _kernel_path == "portable"
     if kind == Q4_0:
-        return (simd.matvec_q4_0_generic, simd.matmul_q4_0_generic) if portable else (simd.matvec_q4_0,
-                                                                                         simd.matmul_q4_0)
+        if portable:
+            return simd.matvec_q4_0_generic, simd.matmul_q4_0_generic
+        # Batches: the 8-row interleaved kernel where it exists (AVX2), else the row-major tiles.
+        return simd.matvec_q4_0, (simd.matmul_q4_0_x8 if simd.kernel_isa() == "avx2" else simd.matmul_q4_0)
     return (simd.matvec_q8_0_generic, simd.matmul_q8_0_generic) if portable else (simd.matvec_q8_0,
                                                                                      simd.matmul_q8_0)
 
