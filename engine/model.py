@@ -126,8 +126,11 @@ class Model:
             try:
                 import numba
 
+                from engine.kernels.matmul import slp_scope
+
                 numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
-                yield
+                with slp_scope():
+                    yield
             finally:
                 self._owner = None
 

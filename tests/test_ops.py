@@ -269,3 +269,11 @@ def test_elementwise_ops_keep_shape_and_write_out(rng):
     assert ops.silu(x, out=out) is out
     assert ops.gelu_erf(x).shape == (2, 3, 4)
     assert math.isclose(float(ops.gelu_erf(np.array([1.0], np.float32))[0]), 0.8413447460685429, rel_tol=1e-6)
+
+
+def test_vectorized_expf_is_within_two_ulp():
+    x = np.concatenate([np.linspace(-87.33, 88.37, 1_000_001, dtype=np.float32), np.float32([0, -1e-30, 1e-30])])
+    reference = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(ops.expf(x) - reference) / reference) <= 2 * 2.0**-24
+    edges = ops.expf(np.float32([-np.inf, -1000.0, -87.5, 1000.0]))
+    assert edges[:3].tolist() == [0.0, 0.0, 0.0] and np.isfinite(edges[3])

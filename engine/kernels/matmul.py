@@ -31,8 +31,9 @@ switched on (``_call``); see the notes there.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,26 +159,55 @@ _slp_users = 0  # kernel calls in progress (any thread) that asked for SLP
 _slp_saved = 0  # the setting to restore when the last of them returns
 
 
+_slp_scope = threading.local()  # .depth > 0: this thread holds SLP on (see slp_scope)
+
+
+def _slp_enter() -> None:
+    global _slp_users, _slp_saved
+    with _slp_lock:
+        if _slp_users == 0:
+            _slp_saved = numba.core.config.SLP_VECTORIZE
+            numba.core.config.SLP_VECTORIZE = 1
+        _slp_users += 1
+
+
+def _slp_exit() -> None:
+    global _slp_users
+    with _slp_lock:
+        _slp_users -= 1
+        if _slp_users == 0:
+            numba.core.config.SLP_VECTORIZE = _slp_saved
+
+
+@contextlib.contextmanager
+def slp_scope() -> Iterator[None]:
+    """Keep SLP on for a whole evaluation (a model's forward pass makes hundreds of kernel
+    calls): inside, ``_call`` skips its per-call bookkeeping."""
+    depth = getattr(_slp_scope, "depth", 0)
+    if depth == 0:
+        _slp_enter()
+    _slp_scope.depth = depth + 1
+    try:
+        yield
+    finally:
+        _slp_scope.depth = depth
+        if depth == 0:
+            _slp_exit()
+
+
 def _call(kernel: Callable[..., Any], *args: Any) -> Any:
     """Run ``kernel(*args)`` with SLP vectorization on for any compilation it triggers.
 
     Kernels must only be called through here: a kernel first compiled without SLP would
     be cached on disk (``cache=True``) in its slow form.
     """
-    global _slp_users, _slp_saved
-    config = numba.core.config
-    with _slp_lock:
-        if _slp_users == 0:
-            _slp_saved = config.SLP_VECTORIZE
-            config.SLP_VECTORIZE = 1
-        _slp_users += 1
+    if getattr(_slp_scope, "depth", 0):
+        return kernel(*args)
+    _slp_enter()
     try:
         return kernel(*args)
     finally:
-        with _slp_lock:
-            _slp_users -= 1
-            if _slp_users == 0:
-                config.SLP_VECTORIZE = _slp_saved
+        _slp_exit()
 
 
 # ---------------------------------------------------------------------------------------------
