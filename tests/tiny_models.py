@@ -92,6 +92,8 @@ def save_checkpoint(model, directory: Path, arch: str, fmt: str = "safetensors",
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
+    # As save_pretrained does for a model (real checkpoints name their class here).
+    model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(directory)
     write_tokenizer(directory, arch)
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}

@@ -136,6 +136,10 @@ PRE_TOKENIZERS: dict[str, tuple[Callable[[str], str] | None, Callable[[str], lis
     "default": (None, pre_tokenize_gpt2),
     "gpt-2": (None, pre_tokenize_gpt2),
     "mpt": (nfc_like_tokenizers, pre_tokenize_gpt2),
+    # llama.cpp's converter names GPT-NeoX-style vocabularies by their hash; MPT's hashes as
+    # "olmo" (same regex as gpt-2/mpt in llama.cpp, and the tokenizer.json has the NFC normalizer).
+    "olmo": (nfc_like_tokenizers, pre_tokenize_gpt2),
+    "phi-2": (None, pre_tokenize_gpt2),
     "falcon": (None, pre_tokenize_falcon),
 }
 
