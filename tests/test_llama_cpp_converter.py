@@ -18,13 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFValueType
+from test_runtime import CONFIGS, PROMPT, hf_logits
 from tiny_models import FIXTURES, build_model, load_reference, save_checkpoint
 
 from converters.synthetic import LlamaShape, write_synthetic
 from engine.gguf_file import GGUFFile, GGUFWriter
 from engine.model import Model
-
-from test_runtime import CONFIGS, PROMPT, hf_logits  # noqa: E402
 
 LLAMA_CPP = os.environ.get("HALFBYTE_LLAMA_CPP")
 
