@@ -57,7 +57,9 @@ _KERNELS = {
     QT.BF16: (quant.quantize_bf16, quant.dequantize_bf16),
 }
 QUANTIZE_TYPES: frozenset[GGMLQuantizationType] = frozenset({QT.F32, QT.F16, *_KERNELS})
-SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = QUANTIZE_TYPES  # dequantize handles the same set
+# llama.cpp's K-quants are read (dequantized), never written.
+DEQUANTIZE_ONLY_TYPES: frozenset[GGMLQuantizationType] = frozenset({QT.Q4_K, QT.Q5_K, QT.Q6_K})
+SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = QUANTIZE_TYPES | DEQUANTIZE_ONLY_TYPES
 
 # fp16 -> fp32 by table, like ggml's ggml_table_f32_f16; built by numpy so it is numpy's conversion.
 _F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
@@ -104,7 +106,8 @@ def tensor_nbytes(qtype: GGMLQuantizationType | int, shape: Sequence[int]) -> in
 def _kernels(qtype: GGMLQuantizationType | int, action: str) -> tuple[GGMLQuantizationType, tuple]:
     qtype = _as_type(qtype)
     if qtype not in _KERNELS and qtype not in (QT.F32, QT.F16):
-        supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+        allowed = SUPPORTED_TYPES if action == "dequantize" else QUANTIZE_TYPES
+        supported = ", ".join(sorted(t.name for t in allowed))
         raise HalfbyteError(f"cannot {action} ggml type {qtype.name} (supported: {supported})")
     return qtype, _KERNELS.get(qtype, ())
 
@@ -161,6 +164,8 @@ def dequantize(
     ``out``, a C-contiguous float32 array of that shape, receives the result instead of a new
     array: reusing a buffer skips the page faults of fresh memory, which cost as much as the
     kernel itself for big tensors."""
+    if _as_type(qtype) in DEQUANTIZE_ONLY_TYPES:
+        return _dequantize_k(np.asarray(raw), _as_type(qtype), out)
     qtype, kernels = _kernels(qtype, "dequantize")
     if qtype in (QT.F32, QT.F16):
         floats = raw.view(np.float32) if qtype == QT.F32 else raw.view(np.float16).astype(np.float32)
@@ -193,3 +198,20 @@ def dequantize(
 def _check_out(out: np.ndarray, shape: tuple[int, ...]) -> None:
     if out.dtype != np.float32 or out.shape != tuple(shape) or not out.flags.c_contiguous or not out.flags.writeable:
         raise HalfbyteError(f"out must be a writable C-contiguous float32 array of shape {tuple(shape)}")
+
+
+def _dequantize_k(raw: np.ndarray, qtype: GGMLQuantizationType, out: np.ndarray | None) -> np.ndarray:
+    from engine.kernels import kquants
+
+    size, nbytes = GGML_QUANT_SIZES[qtype]
+    raw = raw.view(np.uint8)
+    if raw.ndim == 0 or raw.shape[-1] % nbytes:
+        raise HalfbyteError(f"row of {raw.shape[-1] if raw.ndim else 0} bytes is not a whole number of "
+                            f"{qtype.name} blocks")
+    n = raw.shape[-1] // nbytes * size
+    values = kquants.dequantize(raw.reshape(-1, raw.shape[-1]), int(qtype), n).reshape(*raw.shape[:-1], n)
+    if out is None:
+        return values
+    _check_out(out, values.shape)
+    np.copyto(out, values)
+    return out

@@ -21,6 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from engine.errors import HalfbyteError
 from engine.kernels.matmul import (
+    K_QUANT_TYPES,
     KERNEL_PATHS,
     QUANT_TYPES,
     SUPPORTED_TYPES,
@@ -35,7 +36,7 @@ from engine.kernels.matmul import (
 )
 
 T = GGMLQuantizationType
-ALL_TYPES = list(SUPPORTED_TYPES)
+ALL_TYPES = [t for t in SUPPORTED_TYPES if t not in K_QUANT_TYPES]  # K-quants: read-only, tested below
 SHAPES = [(37, 32), (5, 64), (19, 4096)]  # (n_out, n_in): odd row counts, one block .. 128 blocks
 
 
@@ -247,8 +248,8 @@ def test_weight_view_from_raw():
     readonly.flags.writeable = False
     assert WeightView.from_raw(T.Q4_0, (64, 3), readonly).data.base is not None
 
-    with pytest.raises(HalfbyteError, match="Q4_K"):
-        WeightView.from_raw(T.Q4_K, (256, 3), np.zeros((3, 144), np.uint8))
+    with pytest.raises(HalfbyteError, match="IQ4_NL"):
+        WeightView.from_raw(T.IQ4_NL, (256, 3), np.zeros((3, 144), np.uint8))
     with pytest.raises(HalfbyteError, match="unknown ggml type"):
         WeightView.from_raw(12345, (64, 3), raw)
     with pytest.raises(HalfbyteError, match="multiple of 32"):
@@ -265,3 +266,41 @@ def test_weight_view_from_raw():
         matvec(view, np.zeros(32, np.float32))
     with pytest.raises(HalfbyteError, match="do not fit"):
         matmul(view, np.zeros(64, np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# K-quants (files from llama-quantize): dequantized bit for bit like gguf.quants, float products
+# --------------------------------------------------------------------------------------------
+
+
+def random_k_weight(qtype, n_out, n_in, rng):
+    """Random K-quant blocks with finite fp16 super-block scales (gguf-py cannot quantize them)."""
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (n_out, n_in // block_size * type_size), dtype=np.uint8)
+    blocks = raw.reshape(n_out, -1, type_size)
+    scales = (rng.uniform(0.2, 1.0, blocks.shape[:2] + (2,)) / 64).astype(np.float16).view(np.uint8)
+    if qtype == T.Q6_K:
+        blocks[..., 208:210] = scales.reshape(*blocks.shape[:2], 4)[..., :2]
+    else:
+        blocks[..., 0:4] = scales.reshape(*blocks.shape[:2], 4)
+    return WeightView.from_raw(qtype, (n_in, n_out), raw)
+
+
+@pytest.mark.parametrize("qtype", K_QUANT_TYPES, ids=lambda t: t.name)
+def test_k_quants_dequantize_like_gguf_and_multiply(qtype):
+    from engine import quants as our_quants
+
+    rng = np.random.default_rng(int(qtype))
+    weight = random_k_weight(qtype, 21, 512, rng)
+    expected = quants.dequantize(weight.data, qtype)
+    np.testing.assert_array_equal(our_quants.dequantize(weight.data, qtype).view(np.uint32), expected.view(np.uint32))
+    x = rng.standard_normal((5, 512), dtype=np.float32)
+    scale = np.abs(x).astype(np.float64) @ np.abs(expected.astype(np.float64)).T
+    reference = x.astype(np.float64) @ expected.astype(np.float64).T
+    assert np.all(np.abs(matmul(weight, x) - reference) <= 1e-5 * scale)
+    assert np.all(np.abs(matvec(weight, x[0]) - reference[0]) <= 1e-5 * scale[0])
+
+
+def test_k_quant_rows_must_be_whole_super_blocks():
+    with pytest.raises(HalfbyteError, match="multiple of 256"):
+        WeightView.from_raw(T.Q6_K, (128, 2), np.zeros(2 * 105, np.uint8))

@@ -326,7 +326,8 @@ def test_sizes() -> None:
     assert quants.tensor_nbytes(QT.Q8_0, (3, 2, 64)) == 6 * 2 * 34
     assert quants.tensor_nbytes(QT.Q4_K, (2, 256)) == 2 * 144  # sizes for every ggml type
     assert quants.tensor_nbytes(int(QT.F16), (5,)) == 10
-    assert quants.QUANTIZE_TYPES == quants.SUPPORTED_TYPES == {QT.F32, QT.F16, QT.BF16, *BLOCK_TYPES}
+    assert quants.QUANTIZE_TYPES == {QT.F32, QT.F16, QT.BF16, *BLOCK_TYPES}
+    assert quants.SUPPORTED_TYPES == quants.QUANTIZE_TYPES | {QT.Q4_K, QT.Q5_K, QT.Q6_K}  # K-quants: read only
 
 
 @pytest.mark.parametrize(
@@ -334,7 +335,8 @@ def test_sizes() -> None:
     [
         lambda: quants.quantize(np.zeros((2, 48), np.float32), QT.Q4_0),
         lambda: quants.quantize(np.zeros(256, np.float32), QT.Q4_K),
-        lambda: quants.dequantize(np.zeros(144, np.uint8), QT.Q4_K),
+        lambda: quants.dequantize(np.zeros(145, np.uint8), QT.Q4_K),  # not whole super-blocks
+        lambda: quants.dequantize(np.zeros(136, np.uint8), QT.IQ4_NL),  # a type we do not read
         lambda: quants.dequantize(np.zeros(35, np.uint8), QT.Q8_0),
         lambda: quants.row_bytes(QT.Q5_0, 33),
         lambda: quants.block_size(12345),

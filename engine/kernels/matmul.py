@@ -66,7 +66,9 @@ QUANT_TYPES = (
     GGMLQuantizationType.Q5_1,
     GGMLQuantizationType.Q8_0,
 )
-SUPPORTED_TYPES = FLOAT_TYPES + QUANT_TYPES
+# Read-only K-quants (llama-quantize output): products in engine/kernels/kquants.py.
+K_QUANT_TYPES = (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)
+SUPPORTED_TYPES = FLOAT_TYPES + QUANT_TYPES + K_QUANT_TYPES
 
 # Weight rows unpacked together by one matmul task: 16 rows of int8 for n_in = 11008
 # is 176 KiB, which stays in L2 while every token of the batch is dotted with them.
@@ -785,6 +787,12 @@ def _simd_product(kind: int, drivers, raw: np.ndarray, x: np.ndarray, y: np.ndar
         _call(driver, raw, xq, scales, y)
 
 
+def _k_product(kind: int, raw: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    from engine.kernels import kquants
+
+    _call(kquants.matmul, kind, raw, x, y)
+
+
 def matvec(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``y = W x``: float32 ``(n_in,)`` -> float32 ``(n_out,)``, written into ``out`` if given."""
     x = _activations(weight, x, 1)
@@ -793,6 +801,8 @@ def matvec(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> 
     drivers = _simd_kernels(kind)
     if drivers is not None:
         _simd_product(kind, drivers, weight.data, x, y, batch=False)
+    elif weight.ggml_type in K_QUANT_TYPES:
+        _k_product(kind, weight.data, x.reshape(1, -1), y.reshape(1, -1))
     elif kind == F32:
         _call(_matvec_f32, weight.data, x, y)
     elif kind in (F16, BF16):
@@ -819,6 +829,8 @@ def matmul(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> 
     drivers = _simd_kernels(kind)
     if drivers is not None:
         _simd_product(kind, drivers, weight.data, x, y, batch=True)
+    elif weight.ggml_type in K_QUANT_TYPES:
+        _k_product(kind, weight.data, x, y)
     elif kind == F32:
         _call(_matmul_f32, weight.data, x, y, ROWS_PER_TASK)
     elif kind in (F16, BF16):
