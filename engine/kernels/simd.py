@@ -907,6 +907,20 @@ _X8_GROUP = 4  # weights per row in one 32-byte group
 _X8_BLOCK_BYTES = _X8_ROWS * QK  # 256 unpacked nibbles per block of 8 rows
 
 
+@intrinsic
+def _f16_bits_as_f32(typingctx, lo, hi):
+    """float32 value of the IEEE half with bytes (lo, hi): one vcvtph2ps with F16C (the x8 path is
+    AVX2-only, and AVX2 machines have F16C: kernel_isa() checks both)."""
+
+    def codegen(context, builder, signature, args):
+        low = builder.zext(builder.trunc(args[0], _I8) if args[0].type != _I8 else args[0], _I16)
+        high = builder.zext(builder.trunc(args[1], _I8) if args[1].type != _I8 else args[1], _I16)
+        bits = builder.or_(low, builder.shl(high, ir.Constant(_I16, 8)))
+        return builder.fpext(builder.bitcast(bits, _F16), _F32)
+
+    return types.float32(lo, hi), codegen
+
+
 @njit(cache=True)
 def repack_q4_0_x8(w_raw: np.ndarray, row0: int, packed: np.ndarray, scales: np.ndarray) -> None:
     """Rows row0..row0+7 of Q4_0 weights -> ``packed`` uint8[n_blocks * 256], ``scales`` float32[n_blocks * 8].
@@ -921,7 +935,7 @@ def repack_q4_0_x8(w_raw: np.ndarray, row0: int, packed: np.ndarray, scales: np.
         row = w_raw[row0 + r]
         for blk in range(n_blocks):
             base = blk * Q4_0_BLOCK_BYTES
-            scales[blk * _X8_ROWS + r] = _fp16_bits_to_f32(row[base], row[base + 1])
+            scales[blk * _X8_ROWS + r] = _f16_bits_as_f32(row[base], row[base + 1])
             out = blk * (_X8_BLOCK_BYTES // 4) + r
             for k in range(4):
                 o = base + 2 + 4 * k
