@@ -57,10 +57,13 @@ def _scale_min_k4(j, scales, o):
     return sc, mn
 
 
-@njit(cache=True)
-def _dequantize_row(kind, row, out):
-    """One row of ggml blocks -> float32 ``out`` (its length = weights in the row)."""
-    n_blocks = out.size // QK_K
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _row_dot(kind, row, x, out, store):
+    """One row of K-quant blocks: returns dot(row, x); with ``store`` also writes the dequantized
+    row into ``out``. Inner loops run over 16 or 32 weights that share one scale, with the scale
+    hoisted, so they vectorize (the plain per-element form ran at 0.6 GB/s, this at several)."""
+    n_blocks = x.size // QK_K
+    acc = np.float32(0.0)
     for b in range(n_blocks):
         y = b * QK_K
         if kind == Q6_K:
@@ -71,17 +74,30 @@ def _dequantize_row(kind, row, out):
                 qh = o + 128 + 32 * half
                 sc = o + 192 + 8 * half
                 base = y + 128 * half
-                for l in range(32):
-                    s = l // 16
-                    h = row[qh + l]
-                    q1 = np.int32((row[ql + l] & 0xF) | ((h & 3) << 4)) - 32
-                    q2 = np.int32((row[ql + l + 32] & 0xF) | (((h >> 2) & 3) << 4)) - 32
-                    q3 = np.int32((row[ql + l] >> 4) | (((h >> 4) & 3) << 4)) - 32
-                    q4 = np.int32((row[ql + l + 32] >> 4) | (((h >> 6) & 3) << 4)) - 32
-                    out[base + l] = d * np.float32(np.int8(row[sc + s])) * np.float32(q1)
-                    out[base + l + 32] = d * np.float32(np.int8(row[sc + s + 2])) * np.float32(q2)
-                    out[base + l + 64] = d * np.float32(np.int8(row[sc + s + 4])) * np.float32(q3)
-                    out[base + l + 96] = d * np.float32(np.int8(row[sc + s + 6])) * np.float32(q4)
+                for s in range(2):
+                    d1 = d * np.float32(np.int8(row[sc + s]))
+                    d2 = d * np.float32(np.int8(row[sc + s + 2]))
+                    d3 = d * np.float32(np.int8(row[sc + s + 4]))
+                    d4 = d * np.float32(np.int8(row[sc + s + 6]))
+                    p1 = p2 = p3 = p4 = np.float32(0.0)
+                    for l in range(16 * s, 16 * s + 16):
+                        h = np.int32(row[qh + l])
+                        a = np.int32(row[ql + l])
+                        c = np.int32(row[ql + l + 32])
+                        q1 = np.float32(((a & 0xF) | ((h & 3) << 4)) - 32)
+                        q2 = np.float32(((c & 0xF) | (((h >> 2) & 3) << 4)) - 32)
+                        q3 = np.float32(((a >> 4) | (((h >> 4) & 3) << 4)) - 32)
+                        q4 = np.float32(((c >> 4) | (((h >> 6) & 3) << 4)) - 32)
+                        if store:
+                            out[base + l] = d1 * q1
+                            out[base + l + 32] = d2 * q2
+                            out[base + l + 64] = d3 * q3
+                            out[base + l + 96] = d4 * q4
+                        p1 += q1 * x[base + l]
+                        p2 += q2 * x[base + l + 32]
+                        p3 += q3 * x[base + l + 64]
+                        p4 += q4 * x[base + l + 96]
+                    acc += d1 * p1 + d2 * p2 + d3 * p3 + d4 * p4
         else:
             o = b * (144 if kind == Q4_K else 176)
             d = _f16(row[o], row[o + 1])
@@ -95,16 +111,33 @@ def _dequantize_row(kind, row, out):
                 d2 = d * np.float32(sc2)
                 min1 = dmin * np.float32(m1)
                 min2 = dmin * np.float32(m2)
+                p1 = p2 = s1 = s2 = np.float32(0.0)
+                base = y + 64 * pair
                 for l in range(32):
-                    q = row[qs + 32 * pair + l]
-                    lo = np.int32(q & 0xF)
-                    hi = np.int32(q >> 4)
+                    q = np.int32(row[qs + 32 * pair + l])
+                    lo = q & 0xF
+                    hi = q >> 4
                     if kind == Q5_K:
-                        h = row[qh + l]
-                        lo += 16 if (h >> (2 * pair)) & 1 else 0
-                        hi += 16 if (h >> (2 * pair + 1)) & 1 else 0
-                    out[y + 64 * pair + l] = d1 * np.float32(lo) - min1
-                    out[y + 64 * pair + 32 + l] = d2 * np.float32(hi) - min2
+                        h = np.int32(row[qh + l])
+                        lo |= ((h >> (2 * pair)) & 1) << 4
+                        hi |= ((h >> (2 * pair + 1)) & 1) << 4
+                    flo = np.float32(lo)
+                    fhi = np.float32(hi)
+                    if store:
+                        out[base + l] = d1 * flo - min1
+                        out[base + 32 + l] = d2 * fhi - min2
+                    p1 += flo * x[base + l]
+                    p2 += fhi * x[base + 32 + l]
+                    s1 += x[base + l]
+                    s2 += x[base + 32 + l]
+                acc += d1 * p1 - min1 * s1 + d2 * p2 - min2 * s2
+    return acc
+
+
+@njit(cache=True)
+def _dequantize_row(kind, row, out):
+    """One row of ggml blocks -> float32 ``out`` (its length = weights in the row)."""
+    _row_dot(kind, row, out, out, True)  # x = out: the dot is thrown away, out is written first
 
 
 @njit(cache=True, parallel=True)
@@ -122,8 +155,15 @@ def _dot(w, x):
 
 
 @njit(cache=True, parallel=True)
+def _matvec(kind, raw, x, y):
+    empty = np.empty(0, np.float32)
+    for r in prange(raw.shape[0]):
+        y[r] = _row_dot(kind, raw[r], x, empty, False)
+
+
+@njit(cache=True, parallel=True)
 def _matmul(kind, raw, x, y, rows_per_task):
-    """y[t, r] = dot(dequantized row r, x[t]) for x (n_tok, n_in)."""
+    """y[t, r] = dot(dequantized row r, x[t]) for x (n_tok, n_in): rows dequantized once per batch."""
     n_out = raw.shape[0]
     n_tok, n_in = x.shape
     n_tasks = (n_out + rows_per_task - 1) // rows_per_task
@@ -148,4 +188,7 @@ def dequantize(raw: np.ndarray, kind: int, n: int) -> np.ndarray:
 
 def matmul(kind: int, raw: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
     """``y = x W^T`` for K-quant weights ``raw`` (n_out, row_bytes), float32 x (n_tok, n_in)."""
-    _matmul(int(kind), raw, x, y, ROWS_PER_TASK)
+    if x.shape[0] == 1:
+        _matvec(int(kind), raw, x[0], y[0])
+    else:
+        _matmul(int(kind), raw, x, y, ROWS_PER_TASK)
