@@ -45,6 +45,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from engine.errors import HalfbyteError
+from engine.kernels import kquants, simd
 
 QK = 32  # elements per block of every type handled here (and of the Q8_0/Q8_1 activations)
 
@@ -752,8 +753,6 @@ def kernel_description() -> str:
     """What the quantized products run on, e.g. "simd-avx2", "simd-generic" or "reference"."""
     if _kernel_path == "reference":
         return "reference"
-    from engine.kernels import simd
-
     return "simd-" + (simd.kernel_isa() if _kernel_path == "auto" else "generic")
 
 
@@ -766,8 +765,6 @@ def _simd_kernels(kind: int, n_tok: int = 1):
     """(matvec, matmul) SIMD drivers for this weight type and path, or None for the plain loops."""
     if _kernel_path == "reference" or kind not in (Q4_0, Q8_0):
         return None
-    from engine.kernels import simd
-
     portable = _kernel_path == "portable"
     if kind == Q4_0:
         if portable:
@@ -781,8 +778,6 @@ def _simd_kernels(kind: int, n_tok: int = 1):
 
 
 def _simd_product(kind: int, drivers, raw: np.ndarray, x: np.ndarray, y: np.ndarray, batch: bool) -> None:
-    from engine.kernels import simd
-
     if batch:
         xq, scales, sums = _call(simd.quantize_activations_q8_0_batch, x)
     else:
@@ -795,8 +790,6 @@ def _simd_product(kind: int, drivers, raw: np.ndarray, x: np.ndarray, y: np.ndar
 
 
 def _k_product(kind: int, raw: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    from engine.kernels import kquants
-
     _call(kquants.matmul, kind, raw, x, y)
 
 
@@ -804,6 +797,12 @@ def matvec(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> 
     """``y = W x``: float32 ``(n_in,)`` -> float32 ``(n_out,)``, written into ``out`` if given."""
     x = _activations(weight, x, 1)
     y = _check_out(out, (weight.n_out,))
+    _matvec_into(weight, x, y)
+    return y
+
+
+def _matvec_into(weight: WeightView, x: np.ndarray, y: np.ndarray) -> None:
+    """matvec on checked arguments (the decode step's hot path: one call per weight per token)."""
     kind = int(weight.ggml_type)
     drivers = _simd_kernels(kind)
     if drivers is not None:
@@ -817,7 +816,6 @@ def matvec(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> 
     else:
         act = quantize_activations(x)
         _call(_matvec_quant, kind, weight.data, act.qs[0], act.d[0], act.s[0], y)
-    return y
 
 
 def matmul(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -830,7 +828,7 @@ def matmul(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> 
     y = _check_out(out, (x.shape[0], weight.n_out))
     if x.shape[0] <= 1:  # one token: the decode kernel, without unpacking rows for a batch
         if x.shape[0] == 1:
-            matvec(weight, x[0], out=y[0])
+            _matvec_into(weight, x[0], y[0])
         return y
     kind = int(weight.ggml_type)
     drivers = _simd_kernels(kind, x.shape[0])
