@@ -494,3 +494,18 @@ def test_x8_extreme_blocks_stay_exact_in_16_bits() -> None:
         simd.matmul_q4_0_x8(w_raw, xq, xscales, xsums, out)
         expected = (15 - 8) * 127 * sign * n_in * float(xscales[0, 0])
         np.testing.assert_array_equal(out[0], np.float32(expected))
+
+
+@needs_avx2
+def test_x8_q8_0_matmul_matches_reference_including_minus_128() -> None:
+    rng = np.random.default_rng(14)
+    for n_in, n_out, n_tok in ((32, 8, 1), (64, 37, 7), (4096, 16, 9)):
+        w_raw = make_weights("q8_0", "gguf", n_out, n_in, rng)
+        w_raw.reshape(n_out, -1, 34)[0, 0, 2:6] = 0x80  # -128: |w| = 128 as unsigned, still exact
+        x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+        xq, xscales, xsums = simd.quantize_activations_q8_0_batch(x)
+        out = np.full((n_tok, n_out), np.nan, np.float32)
+        simd.matmul_q8_0_x8(w_raw, xq, xscales, xsums, out)
+        for t in range(n_tok):
+            assert_within_bound("q8_0", out[t], reference("q8_0", w_raw, xq[t], xscales[t]), w_raw, xq[t],
+                                xscales[t])

@@ -773,8 +773,10 @@ def _simd_kernels(kind: int, n_tok: int = 1):
         # repacking, else the row-major tiles.
         x8 = simd.kernel_isa() == "avx2" and n_tok >= X8_MIN_TOKENS
         return simd.matvec_q4_0, (simd.matmul_q4_0_x8 if x8 else simd.matmul_q4_0)
-    return (simd.matvec_q8_0_generic, simd.matmul_q8_0_generic) if portable else (simd.matvec_q8_0,
-                                                                                     simd.matmul_q8_0)
+    if portable:
+        return simd.matvec_q8_0_generic, simd.matmul_q8_0_generic
+    x8 = simd.kernel_isa() == "avx2" and n_tok >= X8_MIN_TOKENS
+    return simd.matvec_q8_0, (simd.matmul_q8_0_x8 if x8 else simd.matmul_q8_0)
 
 
 def _simd_product(kind: int, drivers, raw: np.ndarray, x: np.ndarray, y: np.ndarray, batch: bool) -> None:
@@ -783,7 +785,7 @@ def _simd_product(kind: int, drivers, raw: np.ndarray, x: np.ndarray, y: np.ndar
     else:
         xq, scales, sums = _call(simd.quantize_activations_q8_0, x)
     driver = drivers[1] if batch else drivers[0]
-    if kind == Q4_0:
+    if kind == Q4_0 or driver is simd.matmul_q8_0_x8:
         _call(driver, raw, xq, scales, sums, y)
     else:
         _call(driver, raw, xq, scales, y)

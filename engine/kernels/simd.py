@@ -64,7 +64,9 @@ __all__ = [
     "matmul_q8_0",
     "matmul_q8_0_generic",
     "matmul_q4_0_x8",
+    "matmul_q8_0_x8",
     "repack_q4_0_x8",
+    "repack_q8_0_x8",
     "standalone_row_dot_ir",
     "q4_0_block_dots_ref",
     "q8_0_block_dots_ref",
@@ -946,11 +948,17 @@ def repack_q4_0_x8(w_raw: np.ndarray, row0: int, packed: np.ndarray, scales: np.
                 words[out + (k + 4) * _X8_ROWS] = (word >> np.uint32(4)) & np.uint32(0x0F0F0F0F)
 
 
-def _make_x8_tile(n_tok: int):
+def _make_x8_tile(n_tok: int, qtype: str = "q4_0"):
     """AVX2 intrinsic ``(packed, scales, xq, xscales, xsums, tok0, out, row0) -> None``.
 
     Writes ``out[tok0 + t, row0:row0 + 8]`` for t < n_tok: the 8 repacked rows times activation
-    rows tok0.. of xq (int8 [n_tok_total, n_in]) with their scales and block sums.
+    rows tok0.. of xq (int8 [n_tok_total, n_in]) with their scales and block sums (Q4_0; Q8_0
+    ignores xsums).
+
+    Q8_0 blocks are repacked as int8 weights in the same interleaved order. pmaddubsw needs an
+    unsigned operand, so each group uses |w| and the activations with w's signs (psign, exact
+    for activations in [-127, 127]); its pair sums reach 2 * 128 * 127, so they are widened to
+    32 bits per group instead of summed in 16 bits.
     """
 
     def codegen(context, builder, sig, args):
@@ -971,6 +979,8 @@ def _make_x8_tile(n_tok: int):
         maddubs = fn("llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8])
         maddwd = fn("llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
         fma = fn("llvm.fma.v8f32", _V8F32, [_V8F32] * 3)
+        psign = fn("llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8])
+        vabs = fn("llvm.abs.v32i8", _V32I8, [_V32I8, _I1])
 
         def splat(value, vec_type):
             one = b.insert_element(ir.Constant(vec_type, ir.Undefined), value, ir.Constant(_I32, 0))
@@ -1011,24 +1021,31 @@ def _make_x8_tile(n_tok: int):
             prefetch = fn("llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
             b.call(prefetch, [b.gep(block_w, [ir.Constant(_I64, 2 * _X8_BLOCK_BYTES)]), ir.Constant(_I32, 0),
                               ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-        sums16 = [None] * n_tok
+        sums = [None] * n_tok  # Q4_0: <16 x i16> pair sums; Q8_0: <8 x i32> lanes
         x_block = [b.gep(x_ptr, [b.mul(index, ir.Constant(_I64, QK))]) for x_ptr, _, _ in tokens]
         for g in range(QK // _X8_GROUP):
             w = b.load(b.bitcast(b.gep(block_w, [ir.Constant(_I64, g * 32)]), _V32I8.as_pointer()), align=1)
+            w_abs = b.call(vabs, [w, ir.Constant(_I1, 0)]) if qtype == "q8_0" else w
             for t in range(n_tok):
                 four = b.load(b.bitcast(b.gep(x_block[t], [ir.Constant(_I64, g * _X8_GROUP)]), _I32.as_pointer()),
                               align=1)
                 x = b.bitcast(splat(four, _V8I32), _V32I8)  # the same 4 activations for each of the 8 rows
-                pairs = b.call(maddubs, [w, x])
-                sums16[t] = pairs if sums16[t] is None else b.add(sums16[t], pairs)
+                if qtype == "q8_0":
+                    part = b.call(maddwd, [b.call(maddubs, [w_abs, b.call(psign, [x, w])]), _vconst(_V16I16, 1)])
+                else:
+                    part = b.call(maddubs, [w, x])
+                sums[t] = part if sums[t] is None else b.add(sums[t], part)
         row_scales = b.load(b.bitcast(b.gep(ws_base, [b.mul(index, ir.Constant(_I64, _X8_ROWS))]),
                                       _V8F32.as_pointer()), align=4)
         new_accs = []
         for t, (_, scale_ptr, sum_ptr) in enumerate(tokens):
-            lanes = b.call(maddwd, [sums16[t], _vconst(_V16I16, 1)])
-            # Q4_0 values are nibble - 8: take 8 * sum(x) off each row's lane
-            offset = b.shl(b.load(b.gep(sum_ptr, [index]), align=4), ir.Constant(_I32, 3))
-            lanes = b.sub(lanes, splat(offset, _V8I32))
+            if qtype == "q8_0":
+                lanes = sums[t]
+            else:
+                lanes = b.call(maddwd, [sums[t], _vconst(_V16I16, 1)])
+                # Q4_0 values are nibble - 8: take 8 * sum(x) off each row's lane
+                offset = b.shl(b.load(b.gep(sum_ptr, [index]), align=4), ir.Constant(_I32, 3))
+                lanes = b.sub(lanes, splat(offset, _V8I32))
             scale = b.fmul(row_scales, splat(b.load(b.gep(scale_ptr, [index]), align=4), _V8F32))
             new_accs.append(b.call(fma, [b.sitofp(lanes, _V8F32), scale, accs[t]]))
         body_end = b.basic_block
@@ -1052,13 +1069,58 @@ def _make_x8_tile(n_tok: int):
         _check_array(out, 2, types.float32, "out")
         return types.none(packed, scales, xq, xscales, xsums, types.intp, out, types.intp), codegen
 
-    typer.__name__ = typer.__qualname__ = f"q4_0_x8_tile_{n_tok}"
+    typer.__name__ = typer.__qualname__ = f"{qtype}_x8_tile_{n_tok}"
     return intrinsic(typer)
 
 
 _X8_TILE_TOKENS = 4
 _q4_0_x8_tile4 = _make_x8_tile(_X8_TILE_TOKENS)
 _q4_0_x8_tile1 = _make_x8_tile(1)
+_q8_0_x8_tile4 = _make_x8_tile(_X8_TILE_TOKENS, "q8_0")
+_q8_0_x8_tile1 = _make_x8_tile(1, "q8_0")
+
+
+@njit(cache=True)
+def repack_q8_0_x8(w_raw: np.ndarray, row0: int, packed: np.ndarray, scales: np.ndarray) -> None:
+    """Rows row0..row0+7 of Q8_0 weights in the x8 layout (int8 values as bytes; see repack_q4_0_x8)."""
+    n_blocks = w_raw.shape[1] // Q8_0_BLOCK_BYTES
+    words = packed.view(np.uint32)
+    for r in range(_X8_ROWS):
+        row = w_raw[row0 + r]
+        for blk in range(n_blocks):
+            base = blk * Q8_0_BLOCK_BYTES
+            scales[blk * _X8_ROWS + r] = _f16_bits_as_f32(row[base], row[base + 1])
+            out = blk * (_X8_BLOCK_BYTES // 4) + r
+            for g in range(QK // _X8_GROUP):
+                o = base + 2 + 4 * g
+                words[out + g * _X8_ROWS] = (np.uint32(row[o]) | (np.uint32(row[o + 1]) << np.uint32(8))
+                                             | (np.uint32(row[o + 2]) << np.uint32(16))
+                                             | (np.uint32(row[o + 3]) << np.uint32(24)))
+
+
+@njit(parallel=True, cache=True)
+def matmul_q8_0_x8(w_raw: np.ndarray, xq: np.ndarray, xscales: np.ndarray, xsums: np.ndarray, out: np.ndarray) -> None:
+    """matmul_q8_0 through 8-row interleaved tiles (AVX2 only); xsums is unused (same signature as Q4_0)."""
+    _check_shapes(w_raw, xq, xscales, out.shape[1], Q8_0_BLOCK_BYTES)
+    if out.shape[0] != xq.shape[0]:
+        raise ValueError("out: shape does not match the activations")
+    n_out = w_raw.shape[0]
+    n_tok = xq.shape[0]
+    n_blocks = xscales.shape[1]
+    n_groups = n_out // _X8_ROWS
+    n_tiled = n_tok - n_tok % _X8_TILE_TOKENS
+    for group in prange(n_groups):
+        row0 = group * _X8_ROWS
+        packed = np.empty(n_blocks * _X8_BLOCK_BYTES, np.uint8)
+        scales = np.empty(n_blocks * _X8_ROWS, np.float32)
+        repack_q8_0_x8(w_raw, row0, packed, scales)
+        for t in range(0, n_tiled, _X8_TILE_TOKENS):
+            _q8_0_x8_tile4(packed, scales, xq, xscales, xsums, t, out, row0)
+        for t in range(n_tiled, n_tok):
+            _q8_0_x8_tile1(packed, scales, xq, xscales, xsums, t, out, row0)
+    for r in prange(n_groups * _X8_ROWS, n_out):
+        for t in range(n_tok):
+            out[t, r] = q8_0_row_dot(w_raw[r], xq[t], xscales[t])
 
 
 @njit(parallel=True, cache=True)
