@@ -1,0 +1,47 @@
+"""Every `halfbyte` command in the README parses (subcommand and options exist), so none of them rots;
+the cheap ones also run for real here (demo model, perplexity); the rest are exercised by the other
+tests and by .ci/run (the set-up commands)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import click
+import pytest
+
+from engine.cli import main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_commands() -> list[list[str]]:
+    """`halfbyte ...` in indented code lines (also after `&&`) and in inline code spans."""
+    text = README.read_text(encoding="utf-8")
+    found = [m.group(1) for m in re.finditer(r"`(halfbyte [^`]+)`", text)]
+    for line in text.splitlines():
+        if line.startswith("    "):
+            found += [part.strip() for part in line.split("&&") if part.strip().startswith("halfbyte ")]
+    commands = []
+    for command in found:
+        words = shlex.split(command, comments=True)
+        if len(words) > 2 or (len(words) == 2 and words[1] == "run"):  # "`halfbyte convert`" names a command
+            commands.append(words[1:])
+    return commands
+
+
+COMMANDS = readme_commands()
+
+
+def test_readme_has_the_commands_we_document():
+    names = {c[0] for c in COMMANDS}
+    assert {"run", "convert", "bench", "perplexity", "tokenize", "info", "quantize"} <= names
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a)[:60])
+def test_readme_command_parses(args):
+    name, rest = args[0], args[1:]
+    command = main.get_command(click.Context(main), name)
+    assert command is not None, f"no subcommand {name!r}"
+    command.make_context(name, list(rest))  # raises on an unknown option or a bad value
