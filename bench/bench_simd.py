@@ -2,7 +2,8 @@
 
 Matrix-vector: GB/s of weight bytes (the ggml blocks, scales included) per second, for the plain
 Numba reference (scalar loops, rows in a prange), the portable-IR path and the host-ISA path, at 1
-and 2 threads. Batched: tokens per second of matmul_q4_0 / matmul_q8_0 for 32 and 128 tokens.
+and 2 threads. Batched: tokens per second of matmul_q4_0 / matmul_q8_0 (row-major tiles) and the 8-row interleaved
+matmul_*_x8 kernels for 32 and 128 tokens.
 Each figure is the best of several runs (the machine is shared: best-of is the least noisy).
 
     /work/venv/bin/python bench/bench_simd.py            # everything (~2-4 min incl. compiling)
@@ -56,6 +57,8 @@ MATMUL = {
     ("q4_0", "host"): simd.matmul_q4_0,
     ("q8_0", "generic"): simd.matmul_q8_0_generic,
     ("q8_0", "host"): simd.matmul_q8_0,
+    ("q4_0", "x8"): simd.matmul_q4_0_x8,
+    ("q8_0", "x8"): simd.matmul_q8_0_x8,
 }
 
 
@@ -92,7 +95,7 @@ def call_matvec(qtype: str, path: str, w_raw, act, out) -> Callable[[], None]:
 def call_matmul(qtype: str, path: str, w_raw, act, out) -> Callable[[], None]:
     xq, xscales, xsums = act
     fn = MATMUL[qtype, path]
-    if qtype == "q4_0":
+    if qtype == "q4_0" or path == "x8":
         return lambda: fn(w_raw, xq, xscales, xsums, out)
     return lambda: fn(w_raw, xq, xscales, out)
 
@@ -154,7 +157,7 @@ def main() -> None:
             for n_tok in (32, 128):
                 act = simd.quantize_activations_q8_0_batch(rng.standard_normal((n_tok, n_in)).astype(np.float32))
                 out = np.empty((n_tok, n_out), np.float32)
-                for path in ("generic", "host"):
+                for path in ("generic", "host", "x8") if simd.kernel_isa() == "avx2" else ("generic", "host"):
                     rates = []
                     for t in threads:
                         numba.set_num_threads(t)
@@ -162,7 +165,7 @@ def main() -> None:
                             call_matmul(qtype, path, w_raw, act, out), min_runs=3, min_total=args.min_seconds
                         )
                         rates.append(n_tok / seconds)
-                    label = host if path == "host" else path
+                    label = {"host": host, "x8": f"{host}-x8"}.get(path, path)
                     shape = f"{n_out}x{n_in}"
                     print(f"{qtype:7} {shape:>12} {n_tok:7d} {label:>12} " + " ".join(f"{r:12.0f}" for r in rates))
 
