@@ -30,7 +30,7 @@ from engine.tokenizer import Tokenizer
 STOP_EOS = "eos"  # the model produced its end-of-sequence token
 STOP_LENGTH = "length"  # max_tokens were generated
 STOP_STRING = "stop"  # a stop string appeared in the output
-STOP_CONTEXT = "context"  # the context window is full (no context shifting)
+STOP_CONTEXT = "context"  # the context window is full (and context shifting is off)
 STOP_INTERRUPTED = "interrupted"
 
 
@@ -197,6 +197,7 @@ class Model:
         stream: bool = False,
         add_bos: bool | None = None,
         reset: bool = True,
+        context_shift: bool = False,
     ) -> str | Iterator[str]:
         """Continue ``prompt`` (text or token ids). Returns the generated text, or with
         ``stream=True`` an iterator of text pieces as they are produced.
@@ -204,6 +205,10 @@ class Model:
         ``reset=True`` starts from an empty context; ``reset=False`` continues the
         current one (chat-style). Stops at EOS, ``max_tokens``, a stop string (not
         included in the output) or a full context; ``last_stats.stop_reason`` says which.
+
+        ``context_shift=True`` keeps generating when the context is full, like llama.cpp's
+        context shift: the first token (BOS) and the newer half of the rest are kept, the older
+        half is dropped, and the kept tokens are evaluated again (one prompt-sized pass).
         """
         params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
         if max_tokens < 0:
@@ -224,13 +229,22 @@ class Model:
                 f"prompt of {len(prompt_ids)} tokens does not fit in the context of {self.n_ctx} tokens "
                 "(use a larger -c / n_ctx or a shorter prompt)"
             )
-        pieces = self._generate(prompt_ids, max_tokens, params, seed, stops, reset)
+        pieces = self._generate(prompt_ids, max_tokens, params, seed, stops, reset, context_shift)
         if stream:
             return pieces
         return "".join(pieces)
 
+    def _shift_context(self) -> None:
+        """Drop the older half of the context after the first token and re-evaluate the rest."""
+        keep_first = self.tokens[:1]
+        rest = self.tokens[1:]
+        kept = keep_first + rest[len(rest) // 2 :]
+        self.tokens = []
+        self.cache.reset()
+        self._forward(np.asarray(kept, dtype=np.int64), all_logits=False)
+
     def _generate(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams, seed: int | None,
-                  stops: list[str], reset: bool) -> Iterator[str]:
+                  stops: list[str], reset: bool, context_shift: bool = False) -> Iterator[str]:
         rng = np.random.default_rng(seed)
         with self._exclusive():
             stats = GenerationStats()
@@ -274,8 +288,10 @@ class Model:
                     if ready:
                         yield ready
                     if self.n_past >= self.n_ctx:
-                        stats.stop_reason = STOP_CONTEXT
-                        break
+                        if not context_shift or self.n_ctx < 4:
+                            stats.stop_reason = STOP_CONTEXT
+                            break
+                        self._shift_context()
                     logits = self._forward(np.asarray([token]), all_logits=False)[-1]
                 if stats.stop_reason != STOP_STRING:
                     held += decoder.flush()

@@ -79,9 +79,12 @@ def _stream(model, prompt: str, options: dict, reset: bool) -> None:
 @click.option("-r", "--reverse-prompt", "stop", multiple=True, help="Stop when this text appears (repeatable).")
 @click.option("--echo", is_flag=True, help="Also print the prompt.")
 @click.option("-i", "--interactive", is_flag=True, help="Chat-style: read more input after each generation.")
+@click.option("--context-shift", is_flag=True,
+              help="When the context is full, drop its older half and go on (default: stop).")
 def run(model_path: str | None, prompt: str | None, prompt_file: str | None, max_tokens: int, temperature: float,
         top_k: int, top_p: float, min_p: float, repeat_penalty: float, repeat_last_n: int, seed: int | None,
-        threads: int | None, n_ctx: int | None, stop: tuple[str, ...], echo: bool, interactive: bool) -> None:
+        threads: int | None, n_ctx: int | None, stop: tuple[str, ...], echo: bool, interactive: bool,
+        context_shift: bool) -> None:
     """Generate text from a GGUF model, streaming it to stdout (timings go to stderr)."""
     from engine import jit_cache
     from engine.sampling import SamplingParams
@@ -96,7 +99,8 @@ def run(model_path: str | None, prompt: str | None, prompt_file: str | None, max
         seed = random.SystemRandom().randrange(2**32)
     model = _open_model(model_path, n_ctx, threads)
     options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                   repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed, stop=list(stop))
+                   repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed, stop=list(stop),
+                   context_shift=context_shift)
     try:
         if prompt is not None and (prompt or not interactive):
             if echo:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -74,3 +75,20 @@ def test_bad_input_is_one_line(model_file, tmp_path, args, message):
     args = [a.format(missing=tmp_path / "missing.txt") for a in args]
     result = invoke(model_file, *args)
     assert result.exit_code == 1 and message in result.stderr and "Traceback" not in result.output
+
+
+def test_context_shift_keeps_generating_past_the_context(model_file):
+    model = Model.load(model_file, n_ctx=32, threads=1)
+    model.generate("hello", max_tokens=60, temperature=0, repeat_penalty=1)
+    assert model.last_stats.stop_reason == "context" and model.last_stats.generated_tokens < 60
+    model.generate("hello", max_tokens=60, temperature=0, repeat_penalty=1, context_shift=True)
+    assert model.last_stats.stop_reason == "length" and model.last_stats.generated_tokens == 60
+    assert model.n_past <= 32
+    # After a shift the state is exactly a fresh evaluation of the kept tokens.
+    kept = list(model.tokens)
+    logits = model.eval([5], last_only=True)
+    fresh = Model.load(model_file, n_ctx=32, threads=1)
+    fresh.eval(kept)
+    np.testing.assert_allclose(fresh.eval([5], last_only=True), logits, rtol=1e-5, atol=1e-5)
+    result = invoke(model_file, "-p", "hello", "-n", 40, "-c", 16, "--context-shift", *GREEDY)
+    assert result.exit_code == 0 and "stopped: length" in result.stderr
