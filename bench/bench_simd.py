@@ -157,7 +157,7 @@ def main() -> None:
             for n_tok in (32, 128):
                 act = simd.quantize_activations_q8_0_batch(rng.standard_normal((n_tok, n_in)).astype(np.float32))
                 out = np.empty((n_tok, n_out), np.float32)
-                for path in ("generic", "host", "x8") if simd.kernel_isa() == "avx2" else ("generic", "host"):
+                for path in ("generic", "host", "x8") if simd.has_x8_kernels() else ("generic", "host"):
                     rates = []
                     for t in threads:
                         numba.set_num_threads(t)

@@ -350,11 +350,18 @@ def test_drivers_reject_mismatched_shapes(qtype: str) -> None:
 
 def test_kernel_isa_follows_target_features(monkeypatch: pytest.MonkeyPatch) -> None:
     host = simd._target_features()
-    assert simd.kernel_isa() == ("avx2" if {"avx2", "fma", "f16c"} <= host else "generic")
+    expected = "generic"
+    if {"avx2", "fma", "f16c"} <= host:
+        expected = "avx2-vnni" if "avxvnni" in host or {"avx512vnni", "avx512vl"} <= host else "avx2"
+    assert simd.kernel_isa() == expected
     monkeypatch.setattr(simd, "_target_features", lambda: {"neon", "dotprod", "fp-armv8"})
     assert simd.kernel_isa.__wrapped__() == "generic"
     monkeypatch.setattr(simd, "_target_features", lambda: {"avx", "avx2", "fma", "f16c", "sse4.2"})
     assert simd.kernel_isa.__wrapped__() == "avx2"
+    monkeypatch.setattr(simd, "_target_features", lambda: {"avx2", "fma", "f16c", "avx512vnni", "avx512vl"})
+    assert simd.kernel_isa.__wrapped__() == "avx2-vnni"
+    monkeypatch.setattr(simd, "_target_features", lambda: {"avx2", "fma", "f16c", "avxvnni"})
+    assert simd.kernel_isa.__wrapped__() == "avx2-vnni"
     monkeypatch.undo()
     # NUMBA_CPU_FEATURES (what Numba compiles for) wins over the host's features, as in Numba
     monkeypatch.setattr(numba.core.config, "CPU_FEATURES", "+sse2,-avx2,+fma")
@@ -367,6 +374,59 @@ def test_host_ir_uses_avx2_and_generic_ir_is_target_independent() -> None:
         assert "llvm.x86" not in generic
         avx2 = simd.standalone_row_dot_ir(qtype, "avx2")
         assert "llvm.x86.avx2.pmadd.ub.sw" in avx2 and "llvm.x86.avx2.pmadd.wd" in avx2
+        vnni = simd.standalone_row_dot_ir(qtype, "avx2-vnni")
+        assert "llvm.x86.avx512.vpdpbusd.256" in vnni and "pmadd" not in vnni
+
+
+# The kernels of the x86 ISA this host does not pick (plain AVX2 on a VNNI machine, or the
+# reverse), compiled in a child process for a CPU with those features and checked there: every
+# path is tested on whatever machine runs the suite, where the CPU can run it.
+OTHER_ISA_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np
+    from engine.kernels import simd
+    assert simd.kernel_isa() == "{isa}", simd.kernel_isa()
+    rng = np.random.default_rng(5)
+    for qtype in ("q4_0", "q8_0"):
+        for n_in, n_out, n_tok in ((64, 19, 1), (4096, 16, 9), (96, 8, 5)):
+            block = 18 if qtype == "q4_0" else 34
+            w = rng.integers(0, 256, (n_out, n_in // 32 * block), dtype=np.uint8)
+            w.reshape(n_out, -1, block)[..., :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+            xq, xs, xsum = simd.quantize_activations_q8_0_batch(rng.standard_normal((n_tok, n_in)).astype(np.float32))
+            drivers = {{"q4_0": (simd.matmul_q4_0, simd.matmul_q4_0_x8, simd.matmul_q4_0_generic),
+                       "q8_0": (simd.matmul_q8_0, simd.matmul_q8_0_x8, simd.matmul_q8_0_generic)}}[qtype]
+            outs = []
+            for fn in drivers:
+                out = np.empty((n_tok, n_out), np.float32)
+                if qtype == "q8_0" and fn is not simd.matmul_q8_0_x8:
+                    fn(w, xq, xs, out)
+                else:
+                    fn(w, xq, xs, xsum, out)
+                outs.append(out)
+            for out in outs[:2]:
+                np.testing.assert_allclose(out, outs[2], rtol=2e-6, atol=2e-6 * np.abs(outs[2]).max())
+    print("ok")
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not simd.has_x8_kernels(), reason="x86 AVX2 host only")
+def test_the_other_x86_isa_matches_the_portable_kernels(tmp_path: Path) -> None:
+    host = simd._target_features()
+    vnni_host = simd.kernel_isa() == "avx2-vnni"
+    if not vnni_host and "avx512vnni" not in host and "avxvnni" not in host:
+        pytest.skip("this CPU cannot run the VNNI kernels")
+    # Numba compiles for NUMBA_CPU_FEATURES: drop VNNI to get the plain AVX2 kernels, or keep it
+    features = ",".join(f"+{f}" for f in sorted(host) if "vnni" not in f)
+    isa = "avx2"
+    if not vnni_host:
+        features += ",+avx512vnni,+avx512vl,+avxvnni"
+        isa = "avx2-vnni"
+    env = dict(os.environ, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-c", OTHER_ISA_SCRIPT.format(isa=isa)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
 @pytest.mark.parametrize(
@@ -446,7 +506,7 @@ def test_compiled_kernels_load_from_cache_in_a_new_process(tmp_path: Path) -> No
 # 8-row interleaved prompt-processing kernel (AVX2)
 # ---------------------------------------------------------------------------------------------
 
-needs_avx2 = pytest.mark.skipif(simd.kernel_isa() != "avx2", reason="the x8 kernel is AVX2 code")
+needs_avx2 = pytest.mark.skipif(not simd.has_x8_kernels(), reason="the x8 kernel is AVX2 code")
 
 
 def test_repack_layout() -> None:

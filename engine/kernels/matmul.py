@@ -771,11 +771,11 @@ def _simd_kernels(kind: int, n_tok: int = 1):
             return simd.matvec_q4_0_generic, simd.matmul_q4_0_generic
         # Batches: the 8-row interleaved kernel where it exists (AVX2) and the batch pays for its
         # repacking, else the row-major tiles.
-        x8 = simd.kernel_isa() == "avx2" and n_tok >= X8_MIN_TOKENS
+        x8 = simd.has_x8_kernels() and n_tok >= X8_MIN_TOKENS
         return simd.matvec_q4_0, (simd.matmul_q4_0_x8 if x8 else simd.matmul_q4_0)
     if portable:
         return simd.matvec_q8_0_generic, simd.matmul_q8_0_generic
-    x8 = simd.kernel_isa() == "avx2" and n_tok >= X8_MIN_TOKENS
+    x8 = simd.has_x8_kernels() and n_tok >= X8_MIN_TOKENS
     return simd.matvec_q8_0, (simd.matmul_q8_0_x8 if x8 else simd.matmul_q8_0)
 
 

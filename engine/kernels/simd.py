@@ -24,7 +24,8 @@ Every block product is computed exactly in integers; the float result is
 a fixed tree); see :func:`row_dot_error_bound` for the bound the tests check.
 
 Kernel variants ("ISA"): ``kernel_isa()`` is the single place that picks the host-specific IR
-("avx2": ``llvm.x86.avx2.pmadd.ub.sw`` / ``pmadd.wd`` / ``psign.b``) or the portable one
+("avx2": ``llvm.x86.avx2.pmadd.ub.sw`` / ``pmadd.wd`` / ``psign.b``; "avx2-vnni": the same with
+one ``vpdpbusd`` in place of the two multiply-adds, on CPUs with AVX-VNNI / AVX512-VNNI) or the portable one
 ("generic": only target-independent LLVM vector ops that LLVM lowers to SSE/AVX/NEON). Every
 driver has a ``*_generic`` twin so the portable IR can be run (and tested) on any host.
 """
@@ -41,6 +42,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 QK = 32  # elements per ggml block (Q4_0 and Q8_0)
+X86_ISAS = ("avx2", "avx2-vnni")  # the IR flavours that use x86 intrinsics
 Q4_0_BLOCK_BYTES = 18
 Q8_0_BLOCK_BYTES = 34
 
@@ -96,7 +98,7 @@ def _target_features() -> set[str]:
 
 @functools.cache
 def kernel_isa() -> str:
-    """The IR flavour the host kernels use: "avx2" or "generic".
+    """The IR flavour the host kernels use: "avx2-vnni", "avx2" or "generic".
 
     Evaluated lazily, at the first kernel compilation (not at import). It must agree with the
     features Numba targets, because Numba's on-disk cache is keyed by CPU name and features:
@@ -106,8 +108,17 @@ def kernel_isa() -> str:
     features = _target_features()
     # f16c for the one-instruction fp16 -> fp32 scale conversion, fma for the accumulation.
     if {"avx2", "fma", "f16c"} <= features:
+        # VNNI's vpdpbusd (u8 x s8, 4 products into each i32 lane, no intermediate saturation)
+        # replaces pmaddubsw + pmaddwd: the 256-bit form needs AVX-VNNI or AVX512-VNNI with VL.
+        if "avxvnni" in features or {"avx512vnni", "avx512vl"} <= features:
+            return "avx2-vnni"
         return "avx2"
     return "generic"
+
+
+def has_x8_kernels() -> bool:
+    """Whether the 8-row interleaved prompt kernels (x86 AVX2 code) exist for this CPU."""
+    return kernel_isa() in X86_ISAS
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,6 +166,7 @@ class _Emitter:
     def __init__(self, builder: ir.IRBuilder, isa: str, qtype: str):
         self.b = builder
         self.isa = isa
+        self.x86 = isa in X86_ISAS
         self.qtype = qtype
         self.block_bytes = Q4_0_BLOCK_BYTES if qtype == "q4_0" else Q8_0_BLOCK_BYTES
         self.module = builder.module
@@ -183,7 +195,7 @@ class _Emitter:
     def _fp16_splat(self, ptr_i8: ir.Value) -> ir.Value:
         """<8 x float> with the fp16 at ptr_i8 (a block's d) in every lane."""
         bits = self._load(ptr_i8, _I16)
-        if self.isa == "avx2":
+        if self.x86:
             # Splat the half first, then convert 8 lanes: vpbroadcastw + vcvtph2ps (F16C). Converting
             # a scalar half instead makes LLVM emit a vpinsrw that merges into whatever register
             # it picks, often an accumulator: a false dependency across blocks (~10% slower).
@@ -213,11 +225,11 @@ class _Emitter:
             low = self.b.and_(packed, _vconst(_V16I8, 0x0F))
             high = self.b.lshr(packed, _vconst(_V16I8, 4))
             nibbles = self.b.shuffle_vector(low, high, _mask(range(32)))
-            if self.isa == "avx2":
+            if self.x86:
                 return scale, (nibbles,)  # u8 operand of pmaddubsw
             return scale, (self.b.zext(nibbles, _V32I16),)
         weights = self._load(payload, _V32I8)
-        if self.isa == "avx2":
+        if self.x86:
             # pmaddubsw wants an unsigned operand: |w| as u8 (|-128| = 128 is still exact as u8),
             # the sign moves to the activations per token (psign in lane_dots)
             abs_fn = self._llvm_fn("llvm.abs.v32i8", _V32I8, [_V32I8, _I1])
@@ -227,7 +239,7 @@ class _Emitter:
     def token_block(self, x_ptr: ir.Value, scale_ptr: ir.Value, sum_ptr: ir.Value | None):
         """(activation operand, fp32 scale in 8 lanes, int32 block sum or None) of one activation block."""
         x = self._load(x_ptr, _V32I8)
-        if self.isa != "avx2":
+        if not self.x86:
             x = self.b.sext(x, _V32I16)
         scale = self._splat(self.b.load(scale_ptr, align=4), _V8F32)  # a vbroadcastss from memory
         block_sum = self.b.load(sum_ptr, align=4) if sum_ptr is not None else None
@@ -236,7 +248,14 @@ class _Emitter:
     def lane_dots(self, w_ops: tuple[ir.Value, ...], x: ir.Value, block_sum: ir.Value | None) -> ir.Value:
         """<8 x i32> whose lane total is the exact integer block dot (Q4_0 offset included)."""
         b = self.b
-        if self.isa == "avx2":
+        if self.isa == "avx2-vnni":
+            if self.qtype == "q4_0":
+                u8, s8 = w_ops[0], x
+            else:  # the same sign trick as below
+                psign = self._llvm_fn("llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8])
+                u8, s8 = w_ops[0], b.call(psign, [x, w_ops[1]])
+            lanes = _dpbusd(b, _vconst(_V8I32, 0), u8, s8)
+        elif self.x86:
             maddubs = self._llvm_fn("llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8])
             maddwd = self._llvm_fn("llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
             if self.qtype == "q4_0":
@@ -270,7 +289,7 @@ class _Emitter:
         """acc + float(lanes) * scale_vec, lane-wise (one FMA on AVX2)."""
         # |lane| < 2**24, so the int -> float conversion is exact
         as_float = self.b.sitofp(lanes, _V8F32)
-        if self.isa == "avx2":
+        if self.x86:
             fma = self._llvm_fn("llvm.fma.v8f32", _V8F32, [_V8F32] * 3)
         else:
             # fmuladd: fused where the target has FMA, mul + add elsewhere (never a libm call)
@@ -378,6 +397,15 @@ class _Emitter:
                 merged.append(phi)
             finals = [b.fadd(merged[k], accs[n_pairs + k]) for k in range(n_pairs)]
         return [self.horizontal_sum(acc) for acc in finals]
+
+
+def _dpbusd(builder: ir.IRBuilder, acc: ir.Value, u8: ir.Value, s8: ir.Value) -> ir.Value:
+    """acc (<8 x i32>) + per lane the sum of 4 products u8 x s8 (AVX-VNNI vpdpbusd). Exact in
+    i32: no 16-bit intermediate, so the same integers as pmaddubsw + pmaddwd where those do not
+    saturate (the kernels' bounds guarantee they do not)."""
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V8I32, [_V8I32] * 3), "llvm.x86.avx512.vpdpbusd.256")
+    return builder.call(fn, [acc, builder.bitcast(u8, _V8I32), builder.bitcast(s8, _V8I32)])
 
 
 def _as_i8_ptr(builder: ir.IRBuilder, ptr: ir.Value) -> ir.Value:
@@ -979,6 +1007,7 @@ def _make_x8_tile(n_tok: int, qtype: str = "q4_0"):
         maddubs = fn("llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8])
         maddwd = fn("llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
         fma = fn("llvm.fma.v8f32", _V8F32, [_V8F32] * 3)
+        vnni = kernel_isa() == "avx2-vnni"  # one vpdpbusd per group, accumulated in 32 bits
         psign = fn("llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8])
         vabs = fn("llvm.abs.v32i8", _V32I8, [_V32I8, _I1])
 
@@ -1030,8 +1059,12 @@ def _make_x8_tile(n_tok: int, qtype: str = "q4_0"):
                 four = b.load(b.bitcast(b.gep(x_block[t], [ir.Constant(_I64, g * _X8_GROUP)]), _I32.as_pointer()),
                               align=1)
                 x = b.bitcast(splat(four, _V8I32), _V32I8)  # the same 4 activations for each of the 8 rows
+                s8 = b.call(psign, [x, w]) if qtype == "q8_0" else x
+                if vnni:
+                    sums[t] = _dpbusd(b, _vconst(_V8I32, 0) if sums[t] is None else sums[t], w_abs, s8)
+                    continue
                 if qtype == "q8_0":
-                    part = b.call(maddwd, [b.call(maddubs, [w_abs, b.call(psign, [x, w])]), _vconst(_V16I16, 1)])
+                    part = b.call(maddwd, [b.call(maddubs, [w_abs, s8]), _vconst(_V16I16, 1)])
                 else:
                     part = b.call(maddubs, [w, x])
                 sums[t] = part if sums[t] is None else b.add(sums[t], part)
@@ -1039,10 +1072,11 @@ def _make_x8_tile(n_tok: int, qtype: str = "q4_0"):
                                       _V8F32.as_pointer()), align=4)
         new_accs = []
         for t, (_, scale_ptr, sum_ptr) in enumerate(tokens):
-            if qtype == "q8_0":
+            if qtype == "q8_0" or vnni:
                 lanes = sums[t]
             else:
                 lanes = b.call(maddwd, [sums[t], _vconst(_V16I16, 1)])
+            if qtype == "q4_0":
                 # Q4_0 values are nibble - 8: take 8 * sum(x) off each row's lane
                 offset = b.shl(b.load(b.gep(sum_ptr, [index]), align=4), ir.Constant(_I32, 3))
                 lanes = b.sub(lanes, splat(offset, _V8I32))
