@@ -4,12 +4,14 @@ tests and by .ci/run (the set-up commands)."""
 
 from __future__ import annotations
 
+import doctest
 import re
 import shlex
 from pathlib import Path
 
 import click
 import pytest
+from click.testing import CliRunner
 
 from engine.cli import main
 
@@ -45,3 +47,35 @@ def test_readme_command_parses(args):
     command = main.get_command(click.Context(main), name)
     assert command is not None, f"no subcommand {name!r}"
     command.make_context(name, list(rest))  # raises on an unknown option or a bad value
+
+
+def needs_x86_kernels():
+    # The samples were recorded with the x86 SIMD kernels (AVX2 and AVX2-VNNI give the same bits);
+    # the portable kernels sum floats in another order, which may change a sampled token.
+    from engine.kernels.matmul import kernel_description
+
+    if not kernel_description().startswith("simd-avx2"):
+        pytest.skip(f"samples recorded with the x86 SIMD kernels, not {kernel_description()}")
+
+
+def test_readme_run_sample_is_real_output():
+    needs_x86_kernels()
+    text = README.read_text(encoding="utf-8")
+    match = re.search(r"^    \$ halfbyte (run .*)\n    (.*)$", text, re.MULTILINE)
+    assert match, "no `$ halfbyte run` sample in the README"
+    args, expected = shlex.split(match.group(1)), match.group(2)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.rstrip("\n") == expected
+
+
+def test_readme_library_sample_is_real_output():
+    needs_x86_kernels()
+    from engine import Model
+
+    parser = doctest.DocTestParser()
+    test = parser.get_doctest(README.read_text(encoding="utf-8"), {"Model": Model}, "README", str(README), 0)
+    assert len(test.examples) >= 4
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0
