@@ -86,9 +86,17 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, default=TOKENIZER)
     parser.add_argument("--llama-cpp", type=Path, help="a llama.cpp checkout (for convert_hf_to_gguf.py)")
     parser.add_argument("--llama-quantize", type=Path, help="the llama-quantize binary")
+    parser.add_argument("--make-checkpoint-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    checkpoint = make_checkpoint(args.work / "tinyllama-fp16", args.tokenizer)
+    checkpoint = args.work / "tinyllama-fp16"
+    if args.make_checkpoint_only:
+        make_checkpoint(checkpoint, args.tokenizer)
+        return
+    # In a child process: Linux counts a child's peak RSS from its parent's size at fork, so a
+    # parent holding torch and the 2.2 GB model would inflate every measurement below.
+    subprocess.run([sys.executable, __file__, "--make-checkpoint-only", "--work", str(args.work),
+                    "--tokenizer", str(args.tokenizer)], check=True)
     size = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
     rows = []
 

@@ -353,6 +353,8 @@ def test_kernel_isa_follows_target_features(monkeypatch: pytest.MonkeyPatch) -> 
     expected = "generic"
     if {"avx2", "fma", "f16c"} <= host:
         expected = "avx2-vnni" if "avxvnni" in host or {"avx512vnni", "avx512vl"} <= host else "avx2"
+        if {"avx512f", "avx512bw", "avx512vl", "avx512vnni"} <= host:
+            expected = "avx512-vnni"
     assert simd.kernel_isa() == expected
     monkeypatch.setattr(simd, "_target_features", lambda: {"neon", "dotprod", "fp-armv8"})
     assert simd.kernel_isa.__wrapped__() == "generic"
@@ -360,6 +362,9 @@ def test_kernel_isa_follows_target_features(monkeypatch: pytest.MonkeyPatch) -> 
     assert simd.kernel_isa.__wrapped__() == "avx2"
     monkeypatch.setattr(simd, "_target_features", lambda: {"avx2", "fma", "f16c", "avx512vnni", "avx512vl"})
     assert simd.kernel_isa.__wrapped__() == "avx2-vnni"
+    zen4 = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni"}
+    monkeypatch.setattr(simd, "_target_features", lambda: zen4)
+    assert simd.kernel_isa.__wrapped__() == "avx512-vnni"
     monkeypatch.setattr(simd, "_target_features", lambda: {"avx2", "fma", "f16c", "avxvnni"})
     assert simd.kernel_isa.__wrapped__() == "avx2-vnni"
     monkeypatch.undo()
@@ -410,19 +415,24 @@ OTHER_ISA_SCRIPT = textwrap.dedent(
 )
 
 
+# What to take away from the host's features to make Numba compile (and kernel_isa() pick) each
+# lesser x86 ISA.
+LESSER_ISA_DROP = {"avx2": ("avxvnni", "avx512vnni"), "avx2-vnni": ("avx512vnni",)}
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not simd.has_x8_kernels(), reason="x86 AVX2 host only")
-def test_the_other_x86_isa_matches_the_portable_kernels(tmp_path: Path) -> None:
+@pytest.mark.parametrize("isa", sorted(LESSER_ISA_DROP))
+def test_lesser_x86_isas_match_the_portable_kernels(isa: str, tmp_path: Path) -> None:
     host = simd._target_features()
-    vnni_host = simd.kernel_isa() == "avx2-vnni"
-    if not vnni_host and "avx512vnni" not in host and "avxvnni" not in host:
-        pytest.skip("this CPU cannot run the VNNI kernels")
-    # Numba compiles for NUMBA_CPU_FEATURES: drop VNNI to get the plain AVX2 kernels, or keep it
-    features = ",".join(f"+{f}" for f in sorted(host) if "vnni" not in f)
-    isa = "avx2"
-    if not vnni_host:
-        features += ",+avx512vnni,+avx512vl,+avxvnni"
-        isa = "avx2-vnni"
+    if not simd.has_x8_kernels() or isa == simd.kernel_isa():
+        pytest.skip(f"{isa} is this host's own ISA (tested directly) or the host is not x86 AVX2")
+    drop = LESSER_ISA_DROP[isa]
+    if isa == "avx2-vnni" and "avxvnni" not in host:
+        pytest.skip("AVX-VNNI without AVX512-VNNI: this CPU cannot run that combination")
+    if isa == "avx2-vnni" and simd.kernel_isa() == "avx2":
+        pytest.skip("this CPU has no VNNI")
+    # Numba compiles for NUMBA_CPU_FEATURES (and kernel_isa() follows it)
+    features = ",".join(f"+{f}" for f in sorted(host) if f not in drop)
     env = dict(os.environ, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-c", OTHER_ISA_SCRIPT.format(isa=isa)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=600)

@@ -42,7 +42,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 QK = 32  # elements per ggml block (Q4_0 and Q8_0)
-X86_ISAS = ("avx2", "avx2-vnni")  # the IR flavours that use x86 intrinsics
+X86_ISAS = ("avx2", "avx2-vnni", "avx512-vnni")  # the IR flavours that use x86 intrinsics
 Q4_0_BLOCK_BYTES = 18
 Q8_0_BLOCK_BYTES = 34
 
@@ -98,7 +98,7 @@ def _target_features() -> set[str]:
 
 @functools.cache
 def kernel_isa() -> str:
-    """The IR flavour the host kernels use: "avx2-vnni", "avx2" or "generic".
+    """The IR flavour the host kernels use: "avx512-vnni", "avx2-vnni", "avx2" or "generic".
 
     Evaluated lazily, at the first kernel compilation (not at import). It must agree with the
     features Numba targets, because Numba's on-disk cache is keyed by CPU name and features:
@@ -110,6 +110,8 @@ def kernel_isa() -> str:
     if {"avx2", "fma", "f16c"} <= features:
         # VNNI's vpdpbusd (u8 x s8, 4 products into each i32 lane, no intermediate saturation)
         # replaces pmaddubsw + pmaddwd: the 256-bit form needs AVX-VNNI or AVX512-VNNI with VL.
+        if {"avx512f", "avx512bw", "avx512vl", "avx512vnni"} <= features:
+            return "avx512-vnni"  # as avx2-vnni, plus 512-bit prompt tiles (two groups per vpdpbusd)
         if "avxvnni" in features or {"avx512vnni", "avx512vl"} <= features:
             return "avx2-vnni"
         return "avx2"
@@ -248,7 +250,7 @@ class _Emitter:
     def lane_dots(self, w_ops: tuple[ir.Value, ...], x: ir.Value, block_sum: ir.Value | None) -> ir.Value:
         """<8 x i32> whose lane total is the exact integer block dot (Q4_0 offset included)."""
         b = self.b
-        if self.isa == "avx2-vnni":
+        if self.isa.endswith("-vnni"):
             if self.qtype == "q4_0":
                 u8, s8 = w_ops[0], x
             else:  # the same sign trick as below
@@ -406,6 +408,37 @@ def _dpbusd(builder: ir.IRBuilder, acc: ir.Value, u8: ir.Value, s8: ir.Value) ->
     fn = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(_V8I32, [_V8I32] * 3), "llvm.x86.avx512.vpdpbusd.256")
     return builder.call(fn, [acc, builder.bitcast(u8, _V8I32), builder.bitcast(s8, _V8I32)])
+
+
+def _x8_wide_groups(b: ir.IRBuilder, qtype: str, block_w: ir.Value, x_block: list, sums: list) -> None:
+    """AVX-512 VNNI body of an x8 block: groups g and g+1 (64 contiguous packed bytes: 8 rows x 4
+    weights each) against the token's 8 activations 4g..4g+7 (bytes 0-3 broadcast to the low 256
+    bits, 4-7 to the high 256 bits), one 512-bit vpdpbusd; the two halves are added at the end, so
+    ``sums[t]`` ends as the same <8 x i32> exact integers as the 256-bit kernels'."""
+    v64i8 = ir.VectorType(_I8, 64)
+    v16i32 = ir.VectorType(_I32, 16)
+    dpbusd = cgutils.get_or_insert_function(
+        b.module, ir.FunctionType(v16i32, [v16i32] * 3), "llvm.x86.avx512.vpdpbusd.512")
+    vabs = cgutils.get_or_insert_function(b.module, ir.FunctionType(v64i8, [v64i8, _I1]), "llvm.abs.v64i8")
+    zero8 = ir.Constant(v64i8, [0] * 64)
+    acc = [ir.Constant(v16i32, [0] * 16)] * len(x_block)
+    for g in range(0, QK // _X8_GROUP, 2):
+        w = b.load(b.bitcast(b.gep(block_w, [ir.Constant(_I64, g * 32)]), v64i8.as_pointer()), align=1)
+        w_abs = b.call(vabs, [w, ir.Constant(_I1, 0)]) if qtype == "q8_0" else w
+        for t, x_ptr in enumerate(x_block):
+            eight = b.load(b.bitcast(b.gep(x_ptr, [ir.Constant(_I64, g * _X8_GROUP)]),
+                                     ir.VectorType(_I32, 2).as_pointer()), align=1)
+            x = b.bitcast(b.shuffle_vector(eight, eight, _mask([0] * 8 + [1] * 8)), v64i8)
+            if qtype == "q8_0":
+                # psign has no 512-bit form: x where w > 0, -x where w < 0, 0 where w == 0
+                # (exact: activations are in [-127, 127])
+                x = b.select(b.icmp_signed("<", w, zero8), b.sub(zero8, x), x)
+                x = b.select(b.icmp_signed("==", w, zero8), zero8, x)
+            acc[t] = b.call(dpbusd, [acc[t], b.bitcast(w_abs, v16i32), b.bitcast(x, v16i32)])
+    for t in range(len(x_block)):
+        low = b.shuffle_vector(acc[t], acc[t], _mask(range(8)))
+        high = b.shuffle_vector(acc[t], acc[t], _mask(range(8, 16)))
+        sums[t] = b.add(low, high)
 
 
 def _as_i8_ptr(builder: ir.IRBuilder, ptr: ir.Value) -> ir.Value:
@@ -1007,7 +1040,9 @@ def _make_x8_tile(n_tok: int, qtype: str = "q4_0"):
         maddubs = fn("llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8])
         maddwd = fn("llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
         fma = fn("llvm.fma.v8f32", _V8F32, [_V8F32] * 3)
-        vnni = kernel_isa() == "avx2-vnni"  # one vpdpbusd per group, accumulated in 32 bits
+        isa = kernel_isa()
+        vnni = isa.endswith("-vnni")  # one vpdpbusd per group, accumulated in 32 bits
+        wide = isa == "avx512-vnni"  # one 512-bit vpdpbusd per two groups
         psign = fn("llvm.x86.avx2.psign.b", _V32I8, [_V32I8, _V32I8])
         vabs = fn("llvm.abs.v32i8", _V32I8, [_V32I8, _I1])
 
@@ -1052,7 +1087,9 @@ def _make_x8_tile(n_tok: int, qtype: str = "q4_0"):
                               ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
         sums = [None] * n_tok  # Q4_0: <16 x i16> pair sums; Q8_0: <8 x i32> lanes
         x_block = [b.gep(x_ptr, [b.mul(index, ir.Constant(_I64, QK))]) for x_ptr, _, _ in tokens]
-        for g in range(QK // _X8_GROUP):
+        if wide:
+            _x8_wide_groups(b, qtype, block_w, x_block, sums)
+        for g in range(0 if not wide else QK // _X8_GROUP, QK // _X8_GROUP):
             w = b.load(b.bitcast(b.gep(block_w, [ir.Constant(_I64, g * 32)]), _V32I8.as_pointer()), align=1)
             w_abs = b.call(vabs, [w, ir.Constant(_I1, 0)]) if qtype == "q8_0" else w
             for t in range(n_tok):
