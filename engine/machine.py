@@ -12,7 +12,7 @@ from typing import Any
 
 # Features that decide which kernels run (x86: AVX2/FMA/F16C and AVX-512; arm64: NEON and the
 # dot-product extension), as LLVM names them.
-KERNEL_FEATURES = ("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni", "avxvnni",
+KERNEL_FEATURES = ("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni",
                    "neon", "fp-armv8", "dotprod", "i8mm", "fullfp16")
 
 
@@ -37,7 +37,14 @@ def cpu_info() -> str:
         name = _read("/proc/device-tree/model").strip("\0\n ") or platform.processor() or platform.machine()
     if fields.get("CPU part") and "model name" not in fields:
         name += f" (CPU part {fields['CPU part']})"  # arm64 cores: 0xd03 = Cortex-A53, 0xd0b = A76, ...
+    if _is_arm64() and "vendor_id" in fields:
+        # qemu-user running an arm64 Python on an x86 host passes the host's /proc/cpuinfo through.
+        name = f"arm64 under emulation (host /proc/cpuinfo: {name})"
     return name
+
+
+def _is_arm64() -> bool:
+    return platform.machine().lower() in ("aarch64", "arm64")
 
 
 def n_cpus() -> int:
@@ -52,6 +59,10 @@ def kernel_features() -> list[str]:
     from engine.kernels.simd import _target_features
 
     have = _target_features()
+    if _is_arm64():
+        # Mandatory in ARMv8-A (and for arm64 Linux), so on in LLVM's "generic" aarch64 target even
+        # when the host detection finds nothing, as under qemu-user (no arm64 /proc/cpuinfo to read).
+        have |= {"neon", "fp-armv8"}
     return [f for f in KERNEL_FEATURES if f in have]
 
 
