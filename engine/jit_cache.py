@@ -24,6 +24,9 @@ def _marker() -> Path:
     for path in sorted(KERNEL_DIR.glob("*.py")):
         digest.update(path.read_bytes())
     digest.update(f"{numba.__version__} {sys.version} {platform.machine()} {platform.processor()}".encode())
+    # Each installation (a checkout, each venv's site-packages) has its own Numba cache beside its
+    # modules, so its own marker: a warm checkout says nothing about a fresh `pip install .`.
+    digest.update(str(KERNEL_DIR.resolve()).encode())
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "halfbyte"
     return base / f"kernels-{digest.hexdigest()[:16]}.warm"
 

@@ -92,3 +92,18 @@ def test_context_shift_keeps_generating_past_the_context(model_file):
     np.testing.assert_allclose(fresh.eval([5], last_only=True), logits, rtol=1e-5, atol=1e-5)
     result = invoke(model_file, "-p", "hello", "-n", 40, "-c", 16, "--context-shift", *GREEDY)
     assert result.exit_code == 0 and "stopped: length" in result.stderr
+
+
+def test_each_installation_has_its_own_warm_marker(tmp_path, monkeypatch):
+    """A warm checkout must not silence the notice for a fresh `pip install .` (another kernel cache)."""
+    from engine import jit_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    jit_cache.mark_warm()
+    assert jit_cache.is_warm()
+    other = tmp_path / "site-packages" / "engine" / "kernels"
+    other.mkdir(parents=True)
+    for path in jit_cache.KERNEL_DIR.glob("*.py"):
+        (other / path.name).write_bytes(path.read_bytes())  # the same sources, installed elsewhere
+    monkeypatch.setattr(jit_cache, "KERNEL_DIR", other)
+    assert not jit_cache.is_warm()
