@@ -1089,22 +1089,23 @@ def _make_x8_tile(n_tok: int, qtype: str = "q4_0"):
         x_block = [b.gep(x_ptr, [b.mul(index, ir.Constant(_I64, QK))]) for x_ptr, _, _ in tokens]
         if wide:
             _x8_wide_groups(b, qtype, block_w, x_block, sums)
-        for g in range(0 if not wide else QK // _X8_GROUP, QK // _X8_GROUP):
-            w = b.load(b.bitcast(b.gep(block_w, [ir.Constant(_I64, g * 32)]), _V32I8.as_pointer()), align=1)
-            w_abs = b.call(vabs, [w, ir.Constant(_I1, 0)]) if qtype == "q8_0" else w
-            for t in range(n_tok):
-                four = b.load(b.bitcast(b.gep(x_block[t], [ir.Constant(_I64, g * _X8_GROUP)]), _I32.as_pointer()),
-                              align=1)
-                x = b.bitcast(splat(four, _V8I32), _V32I8)  # the same 4 activations for each of the 8 rows
-                s8 = b.call(psign, [x, w]) if qtype == "q8_0" else x
-                if vnni:
-                    sums[t] = _dpbusd(b, _vconst(_V8I32, 0) if sums[t] is None else sums[t], w_abs, s8)
-                    continue
-                if qtype == "q8_0":
-                    part = b.call(maddwd, [b.call(maddubs, [w_abs, s8]), _vconst(_V16I16, 1)])
-                else:
-                    part = b.call(maddubs, [w, x])
-                sums[t] = part if sums[t] is None else b.add(sums[t], part)
+        else:
+            for g in range(QK // _X8_GROUP):
+                w = b.load(b.bitcast(b.gep(block_w, [ir.Constant(_I64, g * 32)]), _V32I8.as_pointer()), align=1)
+                w_abs = b.call(vabs, [w, ir.Constant(_I1, 0)]) if qtype == "q8_0" else w
+                for t in range(n_tok):
+                    four = b.load(b.bitcast(b.gep(x_block[t], [ir.Constant(_I64, g * _X8_GROUP)]), _I32.as_pointer()),
+                                  align=1)
+                    x = b.bitcast(splat(four, _V8I32), _V32I8)  # the same 4 activations for each of the 8 rows
+                    s8 = b.call(psign, [x, w]) if qtype == "q8_0" else x
+                    if vnni:
+                        sums[t] = _dpbusd(b, _vconst(_V8I32, 0) if sums[t] is None else sums[t], w_abs, s8)
+                        continue
+                    if qtype == "q8_0":
+                        part = b.call(maddwd, [b.call(maddubs, [w_abs, s8]), _vconst(_V16I16, 1)])
+                    else:
+                        part = b.call(maddubs, [w, x])
+                    sums[t] = part if sums[t] is None else b.add(sums[t], part)
         row_scales = b.load(b.bitcast(b.gep(ws_base, [b.mul(index, ir.Constant(_I64, _X8_ROWS))]),
                                       _V8F32.as_pointer()), align=4)
         new_accs = []
