@@ -86,9 +86,10 @@ def dequantized_copy(source, target):
 def test_files_quantized_by_llama_cpp_run_at_least_as_exactly_as_in_llama_cpp(tmp_path, ftype_name):
     """llama-quantize's own output (Q6_K head, K-quant mixes) loads and runs. Against the exact
     result for its weights (all tensors dequantized to F32), halfbyte must be at least as close as
-    llama.cpp. Measured, max |err| / max |logit|: Q4_0 ours 3.2%, llama.cpp 3.4% (both quantize
-    activations to Q8_0); Q4_K_M and Q5_K_M ours 0.1% (float activations for K-quants),
-    llama.cpp 4.3-4.4% (Q8_K activations)."""
+    llama.cpp (within 10% + 0.002). Both quantize activations the same way (Q8_0 for Q4_0 weights,
+    Q8_K for K-quants). Measured, max |err| / max |logit|: Q4_0 (with llama-quantize's Q6_K head)
+    ours 3.5%, llama.cpp 3.4%; Q4_K_M ours 4.6%, llama.cpp 4.4%; Q5_K_M ours 4.1%, llama.cpp 4.3%.
+    (HALFBYTE_KERNELS=reference keeps float activations for K-quants.)"""
     from tiny_models import llama_config
 
     config = llama_config(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)

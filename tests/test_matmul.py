@@ -286,19 +286,43 @@ def random_k_weight(qtype, n_out, n_in, rng):
     return WeightView.from_raw(qtype, (n_in, n_out), raw)
 
 
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 @pytest.mark.parametrize("qtype", K_QUANT_TYPES, ids=lambda t: t.name)
-def test_k_quants_dequantize_like_gguf_and_multiply(qtype):
+def test_k_quants_dequantize_like_gguf_and_multiply(qtype, path):
+    """The reference path takes float dots with the float activations (to float rounding); the
+    SIMD paths quantize the activations to Q8_K first, as llama.cpp does, so they match the
+    dequantized weights times the dequantized activations (to float rounding) and the float
+    product within the activations' 8-bit rounding."""
     from engine import quants as our_quants
+    from engine.kernels.kquant_simd import quantize_activations_q8_k
 
     rng = np.random.default_rng(int(qtype))
     weight = random_k_weight(qtype, 21, 512, rng)
     expected = quants.dequantize(weight.data, qtype)
     np.testing.assert_array_equal(our_quants.dequantize(weight.data, qtype).view(np.uint32), expected.view(np.uint32))
     x = rng.standard_normal((5, 512), dtype=np.float32)
-    scale = np.abs(x).astype(np.float64) @ np.abs(expected.astype(np.float64)).T
-    reference = x.astype(np.float64) @ expected.astype(np.float64).T
-    assert np.all(np.abs(matmul(weight, x) - reference) <= 1e-5 * scale)
-    assert np.all(np.abs(matvec(weight, x[0]) - reference[0]) <= 1e-5 * scale[0])
+    w64 = expected.astype(np.float64)
+    scale = np.abs(x).astype(np.float64) @ np.abs(w64).T
+    previous = set_kernel_path(path)
+    try:
+        batch, single = matmul(weight, x), matvec(weight, x[0])
+    finally:
+        set_kernel_path(previous)
+    if path == "reference":
+        reference, tolerance = x.astype(np.float64) @ w64.T, 1e-5
+    else:
+        xq, xd, _ = quantize_activations_q8_k(x)
+        x_used = (xq.reshape(5, -1, 256) * xd[:, :, None].astype(np.float64)).reshape(5, -1)
+        reference, tolerance = x_used @ w64.T, 1e-5
+        # and the activations' own rounding: at most half a step (d / 2) per value
+        step = np.abs(xd).max(axis=1, keepdims=True) / 2
+        float_product = x.astype(np.float64) @ w64.T
+        assert np.all(np.abs(batch - float_product) <= step * np.abs(w64).sum(axis=1) + tolerance * scale)
+    assert np.all(np.abs(batch - reference) <= tolerance * scale)
+    assert np.all(np.abs(single - reference[0]) <= tolerance * scale[0])
+    if path != "reference":
+        # one token alone and the same token in a batch: the same integers, the same floats
+        np.testing.assert_array_equal(single, batch[0])
 
 
 def test_k_quant_rows_must_be_whole_super_blocks():

@@ -6,7 +6,9 @@
   within the float-summation bound of ``row_dot_error_bound``; with unit scales, where every
   float operation is exact, they match bit for bit: the integer block dots are identical.
 * 1 and 2 threads give bit-identical results.
-* The portable IR compiles for aarch64 (NEON) and baseline x86-64 without library calls.
+* The portable IR compiles for aarch64 (NEON) and baseline x86-64 without library calls, the
+  arm64 dot-product IR to ``sdot`` (it runs under bench/arm64/run_emulated.sh, where the
+  host-path tests here check it).
 * Compiled kernels are loaded from Numba's on-disk cache by a second process.
 """
 
@@ -440,14 +442,18 @@ def test_lesser_x86_isas_match_the_portable_kernels(isa: str, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(
-    "triple, cpu, features",
+    "triple, cpu, features, isa",
     [
-        ("aarch64-unknown-linux-gnu", "generic", "+neon"),
-        ("aarch64-unknown-linux-gnu", "apple-m1", ""),
-        ("x86_64-unknown-linux-gnu", "x86-64", ""),  # SSE2 only: no F16C, no FMA
+        ("aarch64-unknown-linux-gnu", "generic", "+neon", "generic"),
+        ("aarch64-unknown-linux-gnu", "apple-m1", "", "generic"),
+        ("x86_64-unknown-linux-gnu", "x86-64", "", "generic"),  # SSE2 only: no F16C, no FMA
+        # the arm64 dot-product kernels: the Raspberry Pi 5's core, and what the start-up check
+        # makes of a CPU that LLVM could not name (qemu-user)
+        ("aarch64-unknown-linux-gnu", "cortex-a76", "", "neon-dotprod"),
+        ("aarch64-unknown-linux-gnu", "generic", "+neon,+dotprod", "neon-dotprod"),
     ],
 )
-def test_generic_ir_lowers_without_library_calls(triple: str, cpu: str, features: str) -> None:
+def test_ir_lowers_without_library_calls(triple: str, cpu: str, features: str, isa: str) -> None:
     import llvmlite.binding as llvm
 
     llvm.initialize_all_targets()
@@ -458,7 +464,7 @@ def test_generic_ir_lowers_without_library_calls(triple: str, cpu: str, features
         pytest.skip(f"this llvmlite has no {triple} backend")
     machine = target.create_target_machine(cpu=cpu, features=features, opt=3)
     for qtype in ("q4_0", "q8_0"):
-        module = llvm.parse_assembly(simd.standalone_row_dot_ir(qtype, "generic"))
+        module = llvm.parse_assembly(simd.standalone_row_dot_ir(qtype, isa))
         module.triple = triple
         module.verify()
         builder = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(speed_level=3))
@@ -469,7 +475,11 @@ def test_generic_ir_lowers_without_library_calls(triple: str, cpu: str, features
         ]
         calls = [i for i in instructions if i in ("bl", "blr", "call", "callq")]
         assert not calls, asm  # no libm / compiler-rt helpers (fmaf, __extendhfsf2, ...)
-        if triple.startswith("aarch64"):
+        if isa == "neon-dotprod":
+            # 2 sdot per block and token (x the 2-block unroll), no widening multiplies left
+            assert instructions.count("sdot") >= 4 and "smull" not in instructions, asm
+            assert "fmla" in instructions
+        elif triple.startswith("aarch64"):
             assert "smull" in instructions or "smlal" in instructions  # NEON widening multiplies
             assert "fmla" in instructions
 

@@ -8,9 +8,11 @@
 # 2. An arm64 Python 3.11 userland: Debian's arm64 .debs (apt-get download), unpacked with
 #    dpkg-deb -x into $ROOT. No chroot, no debootstrap, nothing installed system-wide.
 # 3. arm64 wheels from PyPI (host pip, --platform manylinux_*_aarch64), same versions as the host.
-# 4. Under emulation: a torch-free subset of the tests, the CLI, machine_info(), and greedy
-#    generation on two tiny random-weight GGUF files (Q4_0, Q8_0) made on the host; the arm64
-#    token ids must equal the x86 ones.
+# 4. Under emulation, twice: as a Cortex-A76 (Raspberry Pi 5: the dot-product `sdot` kernels must
+#    be picked at start-up) and as a Cortex-A72 (Raspberry Pi 4: the portable NEON kernels). Each
+#    time: machine_info(), the CLI, Q4_0/Q8_0 kernel outputs on seeded data (the sdot ones must be
+#    bit-identical to x86's), greedy generation on two tiny random-weight GGUF files (Q4_0, Q8_0)
+#    made on the host (the arm64 token ids must equal the x86 ones) and a torch-free test subset.
 #
 # Idempotent: everything is cached under $ARM64_WORK (default ~/.cache/halfbyte/arm64); a second
 # run only re-runs step 4. Prints PASS/FAIL per part and exits non-zero on any failure.
@@ -34,8 +36,10 @@ N_TOKENS=${N_TOKENS:-16}
 # tests/test_matmul.py needs libgomp1 in the userland (Numba's OpenMP threading layer): with the
 # fallback workqueue layer it hung under qemu-user. Not here: tests/test_gguf_file.py and
 # tests/test_tokenizer.py (torch-free but ~240 tests: too slow emulated).
-TESTS=${ARM64_TESTS:-"tests/test_quants.py tests/test_simd.py tests/test_matmul.py tests/test_run_cli.py
+TESTS=${ARM64_TESTS:-"tests/test_quants.py tests/test_simd.py tests/test_matmul.py tests/test_cpu_target.py tests/test_run_cli.py
  tests/test_bench.py tests/test_tokenize_cli.py"}
+# On the Cortex-A72 (no dot product: the portable kernels) only the kernel tests run again.
+TESTS_A72=${ARM64_TESTS_A72:-"tests/test_simd.py tests/test_matmul.py tests/test_cpu_target.py"}
 # Known arm64 differences, run apart and reported but not counted. The reference is numpy on the
 # CPU it runs on; halfbyte's kernels give x86's answers everywhere (engine/quants.py module doc):
 # which NaN (sign, payload) comes out when NaNs meet (d * q + m with d and m both NaN; float32 ->
@@ -176,37 +180,60 @@ t0=$SECONDS
         $NICE "$HOST_PYTHON" bench/arm64/greedy.py "$WORK/models/tiny-$q.gguf" "$N_TOKENS" "$OUT/x86-$q.npy" \
             >"$OUT/x86-$q.json" 2>>"$LOGS/x86.log" || exit 1
     done
+    $NICE "$HOST_PYTHON" bench/arm64/kernel_outputs.py "$OUT/kernels-x86.npz" >>"$LOGS/x86.log" 2>&1 || exit 1
 ) && record "x86 models + greedy" PASS $((SECONDS - t0)) || {
     record "x86 models + greedy" FAIL $((SECONDS - t0)) "see $LOGS/x86.log"
     finish
 }
 
-# -- 5a. machine detection and the CLI under emulation ---------------------------------------------
-say "5a. machine_info() and halfbyte info under arm64 emulation"
-t0=$SECONDS
-if arm -c "import json; from engine.machine import machine_info; print(json.dumps(machine_info()))" \
-    >"$OUT/machine_info.json" 2>"$LOGS/machine.log" &&
-    arm -m engine info "$WORK/models/tiny-q4_0.gguf" >"$OUT/info.txt" 2>>"$LOGS/machine.log"; then
-    cat "$OUT/machine_info.json"
-    head -5 "$OUT/info.txt"
-    detail=$("$HOST_PYTHON" -c "import json,sys; m=json.load(open(sys.argv[1])); \
-print(m['machine'], m['kernels'], ','.join(m['cpu_features']) or '-')" "$OUT/machine_info.json")
-    if [[ $detail == aarch64* ]]; then
-        record "machine_info + halfbyte info" PASS $((SECONDS - t0)) "$detail"
-    else
-        record "machine_info + halfbyte info" FAIL $((SECONDS - t0)) "not aarch64: $detail"
-    fi
-else
-    record "machine_info + halfbyte info" FAIL $((SECONDS - t0)) "see $LOGS/machine.log"
-fi
+# -- 5. under emulation, once per emulated CPU ------------------------------------------------------
+# qemu-user takes the CPU model from QEMU_CPU and reports its features to the program through the
+# auxiliary vector (getauxval(AT_HWCAP)), which is what halfbyte's start-up check reads: Cortex-A76
+# (Raspberry Pi 5) has the dot-product extension, so the `sdot` kernels must be picked; Cortex-A72
+# (Raspberry Pi 4) has not, so the portable (NEON) kernels must be.
+run_cpu() {  # run_cpu CPU EXPECTED_KERNELS TESTS
+    local cpu=$1 expect=$2 cpu_tests=$3 q t0 detail verdict rc line tests deselect known
+    export QEMU_CPU=$cpu
 
-# -- 5b. greedy generation: arm64 tokens must equal the x86 ones -----------------------------------
-for q in q4_0 q8_0; do
-    say "5b. greedy $q under arm64 emulation"
+    say "5a. $cpu: machine_info(), halfbyte info, kernel outputs against x86"
     t0=$SECONDS
-    if arm "$REPO/bench/arm64/greedy.py" "$WORK/models/tiny-$q.gguf" "$N_TOKENS" "$OUT/arm64-$q.npy" \
-        >"$OUT/arm64-$q.json" 2>"$LOGS/greedy-$q.log"; then
-        verdict=$("$HOST_PYTHON" - "$OUT/x86-$q" "$OUT/arm64-$q" <<'EOF'
+    if arm -c "import json; from engine.machine import machine_info; print(json.dumps(machine_info()))" \
+        >"$OUT/machine_info-$cpu.json" 2>"$LOGS/machine-$cpu.log" &&
+        arm -m engine info "$WORK/models/tiny-q4_0.gguf" >"$OUT/info-$cpu.txt" 2>>"$LOGS/machine-$cpu.log"; then
+        cat "$OUT/machine_info-$cpu.json"
+        head -5 "$OUT/info-$cpu.txt"
+        detail=$("$HOST_PYTHON" -c "import json,sys; m=json.load(open(sys.argv[1])); \
+print(m['machine'], m['kernels'], ','.join(m['cpu_features']) or '-')" "$OUT/machine_info-$cpu.json")
+        if [[ $detail == "aarch64 $expect "* ]]; then
+            record "$cpu: machine_info + info" PASS $((SECONDS - t0)) "$detail"
+        else
+            record "$cpu: machine_info + info" FAIL $((SECONDS - t0)) "expected aarch64 $expect: $detail"
+        fi
+    else
+        record "$cpu: machine_info + info" FAIL $((SECONDS - t0)) "see $LOGS/machine-$cpu.log"
+    fi
+    # Q4_0/Q8_0 matvec and prompt-tile outputs on seeded data: the sdot kernels must give x86's bits.
+    t0=$SECONDS
+    if arm "$REPO/bench/arm64/kernel_outputs.py" "$OUT/kernels-$cpu.npz" >>"$LOGS/machine-$cpu.log" 2>&1; then
+        verdict=$(cd "$REPO" && "$HOST_PYTHON" bench/arm64/kernel_outputs.py --compare "$OUT/kernels-x86.npz" \
+            "$OUT/kernels-$cpu.npz")
+        echo "$verdict"
+        if [[ $expect != simd-neon-dotprod || $verdict == *'"identical": true'* ]]; then
+            record "$cpu: kernel outputs vs x86" PASS $((SECONDS - t0)) "$verdict"
+        else
+            record "$cpu: kernel outputs vs x86" FAIL $((SECONDS - t0)) "not bit-identical: $verdict"
+        fi
+    else
+        record "$cpu: kernel outputs vs x86" FAIL $((SECONDS - t0)) "see $LOGS/machine-$cpu.log"
+    fi
+
+    # Greedy generation: the arm64 tokens must equal the x86 ones.
+    for q in q4_0 q8_0; do
+        say "5b. $cpu: greedy $q"
+        t0=$SECONDS
+        if arm "$REPO/bench/arm64/greedy.py" "$WORK/models/tiny-$q.gguf" "$N_TOKENS" "$OUT/arm64-$cpu-$q.npy" \
+            >"$OUT/arm64-$cpu-$q.json" 2>"$LOGS/greedy-$cpu-$q.log"; then
+            verdict=$("$HOST_PYTHON" - "$OUT/x86-$q" "$OUT/arm64-$cpu-$q" <<'PY'
 import json
 import sys
 
@@ -219,44 +246,47 @@ print(f"arm64 ({arm['kernels']}): {arm['tokens']}", file=sys.stderr)
 diff = float(np.max(np.abs(lx - la)) / max(1e-30, float(np.max(np.abs(lx)))))
 same = x86["tokens"] == arm["tokens"] and x86["prompt_argmax"] == arm["prompt_argmax"]
 print(f"{'same' if same else 'DIFFERENT'} tokens; prompt logits max |diff| / max |logit| = {diff:.1e}")
-EOF
+PY
 )
-        cat "$OUT/arm64-$q.json"
-        if [[ $verdict == same* ]]; then
-            record "greedy $q x86 == arm64" PASS $((SECONDS - t0)) "$verdict"
+            cat "$OUT/arm64-$cpu-$q.json"
+            if [[ $verdict == same* ]]; then
+                record "$cpu: greedy $q x86 == arm64" PASS $((SECONDS - t0)) "$verdict"
+            else
+                record "$cpu: greedy $q x86 == arm64" FAIL $((SECONDS - t0)) "$verdict"
+            fi
         else
-            record "greedy $q x86 == arm64" FAIL $((SECONDS - t0)) "$verdict"
+            record "$cpu: greedy $q x86 == arm64" FAIL $((SECONDS - t0)) "see $LOGS/greedy-$cpu-$q.log"
         fi
-    else
-        record "greedy $q x86 == arm64" FAIL $((SECONDS - t0)) "see $LOGS/greedy-$q.log"
-    fi
-done
+    done
 
-# -- 5c. the torch-free test subset ----------------------------------------------------------------
-say "5c. tests under arm64 emulation: $TESTS"
-t0=$SECONDS
-# shellcheck disable=SC2086
-tests=$(for t in $TESTS; do printf '%s ' "$REPO/$t"; done)
-deselect=$(for t in $KNOWN $SLOW; do printf -- '--deselect %s ' "$t"; done)
-# shellcheck disable=SC2086
-arm_cmd timeout "$TEST_TIMEOUT" "${PY_ARM[@]}" -m pytest -p no:xdist -p no:cacheprovider -q -o addopts= \
-    --rootdir "$REPO" -c "$REPO/pyproject.toml" $deselect $tests >"$LOGS/pytest.log" 2>&1
-rc=$?
-line=$(grep -E '^[0-9]+ (passed|failed)|^=+ .*(passed|failed)' "$LOGS/pytest.log" | tail -1 | tr -d '=')
-tail -3 "$LOGS/pytest.log"
-if ((rc == 0)); then
-    record "pytest (torch-free subset)" PASS $((SECONDS - t0)) "$line"
-else
-    record "pytest (torch-free subset)" FAIL $((SECONDS - t0)) "${line:-rc=$rc} (see $LOGS/pytest.log)"
-fi
-t0=$SECONDS
-if [[ $TESTS == *test_quants.py* ]]; then
-    known=$(for t in $KNOWN; do printf '%s ' "$REPO/$t"; done)
+    say "5c. $cpu: tests: $cpu_tests"
+    t0=$SECONDS
+    tests=$(for t in $cpu_tests; do printf '%s ' "$REPO/$t"; done)
+    deselect=$(for t in $KNOWN $SLOW; do printf -- '--deselect %s ' "$t"; done)
     # shellcheck disable=SC2086
     arm_cmd timeout "$TEST_TIMEOUT" "${PY_ARM[@]}" -m pytest -p no:xdist -p no:cacheprovider -q -o addopts= \
-        --rootdir "$REPO" -c "$REPO/pyproject.toml" $known >"$LOGS/pytest-known.log" 2>&1
-    line=$(grep -E '^[0-9]+ (passed|failed)|^=+ .*(passed|failed)' "$LOGS/pytest-known.log" | tail -1 | tr -d '=')
-    record "known NaN-bit differences" INFO $((SECONDS - t0)) "${line:-?} (see $LOGS/pytest-known.log)"
-fi
+        --rootdir "$REPO" -c "$REPO/pyproject.toml" $deselect $tests >"$LOGS/pytest-$cpu.log" 2>&1
+    rc=$?
+    line=$(grep -E '^[0-9]+ (passed|failed)|^=+ .*(passed|failed)' "$LOGS/pytest-$cpu.log" | tail -1 | tr -d '=')
+    tail -3 "$LOGS/pytest-$cpu.log"
+    if ((rc == 0)); then
+        record "$cpu: pytest" PASS $((SECONDS - t0)) "$line"
+    else
+        record "$cpu: pytest" FAIL $((SECONDS - t0)) "${line:-rc=$rc} (see $LOGS/pytest-$cpu.log)"
+    fi
+    t0=$SECONDS
+    if [[ $cpu_tests == *test_quants.py* ]]; then
+        known=$(for t in $KNOWN; do printf '%s ' "$REPO/$t"; done)
+        # shellcheck disable=SC2086
+        arm_cmd timeout "$TEST_TIMEOUT" "${PY_ARM[@]}" -m pytest -p no:xdist -p no:cacheprovider -q -o addopts= \
+            --rootdir "$REPO" -c "$REPO/pyproject.toml" $known >"$LOGS/pytest-known-$cpu.log" 2>&1
+        line=$(grep -E '^[0-9]+ (passed|failed)|^=+ .*(passed|failed)' "$LOGS/pytest-known-$cpu.log" | tail -1 | tr -d '=')
+        record "$cpu: known NaN-bit differences" INFO $((SECONDS - t0)) "${line:-?} (see $LOGS/pytest-known-$cpu.log)"
+    fi
+    unset QEMU_CPU
+}
+
+run_cpu cortex-a76 simd-neon-dotprod "$TESTS"
+run_cpu cortex-a72 simd-generic "$TESTS_A72"
 
 finish

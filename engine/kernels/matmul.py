@@ -45,7 +45,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from engine.errors import HalfbyteError
-from engine.kernels import kquants, simd
+from engine.kernels import kquant_simd, kquants, simd
 
 QK = 32  # elements per block of every type handled here (and of the Q8_0/Q8_1 activations)
 
@@ -67,7 +67,8 @@ QUANT_TYPES = (
     GGMLQuantizationType.Q5_1,
     GGMLQuantizationType.Q8_0,
 )
-# Read-only K-quants (llama-quantize output): products in engine/kernels/kquants.py.
+# Read-only K-quants (llama-quantize output): integer SIMD products in engine/kernels/kquant_simd.py,
+# float reference products in engine/kernels/kquants.py.
 K_QUANT_TYPES = (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)
 SUPPORTED_TYPES = FLOAT_TYPES + QUANT_TYPES + K_QUANT_TYPES
 
@@ -791,8 +792,22 @@ def _simd_product(kind: int, drivers, raw: np.ndarray, x: np.ndarray, y: np.ndar
         _call(driver, raw, xq, scales, y)
 
 
+_K_PRODUCTS = {
+    int(GGMLQuantizationType.Q4_K): (kquant_simd.product_q4_k, kquant_simd.product_q4_k_generic),
+    int(GGMLQuantizationType.Q5_K): (kquant_simd.product_q5_k, kquant_simd.product_q5_k_generic),
+    int(GGMLQuantizationType.Q6_K): (kquant_simd.product_q6_k, kquant_simd.product_q6_k_generic),
+}
+
+
 def _k_product(kind: int, raw: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
-    _call(kquants.matmul, kind, raw, x, y)
+    """K-quant products: integer SIMD against Q8_K activations (as llama.cpp), or on the
+    "reference" path float dequant-dots against the float activations."""
+    if _kernel_path == "reference":
+        _call(kquants.matmul, kind, raw, x, y)
+        return
+    host, portable = _K_PRODUCTS[kind]
+    xq, xd, xbsums = _call(kquant_simd.quantize_activations_q8_k, x)
+    _call(portable if _kernel_path == "portable" else host, raw, xq, xd, xbsums, y)
 
 
 def matvec(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -25,9 +25,11 @@ a fixed tree); see :func:`row_dot_error_bound` for the bound the tests check.
 
 Kernel variants ("ISA"): ``kernel_isa()`` is the single place that picks the host-specific IR
 ("avx2": ``llvm.x86.avx2.pmadd.ub.sw`` / ``pmadd.wd`` / ``psign.b``; "avx2-vnni": the same with
-one ``vpdpbusd`` in place of the two multiply-adds, on CPUs with AVX-VNNI / AVX512-VNNI) or the portable one
-("generic": only target-independent LLVM vector ops that LLVM lowers to SSE/AVX/NEON). Every
-driver has a ``*_generic`` twin so the portable IR can be run (and tested) on any host.
+one ``vpdpbusd`` in place of the two multiply-adds, on CPUs with AVX-VNNI / AVX512-VNNI;
+"avx512-vnni": also 512-bit prompt tiles; "neon-dotprod": arm64 ``llvm.aarch64.neon.sdot``, whose
+lanes equal the x86 ones, so results are bit-identical to x86's) or the portable one ("generic":
+only target-independent LLVM vector ops that LLVM lowers to SSE/AVX/NEON). Every driver has a
+``*_generic`` twin so the portable IR can be run (and tested) on any host.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from engine.kernels.cpu_target import is_arm64, numba_target_features
 
 QK = 32  # elements per ggml block (Q4_0 and Q8_0)
 X86_ISAS = ("avx2", "avx2-vnni", "avx512-vnni")  # the IR flavours that use x86 intrinsics
@@ -86,26 +90,25 @@ __all__ = [
 
 
 def _target_features() -> set[str]:
-    """CPU features Numba compiles for: NUMBA_CPU_FEATURES if set, else the host's (as Numba does)."""
-    from llvmlite import binding as llvm_binding
-    from numba.core import config
-
-    features = (
-        config.CPU_FEATURES if config.CPU_FEATURES is not None else llvm_binding.get_host_cpu_features().flatten()
-    )
-    return {item[1:] for item in features.split(",") if item.startswith("+")}
+    """CPU features Numba compiles for (see cpu_target: NUMBA_CPU_FEATURES, else the host's)."""
+    return numba_target_features()
 
 
 @functools.cache
 def kernel_isa() -> str:
-    """The IR flavour the host kernels use: "avx512-vnni", "avx2-vnni", "avx2" or "generic".
+    """The IR flavour the host kernels use: "avx512-vnni", "avx2-vnni", "avx2", "neon-dotprod" or
+    "generic".
 
     Evaluated lazily, at the first kernel compilation (not at import). It must agree with the
     features Numba targets, because Numba's on-disk cache is keyed by CPU name and features:
-    a cache built here is never loaded on a CPU with other features. Future ARM paths (NEON
-    ``sdot`` when "dotprod" is present) are to be added here and in ``_Emitter.lane_dots``.
+    a cache built here is never loaded on a CPU with other features. On arm64 the dot-product
+    extension (Armv8.2 ``sdot``: Raspberry Pi 5, Apple M, Graviton 2+) is among those features when
+    the hardware has it (cpu_target completes LLVM's detection at start-up); without it (Cortex-A72,
+    Raspberry Pi 4) the portable IR runs, which LLVM lowers to plain NEON.
     """
     features = _target_features()
+    if is_arm64():
+        return "neon-dotprod" if "dotprod" in features else "generic"
     # f16c for the one-instruction fp16 -> fp32 scale conversion, fma for the accumulation.
     if {"avx2", "fma", "f16c"} <= features:
         # VNNI's vpdpbusd (u8 x s8, 4 products into each i32 lane, no intermediate saturation)
@@ -169,6 +172,8 @@ class _Emitter:
         self.b = builder
         self.isa = isa
         self.x86 = isa in X86_ISAS
+        # arm64 sdot: s8 x s8, so both quant types keep their int8 operands as they are
+        self.sdot = isa == "neon-dotprod"
         self.qtype = qtype
         self.block_bytes = Q4_0_BLOCK_BYTES if qtype == "q4_0" else Q8_0_BLOCK_BYTES
         self.module = builder.module
@@ -203,6 +208,9 @@ class _Emitter:
             # it picks, often an accumulator: a false dependency across blocks (~10% slower).
             halves = self._splat(self.b.bitcast(bits, _F16), ir.VectorType(_F16, _LANES))
             return self.b.fpext(halves, _V8F32)
+        if self.sdot:
+            # ARMv8.0 converts a half with one fcvt (no library call), then splat with dup
+            return self._splat(self.b.fpext(self.b.bitcast(bits, _F16), _F32), _V8F32)
         # Portable: `fpext half` would become a compiler-rt call (__extendhfsf2) on x86 without
         # F16C, which Numba's JIT may not resolve. Instead move the half's sign to bit 31 and its
         # exponent+mantissa to bits 13..27 of a float, which is then the half's value times
@@ -227,10 +235,12 @@ class _Emitter:
             low = self.b.and_(packed, _vconst(_V16I8, 0x0F))
             high = self.b.lshr(packed, _vconst(_V16I8, 4))
             nibbles = self.b.shuffle_vector(low, high, _mask(range(32)))
-            if self.x86:
-                return scale, (nibbles,)  # u8 operand of pmaddubsw
+            if self.x86 or self.sdot:
+                return scale, (nibbles,)  # u8 operand of pmaddubsw; 0..15 is also a valid s8 for sdot
             return scale, (self.b.zext(nibbles, _V32I16),)
         weights = self._load(payload, _V32I8)
+        if self.sdot:
+            return scale, (weights,)
         if self.x86:
             # pmaddubsw wants an unsigned operand: |w| as u8 (|-128| = 128 is still exact as u8),
             # the sign moves to the activations per token (psign in lane_dots)
@@ -241,7 +251,7 @@ class _Emitter:
     def token_block(self, x_ptr: ir.Value, scale_ptr: ir.Value, sum_ptr: ir.Value | None):
         """(activation operand, fp32 scale in 8 lanes, int32 block sum or None) of one activation block."""
         x = self._load(x_ptr, _V32I8)
-        if not self.x86:
+        if not (self.x86 or self.sdot):
             x = self.b.sext(x, _V32I16)
         scale = self._splat(self.b.load(scale_ptr, align=4), _V8F32)  # a vbroadcastss from memory
         block_sum = self.b.load(sum_ptr, align=4) if sum_ptr is not None else None
@@ -250,6 +260,8 @@ class _Emitter:
     def lane_dots(self, w_ops: tuple[ir.Value, ...], x: ir.Value, block_sum: ir.Value | None) -> ir.Value:
         """<8 x i32> whose lane total is the exact integer block dot (Q4_0 offset included)."""
         b = self.b
+        if self.sdot:
+            return self._sdot_lanes(w_ops[0], x, block_sum)
         if self.isa.endswith("-vnni"):
             if self.qtype == "q4_0":
                 u8, s8 = w_ops[0], x
@@ -287,11 +299,28 @@ class _Emitter:
             lanes = b.sub(lanes, self._splat(block_sum, _V8I32))
         return lanes
 
+    def _sdot_lanes(self, w: ir.Value, x: ir.Value, block_sum: ir.Value | None) -> ir.Value:
+        """arm64 dot-product extension: two 128-bit sdot (lane i of each = the 4 products of bytes
+        4i..4i+3), concatenated. These are the same <8 x i32> lanes as x86's vpdpbusd / pmaddubsw +
+        pmaddwd for the same byte order, and the Q4_0 offset is taken off the same way (one
+        sum(x) per lane, here as the sdot accumulator's start value), so every lane, and with the
+        shared float code every result, is bit-identical to the x86 kernels'."""
+        b = self.b
+        v4i32 = ir.VectorType(_I32, 4)
+        sdot = self._llvm_fn("llvm.aarch64.neon.sdot.v4i32.v16i8", v4i32, [v4i32, _V16I8, _V16I8])
+        start = _vconst(v4i32, 0) if block_sum is None else self._splat(b.neg(block_sum), v4i32)
+        halves = []
+        for half in (range(16), range(16, 32)):
+            w_half = b.shuffle_vector(w, w, _mask(half))
+            x_half = b.shuffle_vector(x, x, _mask(half))
+            halves.append(b.call(sdot, [start, w_half, x_half]))
+        return b.shuffle_vector(halves[0], halves[1], _mask(range(8)))
+
     def accumulate(self, acc: ir.Value, lanes: ir.Value, scale_vec: ir.Value) -> ir.Value:
         """acc + float(lanes) * scale_vec, lane-wise (one FMA on AVX2)."""
         # |lane| < 2**24, so the int -> float conversion is exact
         as_float = self.b.sitofp(lanes, _V8F32)
-        if self.x86:
+        if self.x86 or self.sdot:  # both always have a fused multiply-add (arm64: fmla)
             fma = self._llvm_fn("llvm.fma.v8f32", _V8F32, [_V8F32] * 3)
         else:
             # fmuladd: fused where the target has FMA, mul + add elsewhere (never a libm call)

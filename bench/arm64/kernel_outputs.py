@@ -1,0 +1,79 @@
+"""Q4_0 / Q8_0 product outputs on fixed random data, for comparing kernels across machines.
+
+    python bench/arm64/kernel_outputs.py OUT.npz            # this machine's kernels (kernel_isa())
+    python bench/arm64/kernel_outputs.py --compare A.npz B.npz
+
+The emulated arm64 check runs the first form on x86 and under qemu (Cortex-A76 with the
+dot-product extension, Cortex-A72 without) and the second on the results: the arm64 ``sdot``
+kernels are built to give x86's bits exactly (engine/kernels/simd.py); the portable kernels sum
+floats in another order, so for them the relative difference is reported, not required to be 0.
+The data is made with numpy's seeded generator, identical on every platform.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+N_OUT, N_IN = 72, 1024
+# 1: the matvec (token generation); 3 and 12: the row-major prompt drivers (1 x 4 token tiles and
+# the one-token remainder). x86's 8-row interleaved prompt kernels are not compared: they exist
+# only on x86 and sum in another order than the row-major tiles (on x86 too).
+TOKEN_COUNTS = (1, 3, 12)
+
+
+def _random_rows(rng: np.random.Generator, qtype: str) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    w = rng.standard_normal((N_OUT, N_IN)).astype(np.float32)
+    return quantize(w, GGMLQuantizationType[qtype.upper()])
+
+
+def outputs() -> dict[str, np.ndarray]:
+    from engine.kernels import simd
+    from engine.kernels.matmul import kernel_description
+
+    rng = np.random.default_rng(20261202)
+    result: dict[str, np.ndarray] = {"kernels": np.array(kernel_description())}
+    for qtype in ("q4_0", "q8_0"):
+        w = _random_rows(rng, qtype)
+        for n_tok in TOKEN_COUNTS:
+            x = rng.standard_normal((n_tok, N_IN)).astype(np.float32)
+            xq, xs, xsum = simd.quantize_activations_q8_0_batch(x)
+            out = np.zeros((n_tok, N_OUT), np.float32)
+            if n_tok == 1:
+                if qtype == "q4_0":
+                    simd.matvec_q4_0(w, xq[0], xs[0], xsum[0], out[0])
+                else:
+                    simd.matvec_q8_0(w, xq[0], xs[0], out[0])
+            elif qtype == "q4_0":
+                simd.matmul_q4_0(w, xq, xs, xsum, out)
+            else:
+                simd.matmul_q8_0(w, xq, xs, out)
+            result[f"{qtype}_t{n_tok}"] = out
+    return result
+
+
+def compare(path_a: str, path_b: str) -> dict:
+    a, b = np.load(path_a), np.load(path_b)
+    report = {"a": str(a["kernels"]), "b": str(b["kernels"]), "identical": True, "max_rel_diff": 0.0}
+    for key in a.files:
+        if key == "kernels":
+            continue
+        same = a[key].tobytes() == b[key].tobytes()
+        rel = float(np.max(np.abs(a[key] - b[key])) / max(1e-30, float(np.max(np.abs(a[key])))))
+        report["identical"] &= same
+        report["max_rel_diff"] = max(report["max_rel_diff"], rel)
+    return report
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--compare":
+        print(json.dumps(compare(sys.argv[2], sys.argv[3])))
+    else:
+        data = outputs()
+        np.savez(sys.argv[1], **data)
+        print(f"{sys.argv[1]}: kernels {data['kernels']}")

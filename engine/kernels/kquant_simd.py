@@ -1,0 +1,453 @@
+"""Integer SIMD products for ggml's K-quants (Q4_K, Q5_K, Q6_K) against Q8_K activations.
+
+The same method as the Q4_0/Q8_0 kernels of simd.py (explicit LLVM vector IR through
+``numba.extending.intrinsic``), following ggml's ``ggml_vec_dot_q*_K_q8_K``:
+
+* activations are quantized once per product to ggml's ``block_q8_K``, 256 values per block:
+  int8 values in [-127, 127], one float32 scale ``d`` and, per 16 values, the int16 sum
+  ``bsums`` (:func:`quantize_activations_q8_k`, bit for bit ``quantize_row_q8_K_ref``);
+* per 256-weight super-block, every product of a weight code with an activation, times the
+  sub-block's integer scale, is summed exactly in int32; the offsets are taken off with the
+  activation sums (Q6_K's ``-32``: ``32 * sum_j scale_j * bsum_j``; Q4_K/Q5_K's mins:
+  ``sum_j min_j * bsum32_j``);
+* only then floats: ``acc += (d_w * d_x) * float(isum)`` (and ``- (dmin_w * d_x) * float(msum)``),
+  one multiply and one add per super-block and token, never fused.
+
+Because every float operation sees the same exact integers whatever the ISA, the x86
+(``pmaddubsw`` + ``pmaddwd`` with the scales), arm64 dot-product (``sdot``) and portable IR give
+bit-identical results; the tests hold them to that.
+
+Weight layouts (ggml-quants.c, ``block_q*_K``; all little-endian, read in place)::
+
+    Q4_K (144 bytes): d:f16, dmin:f16, scales[12] (8 x 6-bit scale, 8 x 6-bit min), qs[128]
+    Q5_K (176 bytes): d, dmin, scales[12], qh[32] (the 5th bits), qs[128]
+    Q6_K (210 bytes): ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] (int8), d:f16
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from engine.kernels.simd import X86_ISAS, _as_i8_ptr, _check_array, _mask, _row_ptr, _vconst, kernel_isa
+
+QK_K = 256
+BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
+
+_I1 = ir.IntType(1)
+_I8 = ir.IntType(8)
+_I16 = ir.IntType(16)
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_F32 = ir.FloatType()
+_V4I32 = ir.VectorType(_I32, 4)
+_V8I8 = ir.VectorType(_I8, 8)
+_V8I32 = ir.VectorType(_I32, 8)
+_V16I8 = ir.VectorType(_I8, 16)
+_V16I16 = ir.VectorType(_I16, 16)
+_V16I32 = ir.VectorType(_I32, 16)
+_V32I8 = ir.VectorType(_I8, 32)
+_V32I16 = ir.VectorType(_I16, 32)
+
+
+# --------------------------------------------------------------------------------------------
+# Activations: ggml's quantize_row_q8_K_ref
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _quantize_q8_k_into(x, qs, d, bsums) -> None:
+    for blk in range(x.shape[0] // QK_K):
+        base = blk * QK_K
+        amax = np.float32(0.0)
+        vmax = np.float32(0.0)  # the value of largest magnitude, sign kept (first one on ties)
+        for j in range(QK_K):
+            ax = abs(x[base + j])
+            if ax > amax:
+                amax = ax
+                vmax = x[base + j]
+        if amax == 0:
+            d[blk] = 0.0
+            qs[base : base + QK_K] = 0
+            bsums[blk * 16 : blk * 16 + 16] = 0
+            continue
+        iscale = np.float32(-127.0) / vmax
+        for j in range(QK_K):
+            # nearest_int: round half to even, like ggml's float + 1.5 * 2**23 trick
+            v = int(np.rint(iscale * x[base + j]))
+            qs[base + j] = min(127, v)
+        for g in range(16):
+            s = 0
+            for j in range(16):
+                s += qs[base + 16 * g + j]
+            bsums[blk * 16 + g] = s
+        d[blk] = np.float32(1.0) / iscale
+
+
+@njit(cache=True)
+def _quantize_q8_k_rows(x, qs, d, bsums) -> None:
+    for t in range(x.shape[0]):
+        _quantize_q8_k_into(x[t], qs[t], d[t], bsums[t])
+
+
+def quantize_activations_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 ``(n_tok, n)`` (n a multiple of 256) -> int8 values, float32 scales, int16 bsums,
+    each with a leading token axis: ggml's ``block_q8_K`` split into three arrays."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_tok, n = x.shape
+    if n % QK_K:
+        raise ValueError(f"Q8_K activations: {n} values is not a multiple of {QK_K}")
+    qs = np.empty((n_tok, n), np.int8)
+    d = np.empty((n_tok, n // QK_K), np.float32)
+    bsums = np.empty((n_tok, n // 16), np.int16)
+    _quantize_q8_k_rows(x, qs, d, bsums)
+    return qs, d, bsums
+
+
+# --------------------------------------------------------------------------------------------
+# IR emission
+# --------------------------------------------------------------------------------------------
+
+
+class _KEmitter:
+    """The super-block loop of one K-quant row against ``n_tok`` Q8_K activation rows."""
+
+    def __init__(self, builder: ir.IRBuilder, isa: str, qtype: str):
+        self.b = builder
+        self.isa = isa
+        self.qtype = qtype
+        self.block_bytes = BLOCK_BYTES[qtype]
+
+    def _fn(self, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
+        return cgutils.get_or_insert_function(self.b.module, ir.FunctionType(ret, args), name)
+
+    def _load(self, base: ir.Value, offset: int, ty: ir.Type) -> ir.Value:
+        ptr = self.b.gep(base, [ir.Constant(_I64, offset)]) if offset else base
+        return self.b.load(self.b.bitcast(ptr, ty.as_pointer()), align=1)
+
+    def _splat(self, scalar: ir.Value, vec_type: ir.VectorType) -> ir.Value:
+        one = self.b.insert_element(ir.Constant(vec_type, ir.Undefined), scalar, ir.Constant(_I32, 0))
+        return self.b.shuffle_vector(one, ir.Constant(vec_type, ir.Undefined), _mask([0] * vec_type.count))
+
+    def _slice(self, vec: ir.Value, indices) -> ir.Value:
+        return self.b.shuffle_vector(vec, vec, _mask(indices))
+
+    def _reduce_add(self, vec: ir.Value) -> ir.Value:
+        n = vec.type.count
+        fn = self._fn(f"llvm.vector.reduce.add.v{n}i32", _I32, [vec.type])
+        return self.b.call(fn, [vec])
+
+    def _fp16(self, block: ir.Value, offset: int) -> ir.Value:
+        """float32 value of the fp16 at block + offset, without F16C or a library call: sign to bit
+        31, exponent and mantissa to bits 13..27 give the value times 2**-112, then rescale (exact
+        for normal and subnormal halves; once per super-block, so the scalar form costs nothing)."""
+        b = self.b
+        wide = b.zext(self._load(block, offset, _I16), _I32)
+        sign = b.shl(b.and_(wide, ir.Constant(_I32, 0x8000)), ir.Constant(_I32, 16))
+        magnitude = b.shl(b.and_(wide, ir.Constant(_I32, 0x7FFF)), ir.Constant(_I32, 13))
+        return b.fmul(b.bitcast(b.or_(sign, magnitude), _F32), ir.Constant(_F32, 2.0**112))
+
+    def group_dot(self, q: ir.Value, x: ir.Value, s_lo: ir.Value, s_hi: ir.Value) -> ir.Value:
+        """<8 x i32> whose lane total is s_lo * dot(q[0:16], x[0:16]) + s_hi * dot(q[16:32], x[16:32]),
+        exactly: q are codes 0..63 (as <32 x i8>), x int8 activations, s_* i32 scales in [-128, 127]."""
+        b = self.b
+        if self.isa in X86_ISAS:
+            maddubs = self._fn("llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8])
+            maddwd = self._fn("llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
+            # u8 x s8 pairs into i16: |pair| <= 2 * 63 * 127 < 2**15, no saturation; i16 lanes 0-7
+            # come from elements 0-15, 8-15 from 16-31, so pmaddwd applies each half's scale
+            pairs = b.call(maddubs, [q, x])
+            scales = b.shuffle_vector(self._splat(b.trunc(s_lo, _I16), _V16I16),
+                                      self._splat(b.trunc(s_hi, _I16), _V16I16),
+                                      _mask(list(range(8)) + list(range(24, 32))))
+            return b.call(maddwd, [pairs, scales])
+        if self.isa == "neon-dotprod":
+            sdot = self._fn("llvm.aarch64.neon.sdot.v4i32.v16i8", _V4I32, [_V4I32, _V16I8, _V16I8])
+            halves = []
+            for part, scale in ((range(16), s_lo), (range(16, 32), s_hi)):
+                dots = b.call(sdot, [_vconst(_V4I32, 0), self._slice(q, part), self._slice(x, part)])
+                halves.append(b.mul(dots, self._splat(scale, _V4I32)))
+            return b.shuffle_vector(halves[0], halves[1], _mask(range(8)))
+        # portable: products in i16 (|63 * 127| fits), widened per half and scaled in i32
+        products = b.mul(b.zext(q, _V32I16), b.sext(x, _V32I16))
+        lo = b.mul(b.sext(self._slice(products, range(16)), _V16I32), self._splat(s_lo, _V16I32))
+        hi = b.mul(b.sext(self._slice(products, range(16, 32)), _V16I32), self._splat(s_hi, _V16I32))
+        both = b.add(lo, hi)
+        return b.add(self._slice(both, range(8)), self._slice(both, range(8, 16)))
+
+    # ---- one super-block: the weights' (codes, scales) once, then every token ----------------
+
+    def _q6_k(self, block: ir.Value, tokens) -> list[tuple[ir.Value, ir.Value | None]]:
+        b = self.b
+        scales = b.sext(self._load(block, 192, _V16I8), _V16I32)
+        isums = [_vconst(_V8I32, 0) for _ in tokens]
+        for half in range(2):
+            ql0 = self._load(block, 64 * half, _V32I8)
+            ql1 = self._load(block, 64 * half + 32, _V32I8)
+            qh = self._load(block, 128 + 32 * half, _V32I8)
+            low4 = _vconst(_V32I8, 0x0F)
+            # bits 4-5 of code k are bits 2k, 2k+1 of qh
+            high2 = [b.shl(b.and_(b.lshr(qh, _vconst(_V32I8, 2 * k)) if k else qh, _vconst(_V32I8, 3)),
+                           _vconst(_V32I8, 4)) for k in range(4)]
+            codes = [
+                b.or_(b.and_(ql0, low4), high2[0]),
+                b.or_(b.and_(ql1, low4), high2[1]),
+                b.or_(b.lshr(ql0, _vconst(_V32I8, 4)), high2[2]),
+                b.or_(b.lshr(ql1, _vconst(_V32I8, 4)), high2[3]),
+            ]
+            for k, q in enumerate(codes):  # elements 128*half + 32k .. +31, scales 8*half + 2k (+1)
+                s_lo = b.extract_element(scales, ir.Constant(_I32, 8 * half + 2 * k))
+                s_hi = b.extract_element(scales, ir.Constant(_I32, 8 * half + 2 * k + 1))
+                for t, (x_ptr, _, _) in enumerate(tokens):
+                    x = self._load(x_ptr, 128 * half + 32 * k, _V32I8)
+                    isums[t] = b.add(isums[t], self.group_dot(q, x, s_lo, s_hi))
+        out = []
+        for t, (_, _, bsum_ptr) in enumerate(tokens):
+            bsums = b.sext(self._load(bsum_ptr, 0, _V16I16), _V16I32)
+            # codes are q + 32: take 32 * sum_j scale_j * bsum_j off
+            bias = b.shl(self._reduce_add(b.mul(scales, bsums)), ir.Constant(_I32, 5))
+            out.append((b.sub(self._reduce_add(isums[t]), bias), None))
+        return out
+
+    def _q4_5_k(self, block: ir.Value, tokens) -> list[tuple[ir.Value, ir.Value | None]]:
+        b = self.b
+        # 8 scales and 8 mins of 6 bits from 12 bytes (ggml's kmask shuffle, on three u32 words)
+        u0, u1, u2 = (self._load(block, 4 + 4 * i, _I32) for i in range(3))
+
+        def c(v: int) -> ir.Constant:
+            return ir.Constant(_I32, v)
+
+        m1, m2, m3 = c(0x3F3F3F3F), c(0x0F0F0F0F), c(0x03030303)
+        sc_lo = b.and_(u0, m1)
+        sc_hi = b.or_(b.and_(u2, m2), b.shl(b.and_(b.lshr(u0, c(6)), m3), c(4)))
+        mn_lo = b.and_(u1, m1)
+        mn_hi = b.or_(b.and_(b.lshr(u2, c(4)), m2), b.shl(b.and_(b.lshr(u1, c(6)), m3), c(4)))
+        words = ir.Constant(_V4I32, ir.Undefined)
+        for i, w in enumerate((sc_lo, sc_hi, mn_lo, mn_hi)):
+            words = b.insert_element(words, w, c(i))
+        packed = b.bitcast(words, _V16I8)  # bytes 0-7 scales, 8-15 mins, all 0..63
+        scales = b.zext(self._slice(packed, range(8)), ir.VectorType(_I32, 8))
+        mins = b.zext(self._slice(packed, range(8, 16)), _V8I32)
+        qs_offset = 16 if self.qtype == "q4_k" else 48
+        qh = self._load(block, 16, _V32I8) if self.qtype == "q5_k" else None
+        isums = [_vconst(_V8I32, 0) for _ in tokens]
+        for j in range(4):  # 64 weights: low nibbles (sub-block 2j), then high nibbles (2j + 1)
+            packed_q = self._load(block, qs_offset + 32 * j, _V32I8)
+            codes = [b.and_(packed_q, _vconst(_V32I8, 0x0F)), b.lshr(packed_q, _vconst(_V32I8, 4))]
+            if qh is not None:
+                for i in range(2):
+                    bit = b.and_(b.lshr(qh, _vconst(_V32I8, 2 * j + i)) if 2 * j + i else qh, _vconst(_V32I8, 1))
+                    codes[i] = b.or_(codes[i], b.shl(bit, _vconst(_V32I8, 4)))
+            for i, q in enumerate(codes):
+                scale = b.extract_element(scales, c(2 * j + i))
+                for t, (x_ptr, _, _) in enumerate(tokens):
+                    x = self._load(x_ptr, 64 * j + 32 * i, _V32I8)
+                    isums[t] = b.add(isums[t], self.group_dot(q, x, scale, scale))
+        out = []
+        for t, (_, _, bsum_ptr) in enumerate(tokens):
+            bsums = b.sext(self._load(bsum_ptr, 0, _V16I16), _V16I32)
+            bsum32 = b.add(self._slice(bsums, range(0, 16, 2)), self._slice(bsums, range(1, 16, 2)))
+            out.append((self._reduce_add(isums[t]), self._reduce_add(b.mul(mins, bsum32))))
+        return out
+
+    def row(self, w_row: ir.Value, tokens, n_blocks: ir.Value) -> list[ir.Value]:
+        """The loop over super-blocks; tokens: (i8* values, float* scales, i16* bsums) per token.
+        Returns one float32 dot per token."""
+        b = self.b
+        fn = b.function
+        entry = b.basic_block
+        header = fn.append_basic_block("kdot.header")
+        body = fn.append_basic_block("kdot.body")
+        after = fn.append_basic_block("kdot.after")
+        b.branch(header)
+        b.position_at_end(header)
+        index = b.phi(_I64, name="kdot.i")
+        index.add_incoming(ir.Constant(_I64, 0), entry)
+        accs = []
+        for _ in tokens:
+            acc = b.phi(_F32, name="kdot.acc")
+            acc.add_incoming(ir.Constant(_F32, 0.0), entry)
+            accs.append(acc)
+        b.cbranch(b.icmp_signed("<", index, n_blocks), body, after)
+
+        b.position_at_end(body)
+        block = b.gep(w_row, [b.mul(index, ir.Constant(_I64, self.block_bytes))])
+        prefetch = self._fn("llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+        b.call(prefetch, [b.gep(block, [ir.Constant(_I64, 1024)]), ir.Constant(_I32, 0), ir.Constant(_I32, 0),
+                          ir.Constant(_I32, 1)])
+        here = [
+            (b.gep(x, [b.mul(index, ir.Constant(_I64, QK_K))]), b.gep(d, [index]),
+             b.gep(s, [b.mul(index, ir.Constant(_I64, 16))]))
+            for x, d, s in tokens
+        ]
+        if self.qtype == "q6_k":
+            d_w, dmin_w = self._fp16(block, 208), None
+            sums = self._q6_k(block, here)
+        else:
+            d_w, dmin_w = self._fp16(block, 0), self._fp16(block, 2)
+            sums = self._q4_5_k(block, here)
+        new_accs = []
+        for acc, (_, d_ptr, _), (isum, msum) in zip(accs, here, sums):
+            d_x = b.load(d_ptr, align=4)
+            acc = b.fadd(acc, b.fmul(b.fmul(d_w, d_x), b.sitofp(isum, _F32)))
+            if msum is not None:
+                acc = b.fsub(acc, b.fmul(b.fmul(dmin_w, d_x), b.sitofp(msum, _F32)))
+            new_accs.append(acc)
+        body_end = b.basic_block
+        index.add_incoming(b.add(index, ir.Constant(_I64, 1)), body_end)
+        for acc, new in zip(accs, new_accs):
+            acc.add_incoming(new, body_end)
+        b.branch(header)
+        b.position_at_end(after)
+        return list(accs)
+
+
+def _make_tile(qtype: str, isa_mode: str, n_tok: int):
+    """Intrinsic ``(w, row, xq, xd, xbsums, tok0) -> UniTuple(float32, n_tok)``: row ``row`` of the
+    2-D K-quant weights against activation rows tok0..tok0+n_tok-1 (the caller checks bounds)."""
+    ret = types.UniTuple(types.float32, n_tok)
+    block_bytes = BLOCK_BYTES[qtype]
+
+    def codegen(context, builder, sig, args):
+        isa = kernel_isa() if isa_mode == "host" else "generic"
+        w = context.make_array(sig.args[0])(context, builder, args[0])
+        xq = context.make_array(sig.args[2])(context, builder, args[2])
+        xd = context.make_array(sig.args[3])(context, builder, args[3])
+        xs = context.make_array(sig.args[4])(context, builder, args[4])
+        row, tok0 = args[1], args[5]
+        # super-blocks: the fewest any operand holds, so nothing is read out of bounds
+        w_blocks = builder.udiv(builder.extract_value(w.shape, 1), ir.Constant(_I64, block_bytes))
+        x_blocks = builder.udiv(builder.extract_value(xq.shape, 1), ir.Constant(_I64, QK_K))
+        d_blocks = builder.extract_value(xd.shape, 1)
+        s_blocks = builder.udiv(builder.extract_value(xs.shape, 1), ir.Constant(_I64, 16))
+        n_blocks = w_blocks
+        for other in (x_blocks, d_blocks, s_blocks):
+            n_blocks = builder.select(builder.icmp_unsigned("<", other, n_blocks), other, n_blocks)
+        tokens = []
+        for t in range(n_tok):
+            tok = builder.add(tok0, ir.Constant(_I64, t))
+            tokens.append((_row_ptr(builder, xq, tok, _I8), _row_ptr(builder, xd, tok, _F32),
+                           _row_ptr(builder, xs, tok, _I16)))
+        w_row = _as_i8_ptr(builder, _row_ptr(builder, w, row, _I8))
+        dots = _KEmitter(builder, isa, qtype).row(w_row, tokens, n_blocks)
+        return context.make_tuple(builder, ret, dots)
+
+    def typer(typingctx, w, row, xq, xd, xbsums, tok0):
+        _check_array(w, 2, types.uint8, "w")
+        _check_array(xq, 2, types.int8, "xq")
+        _check_array(xd, 2, types.float32, "xd")
+        _check_array(xbsums, 2, types.int16, "xbsums")
+        return ret(w, types.intp, xq, xd, xbsums, types.intp), codegen
+
+    typer.__name__ = typer.__qualname__ = f"{qtype}_tile_1x{n_tok}_{isa_mode}"
+    return intrinsic(typer)
+
+
+_TILE_TOKENS = 4  # as simd.py's row-major tiles: one row's super-blocks unpacked once for 4 tokens
+_ROW_CHUNK = 16
+
+_q4_k_1, _q4_k_4 = _make_tile("q4_k", "host", 1), _make_tile("q4_k", "host", _TILE_TOKENS)
+_q5_k_1, _q5_k_4 = _make_tile("q5_k", "host", 1), _make_tile("q5_k", "host", _TILE_TOKENS)
+_q6_k_1, _q6_k_4 = _make_tile("q6_k", "host", 1), _make_tile("q6_k", "host", _TILE_TOKENS)
+_q4_k_1g, _q4_k_4g = _make_tile("q4_k", "generic", 1), _make_tile("q4_k", "generic", _TILE_TOKENS)
+_q5_k_1g, _q5_k_4g = _make_tile("q5_k", "generic", 1), _make_tile("q5_k", "generic", _TILE_TOKENS)
+_q6_k_1g, _q6_k_4g = _make_tile("q6_k", "generic", 1), _make_tile("q6_k", "generic", _TILE_TOKENS)
+
+
+# One driver per type and path, written out: a factory's closures would share one on-disk cache
+# entry (Numba keys it by source location), and a runtime type flag would compile every type's IR
+# into each specialization (simd.py measured 2-4 s per driver).
+@njit(parallel=True, cache=True)
+def product_q4_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+    """out[t, r] = dot(Q4_K row r of w, Q8_K activation row t); 16-row chunks over threads, 4-token tiles."""
+    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
+    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
+            for t in range(0, n_tiled, _TILE_TOKENS):
+                dots = _q4_k_4(w, r, xq, xd, xbsums, t)
+                for i in range(_TILE_TOKENS):
+                    out[t + i, r] = dots[i]
+            for t in range(n_tiled, xq.shape[0]):
+                out[t, r] = _q4_k_1(w, r, xq, xd, xbsums, t)[0]
+
+@njit(parallel=True, cache=True)
+def product_q4_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+    """product_q4_k with the portable IR."""
+    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
+    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
+            for t in range(0, n_tiled, _TILE_TOKENS):
+                dots = _q4_k_4g(w, r, xq, xd, xbsums, t)
+                for i in range(_TILE_TOKENS):
+                    out[t + i, r] = dots[i]
+            for t in range(n_tiled, xq.shape[0]):
+                out[t, r] = _q4_k_1g(w, r, xq, xd, xbsums, t)[0]
+
+@njit(parallel=True, cache=True)
+def product_q5_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+    """out[t, r] = dot(Q5_K row r of w, Q8_K activation row t); 16-row chunks over threads, 4-token tiles."""
+    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
+    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
+            for t in range(0, n_tiled, _TILE_TOKENS):
+                dots = _q5_k_4(w, r, xq, xd, xbsums, t)
+                for i in range(_TILE_TOKENS):
+                    out[t + i, r] = dots[i]
+            for t in range(n_tiled, xq.shape[0]):
+                out[t, r] = _q5_k_1(w, r, xq, xd, xbsums, t)[0]
+
+@njit(parallel=True, cache=True)
+def product_q5_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+    """product_q5_k with the portable IR."""
+    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
+    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
+            for t in range(0, n_tiled, _TILE_TOKENS):
+                dots = _q5_k_4g(w, r, xq, xd, xbsums, t)
+                for i in range(_TILE_TOKENS):
+                    out[t + i, r] = dots[i]
+            for t in range(n_tiled, xq.shape[0]):
+                out[t, r] = _q5_k_1g(w, r, xq, xd, xbsums, t)[0]
+
+@njit(parallel=True, cache=True)
+def product_q6_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+    """out[t, r] = dot(Q6_K row r of w, Q8_K activation row t); 16-row chunks over threads, 4-token tiles."""
+    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
+    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
+            for t in range(0, n_tiled, _TILE_TOKENS):
+                dots = _q6_k_4(w, r, xq, xd, xbsums, t)
+                for i in range(_TILE_TOKENS):
+                    out[t + i, r] = dots[i]
+            for t in range(n_tiled, xq.shape[0]):
+                out[t, r] = _q6_k_1(w, r, xq, xd, xbsums, t)[0]
+
+@njit(parallel=True, cache=True)
+def product_q6_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+    """product_q6_k with the portable IR."""
+    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
+    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
+            for t in range(0, n_tiled, _TILE_TOKENS):
+                dots = _q6_k_4g(w, r, xq, xd, xbsums, t)
+                for i in range(_TILE_TOKENS):
+                    out[t + i, r] = dots[i]
+            for t in range(n_tiled, xq.shape[0]):
+                out[t, r] = _q6_k_1g(w, r, xq, xd, xbsums, t)[0]
+
+
+def standalone_row_dot_ir(qtype: str, isa: str) -> str:
+    """LLVM IR text of a free-standing one-token row dot, for cross-target checks (e.g. compile
+    for aarch64 on x86): ``float {qtype}_row_dot(i8* w_row, i8* xq, float* xd, i16* xbsums,
+    i64 n_blocks)``, the same loop the intrinsics emit."""
+    module = ir.Module(name=f"{qtype}_{isa}")
+    fn_type = ir.FunctionType(_F32, [_I8.as_pointer(), _I8.as_pointer(), _F32.as_pointer(), _I16.as_pointer(), _I64])
+    fn = ir.Function(module, fn_type, name=f"{qtype}_row_dot")
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    w_row, xq, xd, xbsums, n_blocks = fn.args
+    [dot] = _KEmitter(builder, isa, qtype).row(w_row, [(xq, xd, xbsums)], n_blocks)
+    builder.ret(dot)
+    return str(module)

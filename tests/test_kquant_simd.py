@@ -1,0 +1,183 @@
+"""The integer K-quant kernels (engine/kernels/kquant_simd.py).
+
+* The Q8_K activation quantizer equals a plain numpy transcription of ggml's
+  ``quantize_row_q8_K_ref`` bit for bit (and, checked by hand against libggml's own function,
+  ggml itself: see the module doc).
+* Every product (Q4_K, Q5_K, Q6_K; host ISA and portable IR; 1 to 9 tokens, so both the 4-token
+  tiles and the remainder) equals the dequantized weights (gguf-py) times the dequantized
+  activations to float rounding, and the host and portable paths agree bit for bit.
+* Extreme codes and scales (every code at its maximum, scales -128, activations +-127) stay exact:
+  no 16-bit saturation in the x86 multiply-adds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
+
+from engine.kernels import kquant_simd as ks
+
+T = GGMLQuantizationType
+K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
+PRODUCTS = {
+    T.Q4_K: (ks.product_q4_k, ks.product_q4_k_generic),
+    T.Q5_K: (ks.product_q5_k, ks.product_q5_k_generic),
+    T.Q6_K: (ks.product_q6_k, ks.product_q6_k_generic),
+}
+
+
+def q8_k_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml's quantize_row_q8_K_ref, transcribed with numpy (float32 arithmetic throughout)."""
+    blocks = x.astype(np.float32).reshape(-1, 256)
+    first_max = np.argmax(np.abs(blocks), axis=1)  # the first value of largest magnitude
+    vmax = blocks[np.arange(len(blocks)), first_max]
+    qs = np.zeros(blocks.shape, np.int8)
+    d = np.zeros(len(blocks), np.float32)
+    for i, block in enumerate(blocks):
+        if vmax[i] == 0:
+            continue
+        iscale = np.float32(-127.0) / vmax[i]
+        qs[i] = np.minimum(127, np.rint(iscale * block)).astype(np.int8)  # rint: ties to even
+        d[i] = np.float32(1.0) / iscale
+    bsums = qs.reshape(len(blocks), 16, 16).sum(axis=2, dtype=np.int32).astype(np.int16)
+    return qs.reshape(-1), d, bsums.reshape(-1)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda rng: rng.standard_normal(4096).astype(np.float32),
+        lambda rng: (rng.standard_normal(1024) * 1e-30).astype(np.float32),  # tiny: huge iscale
+        lambda rng: rng.uniform(-1e4, 1e4, 1024).astype(np.float32),
+        lambda rng: np.zeros(512, np.float32),  # an all-zero block: d = 0, values 0
+        lambda rng: np.tile(np.float32([3.0, -3.0, 1.5, -1.5, 0.5]), 205)[:1024],  # ties, +-max
+        lambda rng: (np.arange(768, dtype=np.float32) - 384) / 4,  # exact halves: round to even
+    ],
+    ids=["normal", "tiny", "large", "zeros", "ties", "halves"],
+)
+def test_q8_k_activations_match_ggml(make) -> None:
+    x = make(np.random.default_rng(3))
+    qs, d, bsums = ks.quantize_activations_q8_k(x[None])
+    ref_qs, ref_d, ref_bsums = q8_k_reference(x)
+    np.testing.assert_array_equal(qs[0], ref_qs)
+    np.testing.assert_array_equal(d[0].view(np.uint32), ref_d.view(np.uint32))
+    np.testing.assert_array_equal(bsums[0], ref_bsums)
+    assert qs.min() >= -127  # the x86 kernels rely on it (as on Q8_0)
+
+
+def test_q8_k_needs_whole_blocks() -> None:
+    with pytest.raises(ValueError, match="multiple of 256"):
+        ks.quantize_activations_q8_k(np.zeros((1, 300), np.float32))
+
+
+def random_k_rows(qtype: GGMLQuantizationType, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
+    """Random K-quant bytes with finite fp16 super-block scales (gguf-py cannot quantize K-quants)."""
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (n_out, n_in // block_size * type_size), dtype=np.uint8)
+    blocks = raw.reshape(n_out, -1, type_size)
+    halves = (rng.uniform(-1.0, 1.0, blocks.shape[:2] + (2,)) / 64).astype(np.float16).view(np.uint8)
+    if qtype == T.Q6_K:
+        blocks[..., 208:210] = halves.reshape(*blocks.shape[:2], 4)[..., :2]
+    else:
+        blocks[..., 0:4] = halves.reshape(*blocks.shape[:2], 4)
+    return raw
+
+
+def run_both(qtype: GGMLQuantizationType, raw: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, ...]:
+    xq, xd, xbsums = ks.quantize_activations_q8_k(x)
+    outs = []
+    for product in PRODUCTS[qtype]:
+        out = np.full((x.shape[0], raw.shape[0]), np.nan, np.float32)
+        product(raw, xq, xd, xbsums, out)
+        outs.append(out)
+    return xq, xd, *outs
+
+
+@pytest.mark.parametrize("n_tok", [1, 3, 4, 9])
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+def test_products_match_dequantized_weights_and_activations(qtype, n_tok) -> None:
+    rng = np.random.default_rng(int(qtype) * 10 + n_tok)
+    n_out, n_in = 37, 1024  # 37 rows: two whole 16-row chunks and a partial one
+    raw = random_k_rows(qtype, n_out, n_in, rng)
+    x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+    xq, xd, host, portable = run_both(qtype, raw, x)
+    w = dequantize(raw, qtype).astype(np.float64)
+    x_used = (xq.reshape(n_tok, -1, 256) * xd[:, :, None].astype(np.float64)).reshape(n_tok, -1)
+    reference = x_used @ w.T
+    # float32 rounding of one multiply-add per super-block (4 here) on top of exact integers
+    bound = 1e-6 * (np.abs(x_used) @ np.abs(w).T) + 1e-30
+    assert np.all(np.abs(host - reference) <= bound)
+    np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+def test_extreme_codes_and_scales_are_exact(qtype) -> None:
+    # every byte 0xFF: Q6_K codes 63 (value 31) with int8 scales -1; Q4_K/Q5_K codes 15/31 with
+    # 6-bit scales and mins 63. Then Q6_K scales -128 (0x80). Activations at +-127 (x = +-1).
+    n_in = 512
+    raw = np.full((3, n_in // 256 * GGML_QUANT_SIZES[qtype][1]), 0xFF, np.uint8)
+    blocks = raw.reshape(3, -1, GGML_QUANT_SIZES[qtype][1])
+    one = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
+    if qtype == T.Q6_K:
+        blocks[..., 208:210] = one
+        blocks[1, :, 192:208] = 0x80
+    else:
+        blocks[..., 0:2] = one
+        blocks[..., 2:4] = one
+    x = np.ones((2, n_in), np.float32)
+    x[1, ::2] = -1.0
+    xq, xd, host, portable = run_both(qtype, raw, x)
+    assert np.abs(xq).max() == 127
+    w = dequantize(raw, qtype).astype(np.float64)
+    reference = (xq.astype(np.float64) * np.repeat(xd, 256, axis=1)) @ w.T
+    np.testing.assert_allclose(host, reference, rtol=1e-6)
+    np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))
+
+
+def test_short_operands_bound_the_super_blocks() -> None:
+    # activations one super-block shorter than the rows: only the blocks both have are read
+    rng = np.random.default_rng(9)
+    raw = random_k_rows(T.Q6_K, 4, 768, rng)
+    x = rng.standard_normal((1, 512)).astype(np.float32)
+    xq, xd, xbsums = ks.quantize_activations_q8_k(x)
+    out = np.empty((1, 4), np.float32)
+    ks.product_q6_k(raw, xq, xd, xbsums, out)
+    truncated = np.ascontiguousarray(raw[:, : 2 * 210])
+    expected = np.empty((1, 4), np.float32)
+    ks.product_q6_k(truncated, xq, xd, xbsums, expected)
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize(
+    "triple, cpu, features, isa, expect",
+    [
+        ("aarch64-unknown-linux-gnu", "cortex-a76", "", "neon-dotprod", "sdot"),
+        ("aarch64-unknown-linux-gnu", "cortex-a72", "", "generic", "smull"),
+        ("x86_64-unknown-linux-gnu", "haswell", "", "avx2", "vpmaddubsw"),
+        ("x86_64-unknown-linux-gnu", "x86-64", "", "generic", "pmullw"),  # SSE2 only
+    ],
+)
+@pytest.mark.parametrize("qtype", ["q4_k", "q5_k", "q6_k"])
+def test_ir_compiles_for_each_target_without_library_calls(qtype, triple, cpu, features, isa, expect) -> None:
+    """The arm64 paths only run under emulation (bench/arm64/run_emulated.sh); here every flavour
+    is at least compiled for its target, to the instructions it is written for."""
+    import llvmlite.binding as llvm
+
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+    try:
+        target = llvm.Target.from_triple(triple)
+    except RuntimeError:
+        pytest.skip(f"this llvmlite has no {triple} backend")
+    machine = target.create_target_machine(cpu=cpu, features=features, opt=3)
+    module = llvm.parse_assembly(ks.standalone_row_dot_ir(qtype, isa))
+    module.triple = triple
+    module.verify()
+    builder = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(speed_level=3))
+    builder.getModulePassManager().run(module, builder)
+    asm = machine.emit_assembly(module)
+    instructions = [line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")]
+    assert not [i for i in instructions if i in ("bl", "blr", "call", "callq")], asm
+    assert expect in instructions, asm
