@@ -178,6 +178,7 @@ def test_ir_compiles_for_each_target_without_library_calls(qtype, triple, cpu, f
     builder = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(speed_level=3))
     builder.getModulePassManager().run(module, builder)
     asm = machine.emit_assembly(module)
-    instructions = [line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")]
+    lines = [line for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")]
+    instructions = [line.split()[0] for line in lines]
     assert not [i for i in instructions if i in ("bl", "blr", "call", "callq")], asm
     assert expect in instructions, asm
