@@ -5,8 +5,9 @@
 
 The emulated arm64 check runs the first form on x86 and under qemu (Cortex-A76 with the
 dot-product extension, Cortex-A72 without) and the second on the results: the arm64 ``sdot``
-kernels are built to give x86's bits exactly (engine/kernels/simd.py); the portable kernels sum
-floats in another order, so for them the relative difference is reported, not required to be 0.
+Q4_0/Q8_0 kernels are built to give x86's bits exactly (engine/kernels/simd.py); the portable ones
+sum floats in another order, so for them the relative difference is reported, not required to be
+0. The K-quant products must give x86's bits on every path (engine/kernels/kquant_simd.py).
 The data is made with numpy's seeded generator, identical on every platform.
 """
 
@@ -54,16 +55,41 @@ def outputs() -> dict[str, np.ndarray]:
             else:
                 simd.matmul_q8_0(w, xq, xs, out)
             result[f"{qtype}_t{n_tok}"] = out
+    # K-quants (llama-quantize's files): random super-blocks with finite fp16 scales. Their float
+    # work starts after exact integer super-block sums, so every ISA, portable included, must
+    # give the same bits.
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from engine.kernels import kquant_simd
+
+    for qtype in ("q4_k", "q5_k", "q6_k"):
+        block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype.upper()]]
+        raw = rng.integers(0, 256, (N_OUT, N_IN // block_size * type_size), dtype=np.uint8)
+        blocks = raw.reshape(N_OUT, -1, type_size)
+        halves = (rng.uniform(-1, 1, blocks.shape[:2] + (2,)) / 64).astype(np.float16).view(np.uint8)
+        where = slice(208, 210) if qtype == "q6_k" else slice(0, 4)
+        blocks[..., where] = halves.reshape(*blocks.shape[:2], 4)[..., : where.stop - where.start]
+        product = getattr(kquant_simd, f"product_{qtype}")
+        for n_tok in TOKEN_COUNTS:
+            x = rng.standard_normal((n_tok, N_IN)).astype(np.float32)
+            out = np.zeros((n_tok, N_OUT), np.float32)
+            product(raw, *kquant_simd.quantize_activations_q8_k(x), out)
+            result[f"{qtype}_t{n_tok}"] = out
     return result
 
 
 def compare(path_a: str, path_b: str) -> dict:
+    """Q4_0/Q8_0 ("identical", "max_rel_diff") and K-quant ("k_identical") results of two runs."""
     a, b = np.load(path_a), np.load(path_b)
-    report = {"a": str(a["kernels"]), "b": str(b["kernels"]), "identical": True, "max_rel_diff": 0.0}
+    report = {"a": str(a["kernels"]), "b": str(b["kernels"]), "identical": True, "max_rel_diff": 0.0,
+              "k_identical": True}
     for key in a.files:
         if key == "kernels":
             continue
-        same = a[key].tobytes() == b[key].tobytes()
+        same = key in b.files and a[key].tobytes() == b[key].tobytes()
+        if key.startswith(("q4_k", "q5_k", "q6_k")):
+            report["k_identical"] &= same
+            continue
         rel = float(np.max(np.abs(a[key] - b[key])) / max(1e-30, float(np.max(np.abs(a[key])))))
         report["identical"] &= same
         report["max_rel_diff"] = max(report["max_rel_diff"], rel)

@@ -36,10 +36,11 @@ N_TOKENS=${N_TOKENS:-16}
 # tests/test_matmul.py needs libgomp1 in the userland (Numba's OpenMP threading layer): with the
 # fallback workqueue layer it hung under qemu-user. Not here: tests/test_gguf_file.py and
 # tests/test_tokenizer.py (torch-free but ~240 tests: too slow emulated).
-TESTS=${ARM64_TESTS:-"tests/test_quants.py tests/test_simd.py tests/test_matmul.py tests/test_cpu_target.py tests/test_run_cli.py
- tests/test_bench.py tests/test_tokenize_cli.py"}
+TESTS=${ARM64_TESTS:-"tests/test_quants.py tests/test_simd.py tests/test_matmul.py tests/test_cpu_target.py
+ tests/test_kquant_simd.py tests/test_run_cli.py tests/test_bench.py tests/test_tokenize_cli.py"}
 # On the Cortex-A72 (no dot product: the portable kernels) only the kernel tests run again.
-TESTS_A72=${ARM64_TESTS_A72:-"tests/test_simd.py tests/test_matmul.py tests/test_cpu_target.py"}
+TESTS_A72=${ARM64_TESTS_A72:-"tests/test_simd.py tests/test_matmul.py tests/test_cpu_target.py
+ tests/test_kquant_simd.py"}
 # Known arm64 differences, run apart and reported but not counted. The reference is numpy on the
 # CPU it runs on; halfbyte's kernels give x86's answers everywhere (engine/quants.py module doc):
 # which NaN (sign, payload) comes out when NaNs meet (d * q + m with d and m both NaN; float32 ->
@@ -212,13 +213,15 @@ print(m['machine'], m['kernels'], ','.join(m['cpu_features']) or '-')" "$OUT/mac
     else
         record "$cpu: machine_info + info" FAIL $((SECONDS - t0)) "see $LOGS/machine-$cpu.log"
     fi
-    # Q4_0/Q8_0 matvec and prompt-tile outputs on seeded data: the sdot kernels must give x86's bits.
+    # Q4_0/Q8_0 matvec and prompt-tile outputs on seeded data: the sdot kernels must give x86's bits;
+    # K-quant products must give them on every path.
     t0=$SECONDS
     if arm "$REPO/bench/arm64/kernel_outputs.py" "$OUT/kernels-$cpu.npz" >>"$LOGS/machine-$cpu.log" 2>&1; then
         verdict=$(cd "$REPO" && "$HOST_PYTHON" bench/arm64/kernel_outputs.py --compare "$OUT/kernels-x86.npz" \
             "$OUT/kernels-$cpu.npz")
         echo "$verdict"
-        if [[ $expect != simd-neon-dotprod || $verdict == *'"identical": true'* ]]; then
+        if [[ $verdict == *'"k_identical": true'* &&
+            ($expect != simd-neon-dotprod || $verdict == *'"identical": true'*) ]]; then
             record "$cpu: kernel outputs vs x86" PASS $((SECONDS - t0)) "$verdict"
         else
             record "$cpu: kernel outputs vs x86" FAIL $((SECONDS - t0)) "not bit-identical: $verdict"

@@ -1,0 +1,87 @@
+"""Throughput of the K-quant products (Q4_K, Q5_K, Q6_K: llama-quantize's types).
+
+Three paths per shape: "float" (engine/kernels/kquants.py: the weights dequantized and dotted with
+float activations, the reference path), "portable" and "host" (engine/kernels/kquant_simd.py:
+integer products against Q8_K activations, portable IR / this CPU's ISA). Matrix-vector figures are
+GB/s of weight bytes, batched ones tokens/s; the activation quantization is included in the time.
+Each figure is the best of several runs (the machine is shared: best-of is the least noisy).
+
+    python bench/bench_kquants.py                 # ~1-2 min incl. compiling
+    python bench/bench_kquants.py --threads 2
+
+Shapes (n_out x n_in): 32000x2048 is TinyLlama's output layer (Q6_K in llama-quantize's files),
+5632x2048 its FFN up/gate (Q4_K in Q4_K_M), 4096x4096 a LLaMA-7B attention projection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import numba
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from engine.kernels import kquant_simd, kquants
+from engine.kernels.matmul import _call
+
+SHAPES = [("q6_k", 32000, 2048), ("q4_k", 5632, 2048), ("q5_k", 5632, 2048), ("q4_k", 4096, 4096)]
+
+
+def random_rows(qtype: str, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
+    kind = GGMLQuantizationType[qtype.upper()]
+    block_size, type_size = GGML_QUANT_SIZES[kind]
+    raw = rng.integers(0, 256, (n_out, n_in // block_size * type_size), dtype=np.uint8)
+    blocks = raw.reshape(n_out, -1, type_size)
+    halves = (rng.uniform(-1, 1, blocks.shape[:2] + (2,)) / 64).astype(np.float16).view(np.uint8)
+    where = slice(208, 210) if qtype == "q6_k" else slice(0, 4)
+    blocks[..., where] = halves.reshape(*blocks.shape[:2], 4)[..., : where.stop - where.start]
+    return raw
+
+
+def best_seconds(fn: Callable[[], None], min_runs: int = 5, min_total: float = 0.5) -> float:
+    fn()  # compile / warm
+    times: list[float] = []
+    while len(times) < min_runs or sum(times) < min_total:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def product(qtype: str, path: str, raw: np.ndarray, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
+    if path == "float":
+        kind = int(GGMLQuantizationType[qtype.upper()])
+        return lambda: _call(kquants.matmul, kind, raw, x, y)
+    fn = getattr(kquant_simd, f"product_{qtype}" + ("_generic" if path == "portable" else ""))
+    return lambda: _call(fn, raw, *kquant_simd.quantize_activations_q8_k(x), y)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--tokens", type=int, default=32, help="batch size of the batched figures")
+    args = parser.parse_args()
+    from engine.kernels.matmul import kernel_description
+
+    print(f"kernels: {kernel_description()}")
+    rng = np.random.default_rng(0)
+    for qtype, n_out, n_in in SHAPES:
+        raw = random_rows(qtype, n_out, n_in, rng)
+        for n_tok in (1, args.tokens):
+            x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+            y = np.empty((n_tok, n_out), np.float32)
+            for threads in args.threads:
+                numba.set_num_threads(threads)
+                cells = []
+                for path in ("float", "portable", "host"):
+                    seconds = best_seconds(product(qtype, path, raw, x, y))
+                    value = raw.nbytes / seconds / 1e9 if n_tok == 1 else n_tok / seconds
+                    cells.append(f"{path} {value:8.1f}")
+                unit = "GB/s" if n_tok == 1 else "tokens/s"
+                print(f"{qtype} {n_out}x{n_in} tokens={n_tok:<3} threads={threads}  {unit:8}  " + "  ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
