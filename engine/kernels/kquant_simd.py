@@ -37,6 +37,9 @@ from engine.kernels.simd import X86_ISAS, _as_i8_ptr, _check_array, _mask, _row_
 QK_K = 256
 BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
 
+# Software prefetch distance for the weight stream, bytes ahead of the super-block being read (as
+# simd.py's; rows are contiguous, so near a row's end this fetches the next row's start).
+_PREFETCH_BYTES = 1024
 _I1 = ir.IntType(1)
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
@@ -276,8 +279,8 @@ class _KEmitter:
         b.position_at_end(body)
         block = b.gep(w_row, [b.mul(index, ir.Constant(_I64, self.block_bytes))])
         prefetch = self._fn("llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
-        b.call(prefetch, [b.gep(block, [ir.Constant(_I64, 1024)]), ir.Constant(_I32, 0), ir.Constant(_I32, 0),
-                          ir.Constant(_I32, 1)])
+        b.call(prefetch, [b.gep(block, [ir.Constant(_I64, _PREFETCH_BYTES)]), ir.Constant(_I32, 0),
+                          ir.Constant(_I32, 0), ir.Constant(_I32, 1)])
         here = [
             (b.gep(x, [b.mul(index, ir.Constant(_I64, QK_K))]), b.gep(d, [index]),
              b.gep(s, [b.mul(index, ir.Constant(_I64, 16))]))
