@@ -54,7 +54,8 @@ def product(qtype: str, path: str, raw: np.ndarray, x: np.ndarray, y: np.ndarray
     if path == "float":
         kind = int(GGMLQuantizationType[qtype.upper()])
         return lambda: _call(kquants.matmul, kind, raw, x, y)
-    fn = getattr(kquant_simd, f"product_{qtype}" + ("_generic" if path == "portable" else ""))
+    kind = "matvec" if x.shape[0] == 1 else "matmul"
+    fn = getattr(kquant_simd, f"{kind}_{qtype}" + ("_generic" if path == "portable" else ""))
     return lambda: _call(fn, raw, *kquant_simd.quantize_activations_q8_k(x), y)
 
 

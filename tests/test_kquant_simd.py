@@ -3,8 +3,8 @@
 * The Q8_K activation quantizer equals a plain numpy transcription of ggml's
   ``quantize_row_q8_K_ref`` bit for bit (and, checked by hand against libggml's own function,
   ggml itself: see the module doc).
-* Every product (Q4_K, Q5_K, Q6_K; host ISA and portable IR; 1 to 9 tokens, so both the 4-token
-  tiles and the remainder) equals the dequantized weights (gguf-py) times the dequantized
+* Every product (Q4_K, Q5_K, Q6_K; host ISA and portable IR; matrix-vector and batched with 1 to
+  9 tokens, so both the 8-token tiles and the remainder) equals the dequantized weights (gguf-py) times the dequantized
   activations to float rounding, and the host and portable paths agree bit for bit.
 * Extreme codes and scales (every code at its maximum, scales -128, activations +-127) stay exact:
   no 16-bit saturation in the x86 multiply-adds.
@@ -21,10 +21,11 @@ from engine.kernels import kquant_simd as ks
 
 T = GGMLQuantizationType
 K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
+# (matvec, matmul) drivers, host ISA then portable IR
 PRODUCTS = {
-    T.Q4_K: (ks.product_q4_k, ks.product_q4_k_generic),
-    T.Q5_K: (ks.product_q5_k, ks.product_q5_k_generic),
-    T.Q6_K: (ks.product_q6_k, ks.product_q6_k_generic),
+    qtype: tuple(getattr(ks, f"{kind}_{qtype.name.lower()}{suffix}") for suffix in ("", "_generic")
+                 for kind in ("matvec", "matmul"))
+    for qtype in (T.Q4_K, T.Q5_K, T.Q6_K)
 }
 
 
@@ -86,16 +87,23 @@ def random_k_rows(qtype: GGMLQuantizationType, n_out: int, n_in: int, rng: np.ra
 
 
 def run_both(qtype: GGMLQuantizationType, raw: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(xq, xd, host result, portable result); each path's matvec driver is checked against its
+    matmul driver on every token (the same integers, so the same floats)."""
     xq, xd, xbsums = ks.quantize_activations_q8_k(x)
+    matvec, matmul, matvec_portable, matmul_portable = PRODUCTS[qtype]
     outs = []
-    for product in PRODUCTS[qtype]:
+    for mv, mm in ((matvec, matmul), (matvec_portable, matmul_portable)):
         out = np.full((x.shape[0], raw.shape[0]), np.nan, np.float32)
-        product(raw, xq, xd, xbsums, out)
+        mm(raw, xq, xd, xbsums, out)
+        for t in range(x.shape[0]):
+            single = np.full((1, raw.shape[0]), np.nan, np.float32)
+            mv(raw, xq[t : t + 1], xd[t : t + 1], xbsums[t : t + 1], single)
+            np.testing.assert_array_equal(single[0].view(np.uint32), out[t].view(np.uint32))
         outs.append(out)
     return xq, xd, *outs
 
 
-@pytest.mark.parametrize("n_tok", [1, 3, 4, 9])
+@pytest.mark.parametrize("n_tok", [1, 3, 8, 11])
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
 def test_products_match_dequantized_weights_and_activations(qtype, n_tok) -> None:
     rng = np.random.default_rng(int(qtype) * 10 + n_tok)
@@ -143,10 +151,10 @@ def test_short_operands_bound_the_super_blocks() -> None:
     x = rng.standard_normal((1, 512)).astype(np.float32)
     xq, xd, xbsums = ks.quantize_activations_q8_k(x)
     out = np.empty((1, 4), np.float32)
-    ks.product_q6_k(raw, xq, xd, xbsums, out)
+    ks.matmul_q6_k(raw, xq, xd, xbsums, out)
     truncated = np.ascontiguousarray(raw[:, : 2 * 210])
     expected = np.empty((1, 4), np.float32)
-    ks.product_q6_k(truncated, xq, xd, xbsums, expected)
+    ks.matmul_q6_k(truncated, xq, xd, xbsums, expected)
     np.testing.assert_array_equal(out, expected)
 
 

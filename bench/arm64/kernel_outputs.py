@@ -69,11 +69,11 @@ def outputs() -> dict[str, np.ndarray]:
         halves = (rng.uniform(-1, 1, blocks.shape[:2] + (2,)) / 64).astype(np.float16).view(np.uint8)
         where = slice(208, 210) if qtype == "q6_k" else slice(0, 4)
         blocks[..., where] = halves.reshape(*blocks.shape[:2], 4)[..., : where.stop - where.start]
-        product = getattr(kquant_simd, f"product_{qtype}")
         for n_tok in TOKEN_COUNTS:
             x = rng.standard_normal((n_tok, N_IN)).astype(np.float32)
             out = np.zeros((n_tok, N_OUT), np.float32)
-            product(raw, *kquant_simd.quantize_activations_q8_k(x), out)
+            driver = getattr(kquant_simd, f"{'matvec' if n_tok == 1 else 'matmul'}_{qtype}")
+            driver(raw, *kquant_simd.quantize_activations_q8_k(x), out)
             result[f"{qtype}_t{n_tok}"] = out
     return result
 

@@ -54,6 +54,7 @@ _V16I16 = ir.VectorType(_I16, 16)
 _V16I32 = ir.VectorType(_I32, 16)
 _V32I8 = ir.VectorType(_I8, 32)
 _V32I16 = ir.VectorType(_I16, 32)
+_V8F32 = ir.VectorType(_F32, 8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,10 +139,24 @@ class _KEmitter:
     def _slice(self, vec: ir.Value, indices) -> ir.Value:
         return self.b.shuffle_vector(vec, vec, _mask(indices))
 
-    def _reduce_add(self, vec: ir.Value) -> ir.Value:
-        n = vec.type.count
-        fn = self._fn(f"llvm.vector.reduce.add.v{n}i32", _I32, [vec.type])
-        return self.b.call(fn, [vec])
+    def _tree_sum(self, values: list[ir.Value]) -> ir.Value:
+        """Sum as a balanced tree: a chain of 8 dependent adds per super-block (which LLVM fuses
+        into 8 dependent vpdpwssd on AVX512-VNNI, 5 cycles each) made the Q6_K matvec
+        latency-bound; a tree is 3 deep. Integers: any order gives the same sum."""
+        while len(values) > 1:
+            values = [self.b.add(values[i], values[i + 1]) if i + 1 < len(values) else values[i]
+                      for i in range(0, len(values), 2)]
+        return values[0]
+
+    def _quad_sums(self, vec: ir.Value) -> ir.Value:
+        """<8 x i32> from <32 x i32> or <16 x i32>: lane i = the sum of the adjacent inputs that
+        belong to it (4i..4i+3, or 2i, 2i+1). Every ISA's lanes hold the same products this way
+        (as pmaddubsw + pmaddwd and sdot group them), so the lane floats are the same too."""
+        b = self.b
+        while vec.type.count > 8:
+            n = vec.type.count
+            vec = b.add(self._slice(vec, range(0, n, 2)), self._slice(vec, range(1, n, 2)))
+        return vec
 
     def _fp16(self, block: ir.Value, offset: int) -> ir.Value:
         """float32 value of the fp16 at block + offset, without F16C or a library call: sign to bit
@@ -174,19 +189,20 @@ class _KEmitter:
                 dots = b.call(sdot, [_vconst(_V4I32, 0), self._slice(q, part), self._slice(x, part)])
                 halves.append(b.mul(dots, self._splat(scale, _V4I32)))
             return b.shuffle_vector(halves[0], halves[1], _mask(range(8)))
-        # portable: products in i16 (|63 * 127| fits), widened per half and scaled in i32
+        # portable: products in i16 (|63 * 127| fits), adjacent pairs summed (still exact in i16:
+        # 2 * 8001 < 2**15), widened and scaled in i32, then into the x86 lane order
         products = b.mul(b.zext(q, _V32I16), b.sext(x, _V32I16))
-        lo = b.mul(b.sext(self._slice(products, range(16)), _V16I32), self._splat(s_lo, _V16I32))
-        hi = b.mul(b.sext(self._slice(products, range(16, 32)), _V16I32), self._splat(s_hi, _V16I32))
-        both = b.add(lo, hi)
-        return b.add(self._slice(both, range(8)), self._slice(both, range(8, 16)))
+        pairs = b.sext(b.add(self._slice(products, range(0, 32, 2)), self._slice(products, range(1, 32, 2))), _V16I32)
+        scales = b.shuffle_vector(self._splat(s_lo, _V16I32), self._splat(s_hi, _V16I32),
+                                  _mask(list(range(8)) + list(range(24, 32))))
+        return self._quad_sums(b.mul(pairs, scales))
 
     # ---- one super-block: the weights' (codes, scales) once, then every token ----------------
 
     def _q6_k(self, block: ir.Value, tokens) -> list[tuple[ir.Value, ir.Value | None]]:
         b = self.b
         scales = b.sext(self._load(block, 192, _V16I8), _V16I32)
-        isums = [_vconst(_V8I32, 0) for _ in tokens]
+        dots: list[list[ir.Value]] = [[] for _ in tokens]
         for half in range(2):
             ql0 = self._load(block, 64 * half, _V32I8)
             ql1 = self._load(block, 64 * half + 32, _V32I8)
@@ -206,13 +222,14 @@ class _KEmitter:
                 s_hi = b.extract_element(scales, ir.Constant(_I32, 8 * half + 2 * k + 1))
                 for t, (x_ptr, _, _) in enumerate(tokens):
                     x = self._load(x_ptr, 128 * half + 32 * k, _V32I8)
-                    isums[t] = b.add(isums[t], self.group_dot(q, x, s_lo, s_hi))
+                    dots[t].append(self.group_dot(q, x, s_lo, s_hi))
+        isums = [self._tree_sum(d) for d in dots]
         out = []
         for t, (_, _, bsum_ptr) in enumerate(tokens):
             bsums = b.sext(self._load(bsum_ptr, 0, _V16I16), _V16I32)
             # codes are q + 32: take 32 * sum_j scale_j * bsum_j off
-            bias = b.shl(self._reduce_add(b.mul(scales, bsums)), ir.Constant(_I32, 5))
-            out.append((b.sub(self._reduce_add(isums[t]), bias), None))
+            bias = b.shl(self._quad_sums(b.mul(scales, bsums)), _vconst(_V8I32, 5))
+            out.append((b.sub(isums[t], bias), None))
         return out
 
     def _q4_5_k(self, block: ir.Value, tokens) -> list[tuple[ir.Value, ir.Value | None]]:
@@ -236,7 +253,7 @@ class _KEmitter:
         mins = b.zext(self._slice(packed, range(8, 16)), _V8I32)
         qs_offset = 16 if self.qtype == "q4_k" else 48
         qh = self._load(block, 16, _V32I8) if self.qtype == "q5_k" else None
-        isums = [_vconst(_V8I32, 0) for _ in tokens]
+        dots: list[list[ir.Value]] = [[] for _ in tokens]
         for j in range(4):  # 64 weights: low nibbles (sub-block 2j), then high nibbles (2j + 1)
             packed_q = self._load(block, qs_offset + 32 * j, _V32I8)
             codes = [b.and_(packed_q, _vconst(_V32I8, 0x0F)), b.lshr(packed_q, _vconst(_V32I8, 4))]
@@ -248,12 +265,13 @@ class _KEmitter:
                 scale = b.extract_element(scales, c(2 * j + i))
                 for t, (x_ptr, _, _) in enumerate(tokens):
                     x = self._load(x_ptr, 64 * j + 32 * i, _V32I8)
-                    isums[t] = b.add(isums[t], self.group_dot(q, x, scale, scale))
+                    dots[t].append(self.group_dot(q, x, scale, scale))
+        isums = [self._tree_sum(d) for d in dots]
         out = []
         for t, (_, _, bsum_ptr) in enumerate(tokens):
             bsums = b.sext(self._load(bsum_ptr, 0, _V16I16), _V16I32)
             bsum32 = b.add(self._slice(bsums, range(0, 16, 2)), self._slice(bsums, range(1, 16, 2)))
-            out.append((self._reduce_add(isums[t]), self._reduce_add(b.mul(mins, bsum32))))
+            out.append((isums[t], b.mul(mins, bsum32)))
         return out
 
     def row(self, w_row: ir.Value, tokens, n_blocks: ir.Value) -> list[ir.Value]:
@@ -271,8 +289,8 @@ class _KEmitter:
         index.add_incoming(ir.Constant(_I64, 0), entry)
         accs = []
         for _ in tokens:
-            acc = b.phi(_F32, name="kdot.acc")
-            acc.add_incoming(ir.Constant(_F32, 0.0), entry)
+            acc = b.phi(_V8F32, name="kdot.acc")
+            acc.add_incoming(_vconst(_V8F32, 0.0), entry)
             accs.append(acc)
         b.cbranch(b.icmp_signed("<", index, n_blocks), body, after)
 
@@ -295,9 +313,9 @@ class _KEmitter:
         new_accs = []
         for acc, (_, d_ptr, _), (isum, msum) in zip(accs, here, sums):
             d_x = b.load(d_ptr, align=4)
-            acc = b.fadd(acc, b.fmul(b.fmul(d_w, d_x), b.sitofp(isum, _F32)))
+            acc = b.fadd(acc, b.fmul(self._splat(b.fmul(d_w, d_x), _V8F32), b.sitofp(isum, _V8F32)))
             if msum is not None:
-                acc = b.fsub(acc, b.fmul(b.fmul(dmin_w, d_x), b.sitofp(msum, _F32)))
+                acc = b.fsub(acc, b.fmul(self._splat(b.fmul(dmin_w, d_x), _V8F32), b.sitofp(msum, _V8F32)))
             new_accs.append(acc)
         body_end = b.basic_block
         index.add_incoming(b.add(index, ir.Constant(_I64, 1)), body_end)
@@ -305,7 +323,15 @@ class _KEmitter:
             acc.add_incoming(new, body_end)
         b.branch(header)
         b.position_at_end(after)
-        return list(accs)
+        return [self._horizontal_sum(acc) for acc in accs]
+
+    def _horizontal_sum(self, acc: ir.Value) -> ir.Value:
+        # a fixed tree (8 -> 4 -> 2 -> 1): the result depends on nothing but the lanes
+        b = self.b
+        while acc.type.count > 1:
+            n = acc.type.count
+            acc = b.fadd(self._slice(acc, range(n // 2)), self._slice(acc, range(n // 2, n)))
+        return b.extract_element(acc, ir.Constant(_I32, 0))
 
 
 def _make_tile(qtype: str, isa_mode: str, n_tok: int):
@@ -349,93 +375,144 @@ def _make_tile(qtype: str, isa_mode: str, n_tok: int):
     return intrinsic(typer)
 
 
-_TILE_TOKENS = 4  # as simd.py's row-major tiles: one row's super-blocks unpacked once for 4 tokens
-_ROW_CHUNK = 16
+# Tokens per batched tile: one row's super-blocks unpacked once for 8 tokens. Measured (1 thread,
+# 128 tokens, tokens/s): Q4_K 5632x2048 5,007 with 4-token tiles, 5,551 with 8.
+_TILE_TOKENS = 8
+_ROW_CHUNK = 16  # rows per parallel work item of the batched drivers (as simd.py)
 
-_q4_k_1, _q4_k_4 = _make_tile("q4_k", "host", 1), _make_tile("q4_k", "host", _TILE_TOKENS)
-_q5_k_1, _q5_k_4 = _make_tile("q5_k", "host", 1), _make_tile("q5_k", "host", _TILE_TOKENS)
-_q6_k_1, _q6_k_4 = _make_tile("q6_k", "host", 1), _make_tile("q6_k", "host", _TILE_TOKENS)
-_q4_k_1g, _q4_k_4g = _make_tile("q4_k", "generic", 1), _make_tile("q4_k", "generic", _TILE_TOKENS)
-_q5_k_1g, _q5_k_4g = _make_tile("q5_k", "generic", 1), _make_tile("q5_k", "generic", _TILE_TOKENS)
-_q6_k_1g, _q6_k_4g = _make_tile("q6_k", "generic", 1), _make_tile("q6_k", "generic", _TILE_TOKENS)
+_q4_k_1, _q4_k_n = _make_tile("q4_k", "host", 1), _make_tile("q4_k", "host", _TILE_TOKENS)
+_q5_k_1, _q5_k_n = _make_tile("q5_k", "host", 1), _make_tile("q5_k", "host", _TILE_TOKENS)
+_q6_k_1, _q6_k_n = _make_tile("q6_k", "host", 1), _make_tile("q6_k", "host", _TILE_TOKENS)
+_q4_k_1g, _q4_k_ng = _make_tile("q4_k", "generic", 1), _make_tile("q4_k", "generic", _TILE_TOKENS)
+_q5_k_1g, _q5_k_ng = _make_tile("q5_k", "generic", 1), _make_tile("q5_k", "generic", _TILE_TOKENS)
+_q6_k_1g, _q6_k_ng = _make_tile("q6_k", "generic", 1), _make_tile("q6_k", "generic", _TILE_TOKENS)
 
 
-# One driver per type and path, written out: a factory's closures would share one on-disk cache
+# Drivers per type and path, written out: a factory's closures would share one on-disk cache
 # entry (Numba keys it by source location), and a runtime type flag would compile every type's IR
-# into each specialization (simd.py measured 2-4 s per driver).
+# into each specialization (simd.py measured 2-4 s per driver). The matrix-vector driver is its own
+# function: with the one-token tile in the same function as the 8-token loop, the Q6_K matvec ran
+# at 22 GB/s instead of 43 (1 thread, 4096x4096: LLVM optimizes the shared function worse).
 @njit(parallel=True, cache=True)
-def product_q4_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
-    """out[t, r] = dot(Q4_K row r of w, Q8_K activation row t); 16-row chunks over threads, 4-token tiles."""
+def matvec_q4_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+    """out[0, r] = dot(Q4_K row r of w, the Q8_K activation row); rows over threads."""
+    for r in prange(w.shape[0]):
+        out[0, r] = _q4_k_1(w, r, xq, xd, xbsums, 0)[0]
+
+
+@njit(parallel=True, cache=True)
+def matmul_q4_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+    """out[t, r] = dot(Q4_K row r, Q8_K activation row t): 16-row chunks, 8-token tiles."""
     n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
     for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
         for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
             for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q4_k_4(w, r, xq, xd, xbsums, t)
+                dots = _q4_k_n(w, r, xq, xd, xbsums, t)
                 for i in range(_TILE_TOKENS):
                     out[t + i, r] = dots[i]
             for t in range(n_tiled, xq.shape[0]):
                 out[t, r] = _q4_k_1(w, r, xq, xd, xbsums, t)[0]
 
+
 @njit(parallel=True, cache=True)
-def product_q4_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
-    """product_q4_k with the portable IR."""
+def matvec_q4_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+    """matvec_q4_k with the portable IR."""
+    for r in prange(w.shape[0]):
+        out[0, r] = _q4_k_1g(w, r, xq, xd, xbsums, 0)[0]
+
+
+@njit(parallel=True, cache=True)
+def matmul_q4_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+    """matmul_q4_k with the portable IR."""
     n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
     for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
         for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
             for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q4_k_4g(w, r, xq, xd, xbsums, t)
+                dots = _q4_k_ng(w, r, xq, xd, xbsums, t)
                 for i in range(_TILE_TOKENS):
                     out[t + i, r] = dots[i]
             for t in range(n_tiled, xq.shape[0]):
                 out[t, r] = _q4_k_1g(w, r, xq, xd, xbsums, t)[0]
 
+
 @njit(parallel=True, cache=True)
-def product_q5_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
-    """out[t, r] = dot(Q5_K row r of w, Q8_K activation row t); 16-row chunks over threads, 4-token tiles."""
+def matvec_q5_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+    """out[0, r] = dot(Q5_K row r of w, the Q8_K activation row); rows over threads."""
+    for r in prange(w.shape[0]):
+        out[0, r] = _q5_k_1(w, r, xq, xd, xbsums, 0)[0]
+
+
+@njit(parallel=True, cache=True)
+def matmul_q5_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+    """out[t, r] = dot(Q5_K row r, Q8_K activation row t): 16-row chunks, 8-token tiles."""
     n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
     for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
         for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
             for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q5_k_4(w, r, xq, xd, xbsums, t)
+                dots = _q5_k_n(w, r, xq, xd, xbsums, t)
                 for i in range(_TILE_TOKENS):
                     out[t + i, r] = dots[i]
             for t in range(n_tiled, xq.shape[0]):
                 out[t, r] = _q5_k_1(w, r, xq, xd, xbsums, t)[0]
 
+
 @njit(parallel=True, cache=True)
-def product_q5_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
-    """product_q5_k with the portable IR."""
+def matvec_q5_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+    """matvec_q5_k with the portable IR."""
+    for r in prange(w.shape[0]):
+        out[0, r] = _q5_k_1g(w, r, xq, xd, xbsums, 0)[0]
+
+
+@njit(parallel=True, cache=True)
+def matmul_q5_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+    """matmul_q5_k with the portable IR."""
     n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
     for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
         for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
             for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q5_k_4g(w, r, xq, xd, xbsums, t)
+                dots = _q5_k_ng(w, r, xq, xd, xbsums, t)
                 for i in range(_TILE_TOKENS):
                     out[t + i, r] = dots[i]
             for t in range(n_tiled, xq.shape[0]):
                 out[t, r] = _q5_k_1g(w, r, xq, xd, xbsums, t)[0]
 
+
 @njit(parallel=True, cache=True)
-def product_q6_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
-    """out[t, r] = dot(Q6_K row r of w, Q8_K activation row t); 16-row chunks over threads, 4-token tiles."""
+def matvec_q6_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+    """out[0, r] = dot(Q6_K row r of w, the Q8_K activation row); rows over threads."""
+    for r in prange(w.shape[0]):
+        out[0, r] = _q6_k_1(w, r, xq, xd, xbsums, 0)[0]
+
+
+@njit(parallel=True, cache=True)
+def matmul_q6_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+    """out[t, r] = dot(Q6_K row r, Q8_K activation row t): 16-row chunks, 8-token tiles."""
     n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
     for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
         for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
             for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q6_k_4(w, r, xq, xd, xbsums, t)
+                dots = _q6_k_n(w, r, xq, xd, xbsums, t)
                 for i in range(_TILE_TOKENS):
                     out[t + i, r] = dots[i]
             for t in range(n_tiled, xq.shape[0]):
                 out[t, r] = _q6_k_1(w, r, xq, xd, xbsums, t)[0]
 
+
 @njit(parallel=True, cache=True)
-def product_q6_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
-    """product_q6_k with the portable IR."""
+def matvec_q6_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+    """matvec_q6_k with the portable IR."""
+    for r in prange(w.shape[0]):
+        out[0, r] = _q6_k_1g(w, r, xq, xd, xbsums, 0)[0]
+
+
+@njit(parallel=True, cache=True)
+def matmul_q6_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+    """matmul_q6_k with the portable IR."""
     n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
     for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
         for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
             for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q6_k_4g(w, r, xq, xd, xbsums, t)
+                dots = _q6_k_ng(w, r, xq, xd, xbsums, t)
                 for i in range(_TILE_TOKENS):
                     out[t + i, r] = dots[i]
             for t in range(n_tiled, xq.shape[0]):

@@ -792,11 +792,13 @@ def _simd_product(kind: int, drivers, raw: np.ndarray, x: np.ndarray, y: np.ndar
         _call(driver, raw, xq, scales, y)
 
 
-_K_PRODUCTS = {
-    int(GGMLQuantizationType.Q4_K): (kquant_simd.product_q4_k, kquant_simd.product_q4_k_generic),
-    int(GGMLQuantizationType.Q5_K): (kquant_simd.product_q5_k, kquant_simd.product_q5_k_generic),
-    int(GGMLQuantizationType.Q6_K): (kquant_simd.product_q6_k, kquant_simd.product_q6_k_generic),
-}
+def _k_drivers(name: str) -> tuple:
+    """(matvec, matmul) for the host ISA, then the same with the portable IR."""
+    return tuple(getattr(kquant_simd, f"{kind}_{name}{suffix}") for suffix in ("", "_generic")
+                 for kind in ("matvec", "matmul"))
+
+
+_K_PRODUCTS = {int(GGMLQuantizationType[name.upper()]): _k_drivers(name) for name in ("q4_k", "q5_k", "q6_k")}
 
 
 def _k_product(kind: int, raw: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
@@ -805,9 +807,9 @@ def _k_product(kind: int, raw: np.ndarray, x: np.ndarray, y: np.ndarray) -> None
     if _kernel_path == "reference":
         _call(kquants.matmul, kind, raw, x, y)
         return
-    host, portable = _K_PRODUCTS[kind]
+    drivers = _K_PRODUCTS[kind][2:] if _kernel_path == "portable" else _K_PRODUCTS[kind][:2]
     xq, xd, xbsums = _call(kquant_simd.quantize_activations_q8_k, x)
-    _call(portable if _kernel_path == "portable" else host, raw, xq, xd, xbsums, y)
+    _call(drivers[0] if x.shape[0] == 1 else drivers[1], raw, xq, xd, xbsums, y)
 
 
 def matvec(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
