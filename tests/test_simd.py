@@ -400,6 +400,18 @@ OTHER_ISA_SCRIPT = textwrap.dedent(
                 outs.append(out)
             for out in outs[:2]:
                 np.testing.assert_allclose(out, outs[2], rtol=2e-6, atol=2e-6 * np.abs(outs[2]).max())
+    # K-quants: this ISA's (unpaired on AVX2) tiles give the portable IR's bits
+    from engine.kernels import kquant_simd
+    for qtype, size in (("q4_k", 144), ("q5_k", 176), ("q6_k", 210)):
+        w = rng.integers(0, 256, (19, 2 * size), dtype=np.uint8)
+        where = slice(208, 210) if qtype == "q6_k" else slice(0, 4)
+        halves = np.frombuffer(np.float16(0.01).tobytes() * 2, np.uint8)
+        w.reshape(19, 2, size)[..., where] = halves[: where.stop - where.start]
+        act = kquant_simd.quantize_activations_q8_k(rng.standard_normal((11, 512)).astype(np.float32))
+        outs = [np.empty((11, 19), np.float32) for _ in range(2)]
+        getattr(kquant_simd, "matmul_" + qtype)(w, *act, outs[0])
+        getattr(kquant_simd, "matmul_" + qtype + "_generic")(w, *act, outs[1])
+        np.testing.assert_array_equal(outs[0], outs[1])
     print("ok")
     """
 )

@@ -124,6 +124,7 @@ class _KEmitter:
         self.isa = isa
         self.qtype = qtype
         self.block_bytes = BLOCK_BYTES[qtype]
+        self.paired = False  # set per super-block by _new_dots
 
     def _fn(self, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
         return cgutils.get_or_insert_function(self.b.module, ir.FunctionType(ret, args), name)
@@ -197,12 +198,47 @@ class _KEmitter:
                                   _mask(list(range(8)) + list(range(24, 32))))
         return self._quad_sums(b.mul(pairs, scales))
 
+    # ---- the group dots of all tokens: one at a time, or two per 512-bit op ----------------------
+
+    def _new_dots(self, tokens) -> list[list[ir.Value]]:
+        """Per token (or, with AVX-512, per pair of tokens) the list of group dots to be summed."""
+        self.paired = self.isa == "avx512-vnni" and len(tokens) % 2 == 0
+        return [[] for _ in range(len(tokens) // 2 if self.paired else len(tokens))]
+
+    def _token_dots(self, dots, tokens, q: ir.Value, x_offset: int, s_lo: ir.Value, s_hi: ir.Value) -> None:
+        b = self.b
+        if not self.paired:
+            for t, (x_ptr, _, _) in enumerate(tokens):
+                dots[t].append(self.group_dot(q, self._load(x_ptr, x_offset, _V32I8), s_lo, s_hi))
+            return
+        # AVX-512BW: the codes twice in one zmm against two tokens' activations, so one
+        # vpmaddubsw + vpmaddwd serves two tokens; the low 8 lanes are token 2p's, the high 8
+        # token 2p+1's, each exactly the 256-bit kernels' lanes.
+        v64i8, v32i16, v16i32 = ir.VectorType(_I8, 64), ir.VectorType(_I16, 32), ir.VectorType(_I32, 16)
+        maddubs = self._fn("llvm.x86.avx512.pmaddubs.w.512", v32i16, [v64i8, v64i8])
+        maddwd = self._fn("llvm.x86.avx512.pmaddw.d.512", v16i32, [v32i16, v32i16])
+        q2 = b.shuffle_vector(q, q, _mask(list(range(32)) * 2))
+        half = b.shuffle_vector(self._splat(b.trunc(s_lo, _I16), _V16I16), self._splat(b.trunc(s_hi, _I16), _V16I16),
+                                _mask(list(range(8)) + list(range(24, 32))))
+        scales = b.shuffle_vector(half, half, _mask(list(range(16)) * 2))
+        for p in range(len(dots)):
+            x = b.shuffle_vector(self._load(tokens[2 * p][0], x_offset, _V32I8),
+                                 self._load(tokens[2 * p + 1][0], x_offset, _V32I8), _mask(range(64)))
+            dots[p].append(b.call(maddwd, [b.call(maddubs, [q2, x]), scales]))
+
+    def _finish_dots(self, dots) -> list[ir.Value]:
+        """<8 x i32> per token: the tree sums, pairs split back into their two tokens."""
+        sums = [self._tree_sum(d) for d in dots]
+        if not self.paired:
+            return sums
+        return [self._slice(v, part) for v in sums for part in (range(8), range(8, 16))]
+
     # ---- one super-block: the weights' (codes, scales) once, then every token ----------------
 
     def _q6_k(self, block: ir.Value, tokens) -> list[tuple[ir.Value, ir.Value | None]]:
         b = self.b
         scales = b.sext(self._load(block, 192, _V16I8), _V16I32)
-        dots: list[list[ir.Value]] = [[] for _ in tokens]
+        dots = self._new_dots(tokens)
         for half in range(2):
             ql0 = self._load(block, 64 * half, _V32I8)
             ql1 = self._load(block, 64 * half + 32, _V32I8)
@@ -220,10 +256,8 @@ class _KEmitter:
             for k, q in enumerate(codes):  # elements 128*half + 32k .. +31, scales 8*half + 2k (+1)
                 s_lo = b.extract_element(scales, ir.Constant(_I32, 8 * half + 2 * k))
                 s_hi = b.extract_element(scales, ir.Constant(_I32, 8 * half + 2 * k + 1))
-                for t, (x_ptr, _, _) in enumerate(tokens):
-                    x = self._load(x_ptr, 128 * half + 32 * k, _V32I8)
-                    dots[t].append(self.group_dot(q, x, s_lo, s_hi))
-        isums = [self._tree_sum(d) for d in dots]
+                self._token_dots(dots, tokens, q, 128 * half + 32 * k, s_lo, s_hi)
+        isums = self._finish_dots(dots)
         out = []
         for t, (_, _, bsum_ptr) in enumerate(tokens):
             bsums = b.sext(self._load(bsum_ptr, 0, _V16I16), _V16I32)
@@ -253,7 +287,7 @@ class _KEmitter:
         mins = b.zext(self._slice(packed, range(8, 16)), _V8I32)
         qs_offset = 16 if self.qtype == "q4_k" else 48
         qh = self._load(block, 16, _V32I8) if self.qtype == "q5_k" else None
-        dots: list[list[ir.Value]] = [[] for _ in tokens]
+        dots = self._new_dots(tokens)
         for j in range(4):  # 64 weights: low nibbles (sub-block 2j), then high nibbles (2j + 1)
             packed_q = self._load(block, qs_offset + 32 * j, _V32I8)
             codes = [b.and_(packed_q, _vconst(_V32I8, 0x0F)), b.lshr(packed_q, _vconst(_V32I8, 4))]
@@ -263,10 +297,8 @@ class _KEmitter:
                     codes[i] = b.or_(codes[i], b.shl(bit, _vconst(_V32I8, 4)))
             for i, q in enumerate(codes):
                 scale = b.extract_element(scales, c(2 * j + i))
-                for t, (x_ptr, _, _) in enumerate(tokens):
-                    x = self._load(x_ptr, 64 * j + 32 * i, _V32I8)
-                    dots[t].append(self.group_dot(q, x, scale, scale))
-        isums = [self._tree_sum(d) for d in dots]
+                self._token_dots(dots, tokens, q, 64 * j + 32 * i, scale, scale)
+        isums = self._finish_dots(dots)
         out = []
         for t, (_, _, bsum_ptr) in enumerate(tokens):
             bsums = b.sext(self._load(bsum_ptr, 0, _V16I16), _V16I32)
