@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
+from llvm_targets import CALLS, instructions_for
 
 from engine.kernels import kquant_simd as ks
 
@@ -171,22 +172,6 @@ def test_short_operands_bound_the_super_blocks() -> None:
 def test_ir_compiles_for_each_target_without_library_calls(qtype, triple, cpu, features, isa, expect) -> None:
     """The arm64 paths only run under emulation (bench/arm64/run_emulated.sh); here every flavour
     is at least compiled for its target, to the instructions it is written for."""
-    import llvmlite.binding as llvm
-
-    llvm.initialize_all_targets()
-    llvm.initialize_all_asmprinters()
-    try:
-        target = llvm.Target.from_triple(triple)
-    except RuntimeError:
-        pytest.skip(f"this llvmlite has no {triple} backend")
-    machine = target.create_target_machine(cpu=cpu, features=features, opt=3)
-    module = llvm.parse_assembly(ks.standalone_row_dot_ir(qtype, isa))
-    module.triple = triple
-    module.verify()
-    builder = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(speed_level=3))
-    builder.getModulePassManager().run(module, builder)
-    asm = machine.emit_assembly(module)
-    lines = [line for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")]
-    instructions = [line.split()[0] for line in lines]
-    assert not [i for i in instructions if i in ("bl", "blr", "call", "callq")], asm
+    instructions, asm = instructions_for(ks.standalone_row_dot_ir(qtype, isa), triple, cpu, features)
+    assert not [i for i in instructions if i in CALLS], asm
     assert expect in instructions, asm

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import quantize
+from llvm_targets import CALLS, instructions_for
 
 from engine.kernels import simd
 
@@ -454,27 +455,9 @@ def test_lesser_x86_isas_match_the_portable_kernels(isa: str, tmp_path: Path) ->
     ],
 )
 def test_ir_lowers_without_library_calls(triple: str, cpu: str, features: str, isa: str) -> None:
-    import llvmlite.binding as llvm
-
-    llvm.initialize_all_targets()
-    llvm.initialize_all_asmprinters()
-    try:
-        target = llvm.Target.from_triple(triple)
-    except RuntimeError:
-        pytest.skip(f"this llvmlite has no {triple} backend")
-    machine = target.create_target_machine(cpu=cpu, features=features, opt=3)
     for qtype in ("q4_0", "q8_0"):
-        module = llvm.parse_assembly(simd.standalone_row_dot_ir(qtype, isa))
-        module.triple = triple
-        module.verify()
-        builder = llvm.create_pass_builder(machine, llvm.create_pipeline_tuning_options(speed_level=3))
-        builder.getModulePassManager().run(module, builder)
-        asm = machine.emit_assembly(module)
-        instructions = [
-            line.split()[0] for line in asm.splitlines() if line.startswith("\t") and not line.startswith("\t.")
-        ]
-        calls = [i for i in instructions if i in ("bl", "blr", "call", "callq")]
-        assert not calls, asm  # no libm / compiler-rt helpers (fmaf, __extendhfsf2, ...)
+        instructions, asm = instructions_for(simd.standalone_row_dot_ir(qtype, isa), triple, cpu, features)
+        assert not [i for i in instructions if i in CALLS], asm
         if isa == "neon-dotprod":
             # 2 sdot per block and token (x the 2-block unroll), no widening multiplies left
             assert instructions.count("sdot") >= 4 and "smull" not in instructions, asm

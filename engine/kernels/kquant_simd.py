@@ -32,7 +32,26 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from engine.kernels.simd import X86_ISAS, _as_i8_ptr, _check_array, _mask, _row_ptr, _vconst, kernel_isa
+from engine.kernels.simd import (
+    _F32,
+    _I8,
+    _I16,
+    _I32,
+    _I64,
+    _V8F32,
+    _V8I32,
+    _V16I8,
+    _V16I16,
+    _V32I8,
+    _V32I16,
+    X86_ISAS,
+    _as_i8_ptr,
+    _check_array,
+    _mask,
+    _row_ptr,
+    _vconst,
+    kernel_isa,
+)
 
 QK_K = 256
 BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
@@ -40,21 +59,8 @@ BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
 # Software prefetch distance for the weight stream, bytes ahead of the super-block being read (as
 # simd.py's; rows are contiguous, so near a row's end this fetches the next row's start).
 _PREFETCH_BYTES = 1024
-_I1 = ir.IntType(1)
-_I8 = ir.IntType(8)
-_I16 = ir.IntType(16)
-_I32 = ir.IntType(32)
-_I64 = ir.IntType(64)
-_F32 = ir.FloatType()
 _V4I32 = ir.VectorType(_I32, 4)
-_V8I8 = ir.VectorType(_I8, 8)
-_V8I32 = ir.VectorType(_I32, 8)
-_V16I8 = ir.VectorType(_I8, 16)
-_V16I16 = ir.VectorType(_I16, 16)
 _V16I32 = ir.VectorType(_I32, 16)
-_V32I8 = ir.VectorType(_I8, 32)
-_V32I16 = ir.VectorType(_I16, 32)
-_V8F32 = ir.VectorType(_F32, 8)
 
 
 # --------------------------------------------------------------------------------------------
