@@ -47,6 +47,7 @@ from engine.kernels.simd import (
     X86_ISAS,
     _as_i8_ptr,
     _check_array,
+    _Loop,
     _mask,
     _row_ptr,
     _vconst,
@@ -316,23 +317,8 @@ class _KEmitter:
         """The loop over super-blocks; tokens: (i8* values, float* scales, i16* bsums) per token.
         Returns one float32 dot per token."""
         b = self.b
-        fn = b.function
-        entry = b.basic_block
-        header = fn.append_basic_block("kdot.header")
-        body = fn.append_basic_block("kdot.body")
-        after = fn.append_basic_block("kdot.after")
-        b.branch(header)
-        b.position_at_end(header)
-        index = b.phi(_I64, name="kdot.i")
-        index.add_incoming(ir.Constant(_I64, 0), entry)
-        accs = []
-        for _ in tokens:
-            acc = b.phi(_V8F32, name="kdot.acc")
-            acc.add_incoming(_vconst(_V8F32, 0.0), entry)
-            accs.append(acc)
-        b.cbranch(b.icmp_signed("<", index, n_blocks), body, after)
-
-        b.position_at_end(body)
+        loop = _Loop(b, n_blocks, [_vconst(_V8F32, 0.0)] * len(tokens), "kdot")
+        index, accs = loop.index, loop.values
         block = b.gep(w_row, [b.mul(index, ir.Constant(_I64, self.block_bytes))])
         prefetch = self._fn("llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
         b.call(prefetch, [b.gep(block, [ir.Constant(_I64, _PREFETCH_BYTES)]), ir.Constant(_I32, 0),
@@ -355,12 +341,7 @@ class _KEmitter:
             if msum is not None:
                 acc = b.fsub(acc, b.fmul(self._splat(b.fmul(dmin_w, d_x), _V8F32), b.sitofp(msum, _V8F32)))
             new_accs.append(acc)
-        body_end = b.basic_block
-        index.add_incoming(b.add(index, ir.Constant(_I64, 1)), body_end)
-        for acc, new in zip(accs, new_accs):
-            acc.add_incoming(new, body_end)
-        b.branch(header)
-        b.position_at_end(after)
+        loop.close(new_accs)
         return [self._horizontal_sum(acc) for acc in accs]
 
     def _horizontal_sum(self, acc: ir.Value) -> ir.Value:

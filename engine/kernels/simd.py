@@ -159,6 +159,43 @@ def _mask(indices) -> ir.Constant:
     return ir.Constant(ir.VectorType(_I32, len(indices)), list(indices))
 
 
+class _Loop:
+    """``for index in range(n_iters)`` with loop-carried values, as basic blocks and phi nodes::
+
+        loop = _Loop(builder, n_iters, initial_values, "name")  # the builder is now in the body
+        ...  # emit the body from loop.index and loop.values
+        finals = loop.close(new_values)                        # the builder is now after the loop
+    """
+
+    def __init__(self, b: ir.IRBuilder, n_iters: ir.Value, initial: list[ir.Value], name: str):
+        self.b = b
+        entry = b.basic_block
+        self.header = b.function.append_basic_block(f"{name}.header")
+        body = b.function.append_basic_block(f"{name}.body")
+        self.after = b.function.append_basic_block(f"{name}.after")
+        b.branch(self.header)
+        b.position_at_end(self.header)
+        self.index = b.phi(_I64, name=f"{name}.i")
+        self.index.add_incoming(ir.Constant(_I64, 0), entry)
+        self.values = []
+        for value in initial:
+            phi = b.phi(value.type)
+            phi.add_incoming(value, entry)
+            self.values.append(phi)
+        b.cbranch(b.icmp_signed("<", self.index, n_iters), body, self.after)
+        b.position_at_end(body)
+
+    def close(self, new_values: list[ir.Value]) -> list[ir.Value]:
+        b = self.b
+        body_end = b.basic_block
+        self.index.add_incoming(b.add(self.index, ir.Constant(_I64, 1)), body_end)
+        for phi, new in zip(self.values, new_values):
+            phi.add_incoming(new, body_end)
+        b.branch(self.header)
+        b.position_at_end(self.after)
+        return self.values
+
+
 class _Emitter:
     """Emits the block-product loop for one (quant type, ISA, rows x tokens tile) combination.
 
@@ -376,37 +413,15 @@ class _Emitter:
         b = self.b
         n_pairs = len(w_rows) * len(tokens)
         unroll = 2 if n_pairs < 4 else 1
-        zero = _vconst(_V8F32, 0.0)
-        entry = b.basic_block
         fn = b.function
-        header = fn.append_basic_block("qdot.header")
-        body = fn.append_basic_block("qdot.body")
-        after = fn.append_basic_block("qdot.after")
         n_iters = b.lshr(n_blocks, ir.Constant(_I64, 1)) if unroll == 2 else n_blocks
-        b.branch(header)
-
-        b.position_at_end(header)
-        index = b.phi(_I64, name="qdot.i")
-        index.add_incoming(ir.Constant(_I64, 0), entry)
-        accs = []
-        for _ in range(unroll * n_pairs):
-            acc = b.phi(_V8F32, name="qdot.acc")
-            acc.add_incoming(zero, entry)
-            accs.append(acc)
-        b.cbranch(b.icmp_signed("<", index, n_iters), body, after)
-
-        b.position_at_end(body)
-        new_accs = []
+        loop = _Loop(b, n_iters, [_vconst(_V8F32, 0.0)] * (unroll * n_pairs), "qdot")
+        accs, new_accs = loop.values, []
         for u in range(unroll):
-            block = b.add(b.mul(index, ir.Constant(_I64, unroll)), ir.Constant(_I64, u))
+            block = b.add(b.mul(loop.index, ir.Constant(_I64, unroll)), ir.Constant(_I64, u))
             new_accs += self.block_step(block, w_rows, tokens, accs[u * n_pairs : (u + 1) * n_pairs])
-        body_end = b.basic_block
-        index.add_incoming(b.add(index, ir.Constant(_I64, 1)), body_end)
-        for acc, new in zip(accs, new_accs):
-            acc.add_incoming(new, body_end)
-        b.branch(header)
-
-        b.position_at_end(after)
+        loop.close(new_accs)
+        after = loop.after
         if unroll == 1:
             finals = accs
         else:
@@ -1092,23 +1107,8 @@ def _make_x8_tile(n_tok: int, qtype: str = "q4_0"):
             tok = b.add(tok0, ir.Constant(_I64, t))
             tokens.append((_row_ptr(b, xq, tok, _I8), _row_ptr(b, xs, tok, _F32), _row_ptr(b, xsum, tok, _I32)))
 
-        entry = b.basic_block
-        func = b.function
-        header = func.append_basic_block("x8.header")
-        body = func.append_basic_block("x8.body")
-        after = func.append_basic_block("x8.after")
-        b.branch(header)
-        b.position_at_end(header)
-        index = b.phi(_I64, name="x8.block")
-        index.add_incoming(ir.Constant(_I64, 0), entry)
-        accs = []
-        for _ in range(n_tok):
-            acc = b.phi(_V8F32)
-            acc.add_incoming(_vconst(_V8F32, 0.0), entry)
-            accs.append(acc)
-        b.cbranch(b.icmp_signed("<", index, n_blocks), body, after)
-
-        b.position_at_end(body)
+        loop = _Loop(b, n_blocks, [_vconst(_V8F32, 0.0)] * n_tok, "x8")
+        index, accs = loop.index, loop.values
         block_w = b.gep(w_base, [b.mul(index, ir.Constant(_I64, _X8_BLOCK_BYTES))])
         if _PREFETCH_BYTES:
             prefetch = fn("llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
@@ -1149,13 +1149,7 @@ def _make_x8_tile(n_tok: int, qtype: str = "q4_0"):
                 lanes = b.sub(lanes, splat(offset, _V8I32))
             scale = b.fmul(row_scales, splat(b.load(b.gep(scale_ptr, [index]), align=4), _V8F32))
             new_accs.append(b.call(fma, [b.sitofp(lanes, _V8F32), scale, accs[t]]))
-        body_end = b.basic_block
-        index.add_incoming(b.add(index, ir.Constant(_I64, 1)), body_end)
-        for acc, new in zip(accs, new_accs):
-            acc.add_incoming(new, body_end)
-        b.branch(header)
-
-        b.position_at_end(after)
+        loop.close(new_accs)
         for t in range(n_tok):
             dest = b.gep(_row_ptr(b, out, b.add(tok0, ir.Constant(_I64, t)), _F32), [row0])
             b.store(accs[t], b.bitcast(dest, _V8F32.as_pointer()), align=4)
