@@ -7,15 +7,18 @@ The same method as the Q4_0/Q8_0 kernels of simd.py (explicit LLVM vector IR thr
   int8 values in [-127, 127], one float32 scale ``d`` and, per 16 values, the int16 sum
   ``bsums`` (:func:`quantize_activations_q8_k`, bit for bit ``quantize_row_q8_K_ref``);
 * per 256-weight super-block, every product of a weight code with an activation, times the
-  sub-block's integer scale, is summed exactly in int32; the offsets are taken off with the
-  activation sums (Q6_K's ``-32``: ``32 * sum_j scale_j * bsum_j``; Q4_K/Q5_K's mins:
-  ``sum_j min_j * bsum32_j``);
-* only then floats: ``acc += (d_w * d_x) * float(isum)`` (and ``- (dmin_w * d_x) * float(msum)``),
-  one multiply and one add per super-block and token, never fused.
+  sub-block's integer scale, is summed exactly in 8 int32 lanes, lane i holding the products of
+  elements 4i..4i+3 of every 32-weight group (the lanes of x86's ``pmaddubsw`` + ``pmaddwd``); the
+  offsets are taken off with the activation sums, also as 8 lanes (Q6_K's ``-32``:
+  ``32 * scale_j * bsum_j``; Q4_K/Q5_K's mins: ``min_j * bsum32_j`` in lane j);
+* only then floats, lane by lane: ``acc += (d_w * d_x) * float(isum)`` (and
+  ``- (dmin_w * d_x) * float(msum)``), a multiply and an add per super-block and token, never
+  fused; one fixed 8 -> 1 tree at the end of the row.
 
-Because every float operation sees the same exact integers whatever the ISA, the x86
-(``pmaddubsw`` + ``pmaddwd`` with the scales), arm64 dot-product (``sdot``) and portable IR give
-bit-identical results; the tests hold them to that.
+Every ISA fills the lanes with the same products (x86 ``pmaddubsw`` + ``pmaddwd`` with the scales,
+two tokens per instruction on AVX-512; arm64 ``sdot``; the portable IR sums its products into the
+same lanes), so the floats and the results are bit-identical on every path; the tests hold them
+to that.
 
 Weight layouts (ggml-quants.c, ``block_q*_K``; all little-endian, read in place)::
 
