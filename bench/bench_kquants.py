@@ -56,7 +56,7 @@ def product(qtype: str, path: str, raw: np.ndarray, x: np.ndarray, y: np.ndarray
         return lambda: _call(kquants.matmul, kind, raw, x, y)
     kind = "matvec" if x.shape[0] == 1 else "matmul"
     fn = getattr(kquant_simd, f"{kind}_{qtype}" + ("_generic" if path == "portable" else ""))
-    return lambda: _call(fn, raw, *kquant_simd.quantize_activations_q8_k(x), y)
+    return lambda: _call(fn, raw, *kquant_simd.activations_for(qtype, x), y)
 
 
 def main() -> None:

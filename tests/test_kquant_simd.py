@@ -90,15 +90,15 @@ def random_k_rows(qtype: GGMLQuantizationType, n_out: int, n_in: int, rng: np.ra
 def run_both(qtype: GGMLQuantizationType, raw: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, ...]:
     """(xq, xd, host result, portable result); each path's matvec driver is checked against its
     matmul driver on every token (the same integers, so the same floats)."""
-    xq, xd, xbsums = ks.quantize_activations_q8_k(x)
+    xq, xd, xs = ks.activations_for(qtype.name.lower(), x)
     matvec, matmul, matvec_portable, matmul_portable = PRODUCTS[qtype]
     outs = []
     for mv, mm in ((matvec, matmul), (matvec_portable, matmul_portable)):
         out = np.full((x.shape[0], raw.shape[0]), np.nan, np.float32)
-        mm(raw, xq, xd, xbsums, out)
+        mm(raw, xq, xd, xs, out)
         for t in range(x.shape[0]):
             single = np.full((1, raw.shape[0]), np.nan, np.float32)
-            mv(raw, xq[t : t + 1], xd[t : t + 1], xbsums[t : t + 1], single)
+            mv(raw, xq[t : t + 1], xd[t : t + 1], xs[t : t + 1], single)
             np.testing.assert_array_equal(single[0].view(np.uint32), out[t].view(np.uint32))
         outs.append(out)
     return xq, xd, *outs
@@ -175,3 +175,11 @@ def test_ir_compiles_for_each_target_without_library_calls(qtype, triple, cpu, f
     instructions, asm = instructions_for(ks.standalone_row_dot_ir(qtype, isa), triple, cpu, features)
     assert not [i for i in instructions if i in CALLS], asm
     assert expect in instructions, asm
+
+
+def test_q4_k_activation_sums_are_scaled_sums_of_32_values() -> None:
+    x = np.random.default_rng(4).standard_normal((3, 512)).astype(np.float32)
+    qs, d, sums32 = ks.activations_for("q4_k", x)
+    expected = qs.reshape(3, -1, 32).sum(axis=2).astype(np.float32) * np.repeat(d, 8, axis=1)
+    np.testing.assert_array_equal(sums32, expected)
+    assert ks.activations_for("q6_k", x)[2].dtype == np.int16  # Q6_K keeps the int16 sums of 16

@@ -408,7 +408,7 @@ OTHER_ISA_SCRIPT = textwrap.dedent(
         where = slice(208, 210) if qtype == "q6_k" else slice(0, 4)
         halves = np.frombuffer(np.float16(0.01).tobytes() * 2, np.uint8)
         w.reshape(19, 2, size)[..., where] = halves[: where.stop - where.start]
-        act = kquant_simd.quantize_activations_q8_k(rng.standard_normal((11, 512)).astype(np.float32))
+        act = kquant_simd.activations_for(qtype, rng.standard_normal((11, 512)).astype(np.float32))
         outs = [np.empty((11, 19), np.float32) for _ in range(2)]
         getattr(kquant_simd, "matmul_" + qtype)(w, *act, outs[0])
         getattr(kquant_simd, "matmul_" + qtype + "_generic")(w, *act, outs[1])

@@ -73,7 +73,7 @@ def outputs() -> dict[str, np.ndarray]:
             x = rng.standard_normal((n_tok, N_IN)).astype(np.float32)
             out = np.zeros((n_tok, N_OUT), np.float32)
             driver = getattr(kquant_simd, f"{'matvec' if n_tok == 1 else 'matmul'}_{qtype}")
-            driver(raw, *kquant_simd.quantize_activations_q8_k(x), out)
+            driver(raw, *kquant_simd.activations_for(qtype, x), out)
             result[f"{qtype}_t{n_tok}"] = out
     return result
 

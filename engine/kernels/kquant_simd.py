@@ -9,11 +9,12 @@ The same method as the Q4_0/Q8_0 kernels of simd.py (explicit LLVM vector IR thr
 * per 256-weight super-block, every product of a weight code with an activation, times the
   sub-block's integer scale, is summed exactly in 8 int32 lanes, lane i holding the products of
   elements 4i..4i+3 of every 32-weight group (the lanes of x86's ``pmaddubsw`` + ``pmaddwd``); the
-  offsets are taken off with the activation sums, also as 8 lanes (Q6_K's ``-32``:
-  ``32 * scale_j * bsum_j``; Q4_K/Q5_K's mins: ``min_j * bsum32_j`` in lane j);
-* only then floats, lane by lane: ``acc += (d_w * d_x) * float(isum)`` (and
-  ``- (dmin_w * d_x) * float(msum)``), a multiply and an add per super-block and token, never
-  fused; one fixed 8 -> 1 tree at the end of the row.
+  Q6_K's ``-32`` offsets are taken off with the activation sums, also as 8 lanes
+  (``32 * scale_j * bsum_j``);
+* only then floats, lane by lane: ``acc += (d_w * d_x) * float(isum)``, and for Q4_K/Q5_K
+  ``acc -= (dmin_w * min_j) * (d_x * bsum32_j)`` in lane j, where ``d_x * bsum32_j`` is computed
+  once per product (:func:`activations_for`), not per row; multiplies and adds, never fused; one
+  fixed 8 -> 1 tree at the end of the row.
 
 Every ISA fills the lanes with the same products (x86 ``pmaddubsw`` + ``pmaddwd`` with the scales,
 two tokens per instruction on AVX-512; arm64 ``sdot``; the portable IR sums its products into the
@@ -119,6 +120,26 @@ def quantize_activations_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     bsums = np.empty((n_tok, n // 16), np.int16)
     _quantize_q8_k_rows(x, qs, d, bsums)
     return qs, d, bsums
+
+
+@njit(cache=True)
+def _scaled_sums32_into(d, bsums, out) -> None:
+    for t in range(out.shape[0]):
+        for i in range(out.shape[1]):
+            total = np.int32(bsums[t, 2 * i]) + np.int32(bsums[t, 2 * i + 1])
+            out[t, i] = d[t, i // 8] * np.float32(total)
+
+
+def activations_for(qtype: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The activation arrays the ``qtype`` drivers take: Q8_K values and scales, then for Q6_K the
+    int16 sums of 16 values, for Q4_K/Q5_K the float32 ``d * (sum of 32 values)`` per 32-value
+    sub-block (their mins multiply it: computed once per product instead of per row)."""
+    qs, d, bsums = quantize_activations_q8_k(x)
+    if qtype == "q6_k":
+        return qs, d, bsums
+    sums32 = np.empty((qs.shape[0], qs.shape[1] // 32), np.float32)
+    _scaled_sums32_into(d, bsums, sums32)
+    return qs, d, sums32
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,7 +266,8 @@ class _KEmitter:
 
     # ---- one super-block: the weights' (codes, scales) once, then every token ----------------
 
-    def _q6_k(self, block: ir.Value, tokens) -> list[tuple[ir.Value, ir.Value | None]]:
+    def _q6_k(self, block: ir.Value, tokens) -> list[ir.Value]:
+        """<8 x i32> per token: the scaled code sums with the -32 offsets taken off."""
         b = self.b
         scales = b.sext(self._load(block, 192, _V16I8), _V16I32)
         dots = self._new_dots(tokens)
@@ -273,10 +295,11 @@ class _KEmitter:
             bsums = b.sext(self._load(bsum_ptr, 0, _V16I16), _V16I32)
             # codes are q + 32: take 32 * sum_j scale_j * bsum_j off
             bias = b.shl(self._quad_sums(b.mul(scales, bsums)), _vconst(_V8I32, 5))
-            out.append((b.sub(isums[t], bias), None))
+            out.append(b.sub(isums[t], bias))
         return out
 
-    def _q4_5_k(self, block: ir.Value, tokens) -> list[tuple[ir.Value, ir.Value | None]]:
+    def _q4_5_k(self, block: ir.Value, tokens) -> tuple[list[ir.Value], ir.Value]:
+        """(<8 x i32> scaled code sums per token, the 8 mins as <8 x i32>) of one super-block."""
         b = self.b
         # 8 scales and 8 mins of 6 bits from 12 bytes (ggml's kmask shuffle, on three u32 words)
         u0, u1, u2 = (self._load(block, 4 + 4 * i, _I32) for i in range(3))
@@ -308,13 +331,7 @@ class _KEmitter:
             for i, q in enumerate(codes):
                 scale = b.extract_element(scales, c(2 * j + i))
                 self._token_dots(dots, tokens, q, 64 * j + 32 * i, scale, scale)
-        isums = self._finish_dots(dots)
-        out = []
-        for t, (_, _, bsum_ptr) in enumerate(tokens):
-            bsums = b.sext(self._load(bsum_ptr, 0, _V16I16), _V16I32)
-            bsum32 = b.add(self._slice(bsums, range(0, 16, 2)), self._slice(bsums, range(1, 16, 2)))
-            out.append((isums[t], b.mul(mins, bsum32)))
-        return out
+        return self._finish_dots(dots), mins
 
     def row(self, w_row: ir.Value, tokens, n_blocks: ir.Value) -> list[ir.Value]:
         """The loop over super-blocks; tokens: (i8* values, float* scales, i16* bsums) per token.
@@ -326,23 +343,26 @@ class _KEmitter:
         prefetch = self._fn("llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
         b.call(prefetch, [b.gep(block, [ir.Constant(_I64, _PREFETCH_BYTES)]), ir.Constant(_I32, 0),
                           ir.Constant(_I32, 0), ir.Constant(_I32, 1)])
+        sums_per_block = 16 if self.qtype == "q6_k" else 8  # bsums of 16 values / scaled sums of 32
         here = [
             (b.gep(x, [b.mul(index, ir.Constant(_I64, QK_K))]), b.gep(d, [index]),
-             b.gep(s, [b.mul(index, ir.Constant(_I64, 16))]))
+             b.gep(s, [b.mul(index, ir.Constant(_I64, sums_per_block))]))
             for x, d, s in tokens
         ]
         if self.qtype == "q6_k":
-            d_w, dmin_w = self._fp16(block, 208), None
-            sums = self._q6_k(block, here)
+            d_w, mins_f = self._fp16(block, 208), None
+            isums = self._q6_k(block, here)
         else:
             d_w, dmin_w = self._fp16(block, 0), self._fp16(block, 2)
-            sums = self._q4_5_k(block, here)
+            isums, mins = self._q4_5_k(block, here)
+            mins_f = b.fmul(self._splat(dmin_w, _V8F32), b.uitofp(mins, _V8F32))  # once per row and block
         new_accs = []
-        for acc, (_, d_ptr, _), (isum, msum) in zip(accs, here, sums):
+        for acc, (_, d_ptr, s_ptr), isum in zip(accs, here, isums):
             d_x = b.load(d_ptr, align=4)
             acc = b.fadd(acc, b.fmul(self._splat(b.fmul(d_w, d_x), _V8F32), b.sitofp(isum, _V8F32)))
-            if msum is not None:
-                acc = b.fsub(acc, b.fmul(self._splat(b.fmul(dmin_w, d_x), _V8F32), b.sitofp(msum, _V8F32)))
+            if mins_f is not None:
+                # lane j: (dmin_w * min_j) * (d_x * sum of sub-block j's activations)
+                acc = b.fsub(acc, b.fmul(mins_f, self._load(s_ptr, 0, _V8F32)))
             new_accs.append(acc)
         loop.close(new_accs)
         return [self._horizontal_sum(acc) for acc in accs]
@@ -357,10 +377,13 @@ class _KEmitter:
 
 
 def _make_tile(qtype: str, isa_mode: str, n_tok: int):
-    """Intrinsic ``(w, row, xq, xd, xbsums, tok0) -> UniTuple(float32, n_tok)``: row ``row`` of the
-    2-D K-quant weights against activation rows tok0..tok0+n_tok-1 (the caller checks bounds)."""
+    """Intrinsic ``(w, row, xq, xd, xs, tok0) -> UniTuple(float32, n_tok)``: row ``row`` of the
+    2-D K-quant weights against activation rows tok0..tok0+n_tok-1 (the caller checks bounds);
+    ``xs`` as :func:`activations_for` makes it (int16 bsums for Q6_K, float32 sums for Q4_K/Q5_K)."""
     ret = types.UniTuple(types.float32, n_tok)
     block_bytes = BLOCK_BYTES[qtype]
+    sums_type, sums_elem, sums_per_block = (
+        (types.int16, _I16, 16) if qtype == "q6_k" else (types.float32, _F32, 8))
 
     def codegen(context, builder, sig, args):
         isa = kernel_isa() if isa_mode == "host" else "generic"
@@ -373,7 +396,7 @@ def _make_tile(qtype: str, isa_mode: str, n_tok: int):
         w_blocks = builder.udiv(builder.extract_value(w.shape, 1), ir.Constant(_I64, block_bytes))
         x_blocks = builder.udiv(builder.extract_value(xq.shape, 1), ir.Constant(_I64, QK_K))
         d_blocks = builder.extract_value(xd.shape, 1)
-        s_blocks = builder.udiv(builder.extract_value(xs.shape, 1), ir.Constant(_I64, 16))
+        s_blocks = builder.udiv(builder.extract_value(xs.shape, 1), ir.Constant(_I64, sums_per_block))
         n_blocks = w_blocks
         for other in (x_blocks, d_blocks, s_blocks):
             n_blocks = builder.select(builder.icmp_unsigned("<", other, n_blocks), other, n_blocks)
@@ -381,17 +404,17 @@ def _make_tile(qtype: str, isa_mode: str, n_tok: int):
         for t in range(n_tok):
             tok = builder.add(tok0, ir.Constant(_I64, t))
             tokens.append((_row_ptr(builder, xq, tok, _I8), _row_ptr(builder, xd, tok, _F32),
-                           _row_ptr(builder, xs, tok, _I16)))
+                           _row_ptr(builder, xs, tok, sums_elem)))
         w_row = _as_i8_ptr(builder, _row_ptr(builder, w, row, _I8))
         dots = _KEmitter(builder, isa, qtype).row(w_row, tokens, n_blocks)
         return context.make_tuple(builder, ret, dots)
 
-    def typer(typingctx, w, row, xq, xd, xbsums, tok0):
+    def typer(typingctx, w, row, xq, xd, xs, tok0):
         _check_array(w, 2, types.uint8, "w")
         _check_array(xq, 2, types.int8, "xq")
         _check_array(xd, 2, types.float32, "xd")
-        _check_array(xbsums, 2, types.int16, "xbsums")
-        return ret(w, types.intp, xq, xd, xbsums, types.intp), codegen
+        _check_array(xs, 2, sums_type, "xs")
+        return ret(w, types.intp, xq, xd, xs, types.intp), codegen
 
     typer.__name__ = typer.__qualname__ = f"{qtype}_tile_1x{n_tok}_{isa_mode}"
     return intrinsic(typer)
@@ -416,140 +439,140 @@ _q6_k_1g, _q6_k_ng = _make_tile("q6_k", "generic", 1), _make_tile("q6_k", "gener
 # function: with the one-token tile in the same function as the 8-token loop, the Q6_K matvec ran
 # at 22 GB/s instead of 43 (1 thread, 4096x4096: LLVM optimizes the shared function worse).
 @njit(parallel=True, cache=True)
-def matvec_q4_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
-    """out[0, r] = dot(Q4_K row r of w, the Q8_K activation row); rows over threads."""
+def matvec_q4_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """out[0, r] = dot(Q4_K row r of w, the activation row as activations_for makes it); rows over threads."""
     for r in prange(w.shape[0]):
-        out[0, r] = _q4_k_1(w, r, xq, xd, xbsums, 0)[0]
+        out[0, r] = _q4_k_1(w, r, xq, xd, xs, 0)[0]
 
 
 @njit(parallel=True, cache=True)
-def matmul_q4_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+def matmul_q4_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
     """out[t, r] = dot(Q4_K row r, Q8_K activation row t): 16-row chunks, 8-token tiles."""
     n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
     for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
         for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
             for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q4_k_n(w, r, xq, xd, xbsums, t)
+                dots = _q4_k_n(w, r, xq, xd, xs, t)
                 for i in range(_TILE_TOKENS):
                     out[t + i, r] = dots[i]
             for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _q4_k_1(w, r, xq, xd, xbsums, t)[0]
+                out[t, r] = _q4_k_1(w, r, xq, xd, xs, t)[0]
 
 
 @njit(parallel=True, cache=True)
-def matvec_q4_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+def matvec_q4_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
     """matvec_q4_k with the portable IR."""
     for r in prange(w.shape[0]):
-        out[0, r] = _q4_k_1g(w, r, xq, xd, xbsums, 0)[0]
+        out[0, r] = _q4_k_1g(w, r, xq, xd, xs, 0)[0]
 
 
 @njit(parallel=True, cache=True)
-def matmul_q4_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+def matmul_q4_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
     """matmul_q4_k with the portable IR."""
     n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
     for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
         for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
             for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q4_k_ng(w, r, xq, xd, xbsums, t)
+                dots = _q4_k_ng(w, r, xq, xd, xs, t)
                 for i in range(_TILE_TOKENS):
                     out[t + i, r] = dots[i]
             for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _q4_k_1g(w, r, xq, xd, xbsums, t)[0]
+                out[t, r] = _q4_k_1g(w, r, xq, xd, xs, t)[0]
 
 
 @njit(parallel=True, cache=True)
-def matvec_q5_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
-    """out[0, r] = dot(Q5_K row r of w, the Q8_K activation row); rows over threads."""
+def matvec_q5_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """out[0, r] = dot(Q5_K row r of w, the activation row as activations_for makes it); rows over threads."""
     for r in prange(w.shape[0]):
-        out[0, r] = _q5_k_1(w, r, xq, xd, xbsums, 0)[0]
+        out[0, r] = _q5_k_1(w, r, xq, xd, xs, 0)[0]
 
 
 @njit(parallel=True, cache=True)
-def matmul_q5_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+def matmul_q5_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
     """out[t, r] = dot(Q5_K row r, Q8_K activation row t): 16-row chunks, 8-token tiles."""
     n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
     for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
         for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
             for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q5_k_n(w, r, xq, xd, xbsums, t)
+                dots = _q5_k_n(w, r, xq, xd, xs, t)
                 for i in range(_TILE_TOKENS):
                     out[t + i, r] = dots[i]
             for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _q5_k_1(w, r, xq, xd, xbsums, t)[0]
+                out[t, r] = _q5_k_1(w, r, xq, xd, xs, t)[0]
 
 
 @njit(parallel=True, cache=True)
-def matvec_q5_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+def matvec_q5_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
     """matvec_q5_k with the portable IR."""
     for r in prange(w.shape[0]):
-        out[0, r] = _q5_k_1g(w, r, xq, xd, xbsums, 0)[0]
+        out[0, r] = _q5_k_1g(w, r, xq, xd, xs, 0)[0]
 
 
 @njit(parallel=True, cache=True)
-def matmul_q5_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+def matmul_q5_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
     """matmul_q5_k with the portable IR."""
     n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
     for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
         for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
             for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q5_k_ng(w, r, xq, xd, xbsums, t)
+                dots = _q5_k_ng(w, r, xq, xd, xs, t)
                 for i in range(_TILE_TOKENS):
                     out[t + i, r] = dots[i]
             for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _q5_k_1g(w, r, xq, xd, xbsums, t)[0]
+                out[t, r] = _q5_k_1g(w, r, xq, xd, xs, t)[0]
 
 
 @njit(parallel=True, cache=True)
-def matvec_q6_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
-    """out[0, r] = dot(Q6_K row r of w, the Q8_K activation row); rows over threads."""
+def matvec_q6_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """out[0, r] = dot(Q6_K row r of w, the activation row as activations_for makes it); rows over threads."""
     for r in prange(w.shape[0]):
-        out[0, r] = _q6_k_1(w, r, xq, xd, xbsums, 0)[0]
+        out[0, r] = _q6_k_1(w, r, xq, xd, xs, 0)[0]
 
 
 @njit(parallel=True, cache=True)
-def matmul_q6_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+def matmul_q6_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
     """out[t, r] = dot(Q6_K row r, Q8_K activation row t): 16-row chunks, 8-token tiles."""
     n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
     for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
         for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
             for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q6_k_n(w, r, xq, xd, xbsums, t)
+                dots = _q6_k_n(w, r, xq, xd, xs, t)
                 for i in range(_TILE_TOKENS):
                     out[t + i, r] = dots[i]
             for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _q6_k_1(w, r, xq, xd, xbsums, t)[0]
+                out[t, r] = _q6_k_1(w, r, xq, xd, xs, t)[0]
 
 
 @njit(parallel=True, cache=True)
-def matvec_q6_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+def matvec_q6_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
     """matvec_q6_k with the portable IR."""
     for r in prange(w.shape[0]):
-        out[0, r] = _q6_k_1g(w, r, xq, xd, xbsums, 0)[0]
+        out[0, r] = _q6_k_1g(w, r, xq, xd, xs, 0)[0]
 
 
 @njit(parallel=True, cache=True)
-def matmul_q6_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xbsums: np.ndarray, out: np.ndarray) -> None:
+def matmul_q6_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
     """matmul_q6_k with the portable IR."""
     n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
     for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
         for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
             for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q6_k_ng(w, r, xq, xd, xbsums, t)
+                dots = _q6_k_ng(w, r, xq, xd, xs, t)
                 for i in range(_TILE_TOKENS):
                     out[t + i, r] = dots[i]
             for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _q6_k_1g(w, r, xq, xd, xbsums, t)[0]
+                out[t, r] = _q6_k_1g(w, r, xq, xd, xs, t)[0]
 
 
 def standalone_row_dot_ir(qtype: str, isa: str) -> str:
     """LLVM IR text of a free-standing one-token row dot, for cross-target checks (e.g. compile
-    for aarch64 on x86): ``float {qtype}_row_dot(i8* w_row, i8* xq, float* xd, i16* xbsums,
+    for aarch64 on x86): ``float {qtype}_row_dot(i8* w_row, i8* xq, float* xd, i16* xs,
     i64 n_blocks)``, the same loop the intrinsics emit."""
     module = ir.Module(name=f"{qtype}_{isa}")
     fn_type = ir.FunctionType(_F32, [_I8.as_pointer(), _I8.as_pointer(), _F32.as_pointer(), _I16.as_pointer(), _I64])
     fn = ir.Function(module, fn_type, name=f"{qtype}_row_dot")
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
-    w_row, xq, xd, xbsums, n_blocks = fn.args
-    [dot] = _KEmitter(builder, isa, qtype).row(w_row, [(xq, xd, xbsums)], n_blocks)
+    w_row, xq, xd, xs, n_blocks = fn.args
+    [dot] = _KEmitter(builder, isa, qtype).row(w_row, [(xq, xd, xs)], n_blocks)
     builder.ret(dot)
     return str(module)

@@ -808,8 +808,9 @@ def _k_product(kind: int, raw: np.ndarray, x: np.ndarray, y: np.ndarray) -> None
         _call(kquants.matmul, kind, raw, x, y)
         return
     drivers = _K_PRODUCTS[kind][2:] if _kernel_path == "portable" else _K_PRODUCTS[kind][:2]
-    xq, xd, xbsums = _call(kquant_simd.quantize_activations_q8_k, x)
-    _call(drivers[0] if x.shape[0] == 1 else drivers[1], raw, xq, xd, xbsums, y)
+    name = GGMLQuantizationType(kind).name.lower()
+    xq, xd, xs = _call(kquant_simd.activations_for, name, x)
+    _call(drivers[0] if x.shape[0] == 1 else drivers[1], raw, xq, xd, xs, y)
 
 
 def matvec(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
