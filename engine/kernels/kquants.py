@@ -12,9 +12,11 @@ Super-blocks of 256 weights (ggml-quants.c, ``dequantize_row_q*_K``)::
     Q4_K/Q5_K: w = d * scale_j * q - dmin * min_j   (j = 32-weight sub-block)
     Q6_K:      w = d * scale_j * (q - 32)            (j = 16-weight sub-block)
 
-Products dequantize a few rows at a time into a float32 buffer and take float dots with float32
-activations (no activation quantization): simple and exact to float rounding, at the cost of
-speed: these types are a minority of a Q4_0 or Q4_K_M file's bytes.
+This module is the plain reference: dequantization (what ``engine.quants`` and the tests use) and
+products that dequantize a few rows at a time into a float32 buffer and take float dots with the
+float32 activations (no activation quantization): simple and exact to float rounding, 3.5-8.5x slower
+than the integer SIMD products of kquant_simd.py (bench/bench_kquants.py), which run everywhere but on the
+``HALFBYTE_KERNELS=reference`` path.
 """
 
 from __future__ import annotations
