@@ -798,7 +798,8 @@ def _k_drivers(name: str) -> tuple:
                  for kind in ("matvec", "matmul"))
 
 
-_K_PRODUCTS = {int(GGMLQuantizationType[name.upper()]): _k_drivers(name) for name in ("q4_k", "q5_k", "q6_k")}
+# kind -> (name, host matvec, host matmul, portable matvec, portable matmul)
+_K_PRODUCTS = {int(GGMLQuantizationType[name.upper()]): (name, *_k_drivers(name)) for name in ("q4_k", "q5_k", "q6_k")}
 
 
 def _k_product(kind: int, raw: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
@@ -807,8 +808,8 @@ def _k_product(kind: int, raw: np.ndarray, x: np.ndarray, y: np.ndarray) -> None
     if _kernel_path == "reference":
         _call(kquants.matmul, kind, raw, x, y)
         return
-    drivers = _K_PRODUCTS[kind][2:] if _kernel_path == "portable" else _K_PRODUCTS[kind][:2]
-    name = GGMLQuantizationType(kind).name.lower()
+    name, *drivers = _K_PRODUCTS[kind]
+    drivers = drivers[2:] if _kernel_path == "portable" else drivers[:2]
     xq, xd, xs = _call(kquant_simd.activations_for, name, x)
     _call(drivers[0] if x.shape[0] == 1 else drivers[1], raw, xq, xd, xs, y)
 
