@@ -55,6 +55,7 @@ from engine.kernels.simd import (
     _mask,
     _row_ptr,
     _vconst,
+    emit_prefetch,
     kernel_isa,
 )
 
@@ -340,9 +341,7 @@ class _KEmitter:
         loop = _Loop(b, n_blocks, [_vconst(_V8F32, 0.0)] * len(tokens), "kdot")
         index, accs = loop.index, loop.values
         block = b.gep(w_row, [b.mul(index, ir.Constant(_I64, self.block_bytes))])
-        prefetch = self._fn("llvm.prefetch.p0", ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
-        b.call(prefetch, [b.gep(block, [ir.Constant(_I64, _PREFETCH_BYTES)]), ir.Constant(_I32, 0),
-                          ir.Constant(_I32, 0), ir.Constant(_I32, 1)])
+        emit_prefetch(b, block, _PREFETCH_BYTES)
         sums_per_block = 16 if self.qtype == "q6_k" else 8  # bsums of 16 values / scaled sums of 32
         here = [
             (b.gep(x, [b.mul(index, ir.Constant(_I64, QK_K))]), b.gep(d, [index]),
