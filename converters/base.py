@@ -10,7 +10,10 @@ quantizer into the file.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import json
+import math
+import os
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -70,45 +73,216 @@ def tensor_name(kind: MODEL_TENSOR, suffix: str = "weight", block: int | None = 
     return f"{base}.{suffix}"
 
 
-class ConfigReader:
-    """Typed, validated access to config.json: errors name the file and the key."""
+# Bounds on sizes read from config.json, checked before anything is allocated or looped over. They
+# are far above every released model (the deepest have ~130 layers, the widest hidden/FFN sizes are
+# ~50-75k, the largest vocabularies ~260k tokens) and low enough that a hostile value cannot make
+# the plan or the padded vocabulary exhaust memory. Full conversions also check every size against
+# the checkpoint's tensors; these bounds are what --vocab-only relies on.
+U32_MAX = 2**32 - 1
+MAX_LAYERS = 4096
+MAX_DIM = 2**20
+MAX_VOCAB = 2**21
+F32_MAX = float(np.finfo(np.float32).max)
+# Bigger JSON files than this are refused before parsing (the largest real tokenizer.json files are
+# a few tens of MB; a config.json or an index is a few kB to a few MB).
+MAX_JSON_BYTES = 256 * 1024 * 1024
 
-    def __init__(self, config: Mapping[str, Any], path: Path) -> None:
+_MISSING: Any = object()
+
+
+def describe_value(value: Any, limit: int = 60) -> str:
+    """A short repr for error messages (values from hostile files can be long or deeply nested)."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # ValueError: an int with too many digits for str()
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def parse_json(raw: bytes | str, path: Path, what: str = "JSON") -> Any:
+    """Parse JSON from an untrusted file: every failure json can raise on hostile input (bad syntax,
+    bad UTF-8, nesting deep enough to exhaust the recursion limit, integers too long to convert)
+    becomes one clean error naming the file."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return json.loads(text)
+    except RecursionError:
+        raise file_error(path, f"invalid {what}: nested too deeply") from None
+    except MemoryError:
+        raise file_error(path, f"invalid {what}: too large to parse") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise file_error(path, f"invalid {what}: {first_line}") from None
+
+
+def read_json(path: Path, what: str = "JSON", max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Read and parse a JSON file; every problem (unreadable, too big, invalid, too deep) is a
+    ``HalfbyteError`` naming ``path``. A missing file raises ``FileNotFoundError`` for the caller."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise file_error(path, f"{size} bytes is too big for a {what} file (limit {max_bytes})")
+            raw = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise
+    except IsADirectoryError:
+        raise file_error(path, "is a directory, not a file") from None
+    except OSError as exc:
+        raise file_error(path, f"cannot read: {exc.strerror or exc}") from None
+    if len(raw) > max_bytes:
+        raise file_error(path, f"too big for a {what} file (limit {max_bytes} bytes)")
+    return parse_json(raw, path, what)
+
+
+class ConfigReader:
+    """Typed, validated access to config.json: errors name the file and the key.
+
+    Every value an architecture reads goes through a getter that checks its type and range, so a
+    wrong value is one clean error (``config.json: 'num_key_value_heads' must be ...``) instead of a
+    traceback or an out-of-range number reaching the GGUF writer. ``section`` reads a nested object
+    (MPT's ``attn_config``) with the same checks, naming keys as ``attn_config.kv_n_heads``.
+    """
+
+    def __init__(self, config: Mapping[str, Any], path: Path, prefix: str = "") -> None:
+        if not isinstance(config, Mapping):
+            raise file_error(path, f"{prefix.rstrip('.') or 'config'!r} must be an object, got "
+                                   f"{describe_value(config)}")
         self.config = config
         self.path = path
+        self.prefix = prefix
 
-    def get(self, *keys: str, default: Any = None) -> Any:
-        """The first of ``keys`` present (configs renamed keys over time), else ``default``."""
+    def name(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    def has(self, *keys: str) -> bool:
+        return any(self.config.get(key) is not None for key in keys)
+
+    def _first(self, keys: tuple[str, ...]) -> tuple[str, Any]:
+        """The first of ``keys`` present and not null (configs renamed keys over time)."""
         for key in keys:
-            if key in self.config and self.config[key] is not None:
-                return self.config[key]
-        return default
+            if self.config.get(key) is not None:
+                return key, self.config[key]
+        return keys[0], None
 
-    def require_int(self, *keys: str, minimum: int = 1) -> int:
-        value = self.get(*keys)
+    def _bad(self, key: str, expected: str, value: Any) -> HalfbyteError:
+        return file_error(self.path, f"{self.name(key)!r} must be {expected}, got {describe_value(value)}")
+
+    def _missing(self, keys: tuple[str, ...]) -> HalfbyteError:
+        return file_error(self.path, f"missing {' / '.join(repr(self.name(k)) for k in keys)}")
+
+    def int_value(self, *keys: str, default: Any = _MISSING, minimum: int = 0, maximum: int = U32_MAX) -> int:
+        """An integer in [minimum, maximum]; ``default`` (unchecked) when absent, an error when
+        absent without a default. The default maximum is the u32 range GGUF stores counts in."""
+        key, value = self._first(keys)
         if value is None:
-            raise file_error(self.path, f"missing {' / '.join(repr(k) for k in keys)}")
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise file_error(self.path, f"{keys[0]!r} must be an integer >= {minimum}, got {value!r}")
+            if default is _MISSING:
+                raise self._missing(keys)
+            return default
+        # JSON has one number type: 4096.0 is written by some exporters for an integer.
+        if isinstance(value, float) and value.is_integer() and minimum <= value <= maximum:
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            return_range = f"an integer in [{minimum}, {maximum}]"
+            raise self._bad(key, return_range, value)
         return value
 
-    def float_value(self, *keys: str, default: float) -> float:
-        value = self.get(*keys, default=default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise file_error(self.path, f"{keys[0]!r} must be a number, got {value!r}")
+    def require_int(self, *keys: str, minimum: int = 1, maximum: int = MAX_DIM) -> int:
+        """A required size: an integer in [minimum, maximum] (by default 1..MAX_DIM)."""
+        return self.int_value(*keys, minimum=minimum, maximum=maximum)
+
+    def float_value(self, *keys: str, default: float, minimum: float | None = None,
+                    maximum: float | None = F32_MAX, positive: bool = False) -> float:
+        """A finite number that fits a float32, optionally bounded; ``default`` when absent."""
+        key, value = self._first(keys)
+        if value is None:
+            return float(default)
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or abs(value) > F32_MAX or (positive and value <= 0)
+                or (minimum is not None and value < minimum) or (maximum is not None and value > maximum)):
+            expected = "a finite number that fits a float32"
+            if positive:
+                expected = "a positive " + expected[2:]
+            if minimum is not None or maximum not in (None, F32_MAX):
+                expected += f" in [{minimum}, {maximum}]"
+            raise self._bad(key, expected, value)
         return float(value)
+
+    def bool_value(self, *keys: str, default: bool) -> bool:
+        key, value = self._first(keys)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._bad(key, "true or false", value)
+        return value
+
+    def str_value(self, *keys: str, default: str | None = None) -> str | None:
+        key, value = self._first(keys)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self._bad(key, "a string", value)
+        return value
+
+    def str_list(self, key: str) -> list[str]:
+        """A list of strings (a single string is accepted as a list of one); [] when absent."""
+        _, value = self._first((key,))
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise self._bad(key, "a list of strings", value)
+        return value
+
+    def section(self, key: str) -> ConfigReader:
+        """A nested object (``{}`` when absent or null), read with the same checks."""
+        _, value = self._first((key,))
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            raise self._bad(key, "an object", value)
+        return ConfigReader(value, self.path, prefix=f"{self.name(key)}.")
+
+    def token_id(self, key: str) -> int | None:
+        """A special token id: an integer (or a list of them, first wins), ``None`` when absent or
+        negative (``-1`` means "none" in some configs)."""
+        _, value = self._first((key,))
+        if isinstance(value, list) and value:
+            value = value[0]
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value > U32_MAX:
+            raise self._bad(key, "a token id (an integer)", self.config[key])
+        return value if value >= 0 else None
 
     def rope(self) -> tuple[float, str | None, float]:
         """(theta, scaling type, scaling factor): transformers 5 keeps these in
         ``rope_parameters``, older configs in ``rope_theta`` and ``rope_scaling``."""
-        params = self.get("rope_parameters", default={}) or {}
-        scaling = self.get("rope_scaling", default=None) or params
-        theta = params.get("rope_theta", self.get("rope_theta", default=10000.0))
-        kind = scaling.get("rope_type", scaling.get("type"))
-        factor = float(scaling.get("factor", 1.0) or 1.0)
+        params = self.section("rope_parameters")
+        scaling = self.section("rope_scaling")
+        if not scaling.config:
+            scaling = params
+        theta = params.float_value("rope_theta", default=self.float_value("rope_theta", default=10000.0,
+                                                                           positive=True), positive=True)
+        kind = scaling.str_value("rope_type", "type")
+        factor = scaling.float_value("factor", default=1.0, positive=True)
         if kind in (None, "default"):
-            return float(theta), None, 1.0
-        return float(theta), kind, factor
+            return theta, None, 1.0
+        return theta, kind, factor
+
+    def check_layers(self, key: str, n_layer: int, names: Collection[str], prefix: str) -> None:
+        """A layer count is checked against the checkpoint before the plan loops over it: tensors
+        named ``<prefix><i>.`` must exist for the last layer (``names`` is empty for --vocab-only,
+        where only the MAX_LAYERS bound applies)."""
+        if not names:
+            return
+        found = {int(part) for name in names if name.startswith(prefix)
+                 for part in [name[len(prefix):].split(".", 1)[0]] if part.isdigit() and len(part) < 10}
+        count = max(found) + 1 if found else 0
+        if n_layer > count:
+            raise self.fail(f"{self.name(key)!r} is {n_layer} but the checkpoint has {count} layers "
+                            f"({prefix}N.* tensors)")
 
     def fail(self, reason: str) -> HalfbyteError:
         return file_error(self.path, reason)

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import collections
 import io
-import json
 import math
 import os
 import pickle
 import struct
 import zipfile
+import zlib
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from converters.base import describe_value, parse_json, read_json
 from engine.errors import HalfbyteError, file_error
 
 SUPPORTED_DTYPES = ("F32", "F16", "BF16")
@@ -55,6 +56,23 @@ MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 # F16/BF16 are widened through a scratch buffer of this many elements, so loading a tensor costs
 # its float32 size plus at most this chunk, not float32 + the whole stored copy.
 WIDEN_CHUNK_ELEMENTS = 1 << 22
+
+# data.pkl (the state dict's pickle) is inflated with a bound, before unpickling: a torch.save record
+# takes 150-400 bytes, so 4 KiB per storage record in the archive plus 64 KiB is generous, and 16 MiB
+# (some 50,000 tensors) is more than any real single file holds. Without the bound a small zip whose
+# data.pkl inflates to gigabytes costs gigabytes of memory before the pickle is even looked at.
+MAX_PICKLE_BYTES = 16 * 1024 * 1024
+PICKLE_BYTES_BASE = 64 * 1024
+PICKLE_BYTES_PER_RECORD = 4 * 1024
+MAX_TENSOR_DIMS = 16  # torch allows more, no model weight has more than a handful
+# A view with more elements than its storage (an expand) is materialized up to this many elements.
+MAX_EXPANDED_ELEMENTS = 2**26
+MAX_ELEMENTS = 2**62  # any count beyond this is corrupt (and would overflow int64 byte offsets)
+
+# What zipfile can raise on a corrupt or hostile archive besides BadZipFile (unsupported compression,
+# encryption, bad deflate streams, out-of-range header fields).
+ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, ValueError, OverflowError,
+              struct.error, zlib.error)
 
 ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (version..sizes), name length, extra length
 ZIP_LOCAL_HEADER_SIGNATURE = b"PK\x03\x04"
@@ -115,21 +133,20 @@ def pick_weight_layout(available: Collection[str]) -> WeightLayout | None:
 def read_index(index_path: Path) -> dict[str, str]:
     """The ``weight_map`` (tensor name -> shard file name) of a ``*.index.json``."""
     try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise file_error(index_path, f"invalid JSON: {exc}") from None
-    except OSError as exc:
-        raise file_error(index_path, f"cannot read: {exc.strerror or exc}") from None
+        index = read_json(index_path, "JSON")
+    except FileNotFoundError:
+        raise file_error(index_path, "missing") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise file_error(index_path, "no \"weight_map\" object (tensor name -> shard file)")
     for name, shard in weight_map.items():
         if not isinstance(shard, str) or not shard:
-            raise file_error(index_path, f"weight_map entry {name!r} is not a file name: {shard!r}")
+            raise file_error(index_path, f"weight_map entry {describe_value(name)} is not a file name: "
+                                         f"{describe_value(shard)}")
         # Shards live next to the index; a path climbing out of the directory is not a shard.
-        if Path(shard).is_absolute() or ".." in Path(shard).parts:
-            raise file_error(index_path, f"weight_map entry {name!r} points outside the checkpoint: {shard!r}")
+        if Path(shard).is_absolute() or ".." in Path(shard).parts or "\0" in shard:
+            raise file_error(index_path, f"weight_map entry {describe_value(name)} points outside the checkpoint: "
+                                         f"{describe_value(shard)}")
     return weight_map
 
 
@@ -197,8 +214,11 @@ class _ZipMemberBytes:
                     if not count:
                         raise file_error(self.path, f"truncated zip member {self.member.filename}")
                     view = view[count:]
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise file_error(self.path, f"corrupt zip member {self.member.filename}: {exc}") from None
+        except HalfbyteError:
+            raise
+        except ZIP_ERRORS as exc:
+            raise file_error(self.path, f"corrupt zip member {self.member.filename}: "
+                                        f"{describe_value(str(exc), 120)}") from None
 
     def close(self) -> None:
         self.archive.close()
@@ -378,10 +398,7 @@ def _index_safetensors(path: Path, sources: list[_ByteSource]) -> list[_TensorLo
             raw_header = f.read(header_length)
     except OSError as exc:
         raise file_error(path, f"cannot read: {exc.strerror or exc}") from None
-    try:
-        header = json.loads(raw_header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise file_error(path, f"invalid header JSON: {exc}") from None
+    header = parse_json(raw_header, path, "header JSON")
     if not isinstance(header, dict):
         raise file_error(path, "invalid header JSON: expected an object")
 
@@ -389,6 +406,7 @@ def _index_safetensors(path: Path, sources: list[_ByteSource]) -> list[_TensorLo
     sources.append(source)
     data_start = 8 + header_length
     locations = []
+    spans = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -404,8 +422,33 @@ def _index_safetensors(path: Path, sources: list[_ByteSource]) -> list[_TensorLo
                 path, f"tensor {name!r} data ends at byte {data_start + end}, beyond the end of the file "
                       f"({file_size} bytes): truncated?"
             )
+        spans.append((begin, end, name))
         locations.append(_TensorLocation(name, dtype, shape, path, source, data_start + begin, count))
+    _check_safetensors_layout(path, spans, file_size - data_start)
     return locations
+
+
+def _check_safetensors_layout(path: Path, spans: list[tuple[int, int, str]], data_size: int) -> None:
+    """Tensors tile the data section exactly: no overlap, no gap, nothing after the last one.
+
+    Overlapping (aliased) tensors would be harmless to us, since we only read and every tensor is
+    bounded inside the file. But the safetensors library (``SafeTensors::deserialize``, so
+    transformers and llama.cpp's converter) refuses overlaps, gaps and trailing bytes as an invalid
+    file, and a converter that accepts what the reference refuses hides corruption: we refuse them too.
+    """
+    position = 0
+    previous = None
+    for begin, end, name in sorted(spans):
+        if begin < position:
+            raise file_error(path, f"invalid header: tensor {name!r} data_offsets [{begin}, {end}] overlap "
+                                   f"tensor {previous!r} (safetensors forbids overlapping tensors)")
+        if begin > position:
+            raise file_error(path, f"invalid header: {begin - position} bytes of data before tensor {name!r} "
+                                   f"belong to no tensor (safetensors forbids gaps)")
+        position, previous = end, name
+    if position != data_size:
+        raise file_error(path, f"invalid header: the data section holds {data_size} bytes, the tensors cover "
+                               f"{position} (safetensors forbids unused bytes)")
 
 
 def _safetensors_entry(path: Path, name: str, entry: Any) -> tuple[str, tuple[int, ...], tuple[int, int]]:
@@ -413,15 +456,16 @@ def _safetensors_entry(path: Path, name: str, entry: Any) -> tuple[str, tuple[in
         return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
     if not isinstance(entry, dict):
-        raise file_error(path, f"invalid header: entry {name!r} is not an object")
+        raise file_error(path, f"invalid header: entry {describe_value(name)} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str):
         raise file_error(path, f"invalid header: tensor {name!r} has no dtype")
-    if not isinstance(shape, list) or not all(is_count(size) for size in shape):
-        raise file_error(path, f"invalid header: tensor {name!r} has shape {shape!r}")
+    if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS or not all(is_count(size) for size in shape)
+            or math.prod(shape) > MAX_ELEMENTS):
+        raise file_error(path, f"invalid header: tensor {name!r} has shape {describe_value(shape)}")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(is_count(o) for o in offsets)
             or offsets[0] > offsets[1]):
-        raise file_error(path, f"invalid header: tensor {name!r} has data_offsets {offsets!r}")
+        raise file_error(path, f"invalid header: tensor {name!r} has data_offsets {describe_value(offsets)}")
     return dtype, tuple(shape), (offsets[0], offsets[1])
 
 
@@ -497,16 +541,26 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> _StorageRef:
         # torch.save writes ('storage', storage type, key, location, number of elements).
         if (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
-                and isinstance(pid[2], str) and _is_index(pid[4]) and pid[4] >= 0):
+                and isinstance(pid[2], str) and _is_index(pid[4]) and 0 <= pid[4] <= MAX_ELEMENTS):
             return _StorageRef(key=pid[2], dtype=pid[1].dtype, numel=pid[4])
-        raise file_error(self.path, f"unexpected persistent id {str(pid)[:80]}: not a tensor checkpoint")
+        raise file_error(self.path, f"unexpected persistent id {describe_value(pid, 80)}: not a tensor checkpoint")
 
     def _rebuild_tensor(self, storage: Any, offset: Any, shape: Any, stride: Any, *_ignored: Any) -> _TensorRecord:
         # (requires_grad, backward_hooks, metadata) follow; none of them matter for the values.
-        if (not isinstance(storage, _StorageRef) or not _is_index(offset) or offset < 0
-                or not isinstance(shape, tuple) or not all(_is_index(n) and n >= 0 for n in shape)
-                or not isinstance(stride, tuple) or len(stride) != len(shape) or not all(_is_index(s) for s in stride)):
-            raise file_error(self.path, "malformed tensor record in data.pkl")
+        # Every field is checked here, field by field, so a bad record is named precisely.
+        def bad(what: str, value: Any) -> HalfbyteError:
+            return file_error(self.path, f"malformed tensor record in data.pkl: {what} {describe_value(value)}")
+
+        if not isinstance(storage, _StorageRef):
+            raise bad("storage", storage)
+        if not _is_index(offset) or not 0 <= offset <= storage.numel:
+            raise bad(f"storage offset (storage {storage.key!r} has {storage.numel} elements)", offset)
+        if (not isinstance(shape, tuple) or len(shape) > MAX_TENSOR_DIMS
+                or not all(_is_index(n) and 0 <= n <= MAX_ELEMENTS for n in shape) or math.prod(shape) > MAX_ELEMENTS):
+            raise bad("shape", shape)
+        if (not isinstance(stride, tuple) or len(stride) != len(shape)
+                or not all(_is_index(s) and 0 <= s <= MAX_ELEMENTS for s in stride)):
+            raise bad(f"stride (for shape {shape})", stride)
         return _TensorRecord(storage, offset, shape, stride)
 
     def _rebuild_parameter(self, data: Any, *_ignored: Any) -> _TensorRecord:
@@ -515,6 +569,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return data
 
     def _size(self, sizes: Any = ()) -> tuple[int, ...]:
+        if not isinstance(sizes, (tuple, list)):
+            raise file_error(self.path, f"malformed torch.Size in data.pkl: {describe_value(sizes)}")
         return tuple(sizes)
 
 
@@ -541,7 +597,7 @@ def _index_torch_zip(path: Path, sources: list[_ByteSource]) -> list[_TensorLoca
     _check_torch_zip(path)
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except ZIP_ERRORS as exc:
         raise file_error(path, f"corrupt zip archive: {exc}") from None
     keep_archive_open = False
     try:
@@ -550,10 +606,13 @@ def _index_torch_zip(path: Path, sources: list[_ByteSource]) -> list[_TensorLoca
         if len(pickles) != 1:
             raise file_error(path, "no single <archive>/data.pkl record: not a torch.save checkpoint")
         prefix = pickles[0][: -len("data.pkl")]
-        byteorder = _read_member(path, archive, members.get(prefix + "byteorder"), default=b"little").decode().strip()
+        raw_byteorder = _read_member(path, archive, members.get(prefix + "byteorder"), limit=64, default=b"little")
+        byteorder = raw_byteorder.decode("ascii", errors="replace").strip()
         if byteorder not in ("little", "big"):
-            raise file_error(path, f"unknown byteorder record {byteorder!r}")
-        state = _unpickle_state_dict(path, _read_member(path, archive, members[pickles[0]]))
+            raise file_error(path, f"unknown byteorder record {describe_value(byteorder)}")
+        n_records = sum(1 for name in members if name.startswith(f"{prefix}data/"))
+        pickle_limit = min(MAX_PICKLE_BYTES, PICKLE_BYTES_BASE + PICKLE_BYTES_PER_RECORD * n_records)
+        state = _unpickle_state_dict(path, _read_member(path, archive, members[pickles[0]], limit=pickle_limit))
 
         file_bytes = _FileBytes(path)
         sources.append(file_bytes)
@@ -574,6 +633,11 @@ def _index_torch_zip(path: Path, sources: list[_ByteSource]) -> list[_TensorLoca
             span, strides = _strided_span(path, name, record.shape, record.stride)
             if record.offset + span > storage.numel:
                 raise file_error(path, f"tensor {name!r} extends beyond its storage {member_name}")
+            if math.prod(record.shape) > max(storage.numel, MAX_EXPANDED_ELEMENTS):
+                # Only a view with zero or overlapping strides (torch's expand) has more elements than
+                # its storage; beyond a bound it is refused, so a tiny file cannot claim a huge tensor.
+                raise file_error(path, f"tensor {name!r} has {math.prod(record.shape)} elements, more than its "
+                                       f"storage {member_name} holds ({storage.numel}): overlapping strides")
             if member.compress_type == zipfile.ZIP_STORED and not member.flag_bits & 0x1:
                 if member_name not in data_offsets:
                     data_offsets[member_name] = _stored_member_offset(path, member, file_size)
@@ -594,13 +658,24 @@ def _index_torch_zip(path: Path, sources: list[_ByteSource]) -> list[_TensorLoca
             archive.close()
 
 
-def _read_member(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipInfo | None, default: bytes = b"") -> bytes:
+def _read_member(path: Path, archive: zipfile.ZipFile, member: zipfile.ZipInfo | None, limit: int,
+                 default: bytes = b"") -> bytes:
+    """A small zip member, inflated incrementally and refused beyond ``limit`` bytes (whatever its
+    header declares), so a decompression bomb costs at most ``limit`` bytes of memory."""
     if member is None:
         return default
+    if member.file_size > limit:
+        raise file_error(path, f"{member.filename} is {member.file_size} bytes uncompressed, more than the "
+                               f"{limit} allowed for it: not a plausible torch.save checkpoint")
     try:
-        return archive.read(member)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise file_error(path, f"corrupt zip member {member.filename}: {exc}") from None
+        with archive.open(member) as stream:
+            data = stream.read(limit + 1)
+    except ZIP_ERRORS as exc:
+        raise file_error(path, f"corrupt zip member {member.filename}: {describe_value(str(exc), 120)}") from None
+    if len(data) > limit:
+        raise file_error(path, f"{member.filename} inflates to more than the {limit} bytes allowed for it: "
+                               f"not a plausible torch.save checkpoint")
+    return data
 
 
 def _unpickle_state_dict(path: Path, data: bytes) -> dict[str, _TensorRecord]:
@@ -625,8 +700,6 @@ def _strided_span(path: Path, name: str, shape: tuple[int, ...], stride: tuple[i
     count = math.prod(shape)
     if count == 0:
         return 0, None
-    if any(step < 0 for step in stride):
-        raise file_error(path, f"tensor {name!r} has negative strides {stride}")
     contiguous_step = 1
     contiguous = True
     for size, step in zip(reversed(shape), reversed(stride)):

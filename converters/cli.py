@@ -14,7 +14,9 @@ def _type_flag(name: str) -> click.Option:
 
 @click.command()
 @click.argument("source")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output file (default: <name>-<type>.gguf).")
+# A plain string, not click.Path(dir_okay=False): convert() checks the path itself so that a
+# directory or a missing parent is our one-line error (exit 1), not click's usage text (exit 2).
+@click.option("-o", "--output", type=str, help="Output file (default: <name>-<type>.gguf).")
 @click.option("--revision", help="Hub revision (branch, tag or commit) for repo ids and aliases.")
 @click.option("--vocab-only", is_flag=True, help="Write the tokenizer and hyper-parameters only, no weights.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")

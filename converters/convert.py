@@ -8,7 +8,6 @@ only when complete.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -20,12 +19,12 @@ import numpy as np
 from gguf import GGMLQuantizationType, Keys
 
 from converters import falcon, llama, mpt
-from converters.base import ConversionPlan, PlannedTensor
-from converters.vocab import check_vocab_fits
+from converters.base import ConfigReader, ConversionPlan, PlannedTensor, read_json
+from converters.vocab import TOKENIZER_FILES, check_vocab_fits
 from engine import quants
 from engine.errors import HalfbyteError, file_error
 from engine.filetypes import FILE_TYPES
-from engine.gguf_file import GGUFWriter
+from engine.gguf_file import GGUFWriter, refuse_overwriting_inputs
 from engine.progress import progress_bar
 
 ARCHITECTURES: tuple[ModuleType, ...] = (llama, mpt, falcon)
@@ -38,10 +37,9 @@ def read_config(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise file_error(path, "missing (a Hugging Face checkpoint directory has a config.json)")
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise file_error(path, f"invalid JSON: {exc}") from None
+        config = read_json(path, "JSON")
+    except FileNotFoundError:
+        raise file_error(path, "missing (a Hugging Face checkpoint directory has a config.json)") from None
     if not isinstance(config, dict):
         raise file_error(path, "expected a JSON object")
     return config
@@ -53,15 +51,39 @@ def supported_names() -> str:
 
 def pick_architecture(config: dict[str, Any], config_path: Path) -> ModuleType:
     """The architecture module for a config: by `architectures`, else by `model_type`."""
-    declared = config.get("architectures") or []
+    cfg = ConfigReader(config, config_path)
+    declared = cfg.str_list("architectures")
+    model_type = cfg.str_value("model_type")
     for module in ARCHITECTURES:
         if any(name in module.HF_ARCHITECTURES for name in declared):
             return module
     for module in ARCHITECTURES:
-        if config.get("model_type") in module.MODEL_TYPES:
+        if model_type in module.MODEL_TYPES:
             return module
-    what = declared[0] if declared else config.get("model_type", "<none>")
+    what = declared[0] if declared else model_type or "<none>"
     raise file_error(config_path, f"unsupported architecture {what!r} (supported: {supported_names()})")
+
+
+def input_files(directory: Path) -> list[Path]:
+    """Every file of the checkpoint that conversion may read: config, tokenizer files, weights
+    (an index and its shards). The output must not be any of them."""
+    from converters.checkpoint import pick_weight_layout, read_index
+
+    files = [directory / "config.json", *(directory / name for name in TOKENIZER_FILES)]
+    try:
+        entries = [entry.name for entry in directory.iterdir() if entry.is_file()]
+    except OSError:
+        return files
+    layout = pick_weight_layout(entries)
+    if layout is not None:
+        files += [directory / name for name in layout.files]
+        if layout.index is not None:
+            files.append(directory / layout.index)
+            try:
+                files += [directory / shard for shard in sorted(set(read_index(directory / layout.index).values()))]
+            except HalfbyteError:
+                pass  # a bad index is reported when the checkpoint is opened; nothing is written before
+    return files
 
 
 def output_type(planned: PlannedTensor, requested: GGMLQuantizationType) -> GGMLQuantizationType:
@@ -128,17 +150,20 @@ def convert_directory(
 
     config = read_config(directory)
     config_path = directory / "config.json"
+    refuse_overwriting_inputs(output, input_files(directory))
     module = pick_architecture(config, config_path)
-    vocab_entries = module.vocab(directory, config)
 
     checkpoint = None if vocab_only else open_checkpoint(directory)
     try:
         names = set(checkpoint.names()) if checkpoint is not None else set()
+        # The plan first: it validates config.json (and, with weights, checks every size against the
+        # checkpoint) before the tokenizer is padded to vocab_size.
         plan = module.plan(config, config_path, names)
-        vocab_rows = next(p.shape[0] for p in plan.tensors if p.name.startswith("token_embd."))
-        check_vocab_fits(vocab_entries, vocab_rows, directory / "config.json")
         if checkpoint is not None:
             check_plan(plan, checkpoint, config_path)
+        vocab_entries = module.vocab(directory, config)
+        vocab_rows = next(p.shape[0] for p in plan.tensors if p.name.startswith("token_embd."))
+        check_vocab_fits(vocab_entries, vocab_rows, config_path)
         return _write(plan, vocab_entries, checkpoint, output, requested, model_name, vocab_only, progress)
     finally:
         if checkpoint is not None:
@@ -150,7 +175,7 @@ def _write(
     requested: GGMLQuantizationType, model_name: str, vocab_only: bool, progress: bool,
 ) -> Path:
     tensors = [] if vocab_only else [(p, output_type(p, requested)) for p in plan.tensors]
-    with GGUFWriter(output) as writer:
+    with GGUFWriter(output) as writer:  # inputs were checked by convert_directory
         writer.add_string(Keys.General.ARCHITECTURE, plan.arch)
         writer.add_string(Keys.General.NAME, model_name)
         writer.add_uint32(Keys.General.FILE_TYPE, int(FILE_TYPES[requested]))

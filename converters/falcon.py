@@ -21,7 +21,18 @@ from typing import Any
 import numpy as np
 from gguf import MODEL_TENSOR, Keys
 
-from converters.base import ConfigReader, ConversionPlan, PlannedTensor, f32, string, tensor_name, u32
+from converters.base import (
+    MAX_DIM,
+    MAX_LAYERS,
+    MAX_VOCAB,
+    ConfigReader,
+    ConversionPlan,
+    PlannedTensor,
+    f32,
+    string,
+    tensor_name,
+    u32,
+)
 from converters.vocab import bpe_vocab
 
 ARCH = "falcon"
@@ -41,8 +52,8 @@ def regroup_qkv(weight: np.ndarray, n_head: int, n_head_kv: int, head_dim: int) 
 
 def kv_head_count(cfg: ConfigReader, n_head: int, new_decoder: bool) -> int:
     if new_decoder:
-        return cfg.require_int("num_kv_heads", "n_head_kv")
-    if cfg.get("multi_query", default=True):
+        return cfg.require_int("num_kv_heads", "n_head_kv", maximum=n_head)
+    if cfg.bool_value("multi_query", default=True):
         return 1
     return n_head
 
@@ -50,22 +61,24 @@ def kv_head_count(cfg: ConfigReader, n_head: int, new_decoder: bool) -> int:
 def plan(config: Mapping[str, Any], config_path: Path, names: set[str]) -> ConversionPlan:
     cfg = ConfigReader(config, config_path)
     n_embd = cfg.require_int("hidden_size")
-    n_layer = cfg.require_int("num_hidden_layers", "n_layer")
-    n_head = cfg.require_int("num_attention_heads", "n_head")
-    n_vocab = cfg.require_int("vocab_size")
+    n_layer = cfg.require_int("num_hidden_layers", "n_layer", maximum=MAX_LAYERS)
+    cfg.check_layers("num_hidden_layers", n_layer, names, "transformer.h.")
+    n_head = cfg.require_int("num_attention_heads", "n_head", maximum=n_embd)
+    n_vocab = cfg.require_int("vocab_size", maximum=MAX_VOCAB)
     # The original "RefinedWeb" (40B) layout implies the new decoder architecture.
-    new_decoder = bool(cfg.get("new_decoder_architecture", default=config.get("model_type") == "RefinedWeb"))
+    new_decoder = cfg.bool_value("new_decoder_architecture",
+                                 default=cfg.str_value("model_type", default="") == "RefinedWeb")
     n_head_kv = kv_head_count(cfg, n_head, new_decoder)
-    if cfg.get("alibi", default=False):
+    if cfg.bool_value("alibi", default=False):
         raise cfg.fail("Falcon with ALiBi (falcon-rw) is not supported")
-    if cfg.get("bias", default=False):
+    if cfg.bool_value("bias", default=False):
         raise cfg.fail("Falcon with linear biases (falcon-rw) is not supported")
-    if not new_decoder and not cfg.get("parallel_attn", default=True):
+    if not new_decoder and not cfg.bool_value("parallel_attn", default=True):
         raise cfg.fail("Falcon with sequential attention/MLP (parallel_attn=false) is not supported")
     if n_embd % n_head or n_head % n_head_kv:
         raise cfg.fail(f"hidden_size {n_embd}, heads {n_head}, kv heads {n_head_kv} do not divide")
     head_dim = n_embd // n_head
-    n_ff = cfg.get("ffn_hidden_size", default=4 * n_embd)
+    n_ff = cfg.int_value("ffn_hidden_size", default=4 * n_embd, minimum=1, maximum=MAX_DIM)
 
     metadata = [
         u32(Keys.LLM.CONTEXT_LENGTH.format(arch=ARCH), CONTEXT_LENGTH),
@@ -75,7 +88,8 @@ def plan(config: Mapping[str, Any], config_path: Path, names: set[str]) -> Conve
         u32(Keys.LLM.BLOCK_COUNT.format(arch=ARCH), n_layer),
         u32(Keys.Attention.HEAD_COUNT.format(arch=ARCH), n_head),
         u32(Keys.Attention.HEAD_COUNT_KV.format(arch=ARCH), n_head_kv),
-        f32(Keys.Attention.LAYERNORM_EPS.format(arch=ARCH), cfg.float_value("layer_norm_epsilon", default=1e-5)),
+        f32(Keys.Attention.LAYERNORM_EPS.format(arch=ARCH), cfg.float_value("layer_norm_epsilon", default=1e-5,
+                                                                                     positive=True)),
     ]
     rope_theta, scaling_type, _ = cfg.rope()
     if scaling_type is not None:
@@ -113,7 +127,7 @@ def plan(config: Mapping[str, Any], config_path: Path, names: set[str]) -> Conve
                           (n_embd, n_ff)),
         ]
     tensors += norm(MODEL_TENSOR.OUTPUT_NORM, "transformer.ln_f", None)
-    if "lm_head.weight" in names and cfg.get("tie_word_embeddings", default=True) is False:
+    if "lm_head.weight" in names and not cfg.bool_value("tie_word_embeddings", default=True):
         tensors.append(PlannedTensor(tensor_name(MODEL_TENSOR.OUTPUT), "lm_head.weight", (n_vocab, n_embd)))
 
     def ignored(name: str) -> bool:

@@ -16,7 +16,18 @@ from typing import Any
 import numpy as np
 from gguf import MODEL_TENSOR, Keys
 
-from converters.base import ConfigReader, ConversionPlan, PlannedTensor, f32, string, tensor_name, u32
+from converters.base import (
+    MAX_DIM,
+    MAX_LAYERS,
+    MAX_VOCAB,
+    ConfigReader,
+    ConversionPlan,
+    PlannedTensor,
+    f32,
+    string,
+    tensor_name,
+    u32,
+)
 from converters.vocab import sentencepiece_vocab
 
 ARCH = "llama"
@@ -37,12 +48,14 @@ def permute_for_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
 def plan(config: Mapping[str, Any], config_path: Path, names: set[str]) -> ConversionPlan:
     cfg = ConfigReader(config, config_path)
     n_embd = cfg.require_int("hidden_size")
-    n_layer = cfg.require_int("num_hidden_layers")
-    n_head = cfg.require_int("num_attention_heads")
-    n_head_kv = cfg.get("num_key_value_heads", default=n_head)
+    n_layer = cfg.require_int("num_hidden_layers", maximum=MAX_LAYERS)
+    cfg.check_layers("num_hidden_layers", n_layer, names, "model.layers.")
+    n_head = cfg.require_int("num_attention_heads", maximum=n_embd)
+    n_head_kv = cfg.int_value("num_key_value_heads", default=n_head, minimum=1, maximum=n_head)
     n_ff = cfg.require_int("intermediate_size")
-    n_vocab = cfg.require_int("vocab_size")
-    head_dim = cfg.get("head_dim", default=n_embd // n_head)
+    n_vocab = cfg.require_int("vocab_size", maximum=MAX_VOCAB)
+    head_dim = cfg.int_value("head_dim", default=n_embd // n_head, minimum=1, maximum=MAX_DIM)
+    n_ctx = cfg.int_value("max_position_embeddings", "max_sequence_length", default=2048, minimum=1)
     if n_head % n_head_kv:
         raise cfg.fail(f"num_attention_heads {n_head} is not a multiple of num_key_value_heads {n_head_kv}")
     if head_dim * n_head != n_embd or head_dim % 2:
@@ -50,14 +63,14 @@ def plan(config: Mapping[str, Any], config_path: Path, names: set[str]) -> Conve
 
     metadata = [
         u32(Keys.LLM.VOCAB_SIZE.format(arch=ARCH), n_vocab),
-        u32(Keys.LLM.CONTEXT_LENGTH.format(arch=ARCH), cfg.get("max_position_embeddings", "max_sequence_length",
-                                                                default=2048)),
+        u32(Keys.LLM.CONTEXT_LENGTH.format(arch=ARCH), n_ctx),
         u32(Keys.LLM.EMBEDDING_LENGTH.format(arch=ARCH), n_embd),
         u32(Keys.LLM.BLOCK_COUNT.format(arch=ARCH), n_layer),
         u32(Keys.LLM.FEED_FORWARD_LENGTH.format(arch=ARCH), n_ff),
         u32(Keys.Attention.HEAD_COUNT.format(arch=ARCH), n_head),
         u32(Keys.Attention.HEAD_COUNT_KV.format(arch=ARCH), n_head_kv),
-        f32(Keys.Attention.LAYERNORM_RMS_EPS.format(arch=ARCH), cfg.float_value("rms_norm_eps", default=1e-6)),
+        f32(Keys.Attention.LAYERNORM_RMS_EPS.format(arch=ARCH),
+            cfg.float_value("rms_norm_eps", default=1e-6, positive=True)),
         u32(Keys.Rope.DIMENSION_COUNT.format(arch=ARCH), head_dim),
     ]
     rope_theta, scaling_type, scaling_factor = cfg.rope()
@@ -95,7 +108,7 @@ def plan(config: Mapping[str, Any], config_path: Path, names: set[str]) -> Conve
         ]
     tensors.append(PlannedTensor(tensor_name(MODEL_TENSOR.OUTPUT_NORM), "model.norm.weight", (n_embd,)))
     # Tied embeddings: no lm_head in the checkpoint; llama.cpp then reuses token_embd.
-    if "lm_head.weight" in names and not cfg.get("tie_word_embeddings", default=False):
+    if "lm_head.weight" in names and not cfg.bool_value("tie_word_embeddings", default=False):
         tensors.append(PlannedTensor(tensor_name(MODEL_TENSOR.OUTPUT), "lm_head.weight", (n_vocab, n_embd)))
 
     def ignored(name: str) -> bool:

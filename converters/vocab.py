@@ -11,7 +11,7 @@ Both pad the vocabulary to the model's ``vocab_size`` (embedding rows) with unus
 
 from __future__ import annotations
 
-import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,10 +19,13 @@ from typing import Any
 import numpy as np
 from gguf import GGUFValueType, Keys, TokenType
 
-from converters.base import MetadataEntry, boolean, string, u32
+from converters.base import MAX_VOCAB, ConfigReader, MetadataEntry, boolean, describe_value, read_json, string, u32
 from engine.errors import HalfbyteError, file_error
 
 SPECIAL_NAMES = ("bos", "eos", "unk", "pad")
+# Every tokenizer file the readers below may open (also what `halfbyte convert` must not overwrite).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
 SPECIAL_KEYS = {
     "bos": Keys.Tokenizer.BOS_ID,
     "eos": Keys.Tokenizer.EOS_ID,
@@ -41,16 +44,26 @@ def int_array(key: str, values: list[int]) -> MetadataEntry:
 
 def _read_json(path: Path) -> Any:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return read_json(path, "JSON")
     except FileNotFoundError:
         raise file_error(path, "missing tokenizer file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise file_error(path, f"invalid JSON: {exc}") from None
 
 
 def _optional_json(path: Path) -> dict[str, Any]:
-    return _read_json(path) if path.is_file() else {}
+    """An optional JSON object file: ``{}`` when absent; anything but an object is an error."""
+    if not path.is_file():
+        return {}
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise file_error(path, f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _token_id(path: Path, what: str, value: Any) -> int:
+    """A token id from a tokenizer file: an integer in [0, MAX_VOCAB)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_VOCAB:
+        raise file_error(path, f"{what}: token id must be an integer in [0, {MAX_VOCAB}), got {describe_value(value)}")
+    return value
 
 
 def _token_content(value: Any) -> str | None:
@@ -68,10 +81,11 @@ def _special_ids(
     """bos/eos/unk/pad ids: tokenizer_config.json strings, then config.json ids, then defaults."""
     tokenizer_config = _optional_json(directory / "tokenizer_config.json")
     special_map = _optional_json(directory / "special_tokens_map.json")
+    cfg = ConfigReader(config, directory / "config.json")
     ids = dict(defaults)
     for name in SPECIAL_NAMES:
-        config_id = config.get(f"{name}_token_id")
-        if isinstance(config_id, int) and not isinstance(config_id, bool) and config_id >= 0:
+        config_id = cfg.token_id(f"{name}_token_id")
+        if config_id is not None:
             ids[name] = config_id
         for source in (special_map, tokenizer_config):
             content = _token_content(source.get(f"{name}_token"))
@@ -80,18 +94,34 @@ def _special_ids(
     return ids
 
 
-def _special_entries(ids: Mapping[str, int], vocab_size: int) -> list[MetadataEntry]:
-    return [u32(SPECIAL_KEYS[name], token_id) for name, token_id in ids.items() if 0 <= token_id < vocab_size]
+def _special_entries(ids: Mapping[str, int], vocab_size: int, config_path: Path) -> list[MetadataEntry]:
+    entries = []
+    for name, token_id in ids.items():
+        if 0 <= token_id < vocab_size:
+            entries.append(u32(SPECIAL_KEYS[name], token_id))
+        elif token_id >= 0:
+            print(f"halfbyte: warning: {config_path}: {name} token id {token_id} is outside the vocabulary of "
+                  f"{vocab_size} tokens: not written", file=sys.stderr)
+    return entries
 
 
 def _add_flags(directory: Path, default_bos: bool) -> list[MetadataEntry]:
-    tokenizer_config = _optional_json(directory / "tokenizer_config.json")
-    add_bos = tokenizer_config.get("add_bos_token", default_bos)
-    add_eos = tokenizer_config.get("add_eos_token", False)
+    path = directory / "tokenizer_config.json"
+    tokenizer_config = ConfigReader(_optional_json(path), path)
     return [
-        boolean(Keys.Tokenizer.ADD_BOS, bool(add_bos)),
-        boolean(Keys.Tokenizer.ADD_EOS, bool(add_eos)),
+        boolean(Keys.Tokenizer.ADD_BOS, tokenizer_config.bool_value("add_bos_token", default=default_bos)),
+        boolean(Keys.Tokenizer.ADD_EOS, tokenizer_config.bool_value("add_eos_token", default=False)),
     ]
+
+
+def _vocab_size(directory: Path, config: Mapping[str, Any], n_tokens: int) -> int:
+    """config.json's vocab_size (the embedding rows), at least the tokenizer's token count."""
+    config_path = directory / "config.json"
+    vocab_size = ConfigReader(config, config_path).int_value("vocab_size", default=n_tokens, minimum=1,
+                                                             maximum=MAX_VOCAB)
+    if vocab_size < n_tokens:
+        raise file_error(config_path, f"vocab_size {vocab_size} is smaller than the tokenizer's {n_tokens} tokens")
+    return vocab_size
 
 
 def _pad_vocab(tokens: list[str], types: list[int], vocab_size: int, scores: list[float] | None) -> None:
@@ -131,21 +161,20 @@ def sentencepiece_vocab(directory: Path, config: Mapping[str, Any]) -> list[Meta
             types.append(TokenType.NORMAL)
 
     # Fine-tunes add tokens beyond the SentencePiece model (e.g. a pad token at 32000).
-    added = _optional_json(directory / "added_tokens.json")
+    added_path = directory / "added_tokens.json"
+    added = _optional_json(added_path)
+    for content, token_id in added.items():
+        _token_id(added_path, f"token {describe_value(content)}", token_id)
     for content, token_id in sorted(added.items(), key=lambda item: item[1]):
         if token_id < len(tokens):
             continue
         if token_id != len(tokens):
-            raise file_error(directory / "added_tokens.json", f"token {content!r} id {token_id} leaves a gap")
+            raise file_error(added_path, f"token {describe_value(content)} id {token_id} leaves a gap")
         tokens.append(content)
         scores.append(-1000.0)
         types.append(TokenType.USER_DEFINED)
 
-    vocab_size = int(config.get("vocab_size") or len(tokens))
-    if vocab_size < len(tokens):
-        raise file_error(
-            directory / "config.json", f"vocab_size {vocab_size} is smaller than the tokenizer's {len(tokens)} tokens"
-        )
+    vocab_size = _vocab_size(directory, config, len(tokens))
     _pad_vocab(tokens, types, vocab_size, scores)
 
     defaults = {
@@ -161,7 +190,7 @@ def sentencepiece_vocab(directory: Path, config: Mapping[str, Any]) -> list[Meta
         MetadataEntry(Keys.Tokenizer.LIST, tokens, GGUFValueType.ARRAY, GGUFValueType.STRING),
         float_array(Keys.Tokenizer.SCORES, scores),
         int_array(Keys.Tokenizer.TOKEN_TYPE, types),
-        *_special_entries(ids, vocab_size),
+        *_special_entries(ids, vocab_size, directory / "config.json"),
         *_add_flags(directory, default_bos=True),
         boolean(Keys.Tokenizer.ADD_PREFIX, add_space_prefix),
     ]
@@ -176,17 +205,24 @@ def bpe_vocab(directory: Path, config: Mapping[str, Any], pre: str) -> list[Meta
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise file_error(path, "not a BPE tokenizer.json (expected model.type = BPE with a vocab)")
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = [t for t in data.get("added_tokens", []) if isinstance(t, dict) and "id" in t and "content" in t]
+    vocab: dict[str, int] = {}
+    for content, token_id in model["vocab"].items():
+        vocab[content] = _token_id(path, f"model.vocab entry {describe_value(content)}", token_id)
+    added_tokens = data.get("added_tokens") or []
+    if not isinstance(added_tokens, list):
+        raise file_error(path, f"'added_tokens' must be a list, got {describe_value(added_tokens)}")
+    added = [t for t in added_tokens if isinstance(t, dict) and "id" in t and "content" in t]
     for token in added:
-        vocab[token["content"]] = int(token["id"])
+        if not isinstance(token["content"], str):
+            raise file_error(path, f"added token content must be a string, got {describe_value(token['content'])}")
+        vocab[token["content"]] = _token_id(path, f"added token {describe_value(token['content'])}", token["id"])
 
     size = max(vocab.values(), default=-1) + 1
-    vocab_size = max(int(config.get("vocab_size") or size), size)
+    vocab_size = _vocab_size(directory, config, size)
     by_id: dict[int, str] = {}
     for content, token_id in vocab.items():
         by_id[token_id] = content
-    special = {t["id"]: bool(t.get("special")) for t in added}
+    special = {t["id"]: t.get("special") is True for t in added}
     tokens, types = [], []
     for token_id in range(size):
         content = by_id.get(token_id)
@@ -202,14 +238,17 @@ def bpe_vocab(directory: Path, config: Mapping[str, Any], pre: str) -> list[Meta
     _pad_vocab(tokens, types, vocab_size, None)
 
     merges = []
-    for merge in model.get("merges", []):
+    raw_merges = model.get("merges") or []
+    if not isinstance(raw_merges, list):
+        raise file_error(path, f"'model.merges' must be a list, got {describe_value(raw_merges)}")
+    for merge in raw_merges:
         # Older files store "a b", newer ones ["a", "b"].
         if isinstance(merge, str):
             merges.append(merge)
-        elif isinstance(merge, list) and len(merge) == 2:
+        elif isinstance(merge, list) and len(merge) == 2 and all(isinstance(part, str) for part in merge):
             merges.append(f"{merge[0]} {merge[1]}")
         else:
-            raise file_error(path, f"unreadable merge {merge!r}")
+            raise file_error(path, f"unreadable merge {describe_value(merge)}")
 
     endoftext = vocab.get("<|endoftext|>")
     defaults = {name: endoftext for name in ("bos", "eos", "unk")} if endoftext is not None else {}
@@ -220,7 +259,7 @@ def bpe_vocab(directory: Path, config: Mapping[str, Any], pre: str) -> list[Meta
         MetadataEntry(Keys.Tokenizer.LIST, tokens, GGUFValueType.ARRAY, GGUFValueType.STRING),
         int_array(Keys.Tokenizer.TOKEN_TYPE, types),
         MetadataEntry(Keys.Tokenizer.MERGES, merges, GGUFValueType.ARRAY, GGUFValueType.STRING),
-        *_special_entries(ids, vocab_size),
+        *_special_entries(ids, vocab_size, directory / "config.json"),
     ]
 
 

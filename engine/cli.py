@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from engine.errors import HalfbyteError
+from engine.errors import HalfbyteError, TerminatedBySignal
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -30,6 +30,9 @@ class HalfbyteGroup(click.Group):
             return super().invoke(ctx)
         except HalfbyteError as exc:
             fail(str(exc))
+        except TerminatedBySignal as exc:
+            click.echo(f"halfbyte: {exc}", err=True)
+            sys.exit(128 + exc.signum)
         except KeyboardInterrupt:
             click.echo("halfbyte: interrupted", err=True)
             sys.exit(EXIT_INTERRUPTED)

@@ -17,3 +17,21 @@ class HalfbyteError(Exception):
 def file_error(path: str | os.PathLike, reason: str) -> HalfbyteError:
     """Build the error for a problem in ``path``: ``"<path>: <reason>"``."""
     return HalfbyteError(f"{os.fspath(path)}: {reason}")
+
+
+class TerminatedBySignal(KeyboardInterrupt):
+    """A termination signal (SIGTERM, SIGHUP, SIGQUIT) turned into an exception, so that the same
+    clean-up as for Ctrl-C runs (no partial output file); the CLI exits with 128 + ``signum``.
+
+    Raised by the handlers ``engine.gguf_file.GGUFWriter`` installs while it has a partial file. A
+    ``KeyboardInterrupt`` subclass: it passes through ``except Exception`` like Ctrl-C does."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.signum = int(signum)
+        try:
+            self.signal_name = signal.Signals(signum).name
+        except ValueError:
+            self.signal_name = f"signal {signum}"
+        super().__init__(f"terminated by {self.signal_name}")

@@ -18,14 +18,17 @@ is never read at open: ``tensor_array`` returns zero-copy views into the map.
 
 The writer streams: the header (metadata and tensor infos) goes first, then each
 tensor as it is produced, into a temporary file beside the target that is renamed
-into place only by ``finish()``. An error or Ctrl-C leaves no file at the target.
+into place only by ``finish()``. An error, Ctrl-C or a termination signal (SIGTERM,
+SIGHUP, SIGQUIT: see ``GGUFWriter``) leaves no file at the target and no partial file.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import signal
 import struct
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +37,7 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from engine.errors import HalfbyteError, file_error
+from engine.errors import HalfbyteError, TerminatedBySignal, file_error
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
@@ -447,20 +450,62 @@ def _encode_value(value: Any, value_type: GGUFValueType, elem_type: GGUFValueTyp
     return struct.pack(_SCALAR_FORMATS[value_type], value)
 
 
+# Signals that end a process and can be caught: while a partial file exists, the writer turns them
+# into ``TerminatedBySignal`` so the partial file is removed as for Ctrl-C (SIGINT already raises
+# KeyboardInterrupt). SIGKILL cannot be caught; nothing can clean up after it.
+TERMINATION_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, name)
+)
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def refuse_overwriting_inputs(output: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
+    """Raise a ``HalfbyteError`` naming ``output`` if writing it would replace one of ``inputs``.
+
+    Compares resolved paths (symlinks, ``..``, a symlinked directory) and, for files that exist,
+    device and inode (hard links, bind mounts, case-insensitive file systems). Inputs that do not
+    exist are skipped. Call it before anything is written."""
+    output_path = os.fspath(output)
+    output_real = os.path.realpath(output_path)
+    try:
+        output_stat: os.stat_result | None = os.stat(output_path)
+    except (OSError, ValueError):
+        output_stat = None
+    for item in inputs:
+        try:
+            input_stat = os.stat(item)
+        except (OSError, ValueError):
+            continue
+        if os.path.realpath(item) == output_real or (output_stat is not None and _same_file(output_stat, input_stat)):
+            raise file_error(output_path, f"refusing to overwrite the input file {os.fspath(item)}")
+
+
 class GGUFWriter:
     """Streaming GGUF v3 writer.
 
     Declare metadata (``add_*``) and every tensor (``add_tensor_info``) first, then
     ``write_tensor`` each one in declaration order, then ``finish()``. Data goes to
-    ``.<name>.partial`` beside the target and is renamed into place only when the
+    ``.<name>.<pid>.partial`` beside the target and is renamed into place only when the
     file is complete; ``abort()`` (also run by the context manager on any error,
     Ctrl-C included) removes it.
+
+    While the partial file exists, and when used from the main thread, SIGTERM, SIGHUP and
+    SIGQUIT raise ``engine.errors.TerminatedBySignal`` (a ``KeyboardInterrupt``), so a killed
+    conversion cleans up like an interrupted one; signals that are ignored (``nohup``) stay
+    ignored, and the previous handlers are restored when the file is finished or aborted.
+
+    ``inputs``: files the output must not overwrite (see ``refuse_overwriting_inputs``).
     """
 
-    def __init__(self, path: str | os.PathLike, alignment: int = DEFAULT_ALIGNMENT) -> None:
+    def __init__(self, path: str | os.PathLike, alignment: int = DEFAULT_ALIGNMENT,
+                 inputs: Iterable[str | os.PathLike] = ()) -> None:
         if not 0 < alignment < 2**32 or alignment & (alignment - 1):
             # The reader (ours and llama.cpp's) refuses anything else: fail before writing a byte.
             raise ValueError(f"alignment must be a power of two that fits a uint32, got {alignment}")
+        refuse_overwriting_inputs(path, inputs)
         self.path = Path(path)
         self.alignment = alignment
         self._kv: dict[str, tuple[GGUFValueType, GGUFValueType | None, Any]] = {}
@@ -469,8 +514,38 @@ class GGUFWriter:
         self._tmp_path = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
         self._out = None
         self._finished = False
+        self._previous_handlers: dict[int, Any] = {}
+        self._signalled: int | None = None
         if alignment != DEFAULT_ALIGNMENT:
             self.add("general.alignment", alignment, GGUFValueType.UINT32)
+
+    # -- signals ---------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self._signalled is None:  # a second signal during the clean-up must not interrupt it
+            self._signalled = signum
+            raise TerminatedBySignal(signum)
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers; the caller's own handling applies
+        for signum in TERMINATION_SIGNALS:
+            try:
+                previous = signal.getsignal(signum)
+                if previous == signal.SIG_IGN or previous is None:
+                    continue  # ignored (nohup) or set outside Python: leave it alone
+                signal.signal(signum, self._on_signal)
+            except (OSError, ValueError):
+                continue
+            self._previous_handlers[signum] = previous
+
+    def _restore_signal_handlers(self) -> None:
+        while self._previous_handlers:
+            signum, previous = self._previous_handlers.popitem()
+            try:
+                signal.signal(signum, previous)
+            except (OSError, ValueError):
+                pass
 
     # -- metadata --------------------------------------------------------------------------------
 
@@ -538,7 +613,12 @@ class GGUFWriter:
         for key, (value_type, elem_type, value) in self._kv.items():
             parts.append(_encode_value(key, GGUFValueType.STRING, None))
             parts.append(struct.pack("<I", value_type))
-            parts.append(_encode_value(value, value_type, elem_type))
+            try:
+                parts.append(_encode_value(value, value_type, elem_type))
+            except (struct.error, OverflowError, UnicodeEncodeError, TypeError) as exc:
+                # Callers validate their values; this keeps a value that slipped through from
+                # becoming a traceback (e.g. a u32 out of range, a lone surrogate in a string).
+                raise file_error(self.path, f"cannot store metadata {key!r} as {value_type.name}: {exc}") from None
         offset = 0
         for name, shape, ggml_type, nbytes in self._tensors:
             ne = tuple(reversed(shape))
@@ -546,7 +626,12 @@ class GGUFWriter:
             parts.append(struct.pack(f"<I{len(ne)}QIQ", len(ne), *ne, ggml_type, offset))
             offset += self._pad(nbytes)
         header = b"".join(parts)
-        self._out = open(self._tmp_path, "wb")
+        self._install_signal_handlers()  # before the partial file exists: no window without them
+        try:
+            self._out = open(self._tmp_path, "wb")
+        except BaseException:
+            self._restore_signal_handlers()
+            raise
         self._out.write(header)
         self._out.write(b"\0" * (self._pad(len(header)) - len(header)))
 
@@ -589,17 +674,22 @@ class GGUFWriter:
         self._out = None
         os.replace(self._tmp_path, self.path)
         self._finished = True
+        self._restore_signal_handlers()
         return self.path
 
     def abort(self) -> None:
         """Drop the partial file; the target is left untouched."""
-        if self._out is not None:
-            self._out.close()
-            self._out = None
         try:
-            self._tmp_path.unlink()
-        except FileNotFoundError:
-            pass
+            if self._out is not None:
+                out, self._out = self._out, None
+                out.close()
+        finally:
+            try:
+                self._tmp_path.unlink()
+            except FileNotFoundError:
+                pass
+            finally:
+                self._restore_signal_handlers()
 
     def __enter__(self) -> GGUFWriter:
         return self
