@@ -127,7 +127,8 @@ def plan(config: Mapping[str, Any], config_path: Path, names: set[str]) -> Conve
                           (n_embd, n_ff)),
         ]
     tensors += norm(MODEL_TENSOR.OUTPUT_NORM, "transformer.ln_f", None)
-    if "lm_head.weight" in names and not cfg.bool_value("tie_word_embeddings", default=True):
+    tied = cfg.bool_value("tie_word_embeddings", default=True)
+    if "lm_head.weight" in names and not tied:
         tensors.append(PlannedTensor(tensor_name(MODEL_TENSOR.OUTPUT), "lm_head.weight", (n_vocab, n_embd)))
 
     def ignored(name: str) -> bool:

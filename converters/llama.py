@@ -108,7 +108,8 @@ def plan(config: Mapping[str, Any], config_path: Path, names: set[str]) -> Conve
         ]
     tensors.append(PlannedTensor(tensor_name(MODEL_TENSOR.OUTPUT_NORM), "model.norm.weight", (n_embd,)))
     # Tied embeddings: no lm_head in the checkpoint; llama.cpp then reuses token_embd.
-    if "lm_head.weight" in names and not cfg.bool_value("tie_word_embeddings", default=False):
+    tied = cfg.bool_value("tie_word_embeddings", default=False)
+    if "lm_head.weight" in names and not tied:
         tensors.append(PlannedTensor(tensor_name(MODEL_TENSOR.OUTPUT), "lm_head.weight", (n_vocab, n_embd)))
 
     def ignored(name: str) -> bool:

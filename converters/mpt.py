@@ -89,7 +89,8 @@ def plan(config: Mapping[str, Any], config_path: Path, names: set[str]) -> Conve
         tensors += with_bias(MODEL_TENSOR.FFN_UP, f"{hf}.ffn.up_proj", (n_ff, n_embd), i)
         tensors += with_bias(MODEL_TENSOR.FFN_DOWN, f"{hf}.ffn.down_proj", (n_embd, n_ff), i)
     tensors += with_bias(MODEL_TENSOR.OUTPUT_NORM, "transformer.norm_f", (n_embd,), None)
-    if "lm_head.weight" in names and not cfg.bool_value("tie_word_embeddings", default=True):
+    tied = cfg.bool_value("tie_word_embeddings", default=True)
+    if "lm_head.weight" in names and not tied:
         tensors.append(PlannedTensor(tensor_name(MODEL_TENSOR.OUTPUT), "lm_head.weight", (n_vocab, n_embd)))
 
     def ignored(name: str) -> bool:

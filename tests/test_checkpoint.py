@@ -551,3 +551,196 @@ def test_pickled_torch_size_is_a_tuple(tmp_path):
     with open_checkpoint(tmp_path) as checkpoint:
         assert checkpoint.info("w").shape == (2, 3)
         np.testing.assert_array_equal(checkpoint.load("w"), np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile files (the audit's classes): pickles written opcode by opcode, bombs, layouts
+
+
+class Global:
+    """A pickle GLOBAL (module.name), for ``torch_pickle``."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+
+class Call:
+    """A pickle REDUCE: ``callable(*args)``."""
+
+    def __init__(self, callable_: Global, *args) -> None:
+        self.callable, self.args = callable_, args
+
+
+class PersistentId:
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+def pickle_opcodes(value) -> bytes:
+    """A minimal pickle writer (protocol 2 opcodes) that can write any field, well-typed or not."""
+    if value is None:
+        return b"N"
+    if value is True or value is False:
+        return b"\x88" if value else b"\x89"
+    if isinstance(value, int):
+        raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+        return b"\x8a" + bytes([len(raw)]) + raw  # LONG1
+    if isinstance(value, float):
+        return b"G" + struct.pack(">d", value)
+    if isinstance(value, str):
+        raw = value.encode("utf-8", "surrogatepass")
+        return b"X" + struct.pack("<I", len(raw)) + raw
+    if isinstance(value, tuple):
+        return b"(" + b"".join(pickle_opcodes(item) for item in value) + b"t"
+    if isinstance(value, list):
+        return b"](" + b"".join(pickle_opcodes(item) for item in value) + b"e"
+    if isinstance(value, dict):
+        items = b"".join(pickle_opcodes(k) + pickle_opcodes(v) for k, v in value.items())
+        return b"}(" + items + b"u"
+    if isinstance(value, Global):
+        return f"c{value.module}\n{value.name}\n".encode()
+    if isinstance(value, Call):
+        return pickle_opcodes(value.callable) + pickle_opcodes(tuple(value.args)) + b"R"
+    if isinstance(value, PersistentId):
+        return pickle_opcodes(value.value) + b"Q"
+    raise TypeError(type(value))
+
+
+def tensor_record(storage_type: str = "FloatStorage", key: str = "0", numel=16, offset=0, shape=(4, 4),
+                  stride=(4, 1)) -> Call:
+    """What torch.save pickles for one tensor: _rebuild_tensor_v2(storage, offset, size, stride, ...)."""
+    storage = PersistentId(("storage", Global("torch", storage_type), key, "cpu", numel))
+    return Call(Global("torch._utils", "_rebuild_tensor_v2"), storage, offset, shape, stride, False,
+                Call(Global("collections", "OrderedDict")))
+
+
+def torch_pickle(records: dict) -> bytes:
+    return b"\x80\x02" + pickle_opcodes(records) + b"."
+
+
+def test_pickle_writer_matches_what_torch_reads(tmp_path):
+    """The opcode writer makes real checkpoints: torch.load reads them (so the hostile variants below
+    differ from a valid file only in the field under test)."""
+    values = np.arange(16, dtype=np.float32)
+    write_torch_zip(tmp_path / "pytorch_model.bin", torch_pickle({"w": tensor_record()}), {"0": values.tobytes()})
+    reference = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    np.testing.assert_array_equal(reference["w"].numpy(), values.reshape(4, 4))
+    with open_checkpoint(tmp_path) as checkpoint:
+        np.testing.assert_array_equal(checkpoint.load("w"), values.reshape(4, 4))
+
+
+BAD_RECORDS = {
+    "negative offset": (dict(offset=-64), "storage offset"),
+    "offset beyond storage": (dict(offset=17), "storage offset"),
+    "offset not an int": (dict(offset="0"), "storage offset"),
+    "numel not an int": (dict(numel="abc"), "persistent id"),
+    "numel negative": (dict(numel=-1), "persistent id"),
+    "numel huge": (dict(numel=2**64), "persistent id"),
+    "shape of strings": (dict(shape=("x",), stride=(1,)), "shape"),
+    "shape negative": (dict(shape=(-4, 4)), "shape"),
+    "shape not a tuple": (dict(shape=[4, 4]), "shape"),
+    "shape huge": (dict(shape=(2**40, 2**40), stride=(0, 0)), "shape"),
+    "too many dims": (dict(shape=(1,) * 40, stride=(1,) * 40), "shape"),
+    "stride negative": (dict(stride=(-4, 1)), "stride"),
+    "stride wrong length": (dict(stride=(1,)), "stride"),
+    "stride of floats": (dict(stride=(4.0, 1.0)), "stride"),
+    "unknown storage type": (dict(storage_type="QuantizedStorage"), "refusing to unpickle torch.QuantizedStorage"),
+    "view beyond storage": (dict(offset=8, shape=(4, 4)), "extends beyond its storage"),
+    "strided view beyond storage": (dict(shape=(4, 4), stride=(5, 1)), "extends beyond its storage"),
+    "storage bigger than its record": (dict(numel=1000), "need 4000"),
+    "expanded far beyond its storage": (dict(numel=1, shape=(2**20, 2**20), stride=(0, 0)), "overlapping strides"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+def test_bad_tensor_records_are_clean_errors(tmp_path, case):
+    """Every field of a tensor record is type- and range-checked (audit: offset -64 used to be read
+    from before its storage; numel="abc", shape=('x',) and unknown dtypes gave tracebacks)."""
+    fields, needle = BAD_RECORDS[case]
+    path = write_torch_zip(tmp_path / "pytorch_model.bin", torch_pickle({"w": tensor_record(**fields)}),
+                           {"0": np.arange(16, dtype=np.float32).tobytes()})
+    assert_file_error(error_of(open_checkpoint, tmp_path), path, needle)
+
+
+def test_strided_and_expanded_records_within_bounds_still_load(tmp_path):
+    values = np.arange(16, dtype=np.float32)
+    records = {"t": tensor_record(shape=(4, 4), stride=(1, 4)), "e": tensor_record(shape=(3, 4), stride=(0, 1))}
+    write_torch_zip(tmp_path / "pytorch_model.bin", torch_pickle(records), {"0": values.tobytes()})
+    with open_checkpoint(tmp_path) as checkpoint:
+        np.testing.assert_array_equal(checkpoint.load("t"), values.reshape(4, 4).T)
+        np.testing.assert_array_equal(checkpoint.load("e"), np.broadcast_to(values[:4], (3, 4)))
+
+
+def test_data_pkl_inflate_bomb_is_refused_with_bounded_memory(tmp_path):
+    """A small .bin whose data.pkl inflates to 256 MiB: refused, without inflating it."""
+    import tracemalloc
+
+    path = tmp_path / "pytorch_model.bin"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("archive/data.pkl", "w", force_zip64=True) as member:
+            chunk = b"\0" * (1 << 20)
+            for _ in range(256):
+                member.write(chunk)
+        archive.writestr("archive/byteorder", b"little")
+    assert path.stat().st_size < 2 << 20
+    tracemalloc.start()
+    try:
+        message = error_of(open_checkpoint, tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert_file_error(message, path, "data.pkl", "not a plausible torch.save checkpoint")
+    assert peak < 8 << 20, peak
+
+
+def test_data_pkl_lying_about_its_size_is_read_with_a_bound(tmp_path, monkeypatch):
+    """The cap holds however the member's size is declared: it is enforced on the inflated bytes."""
+    monkeypatch.setattr(checkpoint_module, "MAX_PICKLE_BYTES", 1000)
+    path = write_torch_zip(tmp_path / "pytorch_model.bin", torch_pickle({f"w{i}": tensor_record() for i in range(50)}),
+                           {"0": bytes(64)}, compression=zipfile.ZIP_DEFLATED)
+    assert_file_error(error_of(open_checkpoint, tmp_path), path, "data.pkl", "more than the 1000")
+    real_read = checkpoint_module._read_member
+
+    def declared_small(path, archive, member, limit, default=b""):
+        if member is not None:
+            member.file_size = 10  # what a hostile central directory can claim
+        return real_read(path, archive, member, limit, default)
+
+    monkeypatch.setattr(checkpoint_module, "_read_member", declared_small)
+    assert_file_error(error_of(open_checkpoint, tmp_path), path, "data.pkl")
+
+
+SAFETENSORS_LAYOUTS = {
+    "overlap": ({"a": [0, 16], "b": [8, 24]}, 24, "overlap"),
+    "aliased": ({"a": [0, 16], "b": [0, 16]}, 16, "overlap"),
+    "gap": ({"a": [0, 16], "b": [24, 40]}, 40, "gaps"),
+    "gap at start": ({"a": [8, 24]}, 24, "gaps"),
+    "trailing bytes": ({"a": [0, 16]}, 24, "unused bytes"),
+}
+
+
+@pytest.mark.parametrize("case", list(SAFETENSORS_LAYOUTS))
+def test_safetensors_offsets_must_tile_the_data_section(tmp_path, case):
+    """Decision: overlapping data_offsets would be harmless to read, but the safetensors library refuses
+    overlaps, gaps and trailing bytes; we match it (a file the reference rejects is not accepted)."""
+    offsets, data_size, needle = SAFETENSORS_LAYOUTS[case]
+    header = {name: {"dtype": "F32", "shape": [4], "data_offsets": span} for name, span in offsets.items()}
+    path = write_safetensors(tmp_path / "model.safetensors", header, bytes(data_size))
+    assert_file_error(error_of(open_checkpoint, tmp_path), path, needle)
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    with pytest.raises(SafetensorError):  # the reference library agrees
+        load_file(str(path))
+
+
+@pytest.mark.parametrize("where", ["header", "index"])
+def test_deeply_nested_json_is_a_clean_error(tmp_path, where):
+    deep = "[" * 100_000 + "]" * 100_000
+    if where == "header":
+        path = tmp_path / "model.safetensors"
+        path.write_bytes(struct.pack("<Q", len(deep)) + deep.encode())
+    else:
+        path = tmp_path / "model.safetensors.index.json"
+        path.write_text('{"weight_map": ' + deep + "}")
+    assert_file_error(error_of(open_checkpoint, tmp_path), path, "nested too deeply")

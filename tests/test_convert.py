@@ -414,3 +414,190 @@ def test_tensor_names_agree_with_gguf_tensor_map(checkpoints, key):
             assert planned.name == expected, planned.source
             checked += 1
     assert checked >= len(plan.tensors) - 1  # all but, at most, a tensor gguf-py does not list
+
+
+# -- the audit's classes: aliasing, absurd sizes, config types, deep JSON, -o a directory -----------
+
+
+def assert_one_line_error(code: int, output: str, *needles: str) -> None:
+    assert code == 1, output
+    lines = [line for line in output.splitlines() if line.strip() and not line.startswith("halfbyte: warning")]
+    assert len(lines) == 1 and lines[0].startswith("halfbyte: error: "), output
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 1-layer LLaMA, sharded .bin with an index, so that every kind of input file exists."""
+    model = build_model(llama_config(num_hidden_layers=1), seed=3)
+    return save_checkpoint(model, tmp_path_factory.mktemp("tiny") / "llama", "llama", fmt="bin", shards=2)
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file() and not p.is_symlink()}
+
+
+@pytest.mark.parametrize("target", ["config.json", "tokenizer.model", "tokenizer_config.json",
+                                    "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json"])
+@pytest.mark.parametrize("how", ["direct", "dotdot", "symlink", "hardlink", "symlinked dir"])
+def test_output_that_is_an_input_is_refused(tiny_llama, tmp_path, target, how):
+    """The output may not be any input file, by any path (audit: -o DIR/model.safetensors overwrote
+    the checkpoint with rc 0)."""
+    d = copy_checkpoint(tiny_llama, tmp_path / "ckpt")
+    before = snapshot(d)
+    if how == "direct":
+        output = d / target
+    elif how == "dotdot":
+        output = d / ".." / d.name / target
+    elif how == "symlink":
+        output = tmp_path / "link.gguf"
+        output.symlink_to(d / target)
+    elif how == "hardlink":
+        output = tmp_path / "hard.gguf"
+        os.link(d / target, output)
+    else:
+        (tmp_path / "alias").symlink_to(d)
+        output = tmp_path / "alias" / target
+    for extra in ([], ["--vocab-only"]):
+        code, out = run_cli("convert", str(d), "-o", str(output), "-q", *extra)
+        assert_one_line_error(code, out, str(output), "refusing to overwrite the input file")
+    assert snapshot(d) == before
+    assert not [p for p in d.iterdir() if p.name.endswith(".partial")]
+
+
+def test_output_beside_the_inputs_is_fine(tiny_llama, tmp_path):
+    d = copy_checkpoint(tiny_llama, tmp_path / "ckpt")
+    code, out = run_cli("convert", str(d), "-o", str(d / "model.gguf"), "-q", "--f16")
+    assert code == 0, out
+    code, out = run_cli("convert", str(d), "-o", str(d / "model.gguf"), "-q", "--f16")  # rewriting our output
+    assert code == 0, out
+
+
+def with_config(source: Path, target: Path, edit) -> Path:
+    d = copy_checkpoint(source, target)
+    config = json.loads((d / "config.json").read_text())
+    edit(config)
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+@pytest.mark.parametrize("vocab_only", [False, True])
+def test_absurd_layer_count_is_refused_before_planning(tiny_llama, tmp_path, vocab_only):
+    """num_hidden_layers = 10**9 used to grow memory without bound (the plan loop)."""
+    import time
+
+    d = with_config(tiny_llama, tmp_path / "deep", lambda c: c.update(num_hidden_layers=10**9))
+    start = time.monotonic()
+    code, out = run_cli("convert", str(d), "-o", str(tmp_path / "o.gguf"), "-q",
+                        *(["--vocab-only"] if vocab_only else []))
+    assert time.monotonic() - start < 10
+    assert_one_line_error(code, out, "config.json", "num_hidden_layers")
+    if not vocab_only:  # within the absolute bound, the checkpoint's own layer count decides
+        d = with_config(tiny_llama, tmp_path / "deeper", lambda c: c.update(num_hidden_layers=4000))
+        code, out = run_cli("convert", str(d), "-o", str(tmp_path / "o.gguf"), "-q")
+        assert_one_line_error(code, out, "config.json", "'num_hidden_layers' is 4000 but the checkpoint has 1 layers")
+    assert not (tmp_path / "o.gguf").exists()
+
+
+CONFIG_ERRORS = {
+    "kv heads zero": ({"num_key_value_heads": 0}, "num_key_value_heads"),
+    "kv heads string": ({"num_key_value_heads": "2"}, "num_key_value_heads"),
+    "kv heads above heads": ({"num_key_value_heads": 8}, "num_key_value_heads"),
+    "rope_theta string": ({"rope_theta": "abc"}, "rope_theta"),
+    "rope_theta zero": ({"rope_theta": 0}, "rope_theta"),
+    "rope_scaling list": ({"rope_scaling": [1, 2]}, "rope_scaling"),
+    "rope_scaling factor string": ({"rope_scaling": {"type": "linear", "factor": "x"}}, "rope_scaling.factor"),
+    "rope_scaling type number": ({"rope_scaling": {"type": 3, "factor": 2.0}}, "rope_scaling.type"),
+    "context 2**40": ({"max_position_embeddings": 2**40}, "max_position_embeddings"),
+    "context negative": ({"max_position_embeddings": -5}, "max_position_embeddings"),
+    "architectures int": ({"architectures": 5}, "architectures"),
+    "model_type list": ({"architectures": None, "model_type": ["llama"]}, "model_type"),
+    "rms eps string": ({"rms_norm_eps": "1e-5"}, "rms_norm_eps"),
+    "rms eps nan-like": ({"rms_norm_eps": 1e400}, "rms_norm_eps"),
+    "hidden size bool": ({"hidden_size": True}, "hidden_size"),
+    "hidden size float": ({"hidden_size": 64.5}, "hidden_size"),
+    "vocab huge": ({"vocab_size": 2**40}, "vocab_size"),
+    "head_dim list": ({"head_dim": [16]}, "head_dim"),
+    "tie string": ({"tie_word_embeddings": "no"}, "tie_word_embeddings"),
+    "bos id string": ({"bos_token_id": "1"}, "bos_token_id"),
+    "eos id float": ({"eos_token_id": 2.5}, "eos_token_id"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_ERRORS))
+def test_config_values_of_wrong_type_or_range(tiny_llama, tmp_path, case):
+    """One line naming config.json and the key, exit 1 (audit: ZeroDivisionError, struct.error, ...)."""
+    changes, key = CONFIG_ERRORS[case]
+    d = with_config(tiny_llama, tmp_path / "cfg", lambda c: c.update(changes))
+    for extra in ([], ["--vocab-only"]):
+        code, out = run_cli("convert", str(d), "-o", str(tmp_path / "o.gguf"), "-q", *extra)
+        assert_one_line_error(code, out, str(d / "config.json"), key)
+    assert os.listdir(tmp_path) == ["cfg"]
+
+
+@pytest.mark.parametrize("key,arch,changes", [
+    ("attn_config", "mpt", {"attn_config": [1]}),
+    ("attn_config.kv_n_heads", "mpt", {"attn_config": {"alibi": True, "kv_n_heads": 0}}),
+    ("attn_config.alibi_bias_max", "mpt", {"attn_config": {"alibi": True, "alibi_bias_max": "8"}}),
+    ("attn_config.clip_qkv", "mpt", {"attn_config": {"alibi": True, "clip_qkv": -1}}),
+    ("expansion_ratio", "mpt", {"expansion_ratio": "4"}),
+    ("max_seq_len", "mpt", {"max_seq_len": 2**33}),
+    ("multi_query", "falcon7b", {"multi_query": 1}),
+    ("ffn_hidden_size", "falcon7b", {"ffn_hidden_size": 0}),
+    ("num_kv_heads", "falcon40b", {"num_kv_heads": "2"}),
+    ("new_decoder_architecture", "falcon40b", {"new_decoder_architecture": "yes"}),
+])
+def test_config_checks_for_every_architecture(checkpoints, tmp_path, key, arch, changes):
+    d = with_config(checkpoints[arch], tmp_path / "cfg", lambda c: c.update(changes))
+    code, out = run_cli("convert", str(d), "-o", str(tmp_path / "o.gguf"), "-q", "--vocab-only")
+    assert_one_line_error(code, out, "config.json", key)
+
+
+@pytest.mark.parametrize("file_name", ["config.json", "tokenizer_config.json", "pytorch_model.bin.index.json",
+                                       "special_tokens_map.json", "added_tokens.json"])
+def test_deeply_nested_json_files(tiny_llama, tmp_path, file_name):
+    """JSON nested 100,000 deep used to raise RecursionError."""
+    d = copy_checkpoint(tiny_llama, tmp_path / "deep")
+    (d / file_name).write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    code, out = run_cli("convert", str(d), "-o", str(tmp_path / "o.gguf"), "-q")
+    assert_one_line_error(code, out, str(d / file_name), "nested too deeply")
+
+
+@pytest.mark.parametrize("file_name,content,needle", [
+    ("tokenizer_config.json", {"add_bos_token": "yes"}, "add_bos_token"),
+    ("tokenizer_config.json", [1, 2], "expected a JSON object"),
+    ("added_tokens.json", {"<pad>": "32000"}, "token id"),
+    ("added_tokens.json", {"<pad>": 10**12}, "token id"),
+])
+def test_bad_tokenizer_side_files(tiny_llama, tmp_path, file_name, content, needle):
+    d = copy_checkpoint(tiny_llama, tmp_path / "tok")
+    (d / file_name).write_text(json.dumps(content))
+    code, out = run_cli("convert", str(d), "-o", str(tmp_path / "o.gguf"), "-q", "--vocab-only")
+    assert_one_line_error(code, out, str(d / file_name), needle)
+
+
+def test_bpe_token_ids_are_bounded(checkpoints, tmp_path):
+    """A tokenizer.json id of 10**9 would make the vocabulary loop run 10**9 times."""
+    d = copy_checkpoint(checkpoints["mpt"], tmp_path / "bpe")
+    data = json.loads((d / "tokenizer.json").read_text())
+    data["model"]["vocab"]["hello-there"] = 10**9
+    (d / "tokenizer.json").write_text(json.dumps(data))
+    code, out = run_cli("convert", str(d), "-o", str(tmp_path / "o.gguf"), "-q", "--vocab-only")
+    assert_one_line_error(code, out, str(d / "tokenizer.json"), "token id")
+
+
+def test_special_id_outside_the_vocabulary_is_a_warning_naming_the_file(tiny_llama, tmp_path):
+    d = with_config(tiny_llama, tmp_path / "ids", lambda c: c.update(bos_token_id=40000))
+    code, out = run_cli("convert", str(d), "-o", str(tmp_path / "o.gguf"), "-q", "--vocab-only")
+    assert code == 0, out
+    assert f"halfbyte: warning: {d / 'config.json'}: bos token id 40000 is outside the vocabulary" in out
+
+
+@pytest.mark.parametrize("kind", ["existing dir", "missing parent"])
+def test_output_directory_is_our_one_line_error(tiny_llama, tmp_path, kind):
+    """-o DIR used to print click's usage text with exit 2."""
+    output = tmp_path if kind == "existing dir" else tmp_path / "nope" / "o.gguf"
+    code, out = run_cli("convert", str(tiny_llama), "-o", str(output), "-q")
+    assert_one_line_error(code, out, "directory")
+    assert "Usage" not in out
