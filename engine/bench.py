@@ -72,14 +72,12 @@ def _size_label(n_params: int) -> str:
 def run_bench(path: str | Path, n_prompt: int = 128, n_gen: int = 64, threads: int | None = None, reps: int = 5,
               seed: int = 1, log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Benchmark one GGUF file; returns one llama-bench-style record per test (pp, tg)."""
+    from engine import jit_cache
     from engine.kernels.matmul import kernel_description
     from engine.machine import machine_info
     from engine.model import Model
 
-    if n_prompt < 0 or n_gen < 0 or n_prompt + n_gen == 0:
-        raise HalfbyteError("need -p > 0 or -n > 0 tokens to measure")
-    if reps < 1:
-        raise HalfbyteError(f"repetitions must be >= 1, got {reps}")
+    check_bench_args(n_prompt, n_gen, reps)
     log = log or (lambda message: None)
     start = time.perf_counter()
     model = Model.load(path, n_ctx=max(n_prompt, n_gen, 1), threads=threads)
@@ -105,8 +103,12 @@ def run_bench(path: str | Path, n_prompt: int = 128, n_gen: int = 64, threads: i
         return time.perf_counter_ns() - t0
 
     # Cold: the first evaluation after loading, as a user's first prompt would see it.
+    compiled = jit_cache.compile_seconds()
     first = prompt_pass(max(n_prompt, 1))
-    log(f"loaded in {load_ns / 1e6:.0f} ms; first {max(n_prompt, 1)}-token prompt in {first / 1e6:.0f} ms")
+    compile_ns = int((jit_cache.compile_seconds() - compiled) * 1e9)
+    compiling = f" (of which {compile_ns / 1e9:.2f} s compiling kernels)" if compile_ns >= 5e6 else ""
+    log(f"loaded in {load_ns / 1e6:.0f} ms; first {max(n_prompt, 1)}-token prompt in {first / 1e6:.0f} ms"
+        f"{compiling}")
     tests: list[TestResult] = []
     if n_prompt:
         prompt_pass(n_prompt)  # warm-up
@@ -158,11 +160,23 @@ def run_bench(path: str | Path, n_prompt: int = 128, n_gen: int = 64, threads: i
             "versions": info["versions"],
             "load_ms": round(load_ns / 1e6, 1),
             "first_token_ms": round((load_ns + first) / 1e6, 1),
+            "compile_ms": round(compile_ns / 1e6, 1),  # kernel compiling within first_token_ms
             "peak_rss_bytes": peak_rss_bytes(),
             "file_size": Path(path).stat().st_size,
             "kv_cache_bytes": kv_bytes,
         })
     return records
+
+
+def check_bench_args(n_prompt: int, n_gen: int, reps: int) -> None:
+    """llama-bench's ranges, with the option named: -p/-n >= 0 (not both 0), -r >= 1."""
+    from engine.model import check_int
+
+    check_int("-p (n_prompt)", n_prompt, 0)
+    check_int("-n (n_gen)", n_gen, 0)
+    check_int("-r (repetitions)", reps, 1)
+    if n_prompt + n_gen == 0:
+        raise HalfbyteError("need -p > 0 or -n > 0 tokens to measure")
 
 
 def _file_type_name(file_type: Any) -> str:
@@ -189,10 +203,10 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
 
 
 @click.command()
-@click.argument("model_path", metavar="[MODEL]", required=False, type=click.Path(dir_okay=False))
+@click.argument("model_path", metavar="[MODEL]", required=False)
 @click.option("-p", "--n-prompt", default=128, show_default=True, help="Prompt tokens (pp test; 0 = skip).")
 @click.option("-n", "--n-gen", default=64, show_default=True, help="Generated tokens (tg test; 0 = skip).")
-@click.option("-t", "--threads", type=int, default=None, help="Threads (default: all cores).")
+@click.option("-t", "--threads", type=int, default=None, help="Threads (0 or negative, the default: all cores).")
 @click.option("-r", "--repetitions", "reps", default=5, show_default=True, help="Timed repetitions per test.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list (llama-bench field names).")
 @click.option("--synthetic", metavar="SHAPE",
@@ -201,23 +215,24 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
 def bench(model_path: str | None, n_prompt: int, n_gen: int, threads: int | None, reps: int, as_json: bool,
           synthetic: str | None) -> None:
     """Measure prompt processing (pp) and generation (tg) tokens/s of a GGUF file, like llama-bench."""
-    from engine import jit_cache
+    from engine.run_cli import check_not_directory, compile_notices, warnings_on_stderr
 
     if (model_path is None) == (synthetic is None):
         raise HalfbyteError("give a MODEL file or --synthetic SHAPE (one of them)")
+    check_bench_args(n_prompt, n_gen, reps)  # before building a synthetic file or loading anything
+    check_not_directory(model_path)
     if synthetic is not None:
         from converters.synthetic import synthetic_path
 
         click.echo(f"halfbyte: using synthetic model {synthetic} (built on first use)", err=True)
         model_path = str(synthetic_path(synthetic))
-    if not jit_cache.is_warm():
-        click.echo("halfbyte: compiling kernels (first run only)...", err=True)
+    compile_notices()
 
     def log(message: str) -> None:
         click.echo(f"halfbyte: {message}", err=True)
 
-    records = run_bench(model_path, n_prompt, n_gen, threads, reps, log=log)
-    jit_cache.mark_warm()
+    with warnings_on_stderr():
+        records = run_bench(model_path, n_prompt, n_gen, threads, reps, log=log)
     if as_json:
         click.echo(json.dumps(records, indent=2))
         return

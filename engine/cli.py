@@ -22,6 +22,21 @@ def fail(message: str, code: int = EXIT_ERROR) -> None:
     sys.exit(code)
 
 
+def interrupted() -> None:
+    click.echo("halfbyte: interrupted", err=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 class HalfbyteGroup(click.Group):
     """Turns our errors (and Ctrl-C, and OS errors with a file name) into one-line exits."""
 
@@ -34,8 +49,15 @@ class HalfbyteGroup(click.Group):
             click.echo(f"halfbyte: {exc}", err=True)
             sys.exit(128 + exc.signum)
         except KeyboardInterrupt:
-            click.echo("halfbyte: interrupted", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+            interrupted()
+        except SystemError as exc:
+            # A Ctrl-C that Python delivered inside a C extension's call (Numba's dispatcher) comes
+            # out as "SystemError: ... returned a result with an exception set", chained to the
+            # KeyboardInterrupt. Kernel calls defer Ctrl-C (engine.model.deferred_interrupts); this
+            # catches whatever slips through elsewhere.
+            if not _caused_by_interrupt(exc):
+                raise
+            interrupted()
         except MemoryError:
             fail("out of memory")
         except OSError as exc:
@@ -50,27 +72,37 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("file")
 def info(file: str) -> None:
     """Summarize a GGUF file: architecture, hyper-parameters, tokenizer, tensors."""
     from engine.describe import describe
     from engine.gguf_file import GGUFFile
+    from engine.run_cli import check_not_directory
 
+    check_not_directory(file)
     with GGUFFile(file) as gguf:
         click.echo(describe(gguf))
 
 
 @main.command()
-@click.argument("input_file", metavar="IN.gguf", type=click.Path(dir_okay=False, path_type=str))
-@click.argument("output_file", metavar="OUT.gguf", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("input_file", metavar="IN.gguf")
+@click.argument("output_file", metavar="OUT.gguf")
 @click.argument("type_name", metavar="TYPE")
+@click.option("--allow-requantize", is_flag=True,
+              help="Also re-quantize tensors that are already quantized (dequantized first: quality drops).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def quantize(input_file: str, output_file: str, type_name: str, quiet: bool) -> None:
-    """Re-quantize the float tensors of a GGUF file to TYPE (q4_0, q4_1, q5_0, q5_1, q8_0, f16, f32)."""
+def quantize(input_file: str, output_file: str, type_name: str, allow_requantize: bool, quiet: bool) -> None:
+    """Quantize the tensors of a GGUF file to TYPE (q4_0, q4_1, q5_0, q5_1, q8_0, f16, f32), like
+    llama-quantize: a file whose tensors are already quantized needs --allow-requantize."""
     from engine.filetypes import parse_output_type
     from engine.requantize import quantize_gguf
+    from engine.run_cli import check_not_directory, compile_notices
 
-    quantize_gguf(input_file, output_file, parse_output_type(type_name), progress=not quiet)
+    requested = parse_output_type(type_name)
+    check_not_directory(input_file)
+    check_not_directory(output_file)
+    compile_notices()
+    quantize_gguf(input_file, output_file, requested, progress=not quiet, allow_requantize=allow_requantize)
     click.echo(f"wrote {output_file}", err=True)
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 
 
-class HalfbyteError(Exception):
-    """A clean, user-facing error: one line, names the file and the cause."""
+class HalfbyteError(ValueError):
+    """A clean, user-facing error: one line, names the file and the cause.
+
+    A ``ValueError``, so callers that already catch bad-argument errors catch these too."""
 
 
 def file_error(path: str | os.PathLike, reason: str) -> HalfbyteError:

@@ -7,6 +7,7 @@ every architecture, before any computation starts.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -40,11 +41,22 @@ class HParams:
             )
         return int(value)
 
-    def float(self, key: str, default: float | None = None) -> float:
+    def float(self, key: str, default: float | None = None, *, minimum: float | None = None,
+              positive: bool = False, finite: bool = True) -> float:
+        """A number; NaN/inf are refused unless ``finite=False``, and so are values below
+        ``minimum`` or, with ``positive=True``, values <= 0 (a nonsense value would run to garbage)."""
         value = self._value(key, default)
+        name = f"{self.arch}.{key}"
         if isinstance(value, (bool, str)) or not isinstance(value, (int, float, np.number)):
-            raise file_error(self.file.path, f"metadata {self.arch}.{key} must be a number, got {value!r}")
-        return float(value)
+            raise file_error(self.file.path, f"metadata {name} must be a number, got {value!r}")
+        value = float(value)
+        if math.isnan(value) or (finite and math.isinf(value)):
+            raise file_error(self.file.path, f"metadata {name} must be a finite number, got {value}")
+        if positive and value <= 0:
+            raise file_error(self.file.path, f"metadata {name} must be > 0, got {value:g}")
+        if minimum is not None and value < minimum:
+            raise file_error(self.file.path, f"metadata {name} must be >= {minimum:g}, got {value:g}")
+        return value
 
     def str(self, key: str, default: str | None = None) -> str:
         value = self._value(key, default)
@@ -53,11 +65,22 @@ class HParams:
         return value
 
     def vocab_size(self) -> int:
-        """Rows of the token embedding (what logits index), from the tensor itself."""
+        """Rows of the token embedding (what logits index), from the tensor itself; a
+        ``{arch}.vocab_size`` key that disagrees with it is refused."""
         info = self.file.tensors.get("token_embd.weight")
         if info is None:
             raise file_error(self.file.path, "missing tensor 'token_embd.weight'")
-        return info.shape[0]
+        if len(info.shape) != 2 or info.shape[0] < 1:
+            raise file_error(self.file.path, f"tensor 'token_embd.weight' has shape {info.ne}, expected 2-D")
+        rows = info.shape[0]
+        key = f"{self.arch}.vocab_size"
+        if key in self.file.metadata:
+            stated = self.int("vocab_size")
+            if stated != rows:
+                raise file_error(
+                    self.file.path, f"metadata {key} = {stated} disagrees with the {rows} rows of 'token_embd.weight'"
+                )
+        return rows
 
 
 class Tensors:

@@ -1,47 +1,113 @@
-"""Knowing whether Numba's on-disk kernel cache is warm, to say "compiling kernels" only when it is not.
+"""Knowing when Numba compiles kernels, and for how long.
 
-Numba keeps compiled kernels (``cache=True``) in ``__pycache__`` beside each module, or in
-a user cache directory when the package directory is read-only. A marker file, keyed by
-the kernels' source, Numba and Python versions and the CPU, records that a full run
-completed, i.e. that the cache now holds what a run needs.
+Kernels are compiled on first use (``cache=True``: later processes load them from Numba's
+on-disk cache). Numba announces each real compilation, a cache miss, with a ``numba:compile``
+event; loading from the cache sends none. A listener on that event:
+
+* adds up the seconds spent compiling (``compile_seconds()``), so timings can leave them out
+  (``halfbyte run`` reports prompt speed without them and shows them separately);
+* calls the notice callback (``set_notice``, installed by the CLI) once a compilation has been
+  running for ``NOTICE_AFTER`` seconds, from a timer thread, so the user learns why nothing
+  happens while it does. Compilations less than ``BURST_GAP`` apart count as one burst, which
+  gets one notice.
+
+Nothing is remembered between processes: a notice appears exactly when compiling happens.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
-import sys
-from pathlib import Path
+import logging
+import threading
+import time
+from collections.abc import Callable
 
-KERNEL_DIR = Path(__file__).parent / "kernels"
+from numba.core import event
 
+NOTICE_AFTER = 0.5  # seconds of compiling before the user is told
+BURST_GAP = 1.0  # compilations closer than this share one notice
 
-def _marker() -> Path:
-    import numba
-
-    digest = hashlib.sha256()
-    for path in sorted(KERNEL_DIR.glob("*.py")):
-        digest.update(path.read_bytes())
-    digest.update(f"{numba.__version__} {sys.version} {platform.machine()} {platform.processor()}".encode())
-    # Each installation (a checkout, each venv's site-packages) has its own Numba cache beside its
-    # modules, so its own marker: a warm checkout says nothing about a fresh `pip install .`.
-    digest.update(str(KERNEL_DIR.resolve()).encode())
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "halfbyte"
-    return base / f"kernels-{digest.hexdigest()[:16]}.warm"
+_log = logging.getLogger("halfbyte")
 
 
-def is_warm() -> bool:
-    try:
-        return _marker().exists()
-    except OSError:
-        return False
+def kernel_label(dispatcher: object) -> str:
+    """A readable name for a Numba dispatcher: its Python function's name."""
+    func = getattr(dispatcher, "py_func", None)
+    name = getattr(func, "__name__", None) or type(dispatcher).__name__
+    return name.strip("_") or name
 
 
-def mark_warm() -> None:
-    try:
-        marker = _marker()
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-    except OSError:
-        pass  # no writable cache dir: we just say "compiling" again next time
+class _CompileWatcher(event.Listener):
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0  # nested compile events (a kernel compiles the functions it calls)
+        self._started = 0.0
+        self._total = 0.0
+        self._burst_end = float("-inf")  # when the last compilation ended
+        self._burst_seconds = 0.0
+        self._announced = False
+        self._what = ""
+        self._timer: threading.Timer | None = None
+        self.notice: Callable[[str], None] | None = None
+
+    def on_start(self, ev: event.Event) -> None:
+        with self._lock:
+            self._depth += 1
+            if self._depth > 1:
+                return
+            now = time.perf_counter()
+            self._started = now
+            if now - self._burst_end > BURST_GAP:
+                self._announced = False
+                self._burst_seconds = 0.0
+            data = ev.data if isinstance(ev.data, dict) else {}
+            self._what = kernel_label(data.get("dispatcher"))
+            if not self._announced:
+                delay = max(0.0, NOTICE_AFTER - self._burst_seconds)
+                self._timer = threading.Timer(delay, self._still_compiling)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def on_end(self, ev: event.Event) -> None:
+        with self._lock:
+            self._depth = max(0, self._depth - 1)
+            if self._depth:
+                return
+            now = time.perf_counter()
+            self._total += now - self._started
+            self._burst_seconds += now - self._started
+            self._burst_end = now
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def _still_compiling(self) -> None:
+        with self._lock:
+            if not self._depth or self._announced:
+                return
+            self._announced = True
+            what = self._what
+        notice = self.notice
+        if notice is not None:
+            notice(what)
+        else:
+            _log.info("compiling kernels (first use of %s)...", what)
+
+    def total(self) -> float:
+        with self._lock:
+            running = time.perf_counter() - self._started if self._depth else 0.0
+            return self._total + running
+
+
+_watcher = _CompileWatcher()
+event.register("numba:compile", _watcher)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling kernels so far (a running compilation included)."""
+    return _watcher.total()
+
+
+def set_notice(callback: Callable[[str], None] | None) -> None:
+    """``callback(kernel_name)`` runs (from a timer thread) when a compilation has taken more than
+    ``NOTICE_AFTER`` seconds; None: log it to the ``halfbyte`` logger at INFO level instead."""
+    _watcher.notice = callback

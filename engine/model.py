@@ -13,8 +13,10 @@ of a streaming generation is refused (it would corrupt that generation's state).
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine import jit_cache
 from engine.errors import HalfbyteError, file_error
 from engine.gguf_file import GGUFFile
 from engine.sampling import SamplingParams, sample_token
@@ -34,6 +37,122 @@ STOP_CONTEXT = "context"  # the context window is full (and context shifting is 
 STOP_INTERRUPTED = "interrupted"
 
 
+# -- Ctrl-C while kernels run -------------------------------------------------------------------
+#
+# Python runs a signal handler between bytecodes, and inside Numba's C call machinery that is a
+# place where a raised KeyboardInterrupt gets lost and resurfaces as "SystemError: ... returned a
+# result with an exception set". So while kernels run, SIGINT only sets a flag; the forward pass
+# checks it between layers (``check_interrupt``) and raises KeyboardInterrupt there, in Python.
+# A second Ctrl-C before that check raises at once (a kernel that takes too long).
+
+_interrupt_pending = False
+_deferring = False
+
+
+def _deferred_sigint(signum: int, frame: object) -> None:
+    global _interrupt_pending
+    if _interrupt_pending:
+        raise KeyboardInterrupt
+    _interrupt_pending = True
+
+
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt here if a Ctrl-C arrived while ``deferred_interrupts`` was on."""
+    global _interrupt_pending
+    if _interrupt_pending:
+        _interrupt_pending = False
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Within this block a Ctrl-C is held until ``check_interrupt()`` or the end of the block.
+
+    Only in the main thread and only when SIGINT has Python's default handler (a program that
+    installed its own handler keeps it)."""
+    global _deferring, _interrupt_pending
+    if (_deferring or threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    signal.signal(signal.SIGINT, _deferred_sigint)
+    _deferring = True
+    try:
+        yield
+    finally:
+        _deferring = False
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    check_interrupt()  # a Ctrl-C after the last check is not lost
+
+
+# -- argument checks ----------------------------------------------------------------------------
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: object) -> bool:
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, (bool, np.bool_)))
+
+
+def _type_name(value: object) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def check_int(name: str, value: object, minimum: int | None = None, hint: str = "") -> int:
+    if not _is_int(value):
+        raise HalfbyteError(f"{name} must be an integer, got {_type_name(value)} {value!r}")
+    if minimum is not None and value < minimum:
+        raise HalfbyteError(f"{name} must be >= {minimum}{hint}, got {value}")
+    return int(value)
+
+
+def check_real(name: str, value: object) -> float:
+    if not _is_real(value):
+        raise HalfbyteError(f"{name} must be a number, got {_type_name(value)} {value!r}")
+    return float(value)
+
+
+def check_bool(name: str, value: object, allow_none: bool = False) -> bool | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, (bool, np.bool_)):
+        expected = "True, False or None" if allow_none else "True or False"
+        raise HalfbyteError(f"{name} must be {expected}, got {_type_name(value)} {value!r}")
+    return bool(value)
+
+
+def check_token_ids(tokens: object, name: str = "tokens") -> np.ndarray:
+    """A 1-D int64 array from a sequence of ints; anything else is a HalfbyteError."""
+    if tokens is None or isinstance(tokens, (str, bytes)):
+        raise HalfbyteError(f"{name} must be a sequence of token ids (ints), got {_type_name(tokens)}")
+    try:
+        ids = np.asarray(tokens if isinstance(tokens, np.ndarray) else list(tokens))
+    except (TypeError, ValueError, OverflowError):
+        raise HalfbyteError(f"{name} must be a sequence of token ids (ints), got {_type_name(tokens)}") from None
+    if ids.size == 0:
+        return np.zeros(0, np.int64)
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        bad = next((t for t in ids.reshape(-1).tolist() if not _is_int(t)), None) if ids.ndim == 1 else None
+        what = f"{_type_name(bad)} {bad!r}" if bad is not None else f"an array of shape {ids.shape}"
+        raise HalfbyteError(f"{name} must be a sequence of token ids (ints), got {what}")
+    return ids.astype(np.int64, copy=False)
+
+
+def check_seed(seed: object) -> int | None:
+    """``None`` or -1: a random seed (as llama.cpp's -1); otherwise an integer >= 0."""
+    if seed is None:
+        return None
+    seed = check_int("seed", seed)
+    if seed == -1:
+        return None
+    if seed < 0:
+        raise HalfbyteError(f"seed must be >= 0, or -1 for a random seed, got {seed}")
+    return seed
+
+
 @dataclass
 class GenerationStats:
     """Timings of the last generation, like llama.cpp's end-of-run summary."""
@@ -44,6 +163,9 @@ class GenerationStats:
     generation_seconds: float = 0.0
     stop_reason: str = ""
     tokens: list[int] = field(default_factory=list)
+    # Seconds spent compiling kernels (first use, cold Numba cache), left out of the two timings above.
+    prompt_compile_seconds: float = 0.0
+    generation_compile_seconds: float = 0.0
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -52,6 +174,10 @@ class GenerationStats:
     @property
     def generation_tokens_per_second(self) -> float:
         return self.generated_tokens / self.generation_seconds if self.generation_seconds > 0 else 0.0
+
+
+class ContextOverflowWarning(UserWarning):
+    """n_ctx is larger than the context the model was trained with."""
 
 
 def _default_threads() -> int:
@@ -69,22 +195,34 @@ class Model:
         from engine.kernels.attention import KVCache
         from models import load_architecture
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise HalfbyteError(f"path must be a str or os.PathLike, got {_type_name(path)} {path!r}")
+        if n_ctx is not None:
+            n_ctx = check_int("n_ctx", n_ctx, 0, " (0 = the model's training context)")
+        if threads is not None:
+            threads = check_int("threads", threads)
+        if kv_type not in ("f16", "f32"):
+            raise HalfbyteError(f"KV cache type must be f16 or f32, got {kv_type!r}")
         self.path = Path(path)
         self.file = GGUFFile(self.path)
         self.metadata = self.file.metadata
-        self.tokenizer = Tokenizer.from_metadata(self.metadata) if "tokenizer.ggml.model" in self.metadata else None
-        if self.tokenizer is None:
+        if "tokenizer.ggml.model" not in self.metadata:
             raise file_error(self.path, "has no tokenizer (tokenizer.ggml.* metadata)")
+        try:
+            self.tokenizer = Tokenizer.from_metadata(self.metadata)
+        except HalfbyteError as exc:
+            if str(self.path) in str(exc):
+                raise
+            raise file_error(self.path, str(exc)) from None
         self.arch = load_architecture(self.file)
         n_ctx_train = self.arch.params.n_ctx_train
-        if n_ctx is not None and n_ctx <= 0:
-            raise HalfbyteError(f"context size must be positive, got {n_ctx}")
-        self.n_ctx = min(n_ctx, n_ctx_train) if n_ctx else n_ctx_train
-        if kv_type not in ("f16", "f32"):
-            raise HalfbyteError(f"KV cache type must be f16 or f32, got {kv_type!r}")
-        self.threads = threads or _default_threads()
-        if self.threads < 1:
-            raise HalfbyteError(f"threads must be >= 1, got {self.threads}")
+        self.n_ctx = n_ctx or n_ctx_train  # None / 0: the training context, as llama.cpp
+        if self.n_ctx > n_ctx_train:
+            # Honoured, as llama.cpp does, with its warning: positions past training may degrade.
+            warnings.warn(f"n_ctx ({self.n_ctx}) > n_ctx_train ({n_ctx_train}) -- possible training context "
+                          "overflow", ContextOverflowWarning, stacklevel=3)
+        # As llama.cpp's -t: 0 or negative means the default, every core this process may use.
+        self.threads = threads if threads is not None and threads > 0 else _default_threads()
         self.cache = KVCache(
             self.arch.params.n_layer, self.n_ctx, self.arch.params.n_head_kv, self.arch.params.head_dim,
             np.float16 if kv_type == "f16" else np.float32,
@@ -97,7 +235,11 @@ class Model:
     @classmethod
     def load(cls, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
              kv_type: str = "f16") -> Model:
-        """Open ``path`` (GGUF). ``n_ctx`` defaults to the model's training context."""
+        """Open ``path`` (GGUF).
+
+        ``n_ctx``: context size; None or 0 = the model's training context; larger than that is
+        honoured with a ``ContextOverflowWarning``. ``threads``: None, 0 or negative = all the
+        cores this process may use."""
         return cls(path, n_ctx=n_ctx, threads=threads, kv_type=kv_type)
 
     # -- properties --------------------------------------------------------------------------------
@@ -143,21 +285,39 @@ class Model:
     # -- tokens ------------------------------------------------------------------------------------
 
     def tokenize(self, text: str | bytes, add_bos: bool | None = None, special: bool = False) -> list[int]:
-        """Token ids of ``text``; ``add_bos=None`` follows the file's default."""
+        """Token ids of ``text``; ``add_bos=None`` follows the file's default; ``special=True``
+        also parses control-token text such as ``<s>``."""
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
+        if not isinstance(text, str):
+            raise HalfbyteError(f"text must be a str or bytes, got {_type_name(text)}")
+        add_bos = check_bool("add_bos", add_bos, allow_none=True)
+        special = check_bool("special", special)
         return self.tokenizer.encode(text, add_bos=add_bos, parse_special=special)
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(tokens))
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        """Text of ``tokens``; ``special=True`` renders control tokens as their text (``<s>``)."""
+        ids = check_token_ids(tokens)
+        special = check_bool("special", special)
+        self._check_range(ids)
+        return self.tokenizer.decode(ids.tolist(), render_special=special)
+
+    def token_text(self, token: int) -> str:
+        """One token's text as llama-tokenize shows it: control tokens by their name (``<s>``)."""
+        token = check_int("token", token)
+        self._check_range(np.asarray([token]))
+        return self.tokenizer.token_bytes(token, render_special=True).decode("utf-8", "replace")
 
     # -- evaluation --------------------------------------------------------------------------------
 
-    def _check_tokens(self, tokens: Sequence[int]) -> np.ndarray:
-        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    def _check_range(self, ids: np.ndarray) -> None:
         if ids.size and (ids.min() < 0 or ids.max() >= self.n_vocab):
             bad = int(ids[(ids < 0) | (ids >= self.n_vocab)][0])
             raise HalfbyteError(f"token id {bad} is out of range (vocabulary has {self.n_vocab} tokens)")
+
+    def _check_tokens(self, tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+        ids = check_token_ids(tokens)
+        self._check_range(ids)
         if self.n_past + ids.size > self.n_ctx:
             raise HalfbyteError(
                 f"{self.n_past + ids.size} tokens do not fit in the context of {self.n_ctx} "
@@ -166,7 +326,8 @@ class Model:
         return ids
 
     def _forward(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
-        logits = self.arch.forward(ids, self.n_past, self.cache, all_logits=all_logits)
+        with deferred_interrupts():
+            logits = self.arch.forward(ids, self.n_past, self.cache, all_logits=all_logits)
         self.tokens.extend(int(t) for t in ids)
         return logits
 
@@ -174,6 +335,7 @@ class Model:
         """Append ``tokens`` to the context; returns their logits, shape (len(tokens), n_vocab),
         or with ``last_only=True`` only the last token's, shape (1, n_vocab) (cheaper: the output
         projection runs once)."""
+        last_only = check_bool("last_only", last_only)
         with self._exclusive():
             ids = self._check_tokens(tokens)
             if not ids.size:
@@ -185,15 +347,15 @@ class Model:
     def generate(
         self,
         prompt: str | Sequence[int],
-        max_tokens: int = 128,
+        max_tokens: int | None = 128,
         temperature: float = 0.8,
         top_k: int = 40,
         top_p: float = 0.95,
         min_p: float = 0.05,
-        repeat_penalty: float = 1.1,
+        repeat_penalty: float = 1.0,
         repeat_last_n: int = 64,
         seed: int | None = None,
-        stop: str | Sequence[str] = (),
+        stop: str | Sequence[str] | None = (),
         stream: bool = False,
         add_bos: bool | None = None,
         reset: bool = True,
@@ -203,25 +365,45 @@ class Model:
         ``stream=True`` an iterator of text pieces as they are produced.
 
         ``reset=True`` starts from an empty context; ``reset=False`` continues the
-        current one (chat-style). Stops at EOS, ``max_tokens``, a stop string (not
-        included in the output) or a full context; ``last_stats.stop_reason`` says which.
+        current one (chat-style). Stops at EOS, ``max_tokens`` (-1 or None: no limit, as
+        llama.cpp's ``-n -1``), a stop string (not included in the output) or a full context;
+        ``last_stats.stop_reason`` says which. Sampling defaults are llama.cpp's (the repetition
+        penalty is off: 1.0). ``seed``: None or -1 = random.
 
         ``context_shift=True`` keeps generating when the context is full, like llama.cpp's
         context shift: the first token (BOS) and the newer half of the rest are kept, the older
         half is dropped, and the kept tokens are evaluated again (one prompt-sized pass).
         """
         params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
-        if max_tokens < 0:
-            raise HalfbyteError(f"max_tokens must be >= 0, got {max_tokens}")
-        stops = [stop] if isinstance(stop, str) else list(stop)
+        if max_tokens is None:
+            max_tokens = -1
+        max_tokens = check_int("max_tokens", max_tokens, -1, " (-1 = until end of text or a full context)")
+        seed = check_seed(seed)
+        if stop is None:
+            stop = ()
+        if isinstance(stop, str):
+            stops = [stop]
+        elif isinstance(stop, (bytes, dict)) or not isinstance(stop, (Sequence, set, frozenset)):
+            raise HalfbyteError(f"stop must be a str or a list of str, got {_type_name(stop)}")
+        else:
+            stops = list(stop)
+        if any(not isinstance(s, str) for s in stops):
+            bad = next(s for s in stops if not isinstance(s, str))
+            raise HalfbyteError(f"stop strings must be str, got {_type_name(bad)} {bad!r}")
         if any(not s for s in stops):
             raise HalfbyteError("stop strings must not be empty")
-        if isinstance(prompt, str):
+        stream = check_bool("stream", stream)
+        add_bos = check_bool("add_bos", add_bos, allow_none=True)
+        reset = check_bool("reset", reset)
+        context_shift = check_bool("context_shift", context_shift)
+        if isinstance(prompt, (str, bytes)):
+            if isinstance(prompt, bytes):
+                prompt = prompt.decode("utf-8", errors="replace")
             if not prompt and not (self.tokenizer.add_bos if add_bos is None else add_bos):
                 raise HalfbyteError("empty prompt: give some text (or a model that adds a BOS token)")
             prompt_ids = self.tokenize(prompt, add_bos=add_bos)
         else:
-            prompt_ids = [int(t) for t in prompt]
+            prompt_ids = check_token_ids(prompt, "prompt").tolist()
         if not prompt_ids:
             raise HalfbyteError("empty prompt: no tokens to start from")
         if len(prompt_ids) + (0 if reset else self.n_past) > self.n_ctx:
@@ -253,16 +435,19 @@ class Model:
                 self.tokens = []
                 self.cache.reset()
             ids = self._check_tokens(prompt_ids)
+            compiled = jit_cache.compile_seconds()
             start = time.perf_counter()
             logits = self._forward(ids, all_logits=False)[-1]
             stats.prompt_tokens = len(ids)
-            stats.prompt_seconds = time.perf_counter() - start
+            stats.prompt_compile_seconds = jit_cache.compile_seconds() - compiled
+            stats.prompt_seconds = max(0.0, time.perf_counter() - start - stats.prompt_compile_seconds)
             decoder = self.tokenizer.stream_decoder()
             held = ""  # text kept back because it might be the start of a stop string
+            compiled = jit_cache.compile_seconds()
             gen_start = time.perf_counter()
             try:
                 while True:
-                    if stats.generated_tokens >= max_tokens:
+                    if 0 <= max_tokens <= stats.generated_tokens:
                         stats.stop_reason = STOP_LENGTH
                         break
                     token = sample_token(logits, params, rng, self.tokens)
@@ -297,8 +482,10 @@ class Model:
                     held += decoder.flush()
                     if held:
                         yield held
-            except GeneratorExit:
+            except (GeneratorExit, KeyboardInterrupt):
                 stats.stop_reason = stats.stop_reason or STOP_INTERRUPTED
                 raise
             finally:
-                stats.generation_seconds = time.perf_counter() - gen_start
+                stats.generation_compile_seconds = jit_cache.compile_seconds() - compiled
+                stats.generation_seconds = max(
+                    0.0, time.perf_counter() - gen_start - stats.generation_compile_seconds)

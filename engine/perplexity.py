@@ -19,6 +19,7 @@ import numpy as np
 
 from engine.errors import HalfbyteError
 
+MIN_CTX = 4  # half the window is context, and at least one token is scored
 
 @dataclass
 class PerplexityResult:
@@ -41,8 +42,15 @@ def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 def perplexity(model, text: str, n_ctx: int = 512, max_chunks: int | None = None,
                on_chunk: Callable[[int, int, float], None] | None = None) -> PerplexityResult:
     """Perplexity of ``model`` (an engine.model.Model) over ``text`` in windows of ``n_ctx`` tokens."""
-    if n_ctx < 4:
-        raise HalfbyteError(f"context size for perplexity must be at least 4, got {n_ctx}")
+    from engine.model import check_int
+
+    n_ctx = check_int("context size for perplexity", n_ctx)
+    if n_ctx < MIN_CTX:
+        raise HalfbyteError(f"context size for perplexity must be at least {MIN_CTX}, got {n_ctx}")
+    if max_chunks is not None and check_int("chunks", max_chunks) < 1:
+        raise HalfbyteError(f"chunks must be >= 1, got {max_chunks}")
+    if not isinstance(text, str):
+        raise HalfbyteError(f"text must be a str, got {type(text).__name__}")
     if n_ctx > model.n_ctx:
         raise HalfbyteError(f"context size {n_ctx} is larger than the model's context ({model.n_ctx})")
     tokens = np.asarray(model.tokenize(text), dtype=np.int64)

@@ -17,28 +17,54 @@ import numpy as np
 from engine.errors import HalfbyteError
 
 
+def _number(name: str, value: object) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise HalfbyteError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise HalfbyteError(f"{name} must be a finite number, got {value}")
+    return float(value)
+
+
+def _integer(name: str, value: object) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise HalfbyteError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """llama.cpp's defaults: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, repetition
+    penalty 1.0 (off) over the last 64 tokens (-1: the whole context)."""
+
     temperature: float = 0.8
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
-    repeat_penalty: float = 1.1
+    repeat_penalty: float = 1.0
     repeat_last_n: int = 64
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise HalfbyteError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise HalfbyteError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
-        if not (0 < self.top_p <= 1):
-            raise HalfbyteError(f"top-p must be in (0, 1], got {self.top_p}")
-        if not (0 <= self.min_p <= 1):
-            raise HalfbyteError(f"min-p must be in [0, 1], got {self.min_p}")
-        if not math.isfinite(self.repeat_penalty) or self.repeat_penalty <= 0:
-            raise HalfbyteError(f"repeat penalty must be > 0, got {self.repeat_penalty}")
-        if self.repeat_last_n < 0:
-            raise HalfbyteError(f"repeat-last-n must be >= 0, got {self.repeat_last_n}")
+        temperature = _number("temperature", self.temperature)
+        top_k = _integer("top-k", self.top_k)
+        top_p = _number("top-p", self.top_p)
+        min_p = _number("min-p", self.min_p)
+        repeat_penalty = _number("repeat penalty", self.repeat_penalty)
+        repeat_last_n = _integer("repeat-last-n", self.repeat_last_n)
+        if temperature < 0:
+            raise HalfbyteError(f"temperature must be >= 0, got {temperature}")
+        if top_k < 0:
+            raise HalfbyteError(f"top-k must be >= 0 (0 = off), got {top_k}")
+        if not (0 < top_p <= 1):
+            raise HalfbyteError(f"top-p must be in (0, 1], got {top_p}")
+        if not (0 <= min_p <= 1):
+            raise HalfbyteError(f"min-p must be in [0, 1], got {min_p}")
+        if repeat_penalty <= 0:
+            raise HalfbyteError(f"repeat penalty must be > 0, got {repeat_penalty}")
+        if repeat_last_n < -1:
+            raise HalfbyteError(f"repeat-last-n must be >= 0, or -1 for the whole context, got {repeat_last_n}")
+        for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p),
+                            ("repeat_penalty", repeat_penalty), ("repeat_last_n", repeat_last_n)):
+            object.__setattr__(self, name, value)  # plain Python numbers from here on
 
     @property
     def greedy(self) -> bool:
@@ -63,7 +89,8 @@ def sample_token(
     """One token id from a 1-D logits vector."""
     logits = np.asarray(logits, dtype=np.float32)
     if params.repeat_penalty != 1.0 and params.repeat_last_n:
-        logits = apply_repeat_penalty(logits, list(recent)[-params.repeat_last_n :], params.repeat_penalty)
+        window = list(recent) if params.repeat_last_n < 0 else list(recent)[-params.repeat_last_n :]
+        logits = apply_repeat_penalty(logits, window, params.repeat_penalty)
     if params.greedy:
         return int(np.argmax(logits))
 

@@ -20,6 +20,7 @@ from engine import ops
 from engine.gguf_file import GGUFFile
 from engine.hparams import HParams, Tensors
 from engine.kernels.attention import KVCache
+from engine.model import check_interrupt
 from engine.weights import Weight
 
 ARCH = "falcon"
@@ -53,8 +54,8 @@ class FalconParams:
             n_head_kv=hp.int("attention.head_count_kv", 1),
             n_ff=hp.int("feed_forward_length", 4 * n_embd),
             n_ctx_train=hp.int("context_length", 2048),
-            norm_eps=hp.float("attention.layer_norm_epsilon", 1e-5),
-            rope_theta=hp.float("rope.freq_base", 10000.0),
+            norm_eps=hp.float("attention.layer_norm_epsilon", 1e-5, minimum=0.0),
+            rope_theta=hp.float("rope.freq_base", 10000.0, positive=True),
         )
 
 
@@ -102,6 +103,7 @@ class Falcon:
         scale = 1.0 / math.sqrt(hd)
         x = ops.embed(self.tok_embd, tokens)
         for i, layer in enumerate(self.layers):
+            check_interrupt()  # a deferred Ctrl-C stops here, between kernel calls
             # As in llama.cpp: attn_norm feeds the MLP (and, in 7B-style blocks, attention too);
             # 40B-style blocks have attn_norm_2 (HF's ln_attn) for attention.
             m = ops.layer_norm(x, layer.mlp_norm, layer.mlp_norm_b, p.norm_eps)

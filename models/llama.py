@@ -19,6 +19,7 @@ from engine import ops
 from engine.gguf_file import GGUFFile
 from engine.hparams import HParams, Tensors
 from engine.kernels.attention import KVCache
+from engine.model import check_interrupt
 from engine.weights import Weight
 
 ARCH = "llama"
@@ -47,9 +48,8 @@ class LlamaParams:
         hp = HParams(file, ARCH)
         n_embd = hp.int("embedding_length")
         n_head = hp.int("attention.head_count")
-        scale = 1.0
-        if hp.str("rope.scaling.type", "none") == "linear":
-            scale = hp.float("rope.scaling.factor", 1.0)
+        factor = hp.float("rope.scaling.factor", 1.0, positive=True)  # checked even when unused
+        scale = factor if hp.str("rope.scaling.type", "none") == "linear" else 1.0
         return cls(
             n_vocab=hp.vocab_size(),
             n_embd=n_embd,
@@ -59,8 +59,8 @@ class LlamaParams:
             n_ff=hp.int("feed_forward_length"),
             n_ctx_train=hp.int("context_length", 2048),
             n_rot=hp.int("rope.dimension_count", n_embd // n_head),
-            rms_eps=hp.float("attention.layer_norm_rms_epsilon", 1e-5),
-            rope_theta=hp.float("rope.freq_base", 10000.0),
+            rms_eps=hp.float("attention.layer_norm_rms_epsilon", 1e-5, minimum=0.0),
+            rope_theta=hp.float("rope.freq_base", 10000.0, positive=True),
             rope_scale=scale,
         )
 
@@ -110,6 +110,7 @@ class Llama:
         scale = 1.0 / math.sqrt(p.head_dim)
         x = ops.embed(self.tok_embd, tokens)
         for i, layer in enumerate(self.layers):
+            check_interrupt()  # a deferred Ctrl-C stops here, between kernel calls
             h = ops.rms_norm(x, layer.attn_norm, p.rms_eps)
             q = ops.linear(h, layer.wq).reshape(n, p.n_head, p.head_dim)
             k = ops.linear(h, layer.wk).reshape(n, p.n_head_kv, p.head_dim)

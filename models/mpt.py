@@ -19,6 +19,7 @@ from engine import ops
 from engine.gguf_file import GGUFFile
 from engine.hparams import HParams, Tensors
 from engine.kernels.attention import KVCache
+from engine.model import check_interrupt
 from engine.weights import Weight
 
 ARCH = "mpt"
@@ -54,9 +55,9 @@ class MptParams:
             n_head_kv=hp.int("attention.head_count_kv", n_head),
             n_ff=hp.int("feed_forward_length", 4 * n_embd),
             n_ctx_train=hp.int("context_length", 2048),
-            norm_eps=hp.float("attention.layer_norm_epsilon", 1e-5),
-            max_alibi_bias=hp.float("attention.max_alibi_bias", 8.0),
-            clip_qkv=hp.float("attention.clamp_kqv", 0.0),
+            norm_eps=hp.float("attention.layer_norm_epsilon", 1e-5, minimum=0.0),
+            max_alibi_bias=hp.float("attention.max_alibi_bias", 8.0, minimum=0.0),
+            clip_qkv=hp.float("attention.clamp_kqv", 0.0, minimum=0.0),
         )
 
 
@@ -104,6 +105,7 @@ class Mpt:
         scale = 1.0 / math.sqrt(hd)
         x = ops.embed(self.tok_embd, tokens)
         for i, layer in enumerate(self.layers):
+            check_interrupt()  # a deferred Ctrl-C stops here, between kernel calls
             h = ops.layer_norm(x, layer.attn_norm, layer.attn_norm_b, p.norm_eps)
             qkv = ops.linear(h, layer.wqkv)
             if p.clip_qkv > 0:

@@ -64,10 +64,13 @@ def test_bench_table(tiny_file):
     ([], "give a MODEL file or --synthetic"),
     (["--synthetic", "llama-2b"], "unknown synthetic model 'llama-2b'"),
     (["{tiny}", "-p", "0", "-n", "0"], "need -p > 0 or -n > 0"),
-    (["{tiny}", "-r", "0"], "repetitions must be >= 1"),
+    (["{tiny}", "-r", "0"], "-r (repetitions) must be >= 1"),
+    (["{tiny}", "-p", "-1", "-n", "1"], "-p (n_prompt) must be >= 0, got -1"),
+    (["{tiny}", "-n", "-3"], "-n (n_gen) must be >= 0, got -3"),
+    (["{tmp}"], "is a directory"),
     (["{missing}"], "missing.gguf"),
 ])
 def test_bench_bad_input(args, message, tiny_file, tmp_path):
-    args = [a.format(tiny=tiny_file, missing=tmp_path / "missing.gguf") for a in args]
+    args = [a.format(tiny=tiny_file, missing=tmp_path / "missing.gguf", tmp=tmp_path) for a in args]
     result = CliRunner().invoke(main, ["bench", *args])
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output

@@ -37,10 +37,17 @@ def test_pieces():
     result = CliRunner().invoke(main, ["tokenize", str(SPM_VOCAB), "Hello", "--pieces"])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
-    assert lines[0].split() == ["1", "->", "''"]
+    assert lines[0].split() == ["1", "->", "'<s>'"]  # control tokens by name, as llama-tokenize shows them
     assert "' Hello'" in lines[1] or "'Hello'" in lines[1]
 
 
 def test_missing_text_is_a_clean_error():
     result = CliRunner().invoke(main, ["tokenize", str(SPM_VOCAB)])
     assert result.exit_code != 0 and "halfbyte: error:" in result.output
+
+
+def test_text_and_file_together_are_refused_like_run(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("x", encoding="utf-8")
+    result = CliRunner().invoke(main, ["tokenize", str(SPM_VOCAB), "hello", "-f", str(path)])
+    assert result.exit_code == 1 and "give either TEXT or -f FILE, not both" in result.stderr
