@@ -298,7 +298,7 @@ _VERSION_SKEW = "\u1c89\ua7cb\U00011380\U00031350\U00010d40\U0001e5f1\u061d\u2e4
 def test_unicode_version_skew(tokenizers, references, name):
     # Compared word by word: ids alone rarely show a misplaced word boundary.
     plain, _ = references[name]
-    _, pre_tokenize = PRE_TOKENIZERS[tokenizers[name].pre or "default"]
+    pre_tokenize = PRE_TOKENIZERS[tokenizers[name].pre or "default"].pre_tokenize
     for char in _VERSION_SKEW:
         text = f"a{char}b 1{char}2 !{char}? {char} {char}{char}x"
         expected = [word for word, _ in plain.pre_tokenizer.pre_tokenize_str(text)]
@@ -473,7 +473,7 @@ def test_bad_bpe_metadata(metadata):
     good = metadata["gpt-neox"]
     for change, message in [
         ({"tokenizer.ggml.merges": None}, "missing tokenizer.ggml.merges"),
-        ({"tokenizer.ggml.pre": "llama-bpe"}, "unsupported BPE pre-tokenizer"),
+        ({"tokenizer.ggml.pre": "no-such-pre"}, "unsupported BPE pre-tokenizer tokenizer.ggml.pre = 'no-such-pre'"),
         ({"tokenizer.ggml.merges": ["Ġt"]}, "not of the form"),
         ({"tokenizer.ggml.merges": ["Ġ zzzzqqq"]}, "not in tokenizer.ggml.tokens"),
         ({"tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.bos_token_id": None}, "no tokenizer.ggml.bos_token_id"),

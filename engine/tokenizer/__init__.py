@@ -5,8 +5,10 @@ Two kinds, chosen by ``tokenizer.ggml.model``:
 - ``llama``: SentencePiece BPE with byte fallback (LLaMA). Same ids as the
   ``sentencepiece`` library on the model the GGUF was converted from.
 - ``gpt2``: byte-level BPE with a pre-tokenizer named by ``tokenizer.ggml.pre``
-  (``default``/absent, ``gpt-2``, ``mpt``, ``falcon``). Same ids as Hugging Face
-  ``tokenizers`` with the matching tokenizer.json.
+  (``default``/absent, ``gpt-2``, ``mpt``, ``falcon``, ``llama-bpe``, ``qwen2``, ...;
+  ``bpe.PRE_TOKENIZERS`` lists them). Same ids as Hugging Face ``tokenizers`` with the
+  matching tokenizer.json. Like llama.cpp, ``llama-bpe`` adds BOS unless
+  ``tokenizer.ggml.add_bos_token`` says otherwise.
 
 Special tokens follow llama.cpp: user-defined tokens (type 4) are always cut out of
 the text before the rest is tokenized; control and unknown tokens (types 3, 2) only
@@ -35,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import HalfbyteError
-from engine.tokenizer.bpe import ByteLevelBPE
+from engine.tokenizer.bpe import ByteLevelBPE, pre_tokenizer
 from engine.tokenizer.spm import SentencePieceBPE
 from engine.tokenizer.unicode import UNICODE_TO_BYTE, to_utf8
 
@@ -165,7 +167,8 @@ class Tokenizer:
         else:
             assert merges is not None
             self._spm = None
-            self._bpe = ByteLevelBPE(token_to_id, merges, pre if pre is not None else "default")
+            whole_words = {text: i for text, i in token_to_id.items() if self._types[i] == TokenType.NORMAL}
+            self._bpe = ByteLevelBPE(token_to_id, merges, pre if pre is not None else "default", whole_words)
 
         # Token strings cut out of the text before tokenizing, leftmost-longest.
         always = [i for i, t in enumerate(self._types) if t == TokenType.USER_DEFINED and tokens[i]]
@@ -215,7 +218,9 @@ class Tokenizer:
             default_bos, default_eos, default_unk, default_add_bos = 1, 2, 0, True
         else:
             merges = _string_list(metadata, "merges")
-            default_bos, default_eos, default_unk, default_add_bos = None, None, None, False
+            # llama.cpp adds BOS by default for some pre-tokenizers (Llama 3's).
+            default_add_bos = pre_tokenizer(pre if pre is not None else "default").add_bos
+            default_bos, default_eos, default_unk = None, None, None
 
         def default_if_in_range(token_id: int | None) -> int | None:
             return token_id if token_id is not None and token_id < vocab_size else None

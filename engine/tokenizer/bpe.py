@@ -1,4 +1,4 @@
-"""Byte-level BPE (``tokenizer.ggml.model = gpt2``): GPT-2, GPT-NeoX, MPT, Falcon.
+"""Byte-level BPE (``tokenizer.ggml.model = gpt2``): GPT-2, GPT-NeoX, MPT, Falcon, Llama 3, Qwen2.
 
 Encoding a text fragment is: pre-tokenize into words, map each word's UTF-8 bytes to
 GPT-2's printable byte characters, then merge adjacent symbols by rank (lowest rank
@@ -15,15 +15,21 @@ Pre-tokenizers (what the ``tokenizer.ggml.pre`` names select):
   off), the GPT-2 pattern with the byte-level mapping, Digits (contiguous runs of
   numeric characters split off, judged on the *byte-level* characters), then every
   ``[0-9]{3}`` isolated.
+- every other name (``llama-bpe``, ``qwen2``, ``deepseek-v3``, ``starcoder``, ...): the
+  regular expressions its tokenizer.json holds, run by ``pretokenize.RegexSplitter``
+  (see ``PRE_TOKENIZERS`` for the names and the patterns, which are those of llama.cpp's
+  llama-vocab.cpp, in tokenizer.json's original spelling where llama.cpp adapted them).
 """
 
 from __future__ import annotations
 
 import heapq
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from engine.errors import HalfbyteError
+from engine.tokenizer.pretokenize import RegexSplitter, chain, split_isolated
 from engine.tokenizer.unicode import (
     BYTE_LEVEL_NUMERIC,
     BYTE_TO_UNICODE,
@@ -99,20 +105,6 @@ def _split_contiguous(text: str, is_delimiter: Callable[[str], bool]) -> list[st
     return pieces
 
 
-def _split_isolated(text: str, pattern: re.Pattern[str]) -> list[str]:
-    """Every match of ``pattern`` becomes its own piece, as do the gaps between (``Isolated``)."""
-    pieces: list[str] = []
-    start = 0
-    for match in pattern.finditer(text):
-        if match.start() > start:
-            pieces.append(text[start : match.start()])
-        pieces.append(match.group())
-        start = match.end()
-    if start < len(text):
-        pieces.append(text[start:])
-    return pieces
-
-
 def byte_level(word: str) -> str:
     """The word's UTF-8 bytes as GPT-2 byte characters."""
     return "".join([BYTE_TO_UNICODE[b] for b in to_utf8(word)])
@@ -127,21 +119,130 @@ def pre_tokenize_falcon(text: str) -> list[str]:
     for chunk in _split_contiguous(text, is_punctuation):
         for word in split_gpt2(chunk):
             for run in _split_contiguous(byte_level(word), BYTE_LEVEL_NUMERIC.__contains__):
-                words.extend(_split_isolated(run, _THREE_DIGITS))
+                words.extend(split_isolated(run, _THREE_DIGITS))
     return words
 
 
-# pre name -> (normalizer or None, pre-tokenizer returning byte-level words)
-PRE_TOKENIZERS: dict[str, tuple[Callable[[str], str] | None, Callable[[str], list[str]]]] = {
-    "default": (None, pre_tokenize_gpt2),
-    "gpt-2": (None, pre_tokenize_gpt2),
-    "mpt": (nfc_like_tokenizers, pre_tokenize_gpt2),
+# The patterns, as tokenizer.json files (and llama.cpp's llama-vocab.cpp) spell them.
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Qwen2 (and StableLM 2): Llama 3's pattern with single digits.
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN35_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+DEEPSEEK_CODER_PATTERNS = (
+    r"[\r\n]",
+    r"\s?\p{L}+",
+    r"\s?\p{P}+",
+    "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",  # [一-龥ࠀ-一가-퟿]+
+    r"\p{N}",
+)
+DEEPSEEK_V3_PATTERNS = (
+    r"\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",  # [一-龥぀-ゟ゠-ヿ]+
+    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
+    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+)
+BLOOM_PATTERN = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"  # " ?[^(\s|.,!?…。，、।۔،)]+"
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    """What a ``tokenizer.ggml.pre`` name stands for.
+
+    ``split`` cuts (normalized) text into words; ``byte_level_split`` returns them as
+    GPT-2 byte characters, ready for merging. ``ignore_merges``: a word that is a
+    vocabulary token is that token, merges or not (Llama 3). ``add_bos``: llama.cpp's
+    default for ``tokenizer.ggml.add_bos_token`` when the GGUF does not say.
+    """
+
+    split: Callable[[str], list[str]]
+    normalize: Callable[[str], str] | None = None
+    ignore_merges: bool = False
+    add_bos: bool = False
+    byte_level_split: Callable[[str], list[str]] | None = None
+
+    def pre_tokenize(self, text: str) -> list[str]:
+        if self.byte_level_split is not None:
+            return self.byte_level_split(text)
+        return [byte_level(word) for word in self.split(text)]
+
+
+def _regex(*patterns: str, **options) -> PreTokenizer:
+    return PreTokenizer(RegexSplitter(patterns), **options)
+
+
+_GPT2 = PreTokenizer(split_gpt2)
+_LLAMA3 = _regex(LLAMA3_PATTERN, ignore_merges=True, add_bos=True)
+_LLAMA3_PLAIN = _regex(LLAMA3_PATTERN)
+_STARCODER = PreTokenizer(chain(RegexSplitter([r"\p{N}"]), split_gpt2))
+_BLOOM = _regex(BLOOM_PATTERN)
+
+# pre name -> PreTokenizer. The groups follow llama.cpp's llama-vocab.cpp (which names
+# share a pattern and flags); the normalizers follow the models' tokenizer.json.
+PRE_TOKENIZERS: dict[str, PreTokenizer] = {
+    # GPT-2's pattern. ``default``/absent is GPT-2 here (llama.cpp's "default" list is a
+    # Falcon-like one, but the unnamed GGUFs we meet are GPT-NeoX style).
+    "default": _GPT2,
+    "gpt-2": _GPT2,
+    "phi-2": _GPT2,
+    "jais": _GPT2,
+    "exaone4": _GPT2,
+    "gigachat": _GPT2,
+    "mpt": PreTokenizer(split_gpt2, normalize=nfc_like_tokenizers),
     # llama.cpp's converter names GPT-NeoX-style vocabularies by their hash; MPT's hashes as
     # "olmo" (same regex as gpt-2/mpt in llama.cpp, and the tokenizer.json has the NFC normalizer).
-    "olmo": (nfc_like_tokenizers, pre_tokenize_gpt2),
-    "phi-2": (None, pre_tokenize_gpt2),
-    "falcon": (None, pre_tokenize_falcon),
+    "olmo": PreTokenizer(split_gpt2, normalize=nfc_like_tokenizers),
+    "falcon": PreTokenizer(split_gpt2, byte_level_split=pre_tokenize_falcon),
+    # Llama 3 and the vocabularies llama.cpp treats alike (BOS added, whole-word tokens first).
+    "llama-bpe": _LLAMA3,
+    "llama3": _LLAMA3,
+    "llama-v3": _LLAMA3,
+    "falcon3": _LLAMA3,
+    "falcon-h1": _LLAMA3,
+    "pixtral": _LLAMA3,
+    # Llama 3's pattern with llama.cpp's plain BPE settings.
+    "smaug-bpe": _LLAMA3_PLAIN,
+    "dbrx": _LLAMA3_PLAIN,
+    # Qwen2/2.5/3 (tokenizer.json normalizes to NFC first), and the same pattern elsewhere.
+    "qwen2": _regex(QWEN2_PATTERN, normalize=nfc_like_tokenizers),
+    "deepseek-r1-qwen": _regex(QWEN2_PATTERN, normalize=nfc_like_tokenizers),
+    "megrez": _regex(QWEN2_PATTERN),
+    "stablelm2": _regex(QWEN2_PATTERN),
+    "hunyuan": _regex(QWEN2_PATTERN),
+    "qwen35": _regex(QWEN35_PATTERN, normalize=nfc_like_tokenizers),
+    # Every digit alone, then GPT-2's pattern.
+    "starcoder": _STARCODER,
+    "refact": _STARCODER,
+    "command-r": _STARCODER,
+    "smollm": _STARCODER,
+    "codeshell": _STARCODER,
+    "exaone": _STARCODER,
+    "minerva-7b": _STARCODER,
+    "deepseek-coder": _regex(*DEEPSEEK_CODER_PATTERNS),
+    "deepseek-v3": _regex(*DEEPSEEK_V3_PATTERNS),
+    "bloom": _BLOOM,
+    "gpt3-finnish": _BLOOM,
+    "poro-chat": _BLOOM,
+    "viking": _regex(BLOOM_PATTERN, r"\p{N}"),
 }
+
+
+def pre_tokenizer(pre: str) -> PreTokenizer:
+    """The PreTokenizer of a ``tokenizer.ggml.pre`` name; a clear error for an unknown one."""
+    found = PRE_TOKENIZERS.get(pre)
+    if found is None:
+        supported = ", ".join(sorted(PRE_TOKENIZERS))
+        raise HalfbyteError(f"unsupported BPE pre-tokenizer tokenizer.ggml.pre = {pre!r} (supported: {supported})")
+    return found
 
 
 def parse_merges(merges: Sequence[str], token_to_id: dict[str, int]) -> dict[tuple[str, str], tuple[int, str]]:
@@ -166,12 +267,20 @@ def parse_merges(merges: Sequence[str], token_to_id: dict[str, int]) -> dict[tup
 class ByteLevelBPE:
     """Encodes text fragments (no special tokens in them) to ids."""
 
-    def __init__(self, token_to_id: dict[str, int], merges: Sequence[str], pre: str) -> None:
-        if pre not in PRE_TOKENIZERS:
-            supported = ", ".join(sorted(PRE_TOKENIZERS))
-            raise HalfbyteError(f"unsupported BPE pre-tokenizer tokenizer.ggml.pre = {pre!r} (supported: {supported})")
-        self.normalize, self.pre_tokenize = PRE_TOKENIZERS[pre]
+    def __init__(
+        self,
+        token_to_id: dict[str, int],
+        merges: Sequence[str],
+        pre: str,
+        whole_words: Mapping[str, int] | None = None,
+    ) -> None:
+        """``whole_words``: the tokens a word may be as a whole when the pre-tokenizer
+        ignores merges (the model's own vocabulary, no added tokens); default all."""
+        self.pre = pre_tokenizer(pre)
+        self.normalize = self.pre.normalize
+        self.pre_tokenize = self.pre.pre_tokenize
         self.token_to_id = token_to_id
+        self.whole_words = (whole_words if whole_words is not None else token_to_id) if self.pre.ignore_merges else None
         self.merges = parse_merges(merges, token_to_id)
         self._cache: dict[str, tuple[int, ...]] = {}
 
@@ -192,6 +301,10 @@ class ByteLevelBPE:
         return ids
 
     def _encode_word(self, word: str) -> tuple[int, ...]:
+        if self.whole_words is not None:
+            whole = self.whole_words.get(word)
+            if whole is not None:
+                return (whole,)
         token_to_id = self.token_to_id
         # A byte character missing from the vocabulary (Falcon lacks a few) is dropped
         # before merging, as tokenizers does without an unknown token: its neighbours
