@@ -389,22 +389,47 @@ class Tokenizer:
             return None
         return token_type in (TokenType.NORMAL, TokenType.USER_DEFINED)
 
-    def decode(self, ids: Iterable[int], render_special: bool = False, strip_leading_space: bool = True) -> str:
+    def token_piece(self, token_id: int, errors: str = "replace") -> str:
+        """A token's display text, special tokens included (``<s>``, ``<|eot_id|>``,
+        `` Hello`` for ``▁Hello``/``Ġworld``-style pieces): llama.cpp's
+        ``llama_token_to_piece(..., special=true)`` read as UTF-8. A token holding part of
+        a character (a byte token) shows U+FFFD unless ``errors`` says otherwise
+        (``"backslashreplace"`` shows ``\\xe4``)."""
+        return self.token_bytes(token_id, render_special=True).decode("utf-8", errors=errors)
+
+    def decode(
+        self,
+        ids: Iterable[int],
+        special: bool = False,
+        strip_leading_space: bool = True,
+        *,
+        render_special: bool | None = None,
+    ) -> str:
         """Text of ``ids`` (invalid UTF-8 becomes U+FFFD).
 
+        ``special``: control tokens (BOS, EOS, ``<|eot_id|>``, ...) appear as their text,
+        as with llama.cpp's ``special = true``; by default they are left out.
+        ``render_special`` is the older name of ``special``.
         ``strip_leading_space``: the ids start a sequence, so the space SentencePiece
         prepended when encoding is dropped (``[BOS, "▁Hello"]`` -> ``"Hello"``).
         """
-        decoder = self.stream_decoder(render_special=render_special, strip_leading_space=strip_leading_space)
+        if render_special is not None:
+            special = render_special
+        decoder = self.stream_decoder(special=special, strip_leading_space=strip_leading_space)
         return "".join([decoder.feed(token_id) for token_id in ids]) + decoder.flush()
 
-    def stream_decoder(self, render_special: bool = False, strip_leading_space: bool = False) -> StreamDecoder:
+    def stream_decoder(
+        self, special: bool = False, strip_leading_space: bool = False, *, render_special: bool | None = None
+    ) -> StreamDecoder:
         """A decoder for ids arriving one at a time (generation).
 
         The default suits continuing after a prompt: a first ``▁world`` prints as
         `` world``. Pass ``strip_leading_space=True`` when the ids start a sequence.
+        ``special``: render control tokens as their text (``render_special``: older name).
         """
-        return StreamDecoder(self, render_special=render_special, strip_leading_space=strip_leading_space)
+        if render_special is not None:
+            special = render_special
+        return StreamDecoder(self, render_special=special, strip_leading_space=strip_leading_space)
 
     def __repr__(self) -> str:
         return f"Tokenizer(model={self.model!r}, pre={self.pre!r}, vocab_size={self.vocab_size})"
