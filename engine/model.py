@@ -129,14 +129,15 @@ def check_token_ids(tokens: object, name: str = "tokens") -> np.ndarray:
     if tokens is None or isinstance(tokens, (str, bytes)):
         raise HalfbyteError(f"{name} must be a sequence of token ids (ints), got {_type_name(tokens)}")
     try:
-        ids = np.asarray(tokens if isinstance(tokens, np.ndarray) else list(tokens))
+        items = tokens if isinstance(tokens, np.ndarray) else list(tokens)
+        ids = np.asarray(items)
     except (TypeError, ValueError, OverflowError):
         raise HalfbyteError(f"{name} must be a sequence of token ids (ints), got {_type_name(tokens)}") from None
     if ids.size == 0:
         return np.zeros(0, np.int64)
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
-        bad = next((t for t in ids.reshape(-1).tolist() if not _is_int(t)), None) if ids.ndim == 1 else None
-        what = f"{_type_name(bad)} {bad!r}" if bad is not None else f"an array of shape {ids.shape}"
+        bad = [t for t in items if not _is_int(t)][:1] if ids.ndim == 1 else []
+        what = f"{_type_name(bad[0])} {bad[0]!r}" if bad else f"an array of shape {ids.shape}"
         raise HalfbyteError(f"{name} must be a sequence of token ids (ints), got {what}")
     return ids.astype(np.int64, copy=False)
 
@@ -205,28 +206,33 @@ class Model:
             raise HalfbyteError(f"KV cache type must be f16 or f32, got {kv_type!r}")
         self.path = Path(path)
         self.file = GGUFFile(self.path)
-        self.metadata = self.file.metadata
-        if "tokenizer.ggml.model" not in self.metadata:
-            raise file_error(self.path, "has no tokenizer (tokenizer.ggml.* metadata)")
         try:
-            self.tokenizer = Tokenizer.from_metadata(self.metadata)
-        except HalfbyteError as exc:
-            if str(self.path) in str(exc):
-                raise
-            raise file_error(self.path, str(exc)) from None
-        self.arch = load_architecture(self.file)
-        n_ctx_train = self.arch.params.n_ctx_train
-        self.n_ctx = n_ctx or n_ctx_train  # None / 0: the training context, as llama.cpp
-        if self.n_ctx > n_ctx_train:
-            # Honoured, as llama.cpp does, with its warning: positions past training may degrade.
-            warnings.warn(f"n_ctx ({self.n_ctx}) > n_ctx_train ({n_ctx_train}) -- possible training context "
-                          "overflow", ContextOverflowWarning, stacklevel=3)
+            self.metadata = self.file.metadata
+            if "tokenizer.ggml.model" not in self.metadata:
+                raise file_error(self.path, "has no tokenizer (tokenizer.ggml.* metadata)")
+            try:
+                self.tokenizer = Tokenizer.from_metadata(self.metadata)
+            except HalfbyteError as exc:
+                if str(self.path) in str(exc):
+                    raise
+                raise file_error(self.path, str(exc)) from None
+            with deferred_interrupts():  # may dequantize small tensors with kernels
+                self.arch = load_architecture(self.file)
+            n_ctx_train = self.arch.params.n_ctx_train
+            self.n_ctx = n_ctx or n_ctx_train  # None / 0: the training context, as llama.cpp
+            if self.n_ctx > n_ctx_train:
+                # Honoured, as llama.cpp does, with its warning: positions past training may degrade.
+                warnings.warn(f"n_ctx ({self.n_ctx}) > n_ctx_train ({n_ctx_train}) -- possible training context "
+                              "overflow", ContextOverflowWarning, stacklevel=3)
+            self.cache = KVCache(
+                self.arch.params.n_layer, self.n_ctx, self.arch.params.n_head_kv, self.arch.params.head_dim,
+                np.float16 if kv_type == "f16" else np.float32,
+            )
+        except BaseException:
+            self.file.close()  # not left open until garbage collection
+            raise
         # As llama.cpp's -t: 0 or negative means the default, every core this process may use.
         self.threads = threads if threads is not None and threads > 0 else _default_threads()
-        self.cache = KVCache(
-            self.arch.params.n_layer, self.n_ctx, self.arch.params.n_head_kv, self.arch.params.head_dim,
-            np.float16 if kv_type == "f16" else np.float32,
-        )
         self.tokens: list[int] = []  # what the KV cache holds, in order
         self.last_stats = GenerationStats()
         self._lock = threading.Lock()

@@ -152,3 +152,118 @@ def test_quantized_logits_match_transformers_on_the_same_weights(quantized_pair)
     top2 = np.sort(theirs, axis=-1)[:, -2:]
     clear = (top2[:, 1] - top2[:, 0]) > 4 * QUANT_BOUNDS[qtype] * np.abs(theirs).max()
     assert np.array_equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
+
+
+# --------------------------------------------------------------------------------------------
+# The library's argument checks and llama.cpp conventions, on the embedded demo model.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo():
+    from engine.default_model import default_model_path
+
+    return Model.load(default_model_path(), threads=1)
+
+
+def test_halfbyte_error_is_a_value_error():
+    assert issubclass(HalfbyteError, ValueError)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda m: m.generate(None), "prompt must be a sequence of token ids"),
+    (lambda m: m.generate("x", max_tokens="4"), "max_tokens must be an integer, got str '4'"),
+    (lambda m: m.generate("x", max_tokens=2.0), "max_tokens must be an integer"),
+    (lambda m: m.generate("x", max_tokens=-2), "max_tokens must be >= -1"),
+    (lambda m: m.generate("x", stop=5), "stop must be a str or a list of str"),
+    (lambda m: m.generate("x", stop=[1]), "stop strings must be str"),
+    (lambda m: m.generate("x", stop=[""]), "stop strings must not be empty"),
+    (lambda m: m.generate("x", seed="x"), "seed must be an integer"),
+    (lambda m: m.generate("x", seed=-2), "seed must be >= 0, or -1"),
+    (lambda m: m.generate("x", temperature="hot"), "temperature must be a number"),
+    (lambda m: m.generate("x", top_k=2.5), "top-k must be an integer"),
+    (lambda m: m.generate("x", top_p=float("nan")), "top-p must be a finite number"),
+    (lambda m: m.generate("x", repeat_last_n=-2), "repeat-last-n must be >= 0, or -1"),
+    (lambda m: m.generate("x", stream="yes"), "stream must be True or False"),
+    (lambda m: m.generate("x", add_bos=1), "add_bos must be True, False or None"),
+    (lambda m: m.generate([1, "a"]), "prompt must be a sequence of token ids (ints), got str 'a'"),
+    (lambda m: m.generate([1, 2.5]), "got float 2.5"),
+    (lambda m: m.eval(["a"]), "tokens must be a sequence of token ids (ints), got str 'a'"),
+    (lambda m: m.eval("abc"), "tokens must be a sequence of token ids"),
+    (lambda m: m.eval(None), "tokens must be a sequence of token ids"),
+    (lambda m: m.eval([[1, 2]]), "an array of shape (1, 2)"),
+    (lambda m: m.eval([True]), "got bool True"),
+    (lambda m: m.eval([10**30]), "tokens must be a sequence of token ids"),
+    (lambda m: m.eval([1], last_only="no"), "last_only must be True or False"),
+    (lambda m: m.eval([99999]), "token id 99999 is out of range"),
+    (lambda m: m.tokenize(5), "text must be a str or bytes, got int"),
+    (lambda m: m.tokenize("x", add_bos="no"), "add_bos must be True, False or None"),
+    (lambda m: m.tokenize("x", special=None), "special must be True or False"),
+    (lambda m: m.detokenize([1, None]), "got None"),
+    (lambda m: m.detokenize([-1]), "token id -1 is out of range"),
+])
+def test_wrong_arguments_are_halfbyte_errors(demo, call, message):
+    with pytest.raises(HalfbyteError) as info:
+        call(demo)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"n_ctx": "x"}, "n_ctx must be an integer"),
+    ({"n_ctx": -1}, "n_ctx must be >= 0"),
+    ({"threads": 1.5}, "threads must be an integer"),
+    ({"threads": "2"}, "threads must be an integer"),
+    ({"kv_type": "q4"}, "KV cache type must be f16 or f32"),
+])
+def test_wrong_load_arguments_are_halfbyte_errors(kwargs, message):
+    from engine.default_model import default_model_path
+
+    with pytest.raises(HalfbyteError, match=message.replace("(", r"\(")):
+        Model.load(default_model_path(), **kwargs)
+    with pytest.raises(HalfbyteError, match="path must be a str or os.PathLike"):
+        Model.load(None)
+
+
+def test_llama_cpp_conventions_in_the_library(demo):
+    import inspect
+    import warnings
+
+    from engine.default_model import default_model_path
+    from engine.model import ContextOverflowWarning, _default_threads
+
+    assert inspect.signature(Model.generate).parameters["repeat_penalty"].default == 1.0
+    # max_tokens -1 / None: until EOS or a full context.
+    small = Model.load(default_model_path(), n_ctx=16, threads=1)
+    small.generate("And", max_tokens=-1, seed=1)
+    assert small.last_stats.stop_reason in ("eos", "context")
+    small.generate("And", max_tokens=None, seed=1)
+    assert small.last_stats.stop_reason in ("eos", "context")
+    # seed -1 is a random seed, like None.
+    demo.generate("And", max_tokens=2, seed=-1)
+    # threads <= 0: all cores; n_ctx 0: the training context; larger: honoured, with a warning.
+    assert Model.load(default_model_path(), threads=0).threads == _default_threads()
+    assert Model.load(default_model_path(), threads=-1).threads == _default_threads()
+    assert Model.load(default_model_path(), n_ctx=0).n_ctx == 512
+    with pytest.warns(ContextOverflowWarning, match=r"n_ctx \(600\) > n_ctx_train \(512\)"):
+        assert Model.load(default_model_path(), n_ctx=600).n_ctx == 600
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ContextOverflowWarning)
+        Model.load(default_model_path(), n_ctx=512)
+
+
+def test_detokenize_renders_special_tokens_on_request(demo):
+    ids = demo.tokenize("And")
+    assert ids[0] == 1
+    assert demo.detokenize(ids) == "And"
+    assert demo.detokenize(ids, special=True).startswith("<s>")
+    assert demo.token_text(1) == "<s>"
+
+
+def test_prompt_speed_leaves_compile_time_out(demo, monkeypatch):
+    from engine import jit_cache
+
+    clock = iter([0.0, 3.0])  # 3 s "spent compiling" during the prompt evaluation
+    monkeypatch.setattr(jit_cache, "compile_seconds", lambda: next(clock, 3.0))
+    demo.generate("And the LORD", max_tokens=1, seed=1)
+    stats = demo.last_stats
+    assert stats.prompt_compile_seconds == 3.0 and 0 <= stats.prompt_seconds < 3.0
