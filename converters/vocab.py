@@ -66,6 +66,15 @@ def _token_id(path: Path, what: str, value: Any) -> int:
     return value
 
 
+def _text(path: Path, what: str, value: str) -> str:
+    """A string GGUF can store: JSON escapes can spell lone surrogates, which are not Unicode text."""
+    try:
+        value.encode("utf-8", errors="surrogateescape")
+    except UnicodeEncodeError:
+        raise file_error(path, f"{what} {describe_value(value)} is not valid Unicode (a lone surrogate)") from None
+    return value
+
+
 def _token_content(value: Any) -> str | None:
     """tokenizer_config.json stores special tokens as strings or as {"content": ...}."""
     if isinstance(value, str):
@@ -164,6 +173,7 @@ def sentencepiece_vocab(directory: Path, config: Mapping[str, Any]) -> list[Meta
     added_path = directory / "added_tokens.json"
     added = _optional_json(added_path)
     for content, token_id in added.items():
+        _text(added_path, "token", content)
         _token_id(added_path, f"token {describe_value(content)}", token_id)
     for content, token_id in sorted(added.items(), key=lambda item: item[1]):
         if token_id < len(tokens):
@@ -207,7 +217,8 @@ def bpe_vocab(directory: Path, config: Mapping[str, Any], pre: str) -> list[Meta
         raise file_error(path, "not a BPE tokenizer.json (expected model.type = BPE with a vocab)")
     vocab: dict[str, int] = {}
     for content, token_id in model["vocab"].items():
-        vocab[content] = _token_id(path, f"model.vocab entry {describe_value(content)}", token_id)
+        vocab[_text(path, "model.vocab entry", content)] = _token_id(
+            path, f"model.vocab entry {describe_value(content)}", token_id)
     added_tokens = data.get("added_tokens") or []
     if not isinstance(added_tokens, list):
         raise file_error(path, f"'added_tokens' must be a list, got {describe_value(added_tokens)}")
@@ -215,7 +226,8 @@ def bpe_vocab(directory: Path, config: Mapping[str, Any], pre: str) -> list[Meta
     for token in added:
         if not isinstance(token["content"], str):
             raise file_error(path, f"added token content must be a string, got {describe_value(token['content'])}")
-        vocab[token["content"]] = _token_id(path, f"added token {describe_value(token['content'])}", token["id"])
+        content = _text(path, "added token", token["content"])
+        vocab[content] = _token_id(path, f"added token {describe_value(content)}", token["id"])
 
     size = max(vocab.values(), default=-1) + 1
     vocab_size = _vocab_size(directory, config, size)
@@ -244,9 +256,9 @@ def bpe_vocab(directory: Path, config: Mapping[str, Any], pre: str) -> list[Meta
     for merge in raw_merges:
         # Older files store "a b", newer ones ["a", "b"].
         if isinstance(merge, str):
-            merges.append(merge)
+            merges.append(_text(path, "merge", merge))
         elif isinstance(merge, list) and len(merge) == 2 and all(isinstance(part, str) for part in merge):
-            merges.append(f"{merge[0]} {merge[1]}")
+            merges.append(_text(path, "merge", f"{merge[0]} {merge[1]}"))
         else:
             raise file_error(path, f"unreadable merge {describe_value(merge)}")
 

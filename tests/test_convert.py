@@ -601,3 +601,12 @@ def test_output_directory_is_our_one_line_error(tiny_llama, tmp_path, kind):
     code, out = run_cli("convert", str(tiny_llama), "-o", str(output), "-q")
     assert_one_line_error(code, out, "directory")
     assert "Usage" not in out
+
+
+def test_lone_surrogate_token_names_the_tokenizer_file(checkpoints, tmp_path):
+    d = copy_checkpoint(checkpoints["mpt"], tmp_path / "bpe")
+    text = (d / "tokenizer.json").read_text()
+    (d / "tokenizer.json").write_text(text.replace('"model": {', '"model": {"_": 0, ', 1)
+                                      .replace('"vocab": {', '"vocab": {"\\ud800": 5, ', 1))
+    code, out = run_cli("convert", str(d), "-o", str(tmp_path / "o.gguf"), "-q", "--vocab-only")
+    assert_one_line_error(code, out, str(d / "tokenizer.json"), "lone surrogate")
