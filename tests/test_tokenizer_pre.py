@@ -24,6 +24,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from engine.errors import HalfbyteError
 from engine.tokenizer import Tokenizer, TokenType
 from engine.tokenizer.bpe import GPT2_PATTERN, PRE_TOKENIZERS, pre_tokenizer, split_gpt2
+from engine.tokenizer.identify import CHECK_HASHES, check_hash, pre_from_tokenizer_json
 from engine.tokenizer.pretokenize import RegexSplitter, translate
 from engine.tokenizer.unicode_tables import CLASS_RANGES, class_ranges
 
@@ -301,3 +302,42 @@ def test_encode_100kb_reports_speed(real, capsys):
     assert ids == reference
     with capsys.disabled():
         print(f"\nllama-bpe 100 kB: {len(ids) / ours:,.0f} tokens/s (tokenizers: {len(ids) / theirs:,.0f})")
+
+
+# ------------------------------------------------------------------------- naming a tokenizer.json
+
+
+@pytest.mark.parametrize(
+    "name, expected", [("llama3", "llama-bpe"), ("qwen", "qwen2"), ("mpt", "olmo"), ("falcon", "falcon")]
+)
+def test_pre_from_tokenizer_json(name, expected):
+    assert pre_from_tokenizer_json(_tokenizer_json(name)) == expected
+
+
+def test_check_hash_is_llama_cpps():
+    # Our fixture's Llama 3 file adds no BOS, so its fingerprint is Smaug's; with Meta's BOS
+    # template it is Meta-Llama-3-8B's. Structure names both llama-bpe (ignore_merges is on).
+    data = _tokenizer_json("llama3")
+    assert CHECK_HASHES[check_hash(data)] == "smaug-bpe"
+    bos = {"id": "<|begin_of_text|>", "ids": [128000], "tokens": ["<|begin_of_text|>"]}
+    data["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [
+            {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+        ],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+        "special_tokens": {"<|begin_of_text|>": bos},
+    }
+    assert CHECK_HASHES[check_hash(data)] == "llama-bpe"
+    data["model"]["ignore_merges"] = False
+    assert pre_from_tokenizer_json(data) == "smaug-bpe"
+    # A pattern spelled differently (llama.cpp's adaptation): the fingerprint still knows it.
+    data["model"]["ignore_merges"] = True
+    split = data["pre_tokenizer"]["pretokenizers"][0]
+    split["pattern"]["Regex"] = split["pattern"]["Regex"].replace(
+        "(?i:'s|'t|'re|'ve|'m|'ll|'d)", "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+    )
+    assert pre_from_tokenizer_json(data) == "llama-bpe"
+    data["pre_tokenizer"] = {"type": "WhitespaceSplit"}
+    assert pre_from_tokenizer_json(data) is None
