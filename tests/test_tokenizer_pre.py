@@ -172,6 +172,9 @@ def test_llama3_bos_and_specials(real):
     assert llama3.encode("<|begin_of_text|>Hi", parse_special=True)[:2] == [128000, 128000]
     no_bos = Tokenizer.from_metadata({**gguf_metadata("llama3", "llama-bpe"), "tokenizer.ggml.add_bos_token": False})
     assert no_bos.encode("Hello world") == [9906, 1917]
+    without_id = {**gguf_metadata("llama3", "llama-bpe")}
+    del without_id["tokenizer.ggml.bos_token_id"]
+    assert not Tokenizer.from_metadata(without_id).add_bos
     eot = llama3.encode("<|eot_id|>", add_bos=False, parse_special=True)
     assert eot == [128009] and llama3.is_control(128009)
     assert 128009 not in llama3.encode("<|eot_id|>")

@@ -229,6 +229,8 @@ class Tokenizer:
         eos_id = _optional_id(metadata, "eos_token_id", default_if_in_range(default_eos), vocab_size)
         unk_id = _optional_id(metadata, "unknown_token_id", default_if_in_range(default_unk), vocab_size)
         pad_id = _optional_id(metadata, "padding_token_id", None, vocab_size)
+        if bos_id is None and model == "gpt2":
+            default_add_bos = False  # a name's BOS default needs a BOS token to add
         add_bos = _optional_flag(metadata, "add_bos_token", default_add_bos)
         add_eos = _optional_flag(metadata, "add_eos_token", False)
         add_space_prefix = _optional_flag(metadata, "add_space_prefix", model == "llama")
