@@ -14,12 +14,21 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from engine.errors import HalfbyteError
 from engine.kernels.matmul import _call, to_f32
+from engine.kernels.simd import _F16, _F32, _I16, _I64, _V8F32, _Loop, _mask, _vconst
 
-_FLOAT_DOT = {"reassoc", "contract", "nsz"}
+# Float math here never reassociates: with "reassoc" LLVM picks a reduction's vector width and
+# interleave from the CPU's cost model, and the same file gave other logits (and other sampled
+# text) on a Sapphire Rapids than on a Zen 5 with the same kernels. "contract" (FMA) is kept:
+# every x86 kernel target and arm64 have FMA, so the rounding is the same on all of them.
+_FLOAT_DOT = {"contract", "nsz"}
+_V8I16 = ir.VectorType(_I16, 8)
 
 
 class KVCache:
@@ -80,12 +89,77 @@ class KVCache:
         self.n_past = 0
 
 
-@njit(cache=True, fastmath=_FLOAT_DOT)
-def _score(q, k):
-    acc = np.float32(0.0)
-    for d in range(q.size):
-        acc += q[d] * to_f32(k[d])
-    return acc
+@intrinsic
+def _score(typingctx, q, k):
+    """``sum(q[d] * k[d])`` as float32, where ``k`` is float32 or IEEE-half bits (uint16).
+
+    Written as vector IR so the summation order is fixed by this code, not by the CPU's
+    vectorizer: elements 16i..16i+7 go to accumulator A and 16i+8..16i+15 to B (two FMA chains
+    hide the FMA latency), a last group of 8 to A, the rest to a scalar; then A + B, a fixed
+    8 -> 1 tree, plus the scalar. The same bits on every CPU with FMA, at full vector speed.
+    """
+    ok = (isinstance(q, types.Array) and q.ndim == 1 and q.layout == "C" and q.dtype == types.float32
+          and isinstance(k, types.Array) and k.ndim == 1 and k.layout == "C"
+          and k.dtype in (types.float32, types.uint16))
+    if not ok:
+        return None
+    half_keys = k.dtype == types.uint16
+
+    def codegen(context, builder, sig, args):
+        b = builder
+        qa = context.make_array(sig.args[0])(context, b, args[0])
+        ka = context.make_array(sig.args[1])(context, b, args[1])
+        n = b.extract_value(qa.shape, 0)
+        n_k = b.extract_value(ka.shape, 0)
+        n = b.select(b.icmp_unsigned("<", n, n_k), n, n_k)
+        q_ptr, k_ptr = qa.data, ka.data
+        fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(_V8F32, [_V8F32] * 3), "llvm.fma.v8f32")
+
+        def load8(at: ir.Value) -> tuple[ir.Value, ir.Value]:
+            qv = b.load(b.bitcast(b.gep(q_ptr, [at]), _V8F32.as_pointer()), align=4)
+            if half_keys:
+                bits = b.load(b.bitcast(b.gep(k_ptr, [at]), _V8I16.as_pointer()), align=2)
+                kv = b.fpext(b.bitcast(bits, ir.VectorType(_F16, 8)), _V8F32)
+            else:
+                kv = b.load(b.bitcast(b.gep(k_ptr, [at]), _V8F32.as_pointer()), align=4)
+            return qv, kv
+
+        zero = _vconst(_V8F32, 0.0)
+        loop = _Loop(b, b.lshr(n, ir.Constant(_I64, 4)), [zero, zero], "score")
+        base = b.shl(loop.index, ir.Constant(_I64, 4))
+        acc_a, acc_b = loop.values
+        acc_a = b.call(fma, [*load8(base), acc_a])
+        acc_b = b.call(fma, [*load8(b.add(base, ir.Constant(_I64, 8))), acc_b])
+        acc_a, acc_b = loop.close([acc_a, acc_b])
+        # a last group of 8 (n % 16 >= 8) into A
+        done16 = b.shl(b.lshr(n, ir.Constant(_I64, 4)), ir.Constant(_I64, 4))
+        has8 = b.icmp_unsigned(">=", b.sub(n, done16), ir.Constant(_I64, 8))
+        skip_block = b.basic_block
+        with b.if_then(has8):
+            extra = b.call(fma, [*load8(done16), acc_a])
+            extra_block = b.basic_block
+        merged = b.phi(_V8F32)
+        merged.add_incoming(extra, extra_block)
+        merged.add_incoming(acc_a, skip_block)
+        acc_a = merged
+        total = b.fadd(acc_a, acc_b)
+        v4 = b.fadd(b.shuffle_vector(total, total, _mask(range(4))), b.shuffle_vector(total, total, _mask(range(4, 8))))
+        v2 = b.fadd(b.shuffle_vector(v4, v4, _mask(range(2))), b.shuffle_vector(v4, v4, _mask(range(2, 4))))
+        result = b.fadd(b.extract_element(v2, ir.Constant(ir.IntType(32), 0)),
+                        b.extract_element(v2, ir.Constant(ir.IntType(32), 1)))
+        # scalar tail: elements from (n // 8) * 8
+        start = b.shl(b.lshr(n, ir.Constant(_I64, 3)), ir.Constant(_I64, 3))
+        tail = _Loop(b, b.sub(n, start), [ir.Constant(_F32, 0.0)], "score_tail")
+        at = b.add(start, tail.index)
+        qs = b.load(b.gep(q_ptr, [at]))
+        ks = b.load(b.gep(k_ptr, [at]))
+        if half_keys:
+            ks = b.fpext(b.bitcast(ks, _F16), _F32)
+        f32_fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(_F32, [_F32] * 3), "llvm.fma.f32")
+        [tail_sum] = tail.close([b.call(f32_fma, [qs, ks, tail.values[0]])])
+        return b.fadd(result, tail_sum)
+
+    return types.float32(q, k), codegen
 
 
 @njit(cache=True, fastmath=_FLOAT_DOT)
