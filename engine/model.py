@@ -306,13 +306,13 @@ class Model:
         ids = check_token_ids(tokens)
         special = check_bool("special", special)
         self._check_range(ids)
-        return self.tokenizer.decode(ids.tolist(), render_special=special)
+        return self.tokenizer.decode(ids.tolist(), special=special)
 
     def token_text(self, token: int) -> str:
         """One token's text as llama-tokenize shows it: control tokens by their name (``<s>``)."""
         token = check_int("token", token)
         self._check_range(np.asarray([token]))
-        return self.tokenizer.token_bytes(token, render_special=True).decode("utf-8", "replace")
+        return self.tokenizer.token_piece(token)
 
     # -- evaluation --------------------------------------------------------------------------------
 

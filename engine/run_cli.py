@@ -221,8 +221,7 @@ def tokenize(model_path: str, text: str | None, text_file: str | None, pieces: b
     ids = tokenizer.encode(text, add_bos=False if no_bos else None, parse_special=special)
     if pieces:
         for token_id in ids:
-            piece = tokenizer.token_bytes(token_id, render_special=True).decode("utf-8", "replace")
-            click.echo(f"{token_id:6d} -> {piece!r}")
+            click.echo(f"{token_id:6d} -> {tokenizer.token_piece(token_id)!r}")
     else:
         click.echo(" ".join(str(i) for i in ids))
 

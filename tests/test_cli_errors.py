@@ -78,7 +78,9 @@ def test_ctrl_c_at_any_moment_is_interrupted_with_status_130():
     interrupted = 0
     for attempt in range(10):
         args = [sys.executable, "-m", "engine", *commands[attempt % 2]]
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                # as from a terminal, even if this test runs with SIGINT ignored (`... &`)
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         first_line = proc.stderr.readline()  # the command is running (interpreter and imports are up)
         assert "demo model" in first_line, first_line
         time.sleep(rng.uniform(0.0, 2.5))
