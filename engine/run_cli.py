@@ -58,12 +58,20 @@ def compile_notices() -> None:
 
 @contextmanager
 def warnings_on_stderr() -> Iterator[None]:
-    """Library warnings (e.g. a context beyond the training one) as ``halfbyte: warning: ...`` lines."""
+    """halfbyte's own warnings (e.g. a context beyond the training one) as ``halfbyte: warning: ...``
+    lines; other warnings are shown (or not) as Python would."""
+    from engine.model import ContextOverflowWarning
+
+    original = warnings.showwarning
+
     def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-        click.echo(f"halfbyte: warning: {message}", err=True)
+        if issubclass(category, ContextOverflowWarning):
+            click.echo(f"halfbyte: warning: {message}", err=True)
+        else:
+            original(message, category, filename, lineno, file, line)
 
     with warnings.catch_warnings():
-        warnings.simplefilter("always")
+        warnings.simplefilter("always", ContextOverflowWarning)
         warnings.showwarning = show
         yield
 

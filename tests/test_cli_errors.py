@@ -72,8 +72,8 @@ def test_ctrl_c_at_any_moment_is_interrupted_with_status_130():
     sampling, printing): always `halfbyte: interrupted`, exit status 130, never a traceback."""
     rng = random.Random(1234)
     commands = [
-        ["perplexity", "-f", str(HELDOUT), "-c", "512", "-t", "1", "-q"],
-        ["run", "-p", "And the LORD said", "-n", "-1", "--context-shift", "-t", "1", "-s", "3"],
+        ["perplexity", "-f", str(HELDOUT), "-c", "512", "-t", "2", "-q"],
+        ["run", "-p", "And the LORD said", "-n", "-1", "--context-shift", "-t", "2", "-s", "3"],
     ]
     interrupted = 0
     for attempt in range(10):
