@@ -131,7 +131,7 @@ THREADS_HELP = "Threads (0 or negative, the default: all cores)."
 @click.command()
 @click.argument("model_path", metavar="[MODEL]", required=False)
 @click.option("-p", "--prompt", default=None, help="Text to continue.")
-@click.option("-f", "--file", "prompt_file", help="Read the prompt from a file (instead of -p).")
+@click.option("-f", "--file", "prompt_file", metavar="FILE", help="Read the prompt from a file (instead of -p).")
 @click.option("-n", "--n-predict", "max_tokens", default=128, show_default=True,
               help="Tokens to generate (-1 = until end of text or a full context).")
 @click.option("--temp", "temperature", default=0.8, show_default=True, help="Temperature (0 = greedy).")
@@ -206,7 +206,7 @@ def run(model_path: str | None, prompt: str | None, prompt_file: str | None, max
 @click.command()
 @click.argument("model_path", metavar="MODEL")
 @click.argument("text", required=False)
-@click.option("-f", "--file", "text_file", help="Tokenize this file (UTF-8) instead of TEXT.")
+@click.option("-f", "--file", "text_file", metavar="FILE", help="Tokenize this file (UTF-8) instead of TEXT.")
 @click.option("--pieces", is_flag=True, help="Print one token per line with its text (control tokens by name).")
 @click.option("--no-bos", is_flag=True, help="Do not add the BOS token.")
 @click.option("--special", is_flag=True, help="Parse special-token text such as <s>.")
@@ -236,7 +236,7 @@ def tokenize(model_path: str, text: str | None, text_file: str | None, pieces: b
 
 @click.command()
 @click.argument("model_path", metavar="[MODEL]", required=False)
-@click.option("-f", "--file", "text_file", required=True, help="The text to score (UTF-8).")
+@click.option("-f", "--file", "text_file", metavar="FILE", required=True, help="The text to score (UTF-8).")
 @click.option("-c", "--ctx-size", "n_ctx", default=512, show_default=True,
               help="Tokens per window (0 = the model's training context).")
 @click.option("--chunks", "max_chunks", type=int, default=None, help="Score at most this many windows (>= 1).")
