@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from engine import quants
 from engine.errors import HalfbyteError, file_error
 from engine.filetypes import FILE_TYPES
-from engine.gguf_file import GGUFFile, GGUFWriter, TensorInfo
+from engine.gguf_file import GGUFFile, GGUFWriter, TensorInfo, refuse_overwriting_inputs
 from engine.progress import progress_bar
 
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
@@ -106,11 +106,11 @@ def quantize_gguf(
     quantized to another type need ``allow_requantize`` (else a HalfbyteError names one)."""
     from engine.model import deferred_interrupts
 
-    if os.path.abspath(src_path) == os.path.abspath(dst_path):
-        raise file_error(dst_path, "output would overwrite the input")
+    # Same file through any path, symlink or hard link: refused before anything is opened.
+    refuse_overwriting_inputs(dst_path, [src_path])
     with GGUFFile(src_path) as src:
         plan = _plan(src, requested, allow_requantize)
-        with GGUFWriter(dst_path, alignment=src.alignment) as out:
+        with GGUFWriter(dst_path, alignment=src.alignment, inputs=[src_path]) as out:
             out.copy_metadata(src)
             # Overwrites the copied key in place, so the output keeps the input's key order.
             out.add("general.file_type", int(FILE_TYPES[requested]), GGUFValueType.UINT32)

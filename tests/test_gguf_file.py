@@ -1066,9 +1066,12 @@ def as_float32(ggml_type: QT, stored: np.ndarray) -> np.ndarray:
 def expected_after_quantize(ggml_type: QT, shape: tuple[int, ...], stored: np.ndarray,
                             requested: QT) -> tuple[QT, bytes]:
     """llama-quantize's rules, with gguf-py's quantizer as the reference for the bytes."""
-    if ggml_type not in (QT.F32, QT.F16, QT.BF16):
-        return ggml_type, stored.tobytes()
+    is_float = ggml_type in (QT.F32, QT.F16, QT.BF16)
+    if ggml_type in (QT.I8, QT.I16, QT.I32, QT.I64, QT.F64):
+        return ggml_type, stored.tobytes()  # integer tensors are copied
     if len(shape) < 2:
+        if not is_float:
+            return ggml_type, stored.tobytes()
         target = QT.F32
     elif shape[-1] % gguf.GGML_QUANT_SIZES[requested][0]:
         target = QT.F16
@@ -1076,7 +1079,10 @@ def expected_after_quantize(ggml_type: QT, shape: tuple[int, ...], stored: np.nd
         target = requested
     if target == ggml_type:
         return target, stored.tobytes()
-    return target, gguf.quants.quantize(as_float32(ggml_type, stored), target).tobytes()
+    # A tensor quantized to another type is re-quantized from its dequantized values
+    # (--allow-requantize, as llama-quantize).
+    values = as_float32(ggml_type, stored) if is_float else gguf.quants.dequantize(stored, ggml_type)
+    return target, gguf.quants.quantize(values, target).tobytes()
 
 
 @pytest.fixture(scope="module")
@@ -1089,7 +1095,8 @@ def quantize_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_quantize_command(tmp_path: Path, quantize_source: Path, type_name: str) -> None:
     requested = QUANTIZE_TARGETS[type_name]
     out_path = tmp_path / f"out-{type_name}.gguf"
-    result = invoke_cli("quantize", "-q", str(quantize_source), str(out_path), type_name.upper())
+    result = invoke_cli("quantize", "-q", "--allow-requantize", str(quantize_source), str(out_path),
+                        type_name.upper())
     assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [out_path.name]  # no partial file left
     source_tensors = quantize_source_tensors()
