@@ -332,8 +332,10 @@ class Model:
         return ids
 
     def _forward(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
+        from engine.batch import Batch  # here, not at import: it loads the kernels
+
         with deferred_interrupts():
-            logits = self.arch.forward(ids, self.n_past, self.cache, all_logits=all_logits)
+            logits = self.arch.forward(Batch.single(ids, self.n_past, self.cache), all_logits=all_logits)
         self.tokens.extend(int(t) for t in ids)
         return logits
 

@@ -9,10 +9,8 @@ import numpy as np
 
 from engine.errors import file_error
 from engine.gguf_file import GGUFFile
-from engine.kernels import attention as _attention
 from engine.kernels import matmul as _matmul
 from engine.kernels import ops as _ops
-from engine.kernels.attention import KVCache
 from engine.weights import Weight
 
 rms_norm = _ops.rms_norm
@@ -38,11 +36,6 @@ def linear(x: np.ndarray, weight: Weight) -> np.ndarray:
 def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, theta: float, scale: float, neox: bool) -> None:
     """Rotate ``x`` (n_tok, n_head, head_dim) in place."""
     _ops.rope(x, positions, n_rot, theta, scale, neox)
-
-
-def attention(q: np.ndarray, cache: KVCache, layer: int, n_past: int, scale: float,
-              alibi: np.ndarray | None = None) -> np.ndarray:
-    return _attention.attend(q, cache.keys(layer), cache.values(layer), n_past, scale, alibi)
 
 
 def check_heads(file: GGUFFile, n_embd: int, n_head: int, n_head_kv: int, n_rot: int) -> None:

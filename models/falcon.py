@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import ops
+from engine.batch import Batch
 from engine.gguf_file import GGUFFile
 from engine.hparams import HParams, Tensors
-from engine.kernels.attention import KVCache
 from engine.model import check_interrupt
 from engine.weights import Weight
 
@@ -95,13 +95,13 @@ class Falcon:
         self.output_norm_b = t.vector("output_norm.bias", p.n_embd)
         self.output = t.matrix("output.weight", p.n_vocab, p.n_embd) if t.has("output.weight") else self.tok_embd
 
-    def forward(self, tokens: np.ndarray, n_past: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, batch: Batch, all_logits: bool = False) -> np.ndarray:
         p = self.params
-        n = len(tokens)
+        n = batch.n_tok
         hd = p.head_dim
-        positions = np.arange(n_past, n_past + n, dtype=np.int64)
+        positions = batch.positions
         scale = 1.0 / math.sqrt(hd)
-        x = ops.embed(self.tok_embd, tokens)
+        x = ops.embed(self.tok_embd, batch.tokens)
         for i, layer in enumerate(self.layers):
             check_interrupt()  # a deferred Ctrl-C stops here, between kernel calls
             # As in llama.cpp: attn_norm feeds the MLP (and, in 7B-style blocks, attention too);
@@ -114,10 +114,8 @@ class Falcon:
             v = qkv[:, p.n_embd + p.n_head_kv * hd :].reshape(n, p.n_head_kv, hd)
             ops.rope(q, positions, hd, p.rope_theta, 1.0, neox=True)
             ops.rope(k, positions, hd, p.rope_theta, 1.0, neox=True)
-            cache.store(i, k, v, n_past)
-            attn = ops.attention(q, cache, i, n_past, scale)
+            attn = batch.attention(i, q, k, v, scale)
             mlp = ops.linear(ops.gelu(ops.linear(m, layer.w_up)), layer.w_down)
             x += ops.linear(attn.reshape(n, p.n_embd), layer.wo) + mlp
-        if not all_logits:
-            x = x[-1:]
+        x = batch.output_rows(x, all_logits)
         return ops.linear(ops.layer_norm(x, self.output_norm, self.output_norm_b, p.norm_eps), self.output)

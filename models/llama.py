@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import ops
+from engine.batch import Batch
 from engine.gguf_file import GGUFFile
 from engine.hparams import HParams, Tensors
-from engine.kernels.attention import KVCache
 from engine.model import check_interrupt
 from engine.weights import Weight
 
@@ -103,12 +103,12 @@ class Llama:
         # Tied embeddings: no output tensor, the embedding matrix doubles as the head.
         self.output = t.matrix("output.weight", p.n_vocab, p.n_embd) if t.has("output.weight") else self.tok_embd
 
-    def forward(self, tokens: np.ndarray, n_past: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, batch: Batch, all_logits: bool = False) -> np.ndarray:
         p = self.params
-        n = len(tokens)
-        positions = np.arange(n_past, n_past + n, dtype=np.int64)
+        n = batch.n_tok
+        positions = batch.positions
         scale = 1.0 / math.sqrt(p.head_dim)
-        x = ops.embed(self.tok_embd, tokens)
+        x = ops.embed(self.tok_embd, batch.tokens)
         for i, layer in enumerate(self.layers):
             check_interrupt()  # a deferred Ctrl-C stops here, between kernel calls
             h = ops.rms_norm(x, layer.attn_norm, p.rms_eps)
@@ -117,11 +117,9 @@ class Llama:
             v = ops.linear(h, layer.wv).reshape(n, p.n_head_kv, p.head_dim)
             ops.rope(q, positions, p.n_rot, p.rope_theta, p.rope_scale, neox=False)
             ops.rope(k, positions, p.n_rot, p.rope_theta, p.rope_scale, neox=False)
-            cache.store(i, k, v, n_past)
-            attn = ops.attention(q, cache, i, n_past, scale)
+            attn = batch.attention(i, q, k, v, scale)
             x += ops.linear(attn.reshape(n, p.n_embd), layer.wo)
             h = ops.rms_norm(x, layer.ffn_norm, p.rms_eps)
             x += ops.linear(ops.swiglu(ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up)), layer.w_down)
-        if not all_logits:
-            x = x[-1:]
+        x = batch.output_rows(x, all_logits)
         return ops.linear(ops.rms_norm(x, self.output_norm, p.rms_eps), self.output)

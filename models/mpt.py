@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import ops
+from engine.batch import Batch
 from engine.gguf_file import GGUFFile
 from engine.hparams import HParams, Tensors
-from engine.kernels.attention import KVCache
 from engine.model import check_interrupt
 from engine.weights import Weight
 
@@ -98,12 +98,12 @@ class Mpt:
         self.output = t.matrix("output.weight", p.n_vocab, p.n_embd) if t.has("output.weight") else self.tok_embd
         self.alibi = ops.alibi_slopes(p.n_head, p.max_alibi_bias)
 
-    def forward(self, tokens: np.ndarray, n_past: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, batch: Batch, all_logits: bool = False) -> np.ndarray:
         p = self.params
-        n = len(tokens)
+        n = batch.n_tok
         hd = p.head_dim
         scale = 1.0 / math.sqrt(hd)
-        x = ops.embed(self.tok_embd, tokens)
+        x = ops.embed(self.tok_embd, batch.tokens)
         for i, layer in enumerate(self.layers):
             check_interrupt()  # a deferred Ctrl-C stops here, between kernel calls
             h = ops.layer_norm(x, layer.attn_norm, layer.attn_norm_b, p.norm_eps)
@@ -113,11 +113,9 @@ class Mpt:
             q = qkv[:, : p.n_embd].reshape(n, p.n_head, hd)
             k = qkv[:, p.n_embd : p.n_embd + p.n_head_kv * hd].reshape(n, p.n_head_kv, hd)
             v = qkv[:, p.n_embd + p.n_head_kv * hd :].reshape(n, p.n_head_kv, hd)
-            cache.store(i, k, v, n_past)
-            attn = ops.attention(np.ascontiguousarray(q), cache, i, n_past, scale, self.alibi)
+            attn = batch.attention(i, np.ascontiguousarray(q), k, v, scale, self.alibi)
             x += ops.linear(attn.reshape(n, p.n_embd), layer.wo)
             h = ops.layer_norm(x, layer.ffn_norm, layer.ffn_norm_b, p.norm_eps)
             x += ops.linear(ops.gelu(ops.linear(h, layer.w_up)), layer.w_down)
-        if not all_logits:
-            x = x[-1:]
+        x = batch.output_rows(x, all_logits)
         return ops.linear(ops.layer_norm(x, self.output_norm, self.output_norm_b, p.norm_eps), self.output)

@@ -267,3 +267,29 @@ def test_prompt_speed_leaves_compile_time_out(demo, monkeypatch):
     demo.generate("And the LORD", max_tokens=1, seed=1)
     stats = demo.last_stats
     assert stats.prompt_compile_seconds == 3.0 and 0 <= stats.prompt_seconds < 3.0
+
+
+def test_batch_of_sequences_matches_transformers(pair):
+    """Several sequences in one forward pass (engine.batch, what a server's continuous batching
+    runs), each at its own position in its own KV cache, give each sequence's own logits."""
+    from engine.batch import Batch, SequenceSlice
+    from engine.kernels.attention import KVCache
+
+    model, reference = pair
+    p = model.arch.params
+    prompts = [model.tokenize(PROMPT), model.tokenize("The quick brown fox"), model.tokenize("Hello")]
+    caches = [KVCache(p.n_layer, 64, p.n_head_kv, p.head_dim, np.float32) for _ in prompts]
+    # prefill all three at once, every row's logits
+    batch = Batch(np.concatenate(prompts), [SequenceSlice(c, 0, len(ids)) for c, ids in zip(caches, prompts)])
+    logits = model.arch.forward(batch, all_logits=True)
+    for ids, start in zip(prompts, batch.starts):
+        theirs = hf_logits(reference, ids)
+        assert np.abs(logits[start : start + len(ids)] - theirs).max() <= 1e-3 * np.abs(theirs).max()
+    # then one decode step for each, at three different positions, last rows only
+    nexts = [5, 17, 29]
+    batch = Batch(nexts, [SequenceSlice(c, len(ids), 1) for c, ids in zip(caches, prompts)])
+    logits = model.arch.forward(batch)
+    assert logits.shape == (3, model.n_vocab)
+    for ids, token, row in zip(prompts, nexts, logits):
+        theirs = hf_logits(reference, ids + [token])[-1]
+        assert np.abs(row - theirs).max() <= 1e-3 * np.abs(theirs).max()
