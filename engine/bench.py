@@ -76,10 +76,13 @@ def run_bench(path: str | Path, n_prompt: int = 128, n_gen: int = 64, threads: i
     from engine.kernels.matmul import kernel_description
     from engine.machine import machine_info
     from engine.model import Model
+    from engine.threads import available_cores
 
     check_bench_args(n_prompt, n_gen, reps)
     log = log or (lambda message: None)
     start = time.perf_counter()
+    # A fixed count, as llama-bench: a benchmark measures the threads it names, it does not adapt.
+    threads = threads if threads is not None and threads > 0 else available_cores()
     model = Model.load(path, n_ctx=max(n_prompt, n_gen, 1), threads=threads)
     load_ns = int((time.perf_counter() - start) * 1e9)
     rng = np.random.default_rng(seed)
@@ -206,7 +209,8 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
 @click.argument("model_path", metavar="[MODEL]", required=False)
 @click.option("-p", "--n-prompt", default=128, show_default=True, help="Prompt tokens (pp test; 0 = skip).")
 @click.option("-n", "--n-gen", default=64, show_default=True, help="Generated tokens (tg test; 0 = skip).")
-@click.option("-t", "--threads", type=int, default=None, help="Threads (0 or negative, the default: all cores).")
+@click.option("-t", "--threads", type=int, default=None,
+              help="Threads (0 or negative, the default: all cores, fixed as in llama-bench).")
 @click.option("-r", "--repetitions", "reps", default=5, show_default=True, help="Timed repetitions per test.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list (llama-bench field names).")
 @click.option("--synthetic", metavar="SHAPE",

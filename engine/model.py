@@ -28,6 +28,7 @@ from engine import jit_cache
 from engine.errors import HalfbyteError, file_error
 from engine.gguf_file import GGUFFile
 from engine.sampling import SamplingParams, sample_token
+from engine.threads import ThreadPolicy
 from engine.tokenizer import Tokenizer
 
 STOP_EOS = "eos"  # the model produced its end-of-sequence token
@@ -181,11 +182,10 @@ class ContextOverflowWarning(UserWarning):
     """n_ctx is larger than the context the model was trained with."""
 
 
-def _default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+def _set_kernel_threads(n: int) -> None:
+    import numba  # here, not at import: `from engine import Model` stays light
+
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 class Model:
@@ -231,8 +231,10 @@ class Model:
         except BaseException:
             self.file.close()  # not left open until garbage collection
             raise
-        # As llama.cpp's -t: 0 or negative means the default, every core this process may use.
-        self.threads = threads if threads is not None and threads > 0 else _default_threads()
+        # As llama.cpp's -t: 0 or negative means the default: here the cores this process may use
+        # that other processes leave free, sampled while it runs (engine/threads.py).
+        self.thread_policy = ThreadPolicy(threads if threads is not None and threads > 0 else None)
+        self.threads = self.thread_policy.max_threads
         self.tokens: list[int] = []  # what the KV cache holds, in order
         self.last_stats = GenerationStats()
         self._lock = threading.Lock()
@@ -272,11 +274,9 @@ class Model:
         with self._lock:
             self._owner = me
             try:
-                import numba
 
                 from engine.kernels.matmul import slp_scope
 
-                numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
                 with slp_scope():
                     yield
             finally:
@@ -334,6 +334,9 @@ class Model:
     def _forward(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
         from engine.batch import Batch  # here, not at import: it loads the kernels
 
+        # The thread count is chosen per evaluation: a core that another process takes during a
+        # long generation is given up (and taken back) within the policy's sampling interval.
+        _set_kernel_threads(self.thread_policy.threads())
         with deferred_interrupts():
             logits = self.arch.forward(Batch.single(ids, self.n_past, self.cache), all_logits=all_logits)
         self.tokens.extend(int(t) for t in ids)

@@ -125,7 +125,8 @@ def _stream(model, prompt: str, options: dict, reset: bool) -> None:
         raise
 
 
-THREADS_HELP = "Threads (0 or negative, the default: all cores)."
+THREADS_HELP = ("Threads (0 or negative, the default: every core that other processes leave free, "
+                "re-checked while running).")
 
 
 @click.command()

@@ -255,9 +255,9 @@ def test_n_predict_minus_one_runs_to_the_end_of_text_or_context():
 def test_zero_or_negative_threads_mean_all_cores(threads):
     result = invoke("bench", DEMO, "-p", 4, "-n", 0, "-r", 1, "-t", threads, "--json")
     assert result.exit_code == 0, result.output
-    from engine.model import _default_threads
+    from engine.threads import available_cores
 
-    assert f'"n_threads": {_default_threads()}' in result.stdout
+    assert f'"n_threads": {available_cores()}' in result.stdout
 
 
 def test_context_beyond_training_is_honoured_with_a_warning_and_zero_is_the_training_context():

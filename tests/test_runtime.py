@@ -229,7 +229,8 @@ def test_llama_cpp_conventions_in_the_library(demo):
     import warnings
 
     from engine.default_model import default_model_path
-    from engine.model import ContextOverflowWarning, _default_threads
+    from engine.model import ContextOverflowWarning
+    from engine.threads import available_cores
 
     assert inspect.signature(Model.generate).parameters["repeat_penalty"].default == 1.0
     # max_tokens -1 / None: until EOS or a full context.
@@ -241,8 +242,8 @@ def test_llama_cpp_conventions_in_the_library(demo):
     # seed -1 is a random seed, like None.
     demo.generate("And", max_tokens=2, seed=-1)
     # threads <= 0: all cores; n_ctx 0: the training context; larger: honoured, with a warning.
-    assert Model.load(default_model_path(), threads=0).threads == _default_threads()
-    assert Model.load(default_model_path(), threads=-1).threads == _default_threads()
+    assert Model.load(default_model_path(), threads=0).threads == available_cores()
+    assert Model.load(default_model_path(), threads=-1).threads == available_cores()
     assert Model.load(default_model_path(), n_ctx=0).n_ctx == 512
     with pytest.warns(ContextOverflowWarning, match=r"n_ctx \(600\) > n_ctx_train \(512\)"):
         assert Model.load(default_model_path(), n_ctx=600).n_ctx == 600
