@@ -715,7 +715,9 @@ def quantize_activations_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     return qs, scales, sums
 
 
-@njit(parallel=True, cache=True)
+# Not parallel: a 128 x 4096 batch takes 1 ms on one thread, about 1% of the matrix product it
+# feeds, while the parallel version cost 0.8 s more of first-run compile time.
+@njit(cache=True)
 def quantize_activations_q8_0_batch(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row-wise :func:`quantize_activations_q8_0` of x[n_tok, n]: int8[n_tok, n], float32 and
     int32 [n_tok, n/32]."""
@@ -725,7 +727,7 @@ def quantize_activations_q8_0_batch(x: np.ndarray) -> tuple[np.ndarray, np.ndarr
     qs = np.empty((n_tok, n), np.int8)
     scales = np.empty((n_tok, n // QK), np.float32)
     sums = np.empty((n_tok, n // QK), np.int32)
-    for t in prange(n_tok):
+    for t in range(n_tok):
         _quantize_row_q8_0_into(x[t], qs[t], scales[t], sums[t])
     return qs, scales, sums
 
