@@ -1,7 +1,13 @@
-"""One GGUF file, one run: halfbyte vs llama.cpp (llama-cpp-python) vs transformers, tokens/s side by side.
+"""One GGUF file, one run: halfbyte vs llama.cpp vs transformers, tokens/s side by side.
 
     python bench/compare.py --synthetic llama-1b -p 128 -n 64 -t 2 -r 3
     python bench/compare.py model.gguf -p 64 -n 32
+    python bench/compare.py model.gguf --engines halfbyte,llama-bench --llama-bench BUILD/bin/llama-bench --rounds 5
+    python bench/compare.py model.gguf -p 512 -n 64 -d 4000 --engines halfbyte,llama-bench --llama-bench ...
+
+Engines alternate (``--rounds K`` runs every engine K times, in turn), so a noisy machine slows
+them alike; the table gives each engine's mean over all rounds and, per round, its ratio to the
+baseline (mainline llama.cpp: ``llama-bench`` when given, else llama-cpp-python): min / median / max.
 
 Each engine does what llama-bench does: pp<P> = P random tokens evaluated as one batch on an
 empty context; tg<N> = N tokens evaluated one at a time (random ids, no sampling). One untimed
@@ -10,6 +16,9 @@ warm-up per test, then R timed repetitions (mean +- stddev of tokens/s).
 * halfbyte: engine.bench.run_bench, in this process.
 * llama.cpp: the `llama-cpp-python` package (`Llama.eval`), skipped if it is not installed.
   Each engine runs in its own subprocess so peak RSS is per engine.
+* llama-bench: a llama.cpp ``llama-bench`` binary given by path (``--llama-bench``), run with
+  ``-o json``; ``ik_llama`` the same for ik_llama.cpp's (``--ik-llama-bench``, its extra flags in
+  ``--ik-args``, e.g. "-rtr 1 -fa 1"). ``-d`` (context depth) is passed to both.
 * transformers: LlamaForCausalLM in float32 with the file's shapes (LLaMA files only), random
   weights (speed does not depend on the values), skipped when float32 weights would not fit in
   half the RAM (7B: 27 GB).
@@ -39,10 +48,10 @@ def _summary(samples_s: list[float], n: int) -> dict:
     return {"avg_ts": statistics.fmean(ts), "stddev_ts": statistics.stdev(ts) if len(ts) > 1 else 0.0}
 
 
-def run_halfbyte(path: str, p: int, n: int, threads: int, reps: int) -> dict:
+def run_halfbyte(path: str, p: int, n: int, threads: int, reps: int, depth: int = 0) -> dict:
     from engine.bench import run_bench
 
-    records = run_bench(path, p, n, threads, reps)
+    records = run_bench(path, p, n, threads, reps, n_depth=depth)
     out = {"engine": f"halfbyte ({records[0]['kernels']})", "load_s": records[0]["load_ms"] / 1e3,
            "peak_rss": records[0]["peak_rss_bytes"]}
     for r in records:
@@ -51,7 +60,26 @@ def run_halfbyte(path: str, p: int, n: int, threads: int, reps: int) -> dict:
     return out
 
 
-def run_llama_cpp(path: str, p: int, n: int, threads: int, reps: int) -> dict:
+def run_llama_bench(binary: str, path: str, p: int, n: int, threads: int, reps: int, depth: int = 0,
+                    extra: str = "", label: str = "llama-bench") -> dict:
+    """A llama.cpp-family ``llama-bench`` binary on the same file; its JSON records -> our fields."""
+    env = dict(os.environ, LD_LIBRARY_PATH=str(Path(binary).resolve().parent))
+    command = [binary, "-m", path, "-p", str(p), "-n", str(n), "-t", str(threads), "-r", str(reps), "-o", "json",
+               *extra.split()]
+    if depth:
+        command += ["-d", str(depth)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{binary} exited with {done.returncode}: {done.stderr.strip()[-300:]}")
+    out = {"engine": f"{label} ({Path(binary).name} {extra})".replace(" )", ")"), "load_s": float("nan"),
+           "peak_rss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
+    for record in json.loads(done.stdout):
+        key = f"pp{record['n_prompt']}" if record["n_prompt"] else f"tg{record['n_gen']}"
+        out[key] = {"avg_ts": record["avg_ts"], "stddev_ts": record["stddev_ts"]}
+    return out
+
+
+def run_llama_cpp(path: str, p: int, n: int, threads: int, reps: int, depth: int = 0) -> dict:
     import llama_cpp
     from llama_cpp import Llama
 
@@ -87,7 +115,7 @@ def run_llama_cpp(path: str, p: int, n: int, threads: int, reps: int) -> dict:
     return out
 
 
-def run_transformers(path: str, p: int, n: int, threads: int, reps: int) -> dict:
+def run_transformers(path: str, p: int, n: int, threads: int, reps: int, depth: int = 0) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -141,10 +169,19 @@ def run_transformers(path: str, p: int, n: int, threads: int, reps: int) -> dict
 
 
 RUNNERS = {"halfbyte": run_halfbyte, "llama.cpp": run_llama_cpp, "transformers": run_transformers}
+BASELINES = ("llama-bench", "llama.cpp")  # mainline llama.cpp, by preference
 
 
 def _child(args: argparse.Namespace) -> None:
-    result = RUNNERS[args.engine](args.model, args.n_prompt, args.n_gen, args.threads, args.reps)
+    if args.engine in ("llama-bench", "ik_llama"):
+        binary = args.llama_bench if args.engine == "llama-bench" else args.ik_llama_bench
+        extra = "" if args.engine == "llama-bench" else args.ik_args
+        result = run_llama_bench(binary, args.model, args.n_prompt, args.n_gen, args.threads, args.reps,
+                                 args.n_depth, extra, label=args.engine)
+    else:
+        if args.n_depth and args.engine != "halfbyte":
+            raise SystemExit(f"{args.engine}: -d is supported for halfbyte and llama-bench binaries only")
+        result = RUNNERS[args.engine](args.model, args.n_prompt, args.n_gen, args.threads, args.reps, args.n_depth)
     print(json.dumps(result))
 
 
@@ -157,15 +194,40 @@ def _fits_transformers(path: str) -> bool:
     return n_params * 4 * 2 < total  # fp32 weights plus the same again for init and activations
 
 
+def _available(engine: str, args: argparse.Namespace) -> bool:
+    if engine == "llama.cpp":
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("llama.cpp: llama-cpp-python is not installed, skipped", file=sys.stderr)
+            return False
+    if engine == "llama-bench" and not args.llama_bench:
+        print("llama-bench: give --llama-bench PATH, skipped", file=sys.stderr)
+        return False
+    if engine == "ik_llama" and not args.ik_llama_bench:
+        print("ik_llama: give --ik-llama-bench PATH, skipped", file=sys.stderr)
+        return False
+    if engine == "transformers" and not _fits_transformers(args.model):
+        print("transformers: float32 weights would not fit in memory, skipped", file=sys.stderr)
+        return False
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?")
     parser.add_argument("--synthetic", help="a halfbyte synthetic shape instead of a file, e.g. llama-1b")
     parser.add_argument("-p", "--n-prompt", type=int, default=128)
     parser.add_argument("-n", "--n-gen", type=int, default=64)
+    parser.add_argument("-d", "--n-depth", type=int, default=0, help="tokens in the context before each test")
     parser.add_argument("-t", "--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("-r", "--reps", type=int, default=3)
-    parser.add_argument("--engines", default="halfbyte,llama.cpp,transformers")
+    parser.add_argument("--rounds", type=int, default=1, help="run every engine this many times, alternating")
+    parser.add_argument("--engines", default="halfbyte,llama.cpp,transformers",
+                        help="comma-separated: halfbyte, llama.cpp, llama-bench, ik_llama, transformers")
+    parser.add_argument("--llama-bench", help="path of a mainline llama.cpp llama-bench binary")
+    parser.add_argument("--ik-llama-bench", help="path of ik_llama.cpp's llama-bench binary")
+    parser.add_argument("--ik-args", default="-rtr 1 -fa 1", help="extra flags for ik_llama.cpp's llama-bench")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--engine", help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
@@ -179,40 +241,51 @@ def main() -> None:
     if not args.model:
         parser.error("give a GGUF file or --synthetic SHAPE")
 
-    results = []
-    for engine in args.engines.split(","):
-        if engine == "llama.cpp":
-            try:
-                import llama_cpp  # noqa: F401
-            except ImportError:
-                print("llama.cpp: llama-cpp-python is not installed, skipped", file=sys.stderr)
+    engines = [e for e in args.engines.split(",") if _available(e, args)]
+    rounds: list[list[dict]] = []
+    for round_index in range(args.rounds):
+        results = []
+        for engine in engines:
+            command = [sys.executable, __file__, args.model, "--engine", engine, "-p", str(args.n_prompt),
+                       "-n", str(args.n_gen), "-d", str(args.n_depth), "-t", str(args.threads), "-r", str(args.reps),
+                       f"--ik-args={args.ik_args}"]
+            for flag, value in (("--llama-bench", args.llama_bench), ("--ik-llama-bench", args.ik_llama_bench)):
+                if value:
+                    command += [flag, value]
+            print(f"round {round_index + 1}/{args.rounds}: running {engine}...", file=sys.stderr)
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{engine}: failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
                 continue
-        if engine == "transformers" and not _fits_transformers(args.model):
-            print("transformers: float32 weights would not fit in memory, skipped", file=sys.stderr)
-            continue
-        command = [sys.executable, __file__, args.model, "--engine", engine, "-p", str(args.n_prompt),
-                   "-n", str(args.n_gen), "-t", str(args.threads), "-r", str(args.reps)]
-        print(f"running {engine}...", file=sys.stderr)
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"{engine}: failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-            continue
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        rounds.append(results)
 
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(rounds, indent=2))
         return
+    depth = f" @ d{args.n_depth}" if args.n_depth else ""
     tests = [t for t in (f"pp{args.n_prompt}" if args.n_prompt else "", f"tg{args.n_gen}" if args.n_gen else "") if t]
-    base = next((r for r in results if r["engine"].startswith("llama.cpp")), None)
-    print(f"file: {args.model} ({Path(args.model).stat().st_size / 2**20:.0f} MiB), threads: {args.threads}\n")
-    header = "| engine | " + " | ".join(f"{t} t/s" for t in tests) + " | " + " | ".join(
-        f"{t} vs llama.cpp" for t in tests) + " | load s | peak RSS MiB |"
-    print(header)
+    names = list(dict.fromkeys(r["engine"] for results in rounds for r in results))
+    base_name = next((n for prefix in BASELINES for n in names if n.startswith(prefix)), None)
+    print(f"file: {args.model} ({Path(args.model).stat().st_size / 2**20:.0f} MiB), threads: {args.threads}, "
+          f"rounds: {args.rounds}; ratios per round against {base_name or 'nothing'}: min / median / max\n")
+    print("| engine | " + " | ".join(f"{t}{depth} t/s" for t in tests) + " | " + " | ".join(
+        f"{t} vs llama.cpp" for t in tests) + " | load s | peak RSS MiB |")
     print("|" + " --- |" * (1 + 2 * len(tests) + 2))
-    for r in results:
-        speeds = " | ".join(f"{r[t]['avg_ts']:.2f} ± {r[t]['stddev_ts']:.2f}" for t in tests)
-        ratios = " | ".join(f"{r[t]['avg_ts'] / base[t]['avg_ts']:.2f}x" if base else "-" for t in tests)
-        print(f"| {r['engine']} | {speeds} | {ratios} | {r['load_s']:.2f} | {r['peak_rss'] / 2**20:.0f} |")
+    for name in names:
+        mine = [next((r for r in results if r["engine"] == name), None) for results in rounds]
+        base = [next((r for r in results if r["engine"] == base_name), None) for results in rounds]
+        speeds, ratios = [], []
+        for t in tests:
+            values = [r[t]["avg_ts"] for r in mine if r]
+            spread = statistics.stdev(values) if len(values) > 1 else (mine[0] or {}).get(t, {}).get("stddev_ts", 0)
+            speeds.append(f"{statistics.fmean(values):.2f} ± {spread:.2f}" if values else "-")
+            per_round = sorted(m[t]["avg_ts"] / b[t]["avg_ts"] for m, b in zip(mine, base) if m and b)
+            ratios.append(f"{per_round[0]:.2f} / {statistics.median(per_round):.2f} / {per_round[-1]:.2f}x"
+                          if per_round else "-")
+        last = [r for r in mine if r][-1]
+        print(f"| {name} | {' | '.join(speeds)} | {' | '.join(ratios)} | {last['load_s']:.2f} | "
+              f"{last['peak_rss'] / 2**20:.0f} |")
 
 
 if __name__ == "__main__":

@@ -70,36 +70,44 @@ def _size_label(n_params: int) -> str:
 
 
 def run_bench(path: str | Path, n_prompt: int = 128, n_gen: int = 64, threads: int | None = None, reps: int = 5,
-              seed: int = 1, log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Benchmark one GGUF file; returns one llama-bench-style record per test (pp, tg)."""
+              seed: int = 1, log: Callable[[str], None] | None = None, n_depth: int = 0) -> list[dict[str, Any]]:
+    """Benchmark one GGUF file; returns one llama-bench-style record per test (pp, tg).
+
+    ``n_depth`` (llama-bench's ``-d``): each timed pass starts after that many tokens already in the
+    context (evaluated untimed), so pp and tg are measured at a long context."""
     from engine import jit_cache
     from engine.kernels.matmul import kernel_description
     from engine.machine import machine_info
     from engine.model import Model
     from engine.threads import available_cores
 
-    check_bench_args(n_prompt, n_gen, reps)
+    check_bench_args(n_prompt, n_gen, reps, n_depth)
     log = log or (lambda message: None)
     start = time.perf_counter()
     # A fixed count, as llama-bench: a benchmark measures the threads it names, it does not adapt.
     threads = threads if threads is not None and threads > 0 else available_cores()
-    model = Model.load(path, n_ctx=max(n_prompt, n_gen, 1), threads=threads)
+    model = Model.load(path, n_ctx=n_depth + max(n_prompt, n_gen, 1), threads=threads)
     load_ns = int((time.perf_counter() - start) * 1e9)
     rng = np.random.default_rng(seed)
 
     def random_tokens(n: int) -> list[int]:
         return [int(t) for t in rng.integers(0, model.n_vocab, n)]
 
+    def fill_depth() -> None:
+        model.reset()
+        for start in range(0, n_depth, 512):  # in prompt-sized batches, untimed
+            model.eval(random_tokens(min(512, n_depth - start)), last_only=True)
+
     def prompt_pass(n: int) -> int:
         tokens = random_tokens(n)
-        model.reset()
+        fill_depth()
         t0 = time.perf_counter_ns()
         model.eval(tokens, last_only=True)
         return time.perf_counter_ns() - t0
 
     def generation_pass(n: int) -> int:
         tokens = random_tokens(n)  # like llama-bench: random ids, no sampling in the timing
-        model.reset()
+        fill_depth()
         t0 = time.perf_counter_ns()
         for token in tokens:
             model.eval((token,), last_only=True)
@@ -113,13 +121,14 @@ def run_bench(path: str | Path, n_prompt: int = 128, n_gen: int = 64, threads: i
     log(f"loaded in {load_ns / 1e6:.0f} ms; first {max(n_prompt, 1)}-token prompt in {first / 1e6:.0f} ms"
         f"{compiling}")
     tests: list[TestResult] = []
+    at_depth = f" @ d{n_depth}" if n_depth else ""
     if n_prompt:
         prompt_pass(n_prompt)  # warm-up
-        tests.append(TestResult(f"pp{n_prompt}", n_prompt, 0, [prompt_pass(n_prompt) for _ in range(reps)]))
+        tests.append(TestResult(f"pp{n_prompt}{at_depth}", n_prompt, 0, [prompt_pass(n_prompt) for _ in range(reps)]))
         log(f"pp{n_prompt}: {tests[-1].avg_ts:.2f} t/s")
     if n_gen:
         generation_pass(1)  # warm-up
-        tests.append(TestResult(f"tg{n_gen}", 0, n_gen, [generation_pass(n_gen) for _ in range(reps)]))
+        tests.append(TestResult(f"tg{n_gen}{at_depth}", 0, n_gen, [generation_pass(n_gen) for _ in range(reps)]))
         log(f"tg{n_gen}: {tests[-1].avg_ts:.2f} t/s")
 
     size, n_params = _model_stats(model)
@@ -146,6 +155,7 @@ def run_bench(path: str | Path, n_prompt: int = 128, n_gen: int = 64, threads: i
             "type_v": ("f16" if model.cache.dtype == np.float16 else "f32"),
             "n_prompt": test.n_prompt,
             "n_gen": test.n_gen,
+            "n_depth": n_depth,
             "test_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "avg_ns": int(statistics.fmean(test.samples_ns)),
             "stddev_ns": int(statistics.stdev(test.samples_ns)) if reps > 1 else 0,
@@ -171,13 +181,14 @@ def run_bench(path: str | Path, n_prompt: int = 128, n_gen: int = 64, threads: i
     return records
 
 
-def check_bench_args(n_prompt: int, n_gen: int, reps: int) -> None:
+def check_bench_args(n_prompt: int, n_gen: int, reps: int, n_depth: int = 0) -> None:
     """llama-bench's ranges, with the option named: -p/-n >= 0 (not both 0), -r >= 1."""
     from engine.model import check_int
 
     check_int("-p (n_prompt)", n_prompt, 0)
     check_int("-n (n_gen)", n_gen, 0)
     check_int("-r (repetitions)", reps, 1)
+    check_int("-d (n_depth)", n_depth, 0)
     if n_prompt + n_gen == 0:
         raise HalfbyteError("need -p > 0 or -n > 0 tokens to measure")
 
@@ -198,6 +209,8 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
              "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
     for r in records:
         test = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
+        if r.get("n_depth"):
+            test += f" @ d{r['n_depth']}"
         lines.append(
             f"| {r['model_type']} | {r['model_size'] / 2**30:.2f} GiB | {r['model_n_params'] / 1e9:.2f} B "
             f"| {r['engine']} {r['kernels']} | {r['n_threads']} | {test} | {r['avg_ts']:.2f} ± {r['stddev_ts']:.2f} |"
@@ -211,19 +224,21 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
 @click.option("-n", "--n-gen", default=64, show_default=True, help="Generated tokens (tg test; 0 = skip).")
 @click.option("-t", "--threads", type=int, default=None,
               help="Threads (0 or negative, the default: all cores, fixed as in llama-bench).")
+@click.option("-d", "--n-depth", default=0, show_default=True,
+              help="Tokens already in the context before each timed test (long-context speed).")
 @click.option("-r", "--repetitions", "reps", default=5, show_default=True, help="Timed repetitions per test.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list (llama-bench field names).")
 @click.option("--synthetic", metavar="SHAPE",
               help="Benchmark a random-weight Q4_0 file of a known shape (llama-1b, llama-3b, llama-7b, "
                    "llama-13b), built once and cached.")
-def bench(model_path: str | None, n_prompt: int, n_gen: int, threads: int | None, reps: int, as_json: bool,
-          synthetic: str | None) -> None:
+def bench(model_path: str | None, n_prompt: int, n_gen: int, threads: int | None, n_depth: int, reps: int,
+          as_json: bool, synthetic: str | None) -> None:
     """Measure prompt processing (pp) and generation (tg) tokens/s of a GGUF file, like llama-bench."""
     from engine.run_cli import check_not_directory, compile_notices, warnings_on_stderr
 
     if (model_path is None) == (synthetic is None):
         raise HalfbyteError("give a MODEL file or --synthetic SHAPE (one of them)")
-    check_bench_args(n_prompt, n_gen, reps)  # before building a synthetic file or loading anything
+    check_bench_args(n_prompt, n_gen, reps, n_depth)  # before building a synthetic file or loading anything
     check_not_directory(model_path)
     if synthetic is not None:
         from converters.synthetic import synthetic_path
@@ -236,7 +251,7 @@ def bench(model_path: str | None, n_prompt: int, n_gen: int, threads: int | None
         click.echo(f"halfbyte: {message}", err=True)
 
     with warnings_on_stderr():
-        records = run_bench(model_path, n_prompt, n_gen, threads, reps, log=log)
+        records = run_bench(model_path, n_prompt, n_gen, threads, reps, log=log, n_depth=n_depth)
     if as_json:
         click.echo(json.dumps(records, indent=2))
         return

@@ -60,8 +60,20 @@ def test_bench_table(tiny_file):
     assert "| pp4 |" in result.stdout and "peak RSS" in result.stdout
 
 
+def test_bench_at_depth(tiny_file):
+    """-d D as llama-bench: each timed test runs after D tokens already in the context."""
+    result = CliRunner().invoke(main, ["bench", str(tiny_file), "-p", "4", "-n", "2", "-d", "100", "-r", "1",
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout)
+    assert [(r["n_prompt"], r["n_gen"], r["n_depth"]) for r in records] == [(4, 0, 100), (0, 2, 100)]
+    table = CliRunner().invoke(main, ["bench", str(tiny_file), "-p", "0", "-n", "2", "-d", "30", "-r", "1"])
+    assert "| tg2 @ d30 |" in table.stdout
+
+
 @pytest.mark.parametrize("args,message", [
     ([], "give a MODEL file or --synthetic"),
+    (["{tiny}", "-d", "-1"], "-d (n_depth) must be >= 0, got -1"),
     (["--synthetic", "llama-2b"], "unknown synthetic model 'llama-2b'"),
     (["{tiny}", "-p", "0", "-n", "0"], "need -p > 0 or -n > 0"),
     (["{tiny}", "-r", "0"], "-r (repetitions) must be >= 1"),
