@@ -9,6 +9,12 @@ shape ``(*raw.shape[:-1], n)``.  The block types run in the Numba kernels of
 full-size float32 copy of a big tensor is made (only non-float32 or non-contiguous input is
 converted, one chunk at a time).
 
+llama.cpp's K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K and IQ4_NL, IQ4_XS, for which ``gguf.quants`` has no
+quantizer, are written byte-identical to ``llama-quantize`` without an importance matrix (ggml's
+reference quantizers; ``engine.kernels.kquant_quantize``, checked against llama-quantize's own files in
+tests/fixtures/kquants); their dequantization is bit-identical to ``gguf.quants.dequantize``.  For these
+types NaN/inf input gives deterministic bytes that are not promised equal to ggml's.
+
 NaN and inf input never raise; the bytes are the reference's wherever the reference's
 result does not depend on numpy's implementation:
 
@@ -43,6 +49,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from engine.errors import HalfbyteError
+from engine.kernels import kquant_quantize as kqq
 from engine.kernels import quant
 
 QT = GGMLQuantizationType
@@ -55,10 +62,15 @@ _KERNELS = {
     QT.Q5_0: (quant.quantize_q5_0, quant.dequantize_q5_0),
     QT.Q5_1: (quant.quantize_q5_1, quant.dequantize_q5_1),
     QT.BF16: (quant.quantize_bf16, quant.dequantize_bf16),
+    # llama.cpp's K-quants and IQ4 (engine.kernels.kquant_quantize): bytes of llama-quantize without an
+    # importance matrix; their blocks are independent too, so they stream through the same chunking.
+    **{qtype: (kqq.QUANTIZERS[qtype], kqq.DEQUANTIZERS[qtype]) for qtype in kqq.DEQUANTIZERS},
 }
-QUANTIZE_TYPES: frozenset[GGMLQuantizationType] = frozenset({QT.F32, QT.F16, *_KERNELS})
-# llama.cpp's K-quants are read (dequantized), never written.
-DEQUANTIZE_ONLY_TYPES: frozenset[GGMLQuantizationType] = frozenset({QT.Q4_K, QT.Q5_K, QT.Q6_K})
+# Q4_K/Q5_K/Q6_K are written by kquant_quantize and read by engine.kernels.kquants.
+_KQUANT_WRITERS = {qtype: kqq.QUANTIZERS[qtype] for qtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K)}
+QUANTIZE_TYPES: frozenset[GGMLQuantizationType] = frozenset({QT.F32, QT.F16, *_KERNELS, *_KQUANT_WRITERS})
+# Every type read is now written too (kept for callers of the old name).
+DEQUANTIZE_ONLY_TYPES: frozenset[GGMLQuantizationType] = frozenset()
 SUPPORTED_TYPES: frozenset[GGMLQuantizationType] = QUANTIZE_TYPES | DEQUANTIZE_ONLY_TYPES
 
 # fp16 -> fp32 by table, like ggml's ggml_table_f32_f16; built by numpy so it is numpy's conversion.
@@ -105,6 +117,8 @@ def tensor_nbytes(qtype: GGMLQuantizationType | int, shape: Sequence[int]) -> in
 
 def _kernels(qtype: GGMLQuantizationType | int, action: str) -> tuple[GGMLQuantizationType, tuple]:
     qtype = _as_type(qtype)
+    if action == "quantize" and qtype in _KQUANT_WRITERS:
+        return qtype, (_KQUANT_WRITERS[qtype],)
     if qtype not in _KERNELS and qtype not in (QT.F32, QT.F16):
         allowed = SUPPORTED_TYPES if action == "dequantize" else QUANTIZE_TYPES
         supported = ", ".join(sorted(t.name for t in allowed))
@@ -164,7 +178,7 @@ def dequantize(
     ``out``, a C-contiguous float32 array of that shape, receives the result instead of a new
     array: reusing a buffer skips the page faults of fresh memory, which cost as much as the
     kernel itself for big tensors."""
-    if _as_type(qtype) in DEQUANTIZE_ONLY_TYPES:
+    if _as_type(qtype) in _KQUANT_WRITERS:
         return _dequantize_k(np.asarray(raw), _as_type(qtype), out)
     qtype, kernels = _kernels(qtype, "dequantize")
     if qtype in (QT.F32, QT.F16):
