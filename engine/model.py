@@ -31,7 +31,7 @@ from engine.sampling import SamplingParams, sample_token
 from engine.threads import ThreadPolicy
 from engine.tokenizer import Tokenizer
 
-STOP_EOS = "eos"  # the model produced its end-of-sequence token
+STOP_EOS = "eos"  # the model produced an end-of-generation token (EOS, <|eot_id|>, ...: Tokenizer.eog_ids)
 STOP_LENGTH = "length"  # max_tokens were generated
 STOP_STRING = "stop"  # a stop string appeared in the output
 STOP_CONTEXT = "context"  # the context window is full (and context shifting is off)
@@ -462,7 +462,7 @@ class Model:
                         stats.stop_reason = STOP_LENGTH
                         break
                     token = sample_token(logits, params, rng, self.tokens)
-                    if token == self.tokenizer.eos_id:
+                    if token in self.tokenizer.eog_ids:
                         stats.stop_reason = STOP_EOS
                         break
                     stats.generated_tokens += 1

@@ -15,6 +15,11 @@ the text before the rest is tokenized; control and unknown tokens (types 3, 2) o
 when ``parse_special=True``. Where several could match, the leftmost, then longest,
 wins (Hugging Face's rule).
 
+End of generation: ``eog_ids`` holds every token that ends a generation, found as llama.cpp's
+vocabulary finds them: EOS, the ``eot``/``eom``/``fim_*`` token ids the file names, and tokens
+whose text ends a turn in a known chat format (``<|eot_id|>``, ``<|im_end|>``, ``<|end|>``,
+``<end_of_turn>``, ``<|endoftext|>``, ...: ``EOG_TOKEN_TEXTS``).
+
 Decoding concatenates each token's bytes (``token_bytes``) and reads them as UTF-8.
 Unlike llama.cpp's BPE detokenizer it does not "clean up" spaces before punctuation,
 so ``decode(encode(text)) == text`` (up to MPT's NFC and SentencePiece's ``▁``).
@@ -60,6 +65,15 @@ class TokenType(IntEnum):
 
 
 _KNOWN_MODELS = ("llama", "gpt2")
+
+# End of generation (llama.cpp's llama_vocab special_eog_ids): besides EOS, the ids these
+# tokenizer.ggml.*_token_id keys name, and tokens with these texts wherever the vocabulary has them.
+EOG_ID_KEYS = ("eot", "eom", "fim_pad", "fim_rep", "fim_sep")
+EOG_TOKEN_TEXTS = (
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+    "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+    "<|end_of_text|>", "<end_of_utterance>", "<\uff5cend\u2581of\u2581sentence\uff5c>",
+)
 
 
 def _key(name: str) -> str:
@@ -127,6 +141,7 @@ class Tokenizer:
         add_bos: bool,
         add_eos: bool,
         add_space_prefix: bool,
+        eog_extra_ids: Iterable[int] = (),
     ) -> None:
         self.model = model
         self.pre = pre
@@ -178,6 +193,26 @@ class Tokenizer:
         self._split_always = self._splitter(always)
         self._split_special = self._splitter(special)
         self._bytes_cache: dict[int, bytes] = {}
+        self.eog_ids = self._end_of_generation_ids(token_to_id, eog_extra_ids)
+
+    def _end_of_generation_ids(self, token_to_id: Mapping[str, int], extra: Iterable[int]) -> frozenset[int]:
+        """The tokens that end a generation, as llama.cpp's vocabulary finds them: EOS, the
+        file's EOT/EOM/FIM ids (``extra``) and every token whose text ends a turn in a known
+        chat format (``<|eot_id|>``, ``<|im_end|>``, ``<|end|>``, ``<end_of_turn>``, ...)."""
+        ids = {token_to_id[text] for text in EOG_TOKEN_TEXTS if text in token_to_id}
+        # gpt-oss style vocabularies: <|end|> ends a message but not the generation (llama.cpp's rule).
+        if "<|end|>" in token_to_id and (
+                ("<|return|>" in token_to_id and "<|call|>" in token_to_id)
+                or ("<|calls|>" in token_to_id and "<|flush|>" in token_to_id)):
+            ids.discard(token_to_id["<|end|>"])
+        ids.update(int(i) for i in extra)
+        if self.eos_id is not None:
+            ids.add(self.eos_id)
+        return frozenset(ids)
+
+    def is_eog(self, token_id: int) -> bool:
+        """True for a token that ends a generation (``eog_ids``)."""
+        return token_id in self.eog_ids
 
     # ----------------------------------------------------------------- construction
 
@@ -234,6 +269,7 @@ class Tokenizer:
         add_bos = _optional_flag(metadata, "add_bos_token", default_add_bos)
         add_eos = _optional_flag(metadata, "add_eos_token", False)
         add_space_prefix = _optional_flag(metadata, "add_space_prefix", model == "llama")
+        eog_extra = [_optional_id(metadata, f"{name}_token_id", None, vocab_size) for name in EOG_ID_KEYS]
         if add_bos and bos_id is None:
             raise HalfbyteError("tokenizer.ggml.add_bos_token is true but there is no tokenizer.ggml.bos_token_id")
         if add_eos and eos_id is None:
@@ -253,6 +289,7 @@ class Tokenizer:
             add_bos=add_bos,
             add_eos=add_eos,
             add_space_prefix=add_space_prefix,
+            eog_extra_ids=[i for i in eog_extra if i is not None],
         )
 
     def _splitter(self, ids: list[int]) -> tuple[re.Pattern[str], dict[str, int]] | None:
