@@ -153,3 +153,17 @@ def test_fresh_data_equals_llama_quantize(tmp_path) -> None:
         tensor = next(t for t in gguf.GGUFReader(out).tensors if t.name == TENSOR)
         theirs = np.array(tensor.data, dtype=np.uint8).reshape(data.shape[0], -1)
         np.testing.assert_array_equal(quants.quantize(data, qtype), theirs, err_msg=qtype.name)
+
+
+def test_branchless_nearest_value_equals_best_index() -> None:
+    """The IQ4 search's branchless index == ggml's binary search (best_index_int8), also at and
+    one ulp around every midpoint, at the ends, for huge values and NaN."""
+    table = kqq.KVALUES_IQ4NL.astype(np.float32)
+    values = [np.float32(v) for v in np.random.default_rng(0).uniform(-140, 140, 2000)]
+    for a, b in zip(table[:-1], table[1:]):
+        mid = np.float32((a + b) / 2)
+        values += [mid, np.nextafter(mid, np.float32(-1e9)), np.nextafter(mid, np.float32(1e9)), a, b]
+    values += [np.float32(v) for v in (-1e30, 1e30, -0.0, 0.0, np.inf, -np.inf, np.nan, 1e-40)]
+    table64 = kqq.KVALUES_IQ4NL.astype(np.int64)
+    for v in values:
+        assert kqq._nearest_value(v) == kqq._best_index(table64, v) == kqq.ref_best_index(v), v

@@ -298,6 +298,39 @@ def _best_index(values, v):
     return mu - 1 if v - np.float32(values[mu - 1]) < np.float32(values[mu]) - v else mu
 
 
+_KVALUES_F32 = KVALUES_IQ4NL.astype(np.float32)
+
+
+@njit(cache=True, inline="always")
+def _nearest_value(v):
+    """``_best_index`` without branches (what the IQ4 search spends its time on): with c = the number of
+    values[1:] <= v, v lies in [values[c], values[c + 1]); the same tie rule, the same ends, NaN -> 15."""
+    c = 0
+    for k in range(1, 16):
+        c += 1 if v >= _KVALUES_F32[k] else 0
+    lo = min(c, 14)
+    pick = lo if v - _KVALUES_F32[lo] < _KVALUES_F32[lo + 1] - v else lo + 1
+    pick = 0 if v <= _KVALUES_F32[0] else pick
+    return 15 if v != v else pick
+
+
+@njit(cache=True, inline="always")
+def _iq4_sums(x, inv, idx):
+    """Weighted sums of the codes of ``inv * x`` (weights x^2): the indices first (a loop without
+    dependencies), then the sums in order, as ggml's loop adds them."""
+    n = x.size
+    for j in range(n):
+        idx[j] = _nearest_value(inv * x[j])
+    sumqx = _F0
+    sumq2 = _F0
+    for j in range(n):
+        q = _KVALUES_F32[idx[j]]
+        w = x[j] * x[j]
+        sumqx += w * q * x[j]
+        sumq2 += w * q * q
+    return sumqx, sumq2
+
+
 @njit(cache=True)
 def _iq4_scale(x, values, ntry):
     """Scale of one 32-block in ggml quantize_row_iq4_nl_impl without quant_weights (weights x^2):
@@ -312,27 +345,14 @@ def _iq4_scale(x, values, ntry):
             vmax = x[j]
     if amax < GROUP_MAX_EPS:
         return _F0, False
+    idx = np.empty(n, np.int64)
     v0 = np.float32(values[0])
     d = -vmax / v0 if ntry > 0 else vmax / v0
-    inv = _F1 / d
-    sumqx = _F0
-    sumq2 = _F0
-    for j in range(n):
-        q = np.float32(values[_best_index(values, inv * x[j])])
-        w = x[j] * x[j]
-        sumqx += w * q * x[j]
-        sumq2 += w * q * q
+    sumqx, sumq2 = _iq4_sums(x, _F1 / d, idx)
     d = sumqx / sumq2 if sumq2 > _F0 else _F0
     best = d * sumqx
     for itry in range(-ntry, ntry + 1):
-        inv = np.float32(itry + values[0]) / vmax
-        sumqx = _F0
-        sumq2 = _F0
-        for j in range(n):
-            q = np.float32(values[_best_index(values, inv * x[j])])
-            w = x[j] * x[j]
-            sumqx += w * q * x[j]
-            sumq2 += w * q * q
+        sumqx, sumq2 = _iq4_sums(x, np.float32(itry + values[0]) / vmax, idx)
         if sumq2 > _F0 and sumqx * sumqx > best * sumq2:
             d = sumqx / sumq2
             best = d * sumqx
@@ -764,8 +784,17 @@ def _seq_sum(terms: np.ndarray) -> np.ndarray:
 
 
 def _first_absmax(x: np.ndarray) -> np.ndarray:
-    """``x[i]`` at the first largest |x[i]| of each row (C loops with ``if (ax > amax)``)."""
-    return np.take_along_axis(x, np.argmax(np.abs(x), axis=-1)[..., None], axis=-1)[..., 0]
+    """``x[i]`` at the first largest |x[i]| of each row, 0 if no |x[i]| > 0: the C loops
+    ``amax = max = 0; if (fabsf(x[i]) > amax) {amax = fabsf(x[i]); max = x[i];}`` (NaN never taken)."""
+    a = np.abs(x)
+    a = np.where(np.isnan(a), np.float32(-1), a)
+    i = np.argmax(a, axis=-1)[..., None]
+    return np.where(np.take_along_axis(a, i, axis=-1)[..., 0] > 0, np.take_along_axis(x, i, axis=-1)[..., 0], _f32(0))
+
+
+def _positive_max(x: np.ndarray) -> np.ndarray:
+    """``m = 0; if (x[i] > m) m = x[i];`` over the last axis (NaN never taken)."""
+    return np.where(x > 0, x, _f32(0)).max(axis=-1)
 
 
 def ref_make_qkx2(x, w, nmax, rmin, rdelta, nstep, use_mad):
@@ -918,8 +947,8 @@ def _ref_q2_k(x):
     sub = x.reshape(-1, 16)
     scales, mins, L = ref_make_qkx2(sub, np.abs(sub), 3, -0.5, 0.1, 15, True)
     scales, mins, L = scales.reshape(B, 16), mins.reshape(B, 16), L.reshape(B, QK_K)
-    max_scale = np.maximum(scales.max(axis=1), _f32(0))
-    max_min = np.maximum(mins.max(axis=1), _f32(0))
+    max_scale = _positive_max(scales)
+    max_min = _positive_max(mins)
     q4 = _f32(15)
     sc = np.where(max_scale[:, None] > 0, _np_nearest_int((q4 / max_scale)[:, None] * scales) & 0xFF, 0)
     m = np.where(max_min[:, None] > 0, _np_nearest_int((q4 / max_min)[:, None] * mins), 0)
@@ -969,8 +998,8 @@ def _ref_q45_k(x, five):
     w = av_x[:, None] + np.abs(sub)
     scales, mins, L = ref_make_qkx2(sub, w, nmax, -0.5 if five else -1.0, 0.1, 15 if five else 20, False)
     scales, mins, L = scales.reshape(B, 8), mins.reshape(B, 8), L.reshape(B, 8, 32)
-    max_scale = np.maximum(scales.max(axis=1), _f32(0))
-    max_min = np.maximum(mins.max(axis=1), _f32(0))
+    max_scale = _positive_max(scales)
+    max_min = _positive_max(mins)
     f63 = _f32(63)
     with np.errstate(divide="ignore"):
         inv_scale = np.where(max_scale > 0, f63 / max_scale, _f32(0))
