@@ -34,6 +34,9 @@ class PlannedTensor:
     source: str
     shape: tuple[int, ...]
     transform: Transform | None = None
+    # A tensor computed by the converter, not read from the checkpoint (``source`` is then only a
+    # description): llama.cpp's ``rope_freqs.weight``.
+    generate: Callable[[], np.ndarray] | None = None
 
 
 @dataclass
@@ -270,6 +273,18 @@ class ConfigReader:
         if kind in (None, "default"):
             return theta, None, 1.0
         return theta, kind, factor
+
+    def rope_scaling(self) -> tuple[float, str | None, ConfigReader]:
+        """(theta, scaling type or None, the object holding the scaling parameters): ``rope_scaling``
+        when present (older configs), else transformers 5's ``rope_parameters``."""
+        params = self.section("rope_parameters")
+        scaling = self.section("rope_scaling")
+        if not scaling.config:
+            scaling = params
+        theta = params.float_value("rope_theta", default=self.float_value("rope_theta", default=10000.0,
+                                                                           positive=True), positive=True)
+        kind = scaling.str_value("rope_type", "type")
+        return theta, None if kind in (None, "default") else kind, scaling
 
     def check_layers(self, key: str, n_layer: int, names: Collection[str], prefix: str) -> None:
         """A layer count is checked against the checkpoint before the plan loops over it: tensors

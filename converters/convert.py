@@ -115,6 +115,8 @@ def check_plan(plan: ConversionPlan, checkpoint: Any, config_path: Path) -> None
     """Every planned tensor exists with the shape the config implies; warn about leftovers."""
     available = set(checkpoint.names())
     for planned in plan.tensors:
+        if planned.generate is not None:
+            continue
         if planned.source not in available:
             raise file_error(
                 config_path.parent, f"checkpoint has no tensor {planned.source!r} (required by config.json)"
@@ -190,7 +192,10 @@ def _write(
             with progress_bar(total, f"convert {output.name}", progress) as bar:
                 for planned, ggml_type in tensors:
                     bar.set_postfix_str(planned.name, refresh=False)
-                    array = checkpoint.load(planned.source)
+                    if planned.generate is not None:
+                        array = np.asarray(planned.generate(), np.float32).reshape(planned.shape)
+                    else:
+                        array = checkpoint.load(planned.source)
                     if planned.transform is not None:
                         array = planned.transform(array)
                     writer.write_tensor(planned.name, encode_rows(array, ggml_type))

@@ -35,6 +35,27 @@ ALIASES: dict[str, str] = {
     "falcon-7b-instruct": "tiiuae/falcon-7b-instruct",
     "falcon-40b": "tiiuae/falcon-40b",
     "falcon-40b-instruct": "tiiuae/falcon-40b-instruct",
+    "llama3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama3-8b-instruct": "meta-llama/Meta-Llama-3-8B-Instruct",
+    "llama3.1-8b": "meta-llama/Llama-3.1-8B",
+    "llama3.1-8b-instruct": "meta-llama/Llama-3.1-8B-Instruct",
+    "llama3.2-1b": "meta-llama/Llama-3.2-1B",
+    "llama3.2-1b-instruct": "meta-llama/Llama-3.2-1B-Instruct",
+    "llama3.2-3b": "meta-llama/Llama-3.2-3B",
+    "llama3.2-3b-instruct": "meta-llama/Llama-3.2-3B-Instruct",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "mistral-7b-instruct": "mistralai/Mistral-7B-Instruct-v0.2",
+    "qwen2-0.5b": "Qwen/Qwen2-0.5B",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "qwen2.5-0.5b-instruct": "Qwen/Qwen2.5-0.5B-Instruct",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B",
+    "qwen2.5-1.5b-instruct": "Qwen/Qwen2.5-1.5B-Instruct",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "qwen2.5-7b-instruct": "Qwen/Qwen2.5-7B-Instruct",
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "qwen3-1.7b": "Qwen/Qwen3-1.7B",
+    "qwen3-4b": "Qwen/Qwen3-4B",
+    "qwen3-8b": "Qwen/Qwen3-8B",
 }
 
 # config.json plus every tokenizer file the vocab readers may use; each is fetched if the repo has it.
@@ -45,6 +66,8 @@ CONFIG_AND_TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 
 # The Hub's own rule for repo ids: "namespace/name", letters, digits, '-', '_', '.'.

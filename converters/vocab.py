@@ -2,8 +2,13 @@
 
 Two families, as llama.cpp names them:
 - ``llama``: a SentencePiece ``tokenizer.model`` (pieces, scores, token types), LLaMA.
-- ``gpt2``: a byte-level BPE ``tokenizer.json`` (vocab, merges), MPT and Falcon, with
-  ``tokenizer.ggml.pre`` naming the pre-tokenizer so llama.cpp splits text the same way.
+- ``gpt2``: a byte-level BPE ``tokenizer.json`` (vocab, merges): MPT and Falcon, and Llama 3,
+  Qwen2/3 and other checkpoints without a ``tokenizer.model``, with ``tokenizer.ggml.pre`` naming
+  the pre-tokenizer (identified from tokenizer.json itself) so llama.cpp splits text the same way.
+
+Like llama.cpp's converter (gguf-py's ``SpecialVocab``), both also write the add-BOS/EOS flags,
+the special token ids (bos, eos, unk, pad, and eot/eom where the tokenizer or generation config
+names them) and the chat template(s) of tokenizer_config.json (or chat_template.jinja/json).
 
 Both pad the vocabulary to the model's ``vocab_size`` (embedding rows) with unused
 ``[PAD<i>]`` tokens, as llama.cpp's converter does, so ids and embedding rows agree.
@@ -25,13 +30,19 @@ from engine.errors import HalfbyteError, file_error
 SPECIAL_NAMES = ("bos", "eos", "unk", "pad")
 # Every tokenizer file the readers below may open (also what `halfbyte convert` must not overwrite).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
+                   "added_tokens.json", "generation_config.json", "chat_template.jinja", "chat_template.json")
 SPECIAL_KEYS = {
     "bos": Keys.Tokenizer.BOS_ID,
     "eos": Keys.Tokenizer.EOS_ID,
     "unk": Keys.Tokenizer.UNK_ID,
     "pad": Keys.Tokenizer.PAD_ID,
+    "eot": Keys.Tokenizer.EOT_ID,
+    "eom": Keys.Tokenizer.EOM_ID,
 }
+# End-of-turn / end-of-message tokens as llama.cpp's vocabulary loader recognizes them by text.
+EOM_TEXTS = ("<|eom_id|>",)
+EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
+             "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>")
 
 
 def float_array(key: str, values: list[float]) -> MetadataEntry:
@@ -100,7 +111,39 @@ def _special_ids(
             content = _token_content(source.get(f"{name}_token"))
             if content is not None and content in lookup:
                 ids[name] = lookup[content]
+    ids.update(_turn_ids(directory, tokenizer_config, lookup, ids.get("eos")))
     return ids
+
+
+def _turn_ids(directory: Path, tokenizer_config: Mapping[str, Any], lookup: Mapping[str, int],
+              eos: int | None) -> dict[str, int]:
+    """eot/eom ids: ``eot_token``/``eom_token`` of tokenizer_config.json, else the end tokens that
+    generation_config.json lists besides EOS (Llama 3.1 Instruct: ``[128001, 128008, 128009]``,
+    ``<|eom_id|>`` and ``<|eot_id|>``), told apart by their text as llama.cpp's loader does."""
+    found: dict[str, int] = {}
+    for name in ("eot", "eom"):
+        content = _token_content(tokenizer_config.get(f"{name}_token"))
+        if content is not None and content in lookup:
+            found[name] = lookup[content]
+    path = directory / "generation_config.json"
+    generation = ConfigReader(_optional_json(path), path)
+    raw = generation.config.get("eos_token_id")
+    listed = raw if isinstance(raw, list) else [raw] if raw is not None else []
+    by_id = {token_id: text for text, token_id in lookup.items()}
+    eot_candidates = []
+    for token_id in listed:
+        if isinstance(token_id, bool) or not isinstance(token_id, int):
+            raise file_error(path, f"'eos_token_id' must be a token id or a list of them, got {describe_value(raw)}")
+        text = by_id.get(token_id)
+        if token_id == eos or text is None:
+            continue
+        if text in EOM_TEXTS:
+            found.setdefault("eom", token_id)
+        elif text in EOT_TEXTS:
+            eot_candidates.append((EOT_TEXTS.index(text), token_id))
+    if eot_candidates and "eot" not in found:
+        found["eot"] = min(eot_candidates)[1]
+    return found
 
 
 def _special_entries(ids: Mapping[str, int], vocab_size: int, config_path: Path) -> list[MetadataEntry]:
@@ -114,13 +157,97 @@ def _special_entries(ids: Mapping[str, int], vocab_size: int, config_path: Path)
     return entries
 
 
-def _add_flags(directory: Path, default_bos: bool) -> list[MetadataEntry]:
+def _add_flags(directory: Path, default_bos: bool | None, default_eos: bool | None = False) -> list[MetadataEntry]:
+    """add_bos/add_eos from tokenizer_config.json, else the defaults (None: not written)."""
     path = directory / "tokenizer_config.json"
     tokenizer_config = ConfigReader(_optional_json(path), path)
-    return [
-        boolean(Keys.Tokenizer.ADD_BOS, tokenizer_config.bool_value("add_bos_token", default=default_bos)),
-        boolean(Keys.Tokenizer.ADD_EOS, tokenizer_config.bool_value("add_eos_token", default=False)),
-    ]
+    entries = []
+    for key, name, default in ((Keys.Tokenizer.ADD_BOS, "add_bos_token", default_bos),
+                               (Keys.Tokenizer.ADD_EOS, "add_eos_token", default_eos)):
+        value = tokenizer_config.bool_value(name, default=default)  # type: ignore[arg-type]
+        if value is not None:
+            entries.append(boolean(key, value))
+    return entries
+
+
+def _post_processor_adds(data: Mapping[str, Any], bos: str | None, eos: str | None) -> tuple[bool | None, bool | None]:
+    """Whether tokenizer.json's post-processor adds BOS / EOS (None: it has no say). A
+    ``TemplateProcessing`` adds BOS when its single-sequence template starts with the BOS token
+    (Llama 3's ``<|begin_of_text|>``); a plain ``ByteLevel`` one adds nothing (llama.cpp's reading)."""
+    post = data.get("post_processor")
+    if not isinstance(post, dict):
+        return None, None
+    steps = post.get("processors") if post.get("type") == "Sequence" else [post]
+    add_bos = add_eos = None
+    for step in steps if isinstance(steps, list) else []:
+        if not isinstance(step, dict):
+            continue
+        if step.get("type") == "ByteLevel":
+            add_bos = False if add_bos is None else add_bos
+            add_eos = False if add_eos is None else add_eos
+        elif step.get("type") == "TemplateProcessing":
+            single = step.get("single")
+            single = single if isinstance(single, list) else []
+
+            def special(item: Any) -> Any:
+                return item.get("SpecialToken", {}).get("id") if isinstance(item, dict) else None
+
+            add_bos = len(single) > 1 and special(single[0]) is not None and special(single[0]) == bos
+            add_eos = len(single) > 1 and special(single[-1]) is not None and special(single[-1]) == eos
+    return add_bos, add_eos
+
+
+def chat_template_entries(directory: Path) -> list[MetadataEntry]:
+    """``tokenizer.chat_template`` (and ``tokenizer.chat_template.NAME`` for named alternatives), as
+    llama.cpp's converter writes them: tokenizer_config.json's ``chat_template`` (a string, or a list
+    of ``{name, template}``), else chat_template.jinja, else chat_template.json."""
+    path = directory / "tokenizer_config.json"
+    template = _optional_json(path).get("chat_template")
+    if template is None:
+        jinja = directory / "chat_template.jinja"
+        if jinja.is_file():
+            path = jinja
+            try:
+                template = jinja.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise file_error(jinja, f"cannot read: {exc}") from None
+        else:
+            path = directory / "chat_template.json"
+            template = _optional_json(path).get("chat_template")
+    if template is None:
+        return []
+    if isinstance(template, str):
+        return [string(Keys.Tokenizer.CHAT_TEMPLATE, _text(path, "chat_template", template))]
+    if not isinstance(template, list):
+        raise file_error(path, f"'chat_template' must be a string or a list of {{name, template}}, got "
+                               f"{describe_value(template)}")
+    entries, names = [], []
+    for choice in template:
+        if (not isinstance(choice, dict) or not isinstance(choice.get("name"), str)
+                or not isinstance(choice.get("template"), str)):
+            raise file_error(path, f"chat_template entries must be {{name, template}} strings, got "
+                                   f"{describe_value(choice)}")
+        # llama.cpp keeps names to [A-Za-z0-9_] (they become part of a metadata key).
+        name = "".join(c if c.isascii() and c.isalnum() else "_" for c in choice["name"])
+        text = _text(path, f"chat_template {name!r}", choice["template"])
+        if not name:
+            continue
+        if name == "default":
+            entries.insert(0, string(Keys.Tokenizer.CHAT_TEMPLATE, text))
+        elif name not in names:
+            names.append(name)
+            entries.append(string(Keys.Tokenizer.CHAT_TEMPLATE_N.format(name=name), text))
+    if names:
+        entries.append(MetadataEntry(Keys.Tokenizer.CHAT_TEMPLATES, names, GGUFValueType.ARRAY, GGUFValueType.STRING))
+    return entries
+
+
+def looks_special(token: str) -> bool:
+    """Added tokens llama.cpp's converter makes control tokens even when not flagged special."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<｜") and token.endswith("｜>"))
+            or (token.startswith("<unused") and token.endswith(">")))
 
 
 def _vocab_size(directory: Path, config: Mapping[str, Any], n_tokens: int) -> int:
@@ -203,18 +330,47 @@ def sentencepiece_vocab(directory: Path, config: Mapping[str, Any]) -> list[Meta
         *_special_entries(ids, vocab_size, directory / "config.json"),
         *_add_flags(directory, default_bos=True),
         boolean(Keys.Tokenizer.ADD_PREFIX, add_space_prefix),
+        *chat_template_entries(directory),
     ]
 
 
-def bpe_vocab(directory: Path, config: Mapping[str, Any], pre: str) -> list[MetadataEntry]:
-    """``tokenizer.json`` (byte-level BPE) -> tokenizer.ggml.* for ``model = gpt2``."""
+def hf_bpe_vocab(directory: Path, config: Mapping[str, Any], needed_by: str) -> list[MetadataEntry]:
+    """A byte-level BPE ``tokenizer.json`` whose pre-tokenizer is named from the file itself
+    (``engine.tokenizer.identify``): Llama 3 (``llama-bpe``), Qwen2/3 (``qwen2``), ..."""
+    from engine.tokenizer.identify import pre_from_tokenizer_json
+
     path = directory / "tokenizer.json"
     if not path.is_file():
-        raise file_error(path, "missing tokenizer file (MPT and Falcon checkpoints need tokenizer.json)")
+        raise file_error(path, f"missing tokenizer file ({needed_by} checkpoints without tokenizer.model "
+                               "need tokenizer.json)")
     data = _read_json(path)
+    _check_bpe(path, data)
+    try:
+        pre = pre_from_tokenizer_json(data)
+    except Exception as exc:  # the fingerprint runs HF tokenizers on the file
+        raise file_error(path, f"cannot identify the pre-tokenizer: {str(exc).splitlines()[0] if str(exc) else exc}"
+                         ) from None
+    if pre is None:
+        raise file_error(path, "unknown pre-tokenizer (neither its structure nor llama.cpp's fingerprint names a "
+                               "tokenizer.ggml.pre that halfbyte implements)")
+    return bpe_vocab(directory, config, pre, data=data)
+
+
+def _check_bpe(path: Path, data: Any) -> None:
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise file_error(path, "not a BPE tokenizer.json (expected model.type = BPE with a vocab)")
+
+
+def bpe_vocab(directory: Path, config: Mapping[str, Any], pre: str, data: Any = None) -> list[MetadataEntry]:
+    """``tokenizer.json`` (byte-level BPE) -> tokenizer.ggml.* for ``model = gpt2``."""
+    path = directory / "tokenizer.json"
+    if data is None:
+        if not path.is_file():
+            raise file_error(path, "missing tokenizer file (MPT and Falcon checkpoints need tokenizer.json)")
+        data = _read_json(path)
+    _check_bpe(path, data)
+    model = data["model"]
     vocab: dict[str, int] = {}
     for content, token_id in model["vocab"].items():
         vocab[_text(path, "model.vocab entry", content)] = _token_id(
@@ -243,7 +399,8 @@ def bpe_vocab(directory: Path, config: Mapping[str, Any], pre: str) -> list[Meta
             types.append(TokenType.UNUSED)
         elif token_id in special:
             tokens.append(content)
-            types.append(TokenType.CONTROL if special[token_id] else TokenType.USER_DEFINED)
+            control = special[token_id] or looks_special(content)
+            types.append(TokenType.CONTROL if control else TokenType.USER_DEFINED)
         else:
             tokens.append(content)
             types.append(TokenType.NORMAL)
@@ -254,17 +411,21 @@ def bpe_vocab(directory: Path, config: Mapping[str, Any], pre: str) -> list[Meta
     if not isinstance(raw_merges, list):
         raise file_error(path, f"'model.merges' must be a list, got {describe_value(raw_merges)}")
     for merge in raw_merges:
-        # Older files store "a b", newer ones ["a", "b"].
+        # Older files store "a b", newer ones ["a", "b"] (where a space inside a part is written
+        # as U+0120, as llama.cpp's converter does, so that "a b" stays unambiguous).
         if isinstance(merge, str):
             merges.append(_text(path, "merge", merge))
         elif isinstance(merge, list) and len(merge) == 2 and all(isinstance(part, str) for part in merge):
-            merges.append(_text(path, "merge", f"{merge[0]} {merge[1]}"))
+            first, second = (part.replace(" ", "\u0120") for part in merge)
+            merges.append(_text(path, "merge", f"{first} {second}"))
         else:
             raise file_error(path, f"unreadable merge {describe_value(merge)}")
 
     endoftext = vocab.get("<|endoftext|>")
     defaults = {name: endoftext for name in ("bos", "eos", "unk")} if endoftext is not None else {}
     ids = _special_ids(directory, config, vocab, defaults)
+    add_bos, add_eos = _post_processor_adds(data, by_id.get(ids["bos"]) if "bos" in ids else None,
+                                            by_id.get(ids["eos"]) if "eos" in ids else None)
     return [
         string(Keys.Tokenizer.MODEL, "gpt2"),
         string(Keys.Tokenizer.PRE, pre),
@@ -272,6 +433,8 @@ def bpe_vocab(directory: Path, config: Mapping[str, Any], pre: str) -> list[Meta
         int_array(Keys.Tokenizer.TOKEN_TYPE, types),
         MetadataEntry(Keys.Tokenizer.MERGES, merges, GGUFValueType.ARRAY, GGUFValueType.STRING),
         *_special_entries(ids, vocab_size, directory / "config.json"),
+        *_add_flags(directory, default_bos=add_bos, default_eos=add_eos),
+        *chat_template_entries(directory),
     ]
 
 

@@ -33,9 +33,11 @@ def linear(x: np.ndarray, weight: Weight) -> np.ndarray:
     return _matmul.matmul(weight, np.ascontiguousarray(x, dtype=np.float32))
 
 
-def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, theta: float, scale: float, neox: bool) -> None:
-    """Rotate ``x`` (n_tok, n_head, head_dim) in place."""
-    _ops.rope(x, positions, n_rot, theta, scale, neox)
+def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, theta: float, scale: float, neox: bool,
+         freq_factors: np.ndarray | None = None) -> None:
+    """Rotate ``x`` (n_tok, n_head, head_dim) in place; ``freq_factors`` (n_rot/2,) divide the
+    frequencies (``rope_freqs.weight``: Llama 3.1's scaling)."""
+    _ops.rope(x, positions, n_rot, theta, scale, neox, freq_factors=freq_factors)
 
 
 def check_heads(file: GGUFFile, n_embd: int, n_head: int, n_head_kv: int, n_rot: int) -> None:

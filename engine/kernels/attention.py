@@ -169,7 +169,7 @@ def _accumulate(acc, p, v):
 
 
 @njit(cache=True, parallel=True)
-def _attend_kernel(q, k, v, n_past, scale, slopes, use_alibi, out):
+def _attend_kernel(q, k, v, n_past, scale, slopes, use_alibi, window, out):
     n_tok, n_head, head_dim = q.shape
     group = n_head // k.shape[1]
     # Head-major task order: with a static split of tasks over threads each thread gets
@@ -179,14 +179,16 @@ def _attend_kernel(q, k, v, n_past, scale, slopes, use_alibi, out):
         t = task % n_tok
         kv_head = h // group
         query_pos = n_past + t
-        n_keys = query_pos + 1
+        # a sliding window of `window` positions ends at the query's own (0: no window)
+        first = max(0, query_pos + 1 - window) if window > 0 else 0
+        n_keys = query_pos + 1 - first
         qv = q[t, h]
         scores = np.empty(n_keys, np.float32)
         peak = -np.inf
         for j in range(n_keys):
-            s = _score(qv, k[j, kv_head]) * scale
+            s = _score(qv, k[first + j, kv_head]) * scale
             if use_alibi:
-                s += slopes[h] * np.float32(j - query_pos)
+                s += slopes[h] * np.float32(first + j - query_pos)
             scores[j] = s
             peak = max(peak, s)
         total = 0.0  # float64, like ggml's softmax sum
@@ -197,7 +199,7 @@ def _attend_kernel(q, k, v, n_past, scale, slopes, use_alibi, out):
         acc = out[t, h]
         acc[:] = 0.0
         for j in range(n_keys):
-            _accumulate(acc, scores[j], v[j, kv_head])
+            _accumulate(acc, scores[j], v[first + j, kv_head])
         inv = np.float32(1.0 / total)
         for d in range(head_dim):
             acc[d] *= inv
@@ -212,13 +214,17 @@ def _cache_array(cache: np.ndarray, name: str) -> np.ndarray:
 
 
 def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int, scale: float,
-           alibi_slopes: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+           alibi_slopes: np.ndarray | None = None, out: np.ndarray | None = None, window: int = 0) -> np.ndarray:
     """Causal attention of ``q`` ``(n_tok, n_head, head_dim)`` float32 over one layer's cache.
 
     ``k_cache``/``v_cache`` ``(n_ctx, n_kv_head, head_dim)`` must already hold the new
     tokens' keys and values at ``n_past .. n_past+n_tok-1``. Scores are ``scale * q.k``
     (plus ALiBi). Returns float32 ``(n_tok, n_head, head_dim)``, into ``out`` if given.
+    ``window`` > 0 is a sliding window (Mistral's ``sliding_window``): the query at position
+    ``i`` sees keys ``i-window+1 .. i`` only, as transformers' and llama.cpp's masks.
     """
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
+        raise HalfbyteError(f"attention window must be an integer >= 0, got {window!r}")
     q = np.ascontiguousarray(q, dtype=np.float32)
     if q.ndim != 3:
         raise HalfbyteError(f"queries must be (n_tok, n_head, head_dim), got shape {q.shape}")
@@ -243,12 +249,12 @@ def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int,
     elif out.shape != q.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise HalfbyteError(f"out must be a C-contiguous float32 array of shape {q.shape}")
     if n_tok:
-        _call(_attend_kernel, q, k, v, n_past, np.float32(scale), slopes, alibi_slopes is not None, out)
+        _call(_attend_kernel, q, k, v, n_past, np.float32(scale), slopes, alibi_slopes is not None, int(window), out)
     return out
 
 
 def reference_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int, scale: float,
-                        alibi_slopes: np.ndarray | None = None) -> np.ndarray:
+                        alibi_slopes: np.ndarray | None = None, window: int = 0) -> np.ndarray:
     """Plain float64 version of ``attend`` (KV heads repeated, full masked score matrix)."""
     n_tok, n_head, _ = q.shape
     n_keys = n_past + n_tok
@@ -261,7 +267,10 @@ def reference_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
     if alibi_slopes is not None:
         distance = (key_pos[None, :] - query_pos[:, None]).astype(np.float64)
         scores += np.asarray(alibi_slopes, np.float64)[:, None, None] * distance[None]
-    scores = np.where(key_pos[None, None, :] <= query_pos[None, :, None], scores, -math.inf)
+    visible = key_pos[None, :] <= query_pos[:, None]
+    if window > 0:
+        visible &= key_pos[None, :] > query_pos[:, None] - window
+    scores = np.where(visible[None], scores, -math.inf)
     scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
     probs = scores / scores.sum(axis=-1, keepdims=True)
     return np.einsum("htj,jhd->thd", probs, v)

@@ -128,13 +128,15 @@ def reference_layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | N
 # ---------------------------------------------------------------------------------------------
 #
 # Dimension pair i (0 <= i < n_rot/2) of a head at position p turns by the angle
-# (p / scale) * theta^(-2i/n_rot). "normal" (ggml rope type 0, LLaMA GGUF files) pairs the
+# (p / scale) * theta^(-2i/n_rot) / factor[i]. "normal" (ggml rope type 0, LLaMA GGUF files) pairs the
 # adjacent dimensions (2i, 2i+1); "neox" (type 2, Falcon, HF rotate_half) pairs (i, i+n_rot/2).
-# Dimensions from n_rot on are left alone. Angles are computed in float64.
+# Dimensions from n_rot on are left alone. Angles are computed in float64. ``factor`` is
+# ggml_rope_ext's freq_factors (a ``rope_freqs.weight`` tensor: Llama 3.1's frequency-dependent
+# scaling); 1 everywhere without one.
 
 
 @njit(cache=True)
-def _rope_kernel(x, positions, n_rot, theta, scale, neox, out):
+def _rope_kernel(x, positions, n_rot, theta, scale, neox, factors, out):
     n_tok, n_head, head_dim = x.shape
     half = n_rot // 2
     cos = np.empty(half, np.float32)
@@ -142,7 +144,7 @@ def _rope_kernel(x, positions, n_rot, theta, scale, neox, out):
     for t in range(n_tok):
         position = positions[t] / scale
         for i in range(half):
-            angle = position * theta ** (-2.0 * i / n_rot)
+            angle = position * theta ** (-2.0 * i / n_rot) / np.float64(factors[i])
             cos[i] = math.cos(angle)
             sin[i] = math.sin(angle)
         for h in range(n_head):
@@ -160,12 +162,13 @@ def _rope_kernel(x, positions, n_rot, theta, scale, neox, out):
 
 
 def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, theta: float = 10000.0, scale: float = 1.0,
-         neox: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+         neox: bool = False, out: np.ndarray | None = None, freq_factors: np.ndarray | None = None) -> np.ndarray:
     """Rotate ``x`` ``(n_tok, n_head, head_dim)`` float32 for tokens at ``positions`` ``(n_tok,)``.
 
     In place by default (``out=None`` writes into ``x``, which must then be a writable
     float32 array, strided views included). ``scale`` is the linear RoPE scaling factor:
-    positions are divided by it.
+    positions are divided by it. ``freq_factors`` ``(n_rot/2,)`` divides each pair's frequency
+    (ggml's ``rope_ext`` freq_factors, from a ``rope_freqs.weight`` tensor).
     """
     if x.ndim != 3:
         raise HalfbyteError(f"rope needs (n_tok, n_head, head_dim), got shape {x.shape}")
@@ -177,23 +180,32 @@ def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, theta: float = 10000.
     pos = np.ascontiguousarray(positions, dtype=np.float64).reshape(-1)
     if pos.size != x.shape[0]:
         raise HalfbyteError(f"rope got {pos.size} positions for {x.shape[0]} tokens")
+    if freq_factors is None:
+        factors = np.ones(n_rot // 2, np.float32)
+    else:
+        factors = np.ascontiguousarray(freq_factors, dtype=np.float32).reshape(-1)
+        if factors.size != n_rot // 2 or not np.all(factors > 0) or not np.all(np.isfinite(factors)):
+            raise HalfbyteError(f"rope frequency factors must be {n_rot // 2} positive finite numbers, "
+                                f"got {factors.size} values")
     src = np.ascontiguousarray(x, dtype=np.float32)
     if out is not None:
-        _rope_kernel(src, pos, n_rot, float(theta), float(scale), bool(neox), _output(out, src.shape))
+        _rope_kernel(src, pos, n_rot, float(theta), float(scale), bool(neox), factors, _output(out, src.shape))
         return out
     if x.dtype != np.float32 or not x.flags.writeable:
         raise HalfbyteError("in-place rope needs a writable float32 array (or pass out=)")
-    _rope_kernel(src, pos, n_rot, float(theta), float(scale), bool(neox), src)
+    _rope_kernel(src, pos, n_rot, float(theta), float(scale), bool(neox), factors, src)
     if src is not x:  # a strided view (e.g. q of a fused QKV projection): write the result back
         x[...] = src
     return x
 
 
 def reference_rope(x: np.ndarray, positions: np.ndarray, n_rot: int, theta: float = 10000.0,
-                   scale: float = 1.0, neox: bool = False) -> np.ndarray:
+                   scale: float = 1.0, neox: bool = False, freq_factors: np.ndarray | None = None) -> np.ndarray:
     x64 = np.array(x, dtype=np.float64)
     half = n_rot // 2
     inv_freq = theta ** (-2.0 * np.arange(half) / n_rot)
+    if freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(freq_factors, np.float64)
     angles = (np.asarray(positions, np.float64) / scale)[:, None] * inv_freq[None, :]  # (n_tok, half)
     cos = np.cos(angles)[:, None, :]
     sin = np.sin(angles)[:, None, :]

@@ -1,0 +1,199 @@
+"""The pre-norm decoder that LLaMA, Mistral, Qwen2 and Qwen3 share; each architecture file
+picks its options (RoPE pairing, biases, per-head q/k norms) and stays a few lines.
+
+    x = embed(tokens)
+    for each layer:
+        h = rms_norm(x)
+        q, k, v = h Wq (+bq), h Wk (+bk), h Wv (+bv)
+        q, k = rms_norm(q), rms_norm(k) per head             (Qwen3: attn_q_norm / attn_k_norm)
+        rope(q, k)                                           (freq_factors: rope_freqs.weight)
+        x = x + attention(q, k, v) Wo                        (sliding window: attention.sliding_window)
+        h = rms_norm(x) ; x = x + (silu(h Wgate) * h Wup) Wdown
+    logits = rms_norm(x) Woutput                             (tied: Woutput = Wembed)
+
+Heads may be narrower or wider than n_embd / n_head (``attention.key_length``, Mistral-Nemo,
+Qwen3): Wq is (n_head * head_dim, n_embd) and Wo (n_embd, n_head * head_dim).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine import ops
+from engine.batch import Batch
+from engine.errors import file_error
+from engine.gguf_file import GGUFFile
+from engine.hparams import HParams, Tensors
+from engine.kernels.attention import attend
+from engine.model import check_interrupt
+from engine.weights import Weight
+
+
+@dataclass(frozen=True)
+class DecoderParams:
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_ctx_train: int
+    head_dim: int
+    n_rot: int
+    rms_eps: float
+    rope_theta: float
+    rope_scale: float  # linear scaling: positions are divided by this
+    sliding_window: int  # 0: none
+
+    @classmethod
+    def from_file(cls, file: GGUFFile, arch: str) -> DecoderParams:
+        hp = HParams(file, arch)
+        n_embd = hp.int("embedding_length")
+        n_head = hp.int("attention.head_count")
+        n_head_kv = hp.int("attention.head_count_kv", n_head)
+        if n_embd % n_head and f"{arch}.attention.key_length" not in file.metadata:
+            raise file_error(file.path, f"inconsistent attention shape: {n_embd} dims, {n_head} heads "
+                                        f"(and no {arch}.attention.key_length)")
+        head_dim = hp.int("attention.key_length", n_embd // n_head)
+        value_dim = hp.int("attention.value_length", head_dim)
+        if value_dim != head_dim:
+            raise file_error(file.path, f"{arch}.attention.value_length {value_dim} != key_length {head_dim} "
+                                        "is not supported")
+        n_rot = hp.int("rope.dimension_count", head_dim)
+        if n_head % n_head_kv or n_rot > head_dim or n_rot % 2:
+            raise file_error(file.path, f"inconsistent attention shape: {n_head} heads, {n_head_kv} KV heads, "
+                                        f"head size {head_dim}, {n_rot} rotary dims")
+        factor = hp.float("rope.scaling.factor", 1.0, positive=True)  # checked even when unused
+        kind = hp.str("rope.scaling.type", "none")
+        if kind not in ("none", "linear"):
+            raise file_error(file.path, f"metadata {arch}.rope.scaling.type {kind!r} is not supported "
+                                        "(supported: none, linear)")
+        return cls(
+            n_vocab=hp.vocab_size(),
+            n_embd=n_embd,
+            n_layer=hp.int("block_count"),
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            n_ff=hp.int("feed_forward_length"),
+            n_ctx_train=hp.int("context_length", 2048),
+            head_dim=head_dim,
+            n_rot=n_rot,
+            rms_eps=hp.float("attention.layer_norm_rms_epsilon", 1e-5, minimum=0.0),
+            rope_theta=hp.float("rope.freq_base", 10000.0, positive=True),
+            rope_scale=factor if kind == "linear" else 1.0,
+            sliding_window=hp.int("attention.sliding_window", 0, minimum=0),
+        )
+
+
+@dataclass
+class DecoderLayer:
+    attn_norm: np.ndarray
+    wq: Weight
+    wk: Weight
+    wv: Weight
+    bq: np.ndarray | None
+    bk: np.ndarray | None
+    bv: np.ndarray | None
+    q_norm: np.ndarray | None
+    k_norm: np.ndarray | None
+    wo: Weight
+    ffn_norm: np.ndarray
+    w_gate: Weight
+    w_up: Weight
+    w_down: Weight
+
+
+def attention(batch: Batch, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
+              window: int) -> np.ndarray:
+    """``batch.attention``, with a sliding window of ``window`` positions when > 0."""
+    if window <= 0:
+        return batch.attention(layer, q, k, v, scale)
+    out = np.empty(q.shape, np.float32)
+    for seq, start, end in zip(batch.sequences, batch.starts[:-1], batch.starts[1:]):
+        seq.cache.store(layer, k[start:end], v[start:end], seq.n_past)
+        attend(np.ascontiguousarray(q[start:end]), seq.cache.keys(layer), seq.cache.values(layer), seq.n_past,
+               scale, out=out[start:end], window=window)
+    return out
+
+
+class PreNormDecoder:
+    """A LLaMA-style decoder read from ``file``; subclasses set the class attributes."""
+
+    ARCH = "llama"
+    NEOX = False  # RoPE pairs: (i, i + n_rot/2) (HF rotate_half) instead of ggml's adjacent (2i, 2i+1)
+    REQUIRE_QKV_BIAS = False  # Qwen2: q/k/v biases (optional elsewhere, as in llama.cpp)
+    REQUIRE_QK_NORM = False  # Qwen3: per-head RMSNorm of q and k before RoPE
+
+    def __init__(self, file: GGUFFile) -> None:
+        p = self.params = DecoderParams.from_file(file, self.ARCH)
+        t = Tensors(file)
+        n_q = p.n_head * p.head_dim
+        n_kv = p.n_head_kv * p.head_dim
+
+        def vector(name: str, n: int, required: bool) -> np.ndarray | None:
+            return t.vector(name, n) if required else t.optional_vector(name, n)
+
+        self.tok_embd = t.matrix("token_embd.weight", p.n_vocab, p.n_embd)
+        self.layers = []
+        for i in range(p.n_layer):
+            blk = f"blk.{i}"
+            self.layers.append(DecoderLayer(
+                attn_norm=t.vector(f"{blk}.attn_norm.weight", p.n_embd),
+                wq=t.matrix(f"{blk}.attn_q.weight", n_q, p.n_embd),
+                wk=t.matrix(f"{blk}.attn_k.weight", n_kv, p.n_embd),
+                wv=t.matrix(f"{blk}.attn_v.weight", n_kv, p.n_embd),
+                bq=vector(f"{blk}.attn_q.bias", n_q, self.REQUIRE_QKV_BIAS),
+                bk=vector(f"{blk}.attn_k.bias", n_kv, self.REQUIRE_QKV_BIAS),
+                bv=vector(f"{blk}.attn_v.bias", n_kv, self.REQUIRE_QKV_BIAS),
+                q_norm=vector(f"{blk}.attn_q_norm.weight", p.head_dim, self.REQUIRE_QK_NORM),
+                k_norm=vector(f"{blk}.attn_k_norm.weight", p.head_dim, self.REQUIRE_QK_NORM),
+                wo=t.matrix(f"{blk}.attn_output.weight", p.n_embd, n_q),
+                ffn_norm=t.vector(f"{blk}.ffn_norm.weight", p.n_embd),
+                w_gate=t.matrix(f"{blk}.ffn_gate.weight", p.n_ff, p.n_embd),
+                w_up=t.matrix(f"{blk}.ffn_up.weight", p.n_ff, p.n_embd),
+                w_down=t.matrix(f"{blk}.ffn_down.weight", p.n_embd, p.n_ff),
+            ))
+        self.output_norm = t.vector("output_norm.weight", p.n_embd)
+        # Tied embeddings: no output tensor, the embedding matrix doubles as the head.
+        self.output = t.matrix("output.weight", p.n_vocab, p.n_embd) if t.has("output.weight") else self.tok_embd
+        # Llama 3.1's RoPE scaling: per-pair frequency divisors (llama.cpp's rope_freqs.weight).
+        self.rope_freqs = t.optional_vector("rope_freqs.weight", p.n_rot // 2)
+        if self.rope_freqs is not None and not (np.all(np.isfinite(self.rope_freqs)) and np.all(self.rope_freqs > 0)):
+            raise file_error(file.path, "tensor 'rope_freqs.weight' must hold positive finite numbers")
+
+    def forward(self, batch: Batch, all_logits: bool = False) -> np.ndarray:
+        p = self.params
+        n = batch.n_tok
+        positions = batch.positions
+        scale = 1.0 / math.sqrt(p.head_dim)
+        x = ops.embed(self.tok_embd, batch.tokens)
+        for i, layer in enumerate(self.layers):
+            check_interrupt()  # a deferred Ctrl-C stops here, between kernel calls
+            h = ops.rms_norm(x, layer.attn_norm, p.rms_eps)
+            q = ops.linear(h, layer.wq)
+            k = ops.linear(h, layer.wk)
+            v = ops.linear(h, layer.wv)
+            if layer.bq is not None:
+                q += layer.bq
+            if layer.bk is not None:
+                k += layer.bk
+            if layer.bv is not None:
+                v += layer.bv
+            q = q.reshape(n, p.n_head, p.head_dim)
+            k = k.reshape(n, p.n_head_kv, p.head_dim)
+            v = v.reshape(n, p.n_head_kv, p.head_dim)
+            if layer.q_norm is not None:
+                q = ops.rms_norm(q, layer.q_norm, p.rms_eps)
+            if layer.k_norm is not None:
+                k = ops.rms_norm(k, layer.k_norm, p.rms_eps)
+            ops.rope(q, positions, p.n_rot, p.rope_theta, p.rope_scale, self.NEOX, self.rope_freqs)
+            ops.rope(k, positions, p.n_rot, p.rope_theta, p.rope_scale, self.NEOX, self.rope_freqs)
+            attn = attention(batch, i, q, k, v, scale, p.sliding_window)
+            x += ops.linear(attn.reshape(n, p.n_head * p.head_dim), layer.wo)
+            h = ops.rms_norm(x, layer.ffn_norm, p.rms_eps)
+            x += ops.linear(ops.swiglu(ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up)), layer.w_down)
+        x = batch.output_rows(x, all_logits)
+        return ops.linear(ops.rms_norm(x, self.output_norm, p.rms_eps), self.output)
