@@ -88,6 +88,48 @@ def tokenizer_summary(metadata: dict[str, Any]) -> list[str]:
         key = f"tokenizer.ggml.{flag}"
         if key in metadata:
             lines.append(f"  {flag}: {metadata[key]}")
+    lines += _eog_lines(metadata, tokens)
+    lines += chat_template_summary(metadata)
+    return lines
+
+
+def _eog_lines(metadata: dict[str, Any], tokens: list) -> list[str]:
+    """The end-of-generation tokens (llama.cpp's rule, engine.tokenizer.end_of_generation_ids)."""
+    from engine.tokenizer import EOG_ID_KEYS, end_of_generation_ids
+
+    if not all(isinstance(t, str) for t in tokens):
+        return []
+
+    def valid(key: str) -> int | None:
+        value = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        return int(value) if _is_integer(value) and 0 <= int(value) < len(tokens) else None
+
+    eos = valid("eos")
+    if eos is None and metadata.get("tokenizer.ggml.model") == "llama" and len(tokens) > 2:
+        eos = 2  # SentencePiece's default, as the tokenizer uses
+    extra = [i for i in (valid(k) for k in EOG_ID_KEYS) if i is not None]
+    ids = sorted(end_of_generation_ids(tokens, eos, extra))
+    if not ids:
+        return ["  end of generation: <none>"]
+    return [f"  end of generation: {', '.join(f'{i} {tokens[i]!r}' for i in ids)}"]
+
+
+def chat_template_summary(metadata: dict[str, Any]) -> list[str]:
+    """Whether the file has a chat template: its length and first line, and named alternatives."""
+    value = metadata.get("tokenizer.chat_template")
+    if value is None:
+        lines = ["  chat template: <none> (chat uses ChatML, as llama.cpp)"]
+    elif not isinstance(value, str):
+        lines = [f"  chat template: {_format_value(value)} <not a string>"]
+    else:
+        first = value.strip().splitlines()[0] if value.strip() else ""
+        lines = [f"  chat template: {len(value)} chars, first line {_format_value(first)}"]
+    prefix = "tokenizer.chat_template."
+    for key, named in metadata.items():
+        if key.startswith(prefix) and isinstance(named, str):
+            first = named.strip().splitlines()[0] if named.strip() else ""
+            name = key[len(prefix):]
+            lines.append(f"  chat template {name!r}: {len(named)} chars, first line {_format_value(first)}")
     return lines
 
 

@@ -192,7 +192,7 @@ class Model:
     """A GGUF model ready to run: weights memory-mapped, tokenizer and KV cache built."""
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
-                 kv_type: str = "f16") -> None:
+                 kv_type: str = "f16", chat_template: str | None = None) -> None:
         from engine.kernels.attention import KVCache
         from models import load_architecture
 
@@ -239,16 +239,26 @@ class Model:
         self.last_stats = GenerationStats()
         self._lock = threading.Lock()
         self._owner: int | None = None
+        self._chat_template_spec = chat_template
+        self._chat_template = None
+        if chat_template is not None:
+            try:
+                self._chat_template = self._resolve_chat_template()
+            except BaseException:
+                self.file.close()
+                raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
-             kv_type: str = "f16") -> Model:
+             kv_type: str = "f16", chat_template: str | None = None) -> Model:
         """Open ``path`` (GGUF).
 
         ``n_ctx``: context size; None or 0 = the model's training context; larger than that is
         honoured with a ``ContextOverflowWarning``. ``threads``: None, 0 or negative = all the
-        cores this process may use."""
-        return cls(path, n_ctx=n_ctx, threads=threads, kv_type=kv_type)
+        cores this process may use. ``chat_template``: None = the file's own (ChatML if it has
+        none), or a built-in name (``chatml``, ``llama2``, ``llama3``, ``mistral``, ``zephyr``,
+        ``gemma``, ``phi3``), a named template of the file, a Jinja file or Jinja text."""
+        return cls(path, n_ctx=n_ctx, threads=threads, kv_type=kv_type, chat_template=chat_template)
 
     # -- properties --------------------------------------------------------------------------------
 
@@ -263,6 +273,23 @@ class Model:
     @property
     def architecture(self) -> str:
         return self.file.architecture or ""
+
+    @property
+    def name(self) -> str:
+        """The model's id in API results: the file name."""
+        return self.path.name
+
+    @property
+    def chat_template(self):  # -> engine.chat.ChatTemplate
+        """The chat template in use (``Model.load(chat_template=...)``, else the file's, else ChatML)."""
+        if self._chat_template is None:
+            self._chat_template = self._resolve_chat_template()
+        return self._chat_template
+
+    def _resolve_chat_template(self):  # -> engine.chat.ChatTemplate
+        from engine.chat import resolve_template
+
+        return resolve_template(self.metadata, self.tokenizer, self._chat_template_spec)
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -500,3 +527,226 @@ class Model:
                 stats.generation_compile_seconds = jit_cache.compile_seconds() - compiled
                 stats.generation_seconds = max(
                     0.0, time.perf_counter() - gen_start - stats.generation_compile_seconds)
+
+    # -- llama-cpp-python-style API ------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                            tools: Sequence[dict] | None = None, **template_kwargs) -> str:
+        """The prompt text of ``messages`` ([{"role", "content"}, ...]) under this model's chat
+        template, as transformers' ``apply_chat_template(..., tokenize=False)``."""
+        add_generation_prompt = check_bool("add_generation_prompt", add_generation_prompt)
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                         **template_kwargs)
+
+    def _common_prefix(self, prompt_ids: list[int]) -> int:
+        """Tokens at the start of the context that the prompt repeats (their KV entries are reused;
+        at least the last prompt token is evaluated again, for its logits)."""
+        common = 0
+        for cached, new in zip(self.tokens, prompt_ids):
+            if cached != new:
+                break
+            common += 1
+        return min(common, len(prompt_ids) - 1)
+
+    def _new_state(self, prompt_ids: list[int], settings, extra_stops: Sequence[str] = ()):
+        from engine.serving.completion import SequenceState
+
+        if len(prompt_ids) >= self.n_ctx:
+            raise HalfbyteError(f"prompt of {len(prompt_ids)} tokens does not fit in the context of "
+                                f"{self.n_ctx} tokens (use a larger -c / n_ctx or a shorter prompt)")
+        return SequenceState(self.tokenizer, prompt_ids, settings, self.n_ctx, extra_stops)
+
+    def _completion_steps(self, state, cache_prompt: bool = True) -> Iterator[tuple[str, list]]:
+        """Generate for ``state`` (a ``SequenceState``): yields (text, new token records) per step.
+        With ``cache_prompt`` the part of the context the prompt repeats is kept
+        (llama-cpp-python's prefix reuse)."""
+        prompt_ids = state.prompt_ids
+        with self._exclusive():
+            stats = GenerationStats()
+            self.last_stats = stats
+            keep = self._common_prefix(prompt_ids) if cache_prompt else 0
+            self.tokens = self.tokens[:keep]
+            self.cache.n_past = keep
+            ids = self._check_tokens(prompt_ids[keep:])
+            compiled = jit_cache.compile_seconds()
+            start = time.perf_counter()
+            logits = self._forward(ids, all_logits=False)[-1]
+            stats.prompt_tokens = len(ids)
+            stats.prompt_compile_seconds = jit_cache.compile_seconds() - compiled
+            stats.prompt_seconds = max(0.0, time.perf_counter() - start - stats.prompt_compile_seconds)
+            compiled = jit_cache.compile_seconds()
+            gen_start = time.perf_counter()
+            try:
+                while True:
+                    n_records = len(state.records)
+                    token, text = state.step(logits)
+                    stats.generated_tokens = len(state.generated)
+                    stats.tokens = state.generated
+                    if text or len(state.records) > n_records:
+                        yield text, state.records[n_records:]
+                    if token is None:
+                        break
+                    logits = self._forward(np.asarray([token]), all_logits=False)[-1]
+                stats.stop_reason = state.finish_reason or ""
+            except (GeneratorExit, KeyboardInterrupt):
+                stats.stop_reason = stats.stop_reason or STOP_INTERRUPTED
+                raise
+            finally:
+                stats.generation_compile_seconds = jit_cache.compile_seconds() - compiled
+                stats.generation_seconds = max(
+                    0.0, time.perf_counter() - gen_start - stats.generation_compile_seconds)
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, (str, bytes)):
+            if isinstance(prompt, bytes):
+                prompt = prompt.decode("utf-8", errors="replace")
+            ids = self.tokenize(prompt)
+        else:
+            ids = check_token_ids(prompt, "prompt").tolist()
+            self._check_range(np.asarray(ids, dtype=np.int64))
+        if not ids:
+            raise HalfbyteError("empty prompt: no tokens to start from")
+        return ids
+
+    def create_completion(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int | None = 16,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        repeat_last_n: int = 64,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        stream: bool = False,
+        logprobs: int | None = None,
+        cache_prompt: bool = True,
+    ) -> dict | Iterator[dict]:
+        """Continue ``prompt`` (text or token ids); an OpenAI ``text_completion`` dict, or with
+        ``stream=True`` an iterator of its chunks (llama-cpp-python's shapes).
+
+        ``max_tokens`` None or -1: until an end-of-generation token or a full context.
+        ``logprobs=k``: each token's log-probability and the k most likely alternatives.
+        ``finish_reason`` is "stop" (end of generation, a stop string) or "length" (``max_tokens``,
+        or the context is full). Defaults are llama-cpp-python's."""
+        from engine.serving.completion import Settings
+
+        settings = Settings.build(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n,
+                                  stop, seed, logprobs, presence_penalty, frequency_penalty)
+        stream = check_bool("stream", stream)
+        cache_prompt = check_bool("cache_prompt", cache_prompt)
+        prompt_ids = self._prompt_ids(prompt)
+        prompt_text = prompt if isinstance(prompt, str) else self.detokenize(prompt_ids)
+        state = self._new_state(prompt_ids, settings)
+        steps = self._completion_steps(state, cache_prompt)
+        if stream:
+            return self._completion_chunks(steps, state, len(prompt_text))
+        return self._completion_result(steps, state, len(prompt_text))
+
+    def _completion_result(self, steps, state, prompt_chars: int) -> dict:
+        from engine.serving import completion as c
+
+        text = "".join(piece for piece, _ in steps)
+        settings, prompt_ids = state.settings, state.prompt_ids
+        state.fill_offsets(prompt_chars)
+        logprobs = c.completion_logprobs(self.tokenizer, state.records) if settings.logprobs is not None else None
+        return c.completion_response(c.new_id("cmpl"), c.now(), self.name, text, state.finish_reason, logprobs,
+                                     len(prompt_ids), len(state.generated))
+
+    def _completion_chunks(self, steps, state, prompt_chars: int) -> Iterator[dict]:
+        from engine.serving import completion as c
+
+        settings = state.settings
+        cid, created = c.new_id("cmpl"), c.now()
+        position = prompt_chars
+        pending: list = []
+        for piece, records in steps:
+            pending += records
+            if not piece:
+                continue
+            for record in pending:
+                record.offset, position = position, position + len(record.text)
+            logprobs = c.completion_logprobs(self.tokenizer, pending) if settings.logprobs is not None else None
+            pending = []
+            yield c.completion_chunk(cid, created, self.name, piece, None, logprobs)
+        logprobs = c.completion_logprobs(self.tokenizer, pending) if settings.logprobs is not None else None
+        yield c.completion_chunk(cid, created, self.name, "", state.finish_reason, logprobs)
+
+    def create_chat_completion(
+        self,
+        messages: Sequence[dict],
+        tools: Sequence[dict] | None = None,
+        max_tokens: int | None = None,
+        temperature: float = 0.2,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        repeat_last_n: int = 64,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        stream: bool = False,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
+        cache_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
+    ) -> dict | Iterator[dict]:
+        """Answer a conversation: the messages rendered with the chat template, then generated
+        until an end-of-generation token (or the template's turn-end text, a stop string,
+        ``max_tokens``, a full context). An OpenAI ``chat.completion`` dict, or with
+        ``stream=True`` an iterator of ``chat.completion.chunk`` dicts (the first carries the
+        role, the last the finish reason). Defaults are llama-cpp-python's."""
+        from engine.chat import prompt_tokens
+        from engine.serving.completion import Settings
+
+        logprobs = check_bool("logprobs", logprobs)
+        if top_logprobs is not None and not logprobs:
+            raise HalfbyteError("top_logprobs needs logprobs=True")
+        settings = Settings.build(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n,
+                                  stop, seed, (top_logprobs or 0) if logprobs else None, presence_penalty,
+                                  frequency_penalty)
+        stream = check_bool("stream", stream)
+        cache_prompt = check_bool("cache_prompt", cache_prompt)
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise HalfbyteError("chat_template_kwargs must be a dict")
+        template = self.chat_template
+        text = template.render(messages, add_generation_prompt=True, tools=tools, **(chat_template_kwargs or {}))
+        prompt_ids = prompt_tokens(self.tokenizer, text)
+        state = self._new_state(prompt_ids, settings, template.stop_texts)
+        steps = self._completion_steps(state, cache_prompt)
+        if stream:
+            return self._chat_chunks(steps, state)
+        return self._chat_result(steps, state)
+
+    def _chat_result(self, steps, state) -> dict:
+        from engine.serving import completion as c
+
+        text = "".join(piece for piece, _ in steps)
+        settings, prompt_ids = state.settings, state.prompt_ids
+        logprobs = c.chat_logprobs(self.tokenizer, state.records) if settings.logprobs is not None else None
+        return c.chat_response(c.new_id("chatcmpl"), c.now(), self.name, text, state.finish_reason, logprobs,
+                               len(prompt_ids), len(state.generated))
+
+    def _chat_chunks(self, steps, state) -> Iterator[dict]:
+        from engine.serving import completion as c
+
+        settings = state.settings
+        cid, created = c.new_id("chatcmpl"), c.now()
+        yield c.chat_chunk(cid, created, self.name, {"role": "assistant", "content": ""}, None)
+        pending: list = []
+        for piece, records in steps:
+            pending += records
+            if not piece:
+                continue
+            logprobs = c.chat_logprobs(self.tokenizer, pending) if settings.logprobs is not None else None
+            pending = []
+            yield c.chat_chunk(cid, created, self.name, {"content": piece}, None, logprobs)
+        logprobs = (c.chat_logprobs(self.tokenizer, pending) if settings.logprobs is not None and pending
+                    else None)
+        yield c.chat_chunk(cid, created, self.name, {}, state.finish_reason, logprobs)

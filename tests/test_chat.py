@@ -301,3 +301,147 @@ def test_generate_stops_at_any_eog_token(tmp_path):
     assert with_eot.last_stats.stop_reason == "eos" and with_eot.last_stats.tokens == greedy[:first]
     assert text == model.detokenize(greedy[:first]) or text == " " + model.detokenize(greedy[:first])
     assert np.array_equal(with_eot.tokenize(prompt), model.tokenize(prompt))
+
+
+# -- library API (llama-cpp-python's shapes) -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    from engine.model import Model
+
+    return Model.load(default_model_path())
+
+
+def _check_usage(result: dict) -> None:
+    usage = result["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_create_completion_shapes(demo_model):
+    prompt = "And the LORD said unto Moses"
+    result = demo_model.create_completion(prompt, max_tokens=10, temperature=0, logprobs=2)
+    assert result["object"] == "text_completion" and result["id"].startswith("cmpl-")
+    assert result["model"] == "demo-kjv-q8_0.gguf" and isinstance(result["created"], int)
+    (choice,) = result["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] == "length"
+    assert result["usage"] == {"prompt_tokens": len(demo_model.tokenize(prompt)), "completion_tokens": 10,
+                               "total_tokens": len(demo_model.tokenize(prompt)) + 10}
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]) == choice["text"] and len(lp["token_logprobs"]) == 10
+    assert lp["text_offset"][0] == len(prompt)
+    for token, logprob, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert len(top) == 2 and max(top.values()) == pytest.approx(logprob)  # greedy: the best one
+        assert token in top and logprob <= 0
+    # greedy text equals generate()'s, streamed chunks join to it, the last chunk says why it ended
+    assert choice["text"] == demo_model.generate(prompt, max_tokens=10, temperature=0)
+    chunks = list(demo_model.create_completion(prompt, max_tokens=10, temperature=0, stream=True))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert len({c["id"] for c in chunks}) == 1 and "usage" not in chunks[0]
+    # stop strings: excluded, finish_reason "stop"
+    cut = demo_model.create_completion(prompt, max_tokens=10, temperature=0, stop=[" children"])
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    assert choice["text"].startswith(cut["choices"][0]["text"]) and " children" not in cut["choices"][0]["text"]
+    # token-id prompts, seeds
+    by_ids = demo_model.create_completion(demo_model.tokenize(prompt), max_tokens=10, temperature=0)
+    assert by_ids["choices"][0]["text"] == choice["text"]
+    a, b = (demo_model.create_completion(prompt, max_tokens=12, seed=5, cache_prompt=False) for _ in range(2))
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+
+
+def test_create_chat_completion_shapes(demo_model):
+    messages = [{"role": "system", "content": "Answer as the KJV."}, {"role": "user", "content": "Who is the LORD?"}]
+    result = demo_model.create_chat_completion(messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+    assert result["object"] == "chat.completion" and result["id"].startswith("chatcmpl-")
+    (choice,) = result["choices"]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+    _check_usage(result)
+    prompt_text = demo_model.apply_chat_template(messages)
+    assert prompt_text == ("<|im_start|>system\nAnswer as the KJV.<|im_end|>\n<|im_start|>user\nWho is the LORD?"
+                           "<|im_end|>\n<|im_start|>assistant\n")
+    assert result["usage"]["prompt_tokens"] == len(demo_model.tokenize(prompt_text, special=True))
+    content = choice["logprobs"]["content"]
+    assert "".join(bytes(e["bytes"]).decode() for e in content) == choice["message"]["content"]
+    assert all(len(e["top_logprobs"]) == 3 and e["top_logprobs"][0]["logprob"] == pytest.approx(e["logprob"])
+               for e in content)
+    chunks = list(demo_model.create_chat_completion(messages, max_tokens=12, temperature=0, stream=True))
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    joined = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert joined == choice["message"]["content"]
+    assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["finish_reason"] == \
+        choice["finish_reason"]
+
+
+def test_chat_completion_stops_at_turn_end_text(demo_model):
+    """The ChatML fallback's <|im_end|> is text for the demo vocabulary: a stop string."""
+    messages = [{"role": "user", "content": "Say something."}]
+    free = demo_model.create_completion(demo_model.apply_chat_template(messages), max_tokens=24, temperature=0)
+    text = free["choices"][0]["text"]
+    words = text.split()
+    assert len(words) > 4
+    # a template whose turn-end text is a word the model writes anyway stops right there
+    from engine.chat import ChatTemplate
+
+    saved = demo_model._chat_template
+    try:
+        demo_model._chat_template = ChatTemplate(BUILTIN_TEMPLATES["chatml"], "<s>", words[2], name="t")
+        demo_model._chat_template.source += "{{ eos_token }}"
+        result = demo_model.create_chat_completion(messages, max_tokens=24, temperature=0)
+    finally:
+        demo_model._chat_template = saved
+    assert result["choices"][0]["finish_reason"] == "stop"
+    assert words[2] not in result["choices"][0]["message"]["content"]
+
+
+def test_prefix_reuse(demo_model):
+    prompt = demo_model.tokenize("And the LORD said unto Moses, Go in unto Pharaoh")
+    demo_model.create_completion(prompt, max_tokens=4, temperature=0)
+    demo_model.create_completion(prompt + [300, 261], max_tokens=4, temperature=0)
+    assert demo_model.last_stats.prompt_tokens == 2  # only the new tokens were evaluated
+    demo_model.create_completion(prompt, max_tokens=4, temperature=0)
+    assert demo_model.last_stats.prompt_tokens == 1  # the last prompt token again, for its logits
+    demo_model.create_completion(prompt, max_tokens=4, temperature=0, cache_prompt=False)
+    assert demo_model.last_stats.prompt_tokens == len(prompt)
+
+
+def test_library_argument_checks(demo_model):
+    with pytest.raises(HalfbyteError, match="max_tokens must be >= 1"):
+        demo_model.create_completion("x", max_tokens=0)
+    with pytest.raises(HalfbyteError, match="temperature must be >= 0"):
+        demo_model.create_completion("x", temperature=-1)
+    with pytest.raises(HalfbyteError, match="logprobs must be an integer in 0..20"):
+        demo_model.create_completion("x", logprobs=99)
+    with pytest.raises(HalfbyteError, match="does not fit in the context"):
+        demo_model.create_completion([1] * demo_model.n_ctx)
+    with pytest.raises(HalfbyteError, match="unknown role"):
+        demo_model.create_chat_completion([{"role": "wizard", "content": "x"}])
+    with pytest.raises(HalfbyteError, match="top_logprobs needs logprobs"):
+        demo_model.create_chat_completion([{"role": "user", "content": "x"}], top_logprobs=2)
+
+
+def test_info_shows_chat_template_and_eog(tmp_path):
+    from engine.describe import describe
+
+    source = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    path = write_model_copy(tmp_path / "t.gguf", {
+        "tokenizer.chat_template": (source, GGUFValueType.STRING),
+        "tokenizer.chat_template.rag": ("{{ 'rag' }}", GGUFValueType.STRING),
+    })
+    with GGUFFile(path) as f:
+        report = describe(f)
+    assert f"chat template: {len(source)} chars, first line '{{% for m in messages %}}<|im_start|>{{{{ m.role }}}}'" \
+        in report
+    assert "chat template 'rag': 11 chars" in report
+    assert "end of generation: 2 '</s>'" in report
+    with GGUFFile(default_model_path()) as f:
+        assert "chat template: <none> (chat uses ChatML, as llama.cpp)" in describe(f)
+    from engine.model import Model
+
+    model = Model.load(path)
+    assert model.chat_template.source == source and model.chat_template.name == "file"
+    assert Model.load(path, chat_template="rag").apply_chat_template([{"role": "user", "content": "x"}]) == "rag"
+    with pytest.raises(HalfbyteError, match="unknown chat template"):
+        Model.load(path, chat_template="nope")

@@ -122,6 +122,23 @@ def _optional_flag(metadata: Mapping[str, Any], name: str, default: bool) -> boo
     return bool(value)
 
 
+def end_of_generation_ids(tokens: Sequence[str], eos_id: int | None, extra: Iterable[int] = ()) -> frozenset[int]:
+    """The tokens that end a generation, as llama.cpp's vocabulary finds them: EOS, the file's
+    EOT/EOM/FIM ids (``extra``) and every token whose text ends a turn in a known chat format
+    (``EOG_TOKEN_TEXTS``: ``<|eot_id|>``, ``<|im_end|>``, ``<|end|>``, ``<end_of_turn>``, ...)."""
+    wanted = frozenset(EOG_TOKEN_TEXTS)
+    found = {text: i for i, text in enumerate(tokens) if text in wanted}
+    ids = set(found.values())
+    # gpt-oss style vocabularies: <|end|> ends a message but not the generation (llama.cpp's rule).
+    if "<|end|>" in found and (("<|return|>" in found and "<|call|>" in found)
+                               or ("<|calls|>" in found and "<|flush|>" in found)):
+        ids.discard(found["<|end|>"])
+    ids.update(int(i) for i in extra)
+    if eos_id is not None:
+        ids.add(int(eos_id))
+    return frozenset(ids)
+
+
 class Tokenizer:
     """Text <-> token ids for one GGUF vocabulary. Build with ``from_metadata``."""
 
@@ -193,22 +210,7 @@ class Tokenizer:
         self._split_always = self._splitter(always)
         self._split_special = self._splitter(special)
         self._bytes_cache: dict[int, bytes] = {}
-        self.eog_ids = self._end_of_generation_ids(token_to_id, eog_extra_ids)
-
-    def _end_of_generation_ids(self, token_to_id: Mapping[str, int], extra: Iterable[int]) -> frozenset[int]:
-        """The tokens that end a generation, as llama.cpp's vocabulary finds them: EOS, the
-        file's EOT/EOM/FIM ids (``extra``) and every token whose text ends a turn in a known
-        chat format (``<|eot_id|>``, ``<|im_end|>``, ``<|end|>``, ``<end_of_turn>``, ...)."""
-        ids = {token_to_id[text] for text in EOG_TOKEN_TEXTS if text in token_to_id}
-        # gpt-oss style vocabularies: <|end|> ends a message but not the generation (llama.cpp's rule).
-        if "<|end|>" in token_to_id and (
-                ("<|return|>" in token_to_id and "<|call|>" in token_to_id)
-                or ("<|calls|>" in token_to_id and "<|flush|>" in token_to_id)):
-            ids.discard(token_to_id["<|end|>"])
-        ids.update(int(i) for i in extra)
-        if self.eos_id is not None:
-            ids.add(self.eos_id)
-        return frozenset(ids)
+        self.eog_ids = end_of_generation_ids(tokens, eos_id, eog_extra_ids)
 
     def is_eog(self, token_id: int) -> bool:
         """True for a token that ends a generation (``eog_ids``)."""
