@@ -167,3 +167,116 @@ def test_branchless_nearest_value_equals_best_index() -> None:
     table64 = kqq.KVALUES_IQ4NL.astype(np.int64)
     for v in values:
         assert kqq._nearest_value(v) == kqq._best_index(table64, v) == kqq.ref_best_index(v), v
+
+
+# ---- quant_recipes: llama-quantize's per-tensor choice in its mixes --------------------------------
+
+RECIPE_MODELS = {  # name: (n_layer, n_head_kv, n_ff, with output.weight)
+    "gqa4": (16, 1, 288, True),  # ffn_down rows of 288: K-quant fallbacks
+    "mha_tied": (8, 4, 280, False),  # 280 columns: not even 32-divisible -> F16; token_embd as output
+}
+
+
+def recipe_tensors(n_layer: int, n_head_kv: int, n_ff: int, output: bool) -> list[tuple[str, tuple[int, ...]]]:
+    hidden, vocab, kv = 256, 32, 256 * n_head_kv // 4
+    tensors = [("token_embd.weight", (vocab, hidden)), ("output_norm.weight", (hidden,))]
+    if output:
+        tensors.append(("output.weight", (vocab, hidden)))
+    for i in range(n_layer):
+        tensors += [(f"blk.{i}.attn_norm.weight", (hidden,)), (f"blk.{i}.attn_q.weight", (hidden, hidden)),
+                    (f"blk.{i}.attn_k.weight", (kv, hidden)), (f"blk.{i}.attn_v.weight", (kv, hidden)),
+                    (f"blk.{i}.attn_output.weight", (hidden, hidden)), (f"blk.{i}.ffn_norm.weight", (hidden,)),
+                    (f"blk.{i}.ffn_gate.weight", (n_ff, hidden)), (f"blk.{i}.ffn_up.weight", (n_ff, hidden)),
+                    (f"blk.{i}.ffn_down.weight", (hidden, n_ff))]
+    return tensors
+
+
+def write_recipe_model(path: Path, n_layer: int, n_head_kv: int, n_ff: int, output: bool) -> None:
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(256)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(n_head_kv)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(0)
+    for name, shape in recipe_tensors(n_layer, n_head_kv, n_ff, output):
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _expected_recipes() -> dict:
+    import json
+
+    return json.loads((FIXTURES / "recipes.json").read_text())
+
+
+@pytest.mark.parametrize("model", RECIPE_MODELS)
+def test_recipes_match_llama_quantize_fixture(model) -> None:
+    """Types and general.file_type llama-quantize chose (tests/fixtures/kquants/recipes.json)."""
+    from engine import quant_recipes
+
+    n_layer, n_head_kv, n_ff, output = RECIPE_MODELS[model]
+    for mix, expected in _expected_recipes()[model].items():
+        ours = quant_recipes.tensor_types(recipe_tensors(n_layer, n_head_kv, n_ff, output), mix, n_layer,
+                                          n_head=4, n_head_kv=n_head_kv)
+        assert {name: qtype.name for name, qtype in ours.items()} == expected["types"], mix
+        assert quant_recipes.FILE_TYPES[mix] == expected["file_type"], mix
+
+
+def test_recipe_single_tensor_rules() -> None:
+    from engine.quant_recipes import tensor_type
+
+    assert tensor_type("output.weight", (32000, 4096), "q4_0", 32) == QT.Q6_K
+    assert tensor_type("output.weight", (32000, 4096), "q8_0", 32) == QT.Q8_0
+    assert tensor_type("output.weight", (32000, 4096), "q4_k_m", 32, arch="falcon") == QT.Q8_0
+    assert tensor_type("blk.0.attn_v.weight", (4096, 4096), "q4_k_m", 32) == QT.Q6_K  # first eighth
+    assert tensor_type("blk.5.attn_v.weight", (4096, 4096), "q4_k_m", 32) == QT.Q4_K
+    assert tensor_type("blk.6.attn_v.weight", (4096, 4096), "q4_k_m", 32) == QT.Q6_K  # (6 - 4) % 3 == 2
+    assert tensor_type("blk.9.attn_v.weight", (1024, 8192), "q3_k_m", 80, n_head=64, n_head_kv=8) == QT.Q5_K  # 70B
+    assert tensor_type("blk.3.ffn_down.weight", (4096, 11008), "q4_k_s", 32) == QT.Q5_K
+    assert tensor_type("blk.10.ffn_down.weight", (2048, 288), "q4_k_s", 32) == QT.Q5_0  # 288 % 256: Q4_K -> Q5_0
+    assert tensor_type("blk.3.ffn_down.weight", (2048, 288), "q4_k_s", 32) == QT.Q5_1  # Q5_K -> Q5_1
+    assert tensor_type("blk.0.attn_norm.weight", (4096,), "q4_k_m", 32) == QT.F32
+    with pytest.raises(ValueError, match="unknown quantization mix"):
+        tensor_type("output.weight", (32, 256), "q4_k_x", 1)
+
+
+def make_recipes_fixture(binary: Path = LLAMA_QUANTIZE) -> dict:
+    """What llama-quantize (no --pure) chooses for each mix on the RECIPE_MODELS; writes recipes.json."""
+    import json
+    import tempfile
+
+    from engine import quant_recipes
+
+    result: dict = {}
+    env = dict(os.environ, LD_LIBRARY_PATH=str(binary.parent))
+    with tempfile.TemporaryDirectory() as tmp:
+        for model, (n_layer, n_head_kv, n_ff, output) in RECIPE_MODELS.items():
+            source = Path(tmp) / f"{model}.gguf"
+            write_recipe_model(source, n_layer, n_head_kv, n_ff, output)
+            result[model] = {}
+            for mix in quant_recipes.MIXES:
+                target = Path(tmp) / "out.gguf"
+                subprocess.run([str(binary), str(source), str(target), mix.upper(), "2"], check=True, env=env,
+                               capture_output=True)
+                reader = gguf.GGUFReader(target)
+                file_type = int(reader.fields["general.file_type"].parts[-1][0])
+                result[model][mix] = {"file_type": file_type,
+                                      "types": {t.name: t.tensor_type.name for t in reader.tensors}}
+    (FIXTURES / "recipes.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LLAMA_QUANTIZE.exists(), reason="llama-quantize not built here")
+def test_recipes_fixture_is_what_llama_quantize_writes(tmp_path, monkeypatch) -> None:
+    """Regenerate the recipe fixture with the binary (into tmp) and compare with the committed one."""
+    committed = _expected_recipes()
+    monkeypatch.setattr(sys.modules[__name__], "FIXTURES", tmp_path)
+    assert make_recipes_fixture() == committed
