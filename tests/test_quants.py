@@ -326,17 +326,18 @@ def test_sizes() -> None:
     assert quants.tensor_nbytes(QT.Q8_0, (3, 2, 64)) == 6 * 2 * 34
     assert quants.tensor_nbytes(QT.Q4_K, (2, 256)) == 2 * 144  # sizes for every ggml type
     assert quants.tensor_nbytes(int(QT.F16), (5,)) == 10
-    assert quants.QUANTIZE_TYPES == {QT.F32, QT.F16, QT.BF16, *BLOCK_TYPES}
-    assert quants.SUPPORTED_TYPES == quants.QUANTIZE_TYPES | {QT.Q4_K, QT.Q5_K, QT.Q6_K}  # K-quants: read only
+    k_and_iq4 = {QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS}  # tests/test_kquant_quantize.py
+    assert quants.QUANTIZE_TYPES == {QT.F32, QT.F16, QT.BF16, *BLOCK_TYPES, *k_and_iq4}
+    assert quants.SUPPORTED_TYPES == quants.QUANTIZE_TYPES
 
 
 @pytest.mark.parametrize(
     "call",
     [
         lambda: quants.quantize(np.zeros((2, 48), np.float32), QT.Q4_0),
-        lambda: quants.quantize(np.zeros(256, np.float32), QT.Q4_K),
+        lambda: quants.quantize(np.zeros(32, np.float32), QT.Q4_K),  # not a whole super-block
         lambda: quants.dequantize(np.zeros(145, np.uint8), QT.Q4_K),  # not whole super-blocks
-        lambda: quants.dequantize(np.zeros(136, np.uint8), QT.IQ4_NL),  # a type we do not read
+        lambda: quants.dequantize(np.zeros(66, np.uint8), QT.IQ2_XXS),  # a type we do not read
         lambda: quants.dequantize(np.zeros(35, np.uint8), QT.Q8_0),
         lambda: quants.row_bytes(QT.Q5_0, 33),
         lambda: quants.block_size(12345),
