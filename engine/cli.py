@@ -111,9 +111,10 @@ def _register_commands() -> None:
     # `halfbyte --help` fast (no Numba, no torch-sized imports until a command runs).
     from converters.cli import convert
     from engine.bench import bench
+    from engine.chat_cli import chat
     from engine.run_cli import perplexity, run, tokenize
 
-    for command in (convert, run, tokenize, bench, perplexity):
+    for command in (convert, run, tokenize, bench, perplexity, chat):
         main.add_command(command)
 
 
