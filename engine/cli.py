@@ -90,19 +90,27 @@ def info(file: str) -> None:
 @click.argument("type_name", metavar="TYPE")
 @click.option("--allow-requantize", is_flag=True,
               help="Also re-quantize tensors that are already quantized (dequantized first: quality drops).")
+@click.option("--pure", is_flag=True, help="TYPE's default type for every quantized tensor (no mix rules).")
+@click.option("--output-tensor-type", metavar="T", help="ggml type of output.weight (e.g. q8_0, q6_k, f16).")
+@click.option("--token-embedding-type", metavar="T", help="ggml type of token_embd.weight.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def quantize(input_file: str, output_file: str, type_name: str, allow_requantize: bool, quiet: bool) -> None:
-    """Quantize the tensors of a GGUF file to TYPE (q4_0, q4_1, q5_0, q5_1, q8_0, f16, f32), like
-    llama-quantize: a file whose tensors are already quantized needs --allow-requantize."""
-    from engine.filetypes import parse_output_type
+def quantize(input_file: str, output_file: str, type_name: str, allow_requantize: bool, pure: bool,
+             output_tensor_type: str | None, token_embedding_type: str | None, quiet: bool) -> None:
+    """Quantize the tensors of a GGUF file to TYPE as llama-quantize does, same types per tensor and same
+    bytes: q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, iq4_nl, iq4_xs, q4_0, q4_1,
+    q5_0, q5_1, q8_0, f16, bf16, f32. A file whose tensors are already quantized needs --allow-requantize."""
+    from engine.filetypes import parse_ggml_type, parse_quantize_mix
     from engine.requantize import quantize_gguf
     from engine.run_cli import check_not_directory, compile_notices
 
-    requested = parse_output_type(type_name)
+    mix = parse_quantize_mix(type_name)
+    output_type = parse_ggml_type(output_tensor_type) if output_tensor_type is not None else None
+    embedding_type = parse_ggml_type(token_embedding_type) if token_embedding_type is not None else None
     check_not_directory(input_file)
     check_not_directory(output_file)
     compile_notices()
-    quantize_gguf(input_file, output_file, requested, progress=not quiet, allow_requantize=allow_requantize)
+    quantize_gguf(input_file, output_file, mix, progress=not quiet, allow_requantize=allow_requantize, pure=pure,
+                  output_tensor_type=output_type, token_embedding_type=embedding_type)
     click.echo(f"wrote {output_file}", err=True)
 
 
@@ -113,8 +121,9 @@ def _register_commands() -> None:
     from engine.bench import bench
     from engine.chat_cli import chat
     from engine.run_cli import perplexity, run, tokenize
+    from engine.server import serve
 
-    for command in (convert, run, tokenize, bench, perplexity, chat):
+    for command in (convert, run, tokenize, bench, perplexity, chat, serve):
         main.add_command(command)
 
 

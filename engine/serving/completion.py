@@ -137,7 +137,7 @@ class SequenceState:
 
     @property
     def n_tokens(self) -> int:
-        """Tokens the sequence's KV cache holds or will hold after the pending token."""
+        """Tokens of the sequence: the KV cache holds all but the last one (evaluated next)."""
         return len(self.prompt_ids) + len(self.generated)
 
     def _penalized(self, logits: np.ndarray) -> np.ndarray:
@@ -192,7 +192,7 @@ class SequenceState:
         self._emit(ready)
         if s.max_tokens is not None and len(self.generated) >= s.max_tokens:
             return None, ready + self._finish(FINISH_LENGTH)
-        if self.n_tokens >= self.n_ctx:  # no room to evaluate this token: the context is full
+        if self.n_tokens > self.n_ctx:  # no room to evaluate this token: the context is full
             return None, ready + self._finish(FINISH_LENGTH)
         return token, ready
 

@@ -1,0 +1,476 @@
+"""`halfbyte serve`: an OpenAI-compatible HTTP server (Starlette + uvicorn) with continuous batching.
+
+Endpoints (also without the ``/v1`` prefix, as llama.cpp's server):
+
+- ``GET /health``: ``{"status": "ok", "slots_idle", "slots_processing", "queued"}`` (no key needed)
+- ``GET /v1/models``: the one model, by its file name
+- ``POST /v1/chat/completions``: messages rendered with the chat template, then generated
+- ``POST /v1/completions``: a text (or token-id) prompt continued
+
+``"stream": true`` answers with server-sent events, one ``data: {chunk}`` per piece of text and
+``data: [DONE]`` at the end (``stream_options.include_usage`` adds a last chunk with ``usage``).
+Sampling fields: OpenAI's (``temperature``, ``top_p``, ``max_tokens``/``max_completion_tokens``,
+``stop``, ``seed``, ``presence_penalty``, ``frequency_penalty``, ``logprobs``, ``top_logprobs``) and
+llama.cpp's (``top_k``, ``min_p``, ``repeat_penalty``, ``repeat_last_n``, ``cache_prompt``,
+``chat_template_kwargs``). Unknown fields are ignored; wrong types, unknown roles, a prompt that
+does not fit in a slot's context, ``max_tokens`` outside 1..context and ``n`` other than 1 are
+400; a body over the size limit is 413; with ``--api-key`` a missing or wrong
+``Authorization: Bearer`` key is 401; a full queue is 503 with ``Retry-After``. Every error is
+OpenAI's ``{"error": {"message", "type", "code"}}``.
+
+All requests go to one ``Scheduler`` (engine.serving.scheduler): ``--parallel`` slots generate
+together, one forward pass per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from typing import Any
+
+import click
+
+from engine.errors import HalfbyteError
+from engine.run_cli import THREADS_HELP, check_not_directory, check_option, compile_notices, load_model
+
+DEFAULT_MAX_BODY = 4 * 1024 * 1024
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers or {}
+
+
+def _error_response(status: int, message: str, kind: str, headers: dict[str, str] | None = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status,
+                        headers=headers)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class Service:
+    """The request handling of one model and its scheduler (the Starlette app calls these)."""
+
+    def __init__(self, model: Any, scheduler: Any, api_key: str | None = None,
+                 max_body: int = DEFAULT_MAX_BODY) -> None:
+        self.model = model
+        self.scheduler = scheduler
+        self.api_key = api_key
+        self.max_body = max_body
+        self.created = int(time.time())
+
+    # -- request plumbing ----------------------------------------------------------------------------
+
+    def check_auth(self, request: Any) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", "authentication_error")
+
+    async def read_json(self, request: Any) -> dict[str, Any]:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise ApiError(413, f"request body of {length} bytes is over the limit of {self.max_body} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body:
+                raise ApiError(413, f"request body is over the limit of {self.max_body} bytes")
+        try:
+            data = json.loads(bytes(body).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ApiError(400, f"malformed JSON body: {exc}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, f"the body must be a JSON object, got {type(data).__name__}")
+        return data
+
+    def settings(self, body: dict[str, Any], chat: bool):  # -> engine.serving.completion.Settings
+        from engine.serving.completion import Settings
+
+        n = body.get("n", 1)
+        if n is not None and n != 1:
+            raise ApiError(400, f"n must be 1 (one choice per request), got {n!r}")
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens", None if chat else 16))
+        if max_tokens is not None:
+            if not _is_int(max_tokens):
+                raise ApiError(400, f"max_tokens must be an integer, got {type(max_tokens).__name__}")
+            if not 1 <= max_tokens <= self.scheduler.n_ctx:
+                raise ApiError(400, f"max_tokens must be in 1..{self.scheduler.n_ctx} (the context size), "
+                                    f"got {max_tokens}")
+        if chat:
+            logprobs = body.get("logprobs", False)
+            if not isinstance(logprobs, bool) and logprobs is not None:
+                raise ApiError(400, f"logprobs must be true or false, got {type(logprobs).__name__}")
+            top = body.get("top_logprobs")
+            if top is not None and not logprobs:
+                raise ApiError(400, "top_logprobs needs logprobs: true")
+            k = (top or 0) if logprobs else None
+        else:
+            k = body.get("logprobs")
+        values = {}  # defaults: llama.cpp's server's
+        for name, default in (("temperature", 0.8), ("top_p", 0.95), ("top_k", 40), ("min_p", 0.05),
+                              ("repeat_penalty", 1.0), ("repeat_last_n", 64), ("presence_penalty", 0.0),
+                              ("frequency_penalty", 0.0)):
+            value = body.get(name, default)
+            values[name] = default if value is None else value
+        seed = body.get("seed")
+        try:
+            return Settings.build(max_tokens, values["temperature"], values["top_p"], values["top_k"],
+                                  values["min_p"], values["repeat_penalty"], values["repeat_last_n"],
+                                  body.get("stop"), seed, k, values["presence_penalty"], values["frequency_penalty"])
+        except HalfbyteError as exc:
+            raise ApiError(400, str(exc)) from None
+
+    def prompt_ids(self, body: dict[str, Any]) -> list[int]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]  # a batch of one prompt
+        if isinstance(prompt, str):
+            ids = self.model.tokenize(prompt)
+        elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+            if any(not 0 <= t < self.model.n_vocab for t in prompt):
+                raise ApiError(400, f"prompt token ids must be in 0..{self.model.n_vocab - 1}")
+            ids = list(prompt)
+        elif prompt is None:
+            raise ApiError(400, "missing prompt")
+        else:
+            raise ApiError(400, "prompt must be a string, a list of one string, or a list of token ids")
+        if not ids:
+            raise ApiError(400, "empty prompt: no tokens to start from")
+        return ids
+
+    def check_fits(self, ids: list[int]) -> None:
+        if len(ids) >= self.scheduler.n_ctx:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens, more than fit in the context of "
+                                f"{self.scheduler.n_ctx} tokens (--ctx-size) with room to answer")
+
+    def stream_flags(self, body: dict[str, Any]) -> tuple[bool, bool]:
+        stream = body.get("stream", False)
+        if stream is None:
+            stream = False
+        if not isinstance(stream, bool):
+            raise ApiError(400, f"stream must be true or false, got {type(stream).__name__}")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise ApiError(400, "stream_options must be an object")
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise ApiError(400, "stream_options.include_usage must be true or false")
+        cache_prompt = body.get("cache_prompt", True)
+        if not isinstance(cache_prompt, bool):
+            raise ApiError(400, "cache_prompt must be true or false")
+        return stream, include_usage
+
+    # -- running a job -------------------------------------------------------------------------------
+
+    def submit(self, state: Any, cache_prompt: bool) -> tuple[Any, asyncio.Queue]:
+        from engine.serving.scheduler import Job, QueueFull
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(event: tuple) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = Job(state, emit, cache_prompt)
+        try:
+            self.scheduler.submit(job)
+        except QueueFull as exc:
+            raise ApiError(503, f"server busy: {exc}; retry later", "unavailable_error", {"Retry-After": "1"}) from None
+        return job, events
+
+    async def collect(self, request: Any, job: Any, events: asyncio.Queue) -> tuple[str, list, str]:
+        """Wait for the whole result; a client that disconnects cancels its job."""
+        pieces, records = [], []
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        self.scheduler.cancel(job)
+                        raise ApiError(499, "client disconnected") from None
+                    continue
+                if event[0] == "text":
+                    pieces.append(event[1])
+                    records.extend(event[2])
+                elif event[0] == "done":
+                    return "".join(pieces), records, event[1]
+                else:
+                    raise ApiError(500, event[1], "server_error")
+        except asyncio.CancelledError:
+            self.scheduler.cancel(job)
+            raise
+
+    async def stream(self, job: Any, events: asyncio.Queue, make_chunk, final_chunk, usage_chunk):
+        """SSE lines: a chunk per piece of text, the final chunk, optionally usage, then [DONE]."""
+        pending: list = []
+        try:
+            first = make_chunk(None, None)
+            if first is not None:
+                yield _sse(first)
+            while True:
+                event = await events.get()
+                if event[0] == "text":
+                    pending.extend(event[2])
+                    if event[1]:
+                        yield _sse(make_chunk(event[1], pending))
+                        pending = []
+                elif event[0] == "done":
+                    yield _sse(final_chunk(event[1], pending))
+                    if usage_chunk is not None:
+                        yield _sse(usage_chunk())
+                    break
+                else:
+                    yield _sse({"error": {"message": event[1], "type": "server_error", "code": 500}})
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            self.scheduler.cancel(job)  # a no-op once finished; frees the slot of a client that left
+
+    # -- endpoints -----------------------------------------------------------------------------------
+
+    async def health(self, request: Any):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"status": "ok", **self.scheduler.status()})
+
+    async def models(self, request: Any):
+        from starlette.responses import JSONResponse
+
+        self.check_auth(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.model.name, "object": "model", "created": self.created, "owned_by": "halfbyte",
+             "meta": {"n_ctx": self.scheduler.n_ctx, "n_vocab": self.model.n_vocab,
+                      "n_slots": len(self.scheduler.slots)}}]})
+
+    async def completions(self, request: Any):
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        from engine.serving import completion as c
+        from engine.serving.completion import SequenceState
+
+        self.check_auth(request)
+        body = await self.read_json(request)
+        settings = self.settings(body, chat=False)
+        stream, include_usage = self.stream_flags(body)
+        ids = self.prompt_ids(body)
+        self.check_fits(ids)
+        state = SequenceState(self.model.tokenizer, ids, settings, self.scheduler.n_ctx)
+        job, events = self.submit(state, body.get("cache_prompt", True))
+        cid, created, name = c.new_id("cmpl"), c.now(), self.model.name
+        tokenizer = self.model.tokenizer
+        with_logprobs = settings.logprobs is not None
+        if not stream:
+            text, records, finish = await self.collect(request, job, events)
+            state.fill_offsets(0)
+            logprobs = c.completion_logprobs(tokenizer, records) if with_logprobs else None
+            return JSONResponse(c.completion_response(cid, created, name, text, finish, logprobs, len(ids),
+                                                      len(state.generated)))
+
+        def chunk(text, records):
+            if text is None:
+                return None
+            return c.completion_chunk(cid, created, name, text, None,
+                                      c.completion_logprobs(tokenizer, records) if with_logprobs else None)
+
+        def final(finish, records):
+            return c.completion_chunk(cid, created, name, "", finish,
+                                      c.completion_logprobs(tokenizer, records) if with_logprobs else None)
+
+        def usage():
+            return {"id": cid, "object": "text_completion", "created": created, "model": name, "choices": [],
+                    "usage": c.usage(len(ids), len(state.generated))}
+
+        return StreamingResponse(self.stream(job, events, chunk, final, usage if include_usage else None),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def chat_completions(self, request: Any):
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        from engine.chat import prompt_tokens
+        from engine.serving import completion as c
+        from engine.serving.completion import SequenceState
+
+        self.check_auth(request)
+        body = await self.read_json(request)
+        settings = self.settings(body, chat=True)
+        stream, include_usage = self.stream_flags(body)
+        if "messages" not in body:
+            raise ApiError(400, "missing messages")
+        kwargs = body.get("chat_template_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise ApiError(400, "chat_template_kwargs must be an object")
+        template = self.model.chat_template
+        try:
+            text = template.render(body["messages"], add_generation_prompt=True, tools=body.get("tools"), **kwargs)
+        except HalfbyteError as exc:
+            raise ApiError(400, str(exc)) from None
+        ids = prompt_tokens(self.model.tokenizer, text)
+        self.check_fits(ids)
+        state = SequenceState(self.model.tokenizer, ids, settings, self.scheduler.n_ctx, template.stop_texts)
+        job, events = self.submit(state, body.get("cache_prompt", True))
+        cid, created, name = c.new_id("chatcmpl"), c.now(), self.model.name
+        tokenizer = self.model.tokenizer
+        with_logprobs = settings.logprobs is not None
+        if not stream:
+            answer, records, finish = await self.collect(request, job, events)
+            logprobs = c.chat_logprobs(tokenizer, records) if with_logprobs else None
+            return JSONResponse(c.chat_response(cid, created, name, answer, finish, logprobs, len(ids),
+                                                len(state.generated)))
+
+        def chunk(piece, records):
+            if piece is None:
+                return c.chat_chunk(cid, created, name, {"role": "assistant", "content": ""}, None)
+            return c.chat_chunk(cid, created, name, {"content": piece}, None,
+                                c.chat_logprobs(tokenizer, records) if with_logprobs else None)
+
+        def final(finish, records):
+            return c.chat_chunk(cid, created, name, {}, finish,
+                                c.chat_logprobs(tokenizer, records) if with_logprobs and records else None)
+
+        def usage():
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                    "choices": [], "usage": c.usage(len(ids), len(state.generated))}
+
+        return StreamingResponse(self.stream(job, events, chunk, final, usage if include_usage else None),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def create_app(service: Service):
+    """The Starlette application of ``service``."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route
+
+    def guarded(handler):
+        async def endpoint(request):
+            try:
+                return await handler(request)
+            except ApiError as exc:
+                return _error_response(exc.status, exc.message, exc.kind, exc.headers)
+        return endpoint
+
+    routes = [
+        Route("/health", guarded(service.health), methods=["GET"]),
+        Route("/v1/health", guarded(service.health), methods=["GET"]),
+    ]
+    for prefix in ("/v1", ""):
+        routes += [
+            Route(f"{prefix}/models", guarded(service.models), methods=["GET"]),
+            Route(f"{prefix}/chat/completions", guarded(service.chat_completions), methods=["POST"]),
+            Route(f"{prefix}/completions", guarded(service.completions), methods=["POST"]),
+        ]
+
+    async def http_error(request, exc: HTTPException):
+        kind = {404: "not_found_error", 405: "invalid_request_error"}.get(exc.status_code, "invalid_request_error")
+        return _error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind)
+
+    async def server_error(request, exc: Exception):
+        return _error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+
+
+def build_service(model_path: str, n_ctx: int, threads: int | None, parallel: int, chat_template: str | None,
+                  api_key: str | None, queue_size: int = 16, prefill_chunk: int = 64,
+                  max_body: int = DEFAULT_MAX_BODY) -> Service:
+    """Load the model, start its scheduler: everything but the HTTP listener."""
+    from engine.serving.scheduler import Scheduler
+
+    model = load_model(model_path, n_ctx, threads)
+    model._chat_template_spec = chat_template
+    model.chat_template  # noqa: B018  (resolved now: a bad --chat-template fails before serving)
+    scheduler = Scheduler(model, n_slots=parallel, n_ctx=model.n_ctx, queue_size=queue_size,
+                          prefill_chunk=prefill_chunk).start()
+    return Service(model, scheduler, api_key=api_key, max_body=max_body)
+
+
+@click.command()
+@click.argument("model_path", metavar="[MODEL]", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, help="Port to listen on (0 = any free port).")
+@click.option("-np", "--parallel", default=4, show_default=True,
+              help="Slots: requests generated together (continuous batching), each with its own KV cache.")
+@click.option("-c", "--ctx-size", "n_ctx", type=int, default=0, show_default=True,
+              help="Context size of each slot (0 = the model's training context).")
+@click.option("--api-key", envvar="HALFBYTE_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1 endpoints (or set HALFBYTE_API_KEY).")
+@click.option("--chat-template", metavar="NAME|FILE", default=None,
+              help="The file's own template (default; ChatML if it has none), a built-in name (chatml, llama2, "
+                   "llama3, mistral, zephyr, gemma, phi3), a named template of the file, or a Jinja file.")
+@click.option("-t", "--threads", type=int, default=None, help=THREADS_HELP)
+@click.option("--queue-size", default=16, show_default=True,
+              help="Requests that may wait for a slot; more get 503 with Retry-After.")
+@click.option("--prefill-chunk", default=64, show_default=True,
+              help="Prompt tokens read per step (long prompts in chunks, so generating slots keep going).")
+@click.option("--max-body", default=DEFAULT_MAX_BODY, show_default=True, help="Largest request body in bytes (413).")
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn's log level.")
+def serve(model_path: str | None, host: str, port: int, parallel: int, n_ctx: int, api_key: str | None,
+          chat_template: str | None, threads: int | None, queue_size: int, prefill_chunk: int, max_body: int,
+          log_level: str) -> None:
+    """Serve MODEL (default: the embedded demo model) over HTTP with OpenAI's API: /v1/chat/completions,
+    /v1/completions, /v1/models, /health. Binds 127.0.0.1 unless --host says otherwise."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise HalfbyteError("halfbyte serve needs starlette and uvicorn: pip install 'halfbyte[server]'") from None
+    check_option("--parallel", parallel, 1)
+    check_option("-c", n_ctx, 0, " (0 = the model's training context)")
+    check_option("--port", port, 0)
+    check_option("--queue-size", queue_size, 0)
+    check_option("--prefill-chunk", prefill_chunk, 1)
+    check_option("--max-body", max_body, 1)
+    if port > 65535:
+        raise HalfbyteError(f"--port must be <= 65535, got {port}")
+    if api_key is not None and not api_key:
+        raise HalfbyteError("--api-key must not be empty")
+    check_not_directory(model_path)
+    if model_path is None:
+        from engine.default_model import default_model_path
+
+        model_path = str(default_model_path())
+        click.echo(f"halfbyte: no model given, using the embedded demo model {model_path}", err=True)
+    compile_notices()
+    service = build_service(model_path, n_ctx, threads, parallel, chat_template, api_key, queue_size, prefill_chunk,
+                            max_body)
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        raise HalfbyteError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(128)
+    bound = sock.getsockname()[1]
+    click.echo(f"halfbyte: serving {service.model.name} on http://{host}:{bound} ({parallel} slots of "
+               f"{service.scheduler.n_ctx} tokens, chat template: {service.model.chat_template.name}"
+               f"{', API key required' if api_key else ''})", err=True)
+    config = uvicorn.Config(create_app(service), log_level=log_level, timeout_graceful_shutdown=3,
+                            access_log=log_level in ("info", "debug"))
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        service.scheduler.stop()
+        sock.close()
