@@ -1014,7 +1014,7 @@ def test_fuzz_hypothesis(tmp_path: Path, fuzz_seeds: list[bytes], data: st.DataO
 # -- halfbyte quantize ----------------------------------------------------------------------------
 
 QUANTIZE_TARGETS = {"q4_0": QT.Q4_0, "q4_1": QT.Q4_1, "q5_0": QT.Q5_0, "q5_1": QT.Q5_1, "q8_0": QT.Q8_0,
-                    "f16": QT.F16, "f32": QT.F32}
+                    "f16": QT.F16, "bf16": QT.BF16, "f32": QT.F32}
 QUANTIZE_METADATA = [
     ("general.architecture", "llama", VT.STRING, None),
     ("general.name", NON_ASCII, VT.STRING, None),
@@ -1063,20 +1063,19 @@ def as_float32(ggml_type: QT, stored: np.ndarray) -> np.ndarray:
     return stored.astype(np.float32)
 
 
-def expected_after_quantize(ggml_type: QT, shape: tuple[int, ...], stored: np.ndarray,
+def expected_after_quantize(name: str, ggml_type: QT, shape: tuple[int, ...], stored: np.ndarray,
                             requested: QT) -> tuple[QT, bytes]:
-    """llama-quantize's rules, with gguf-py's quantizer as the reference for the bytes."""
+    """llama-quantize's rules for these tensors, with gguf-py's quantizer as the reference for the bytes."""
     is_float = ggml_type in (QT.F32, QT.F16, QT.BF16)
-    if ggml_type in (QT.I8, QT.I16, QT.I32, QT.I64, QT.F64):
-        return ggml_type, stored.tobytes()  # integer tensors are copied
-    if len(shape) < 2:
-        if not is_float:
-            return ggml_type, stored.tobytes()
-        target = QT.F32
+    if len(shape) < 2 or not name.endswith("weight") or "_norm." in name:
+        return ggml_type, stored.tobytes()  # never quantized: copied as they are
+    target = requested
+    if name == "token_embd.weight" and requested not in (QT.F32, QT.F16, QT.BF16):
+        # no output.weight: the tied embedding gets the output's type, Q6_K (Q8_0 for a Q8_0 file),
+        # whose 256-blocks do not fit rows of 64: Q8_0
+        target = QT.Q8_0
     elif shape[-1] % gguf.GGML_QUANT_SIZES[requested][0]:
         target = QT.F16
-    else:
-        target = requested
     if target == ggml_type:
         return target, stored.tobytes()
     # A tensor quantized to another type is re-quantized from its dequantized values
@@ -1101,19 +1100,22 @@ def test_quantize_command(tmp_path: Path, quantize_source: Path, type_name: str)
     assert sorted(p.name for p in tmp_path.iterdir()) == [out_path.name]  # no partial file left
     source_tensors = quantize_source_tensors()
     with GGUFFile(out_path) as out:
-        assert list(out.tensors) == list(source_tensors)
+        # llama-quantize's order: by layer (non-layer tensors first), then by name
+        assert list(out.tensors) == sorted(source_tensors, key=lambda n: (n.startswith("blk."), n))
         for name, (ggml_type, shape, stored) in source_tensors.items():
             info = out.tensors[name]
-            expected_type, expected_bytes = expected_after_quantize(ggml_type, shape, stored, requested)
+            expected_type, expected_bytes = expected_after_quantize(name, ggml_type, shape, stored, requested)
             assert info.ggml_type == expected_type, name
             assert info.shape == shape, name
             assert out.tensor_bytes(name).tobytes() == expected_bytes, name
-        assert list(out.metadata) == [key for key, *_ in QUANTIZE_METADATA]
         expected_file_type = int(gguf.LlamaFileType[
             {"f32": "ALL_F32", "f16": "MOSTLY_F16"}.get(type_name, f"MOSTLY_{type_name.upper()}")
         ])
-        expected_metadata = [(k, expected_file_type if k == "general.file_type" else v, vt, et)
-                             for k, v, vt, et in QUANTIZE_METADATA]
+        # as llama-quantize: the input's keys, then the quantization version and the file type
+        expected_metadata = [item for item in QUANTIZE_METADATA if item[0] != "general.file_type"] + [
+            ("general.quantization_version", 2, VT.UINT32, None),
+            ("general.file_type", expected_file_type, VT.UINT32, None)]
+        assert list(out.metadata) == [key for key, *_ in expected_metadata]
         assert_metadata_equal(out, expected_metadata)
 
 
@@ -1130,7 +1132,7 @@ def test_quantize_refuses_to_overwrite_its_input(tmp_path: Path, quantize_source
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
 
 
-@pytest.mark.parametrize("type_name", ["q4_k", "bf16", "", "q4_0 "])
+@pytest.mark.parametrize("type_name", ["q4_k", "q4_k_x", "", "q4_0 "])
 def test_quantize_refuses_unknown_types(tmp_path: Path, quantize_source: Path, type_name: str) -> None:
     out_path = tmp_path / "out.gguf"
     result = invoke_cli("quantize", "-q", str(quantize_source), str(out_path), type_name)
