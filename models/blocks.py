@@ -27,7 +27,6 @@ from engine.batch import Batch
 from engine.errors import file_error
 from engine.gguf_file import GGUFFile
 from engine.hparams import HParams, Tensors
-from engine.kernels.attention import attend
 from engine.model import check_interrupt
 from engine.weights import Weight
 
@@ -106,19 +105,6 @@ class DecoderLayer:
     w_down: Weight
 
 
-def attention(batch: Batch, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
-              window: int) -> np.ndarray:
-    """``batch.attention``, with a sliding window of ``window`` positions when > 0."""
-    if window <= 0:
-        return batch.attention(layer, q, k, v, scale)
-    out = np.empty(q.shape, np.float32)
-    for seq, start, end in zip(batch.sequences, batch.starts[:-1], batch.starts[1:]):
-        seq.cache.store(layer, k[start:end], v[start:end], seq.n_past)
-        attend(np.ascontiguousarray(q[start:end]), seq.cache.keys(layer), seq.cache.values(layer), seq.n_past,
-               scale, out=out[start:end], window=window)
-    return out
-
-
 class PreNormDecoder:
     """A LLaMA-style decoder read from ``file``; subclasses set the class attributes."""
 
@@ -191,7 +177,7 @@ class PreNormDecoder:
                 k = ops.rms_norm(k, layer.k_norm, p.rms_eps)
             ops.rope(q, positions, p.n_rot, p.rope_theta, p.rope_scale, self.NEOX, self.rope_freqs)
             ops.rope(k, positions, p.n_rot, p.rope_theta, p.rope_scale, self.NEOX, self.rope_freqs)
-            attn = attention(batch, i, q, k, v, scale, p.sliding_window)
+            attn = batch.attention(i, q, k, v, scale, window=p.sliding_window)
             x += ops.linear(attn.reshape(n, p.n_head * p.head_dim), layer.wo)
             h = ops.rms_norm(x, layer.ffn_norm, p.rms_eps)
             x += ops.linear(ops.swiglu(ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up)), layer.w_down)
