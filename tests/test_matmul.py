@@ -21,6 +21,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
 from engine.errors import HalfbyteError
 from engine.kernels.matmul import (
+    DEQUANT_TYPES,
+    GGUF_DEQUANT_TYPES,
     K_QUANT_TYPES,
     KERNEL_PATHS,
     QUANT_TYPES,
@@ -36,7 +38,8 @@ from engine.kernels.matmul import (
 )
 
 T = GGMLQuantizationType
-ALL_TYPES = [t for t in SUPPORTED_TYPES if t not in K_QUANT_TYPES]  # K-quants: read-only, tested below
+# K-quants: tested below; the dequantizing products (Q2_K, Q3_K, IQ*, TQ*): tests/test_new_types.py
+ALL_TYPES = [t for t in SUPPORTED_TYPES if t not in K_QUANT_TYPES and t not in DEQUANT_TYPES + GGUF_DEQUANT_TYPES]
 SHAPES = [(37, 32), (5, 64), (19, 4096)]  # (n_out, n_in): odd row counts, one block .. 128 blocks
 
 
@@ -248,8 +251,8 @@ def test_weight_view_from_raw():
     readonly.flags.writeable = False
     assert WeightView.from_raw(T.Q4_0, (64, 3), readonly).data.base is not None
 
-    with pytest.raises(HalfbyteError, match="IQ4_NL"):
-        WeightView.from_raw(T.IQ4_NL, (256, 3), np.zeros((3, 144), np.uint8))
+    with pytest.raises(HalfbyteError, match="do not support ggml type Q8_K"):  # activations only
+        WeightView.from_raw(T.Q8_K, (256, 3), np.zeros((3, 292), np.uint8))
     with pytest.raises(HalfbyteError, match="unknown ggml type"):
         WeightView.from_raw(12345, (64, 3), raw)
     with pytest.raises(HalfbyteError, match="multiple of 32"):

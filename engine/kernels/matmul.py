@@ -45,7 +45,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from engine.errors import HalfbyteError
-from engine.kernels import kquant_simd, kquants, simd
+from engine.kernels import dequant_any, kquant_simd, kquants, simd
 
 QK = 32  # elements per block of every type handled here (and of the Q8_0/Q8_1 activations)
 
@@ -70,7 +70,16 @@ QUANT_TYPES = (
 # Read-only K-quants (llama-quantize output): integer SIMD products in engine/kernels/kquant_simd.py,
 # float reference products in engine/kernels/kquants.py.
 K_QUANT_TYPES = (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)
-SUPPORTED_TYPES = FLOAT_TYPES + QUANT_TYPES + K_QUANT_TYPES
+# Types multiplied by dequantizing a chunk of rows to float32 (bounded scratch) and taking float dots:
+# halfbyte's own dequantizers for these (engine.kernels.kquant_quantize) ...
+DEQUANT_TYPES = (GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K, GGMLQuantizationType.IQ4_NL,
+                 GGMLQuantizationType.IQ4_XS)
+# ... and gguf.quants' numpy dequantizers for the types only llama.cpp writes (slow but correct).
+GGUF_DEQUANT_TYPES = tuple(
+    t for t in (getattr(GGMLQuantizationType, name, None) for name in (
+        "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0", "MXFP4", "NVFP4"))
+    if t is not None and dequant_any.can_dequantize(t))
+SUPPORTED_TYPES = FLOAT_TYPES + QUANT_TYPES + K_QUANT_TYPES + DEQUANT_TYPES + GGUF_DEQUANT_TYPES
 
 # Weight rows unpacked together by one matmul task: 16 rows of int8 for n_in = 11008
 # is 176 KiB, which stays in L2 while every token of the batch is dotted with them.
@@ -814,6 +823,37 @@ def _k_product(kind: int, raw: np.ndarray, x: np.ndarray, y: np.ndarray) -> None
     _call(drivers[0] if x.shape[0] == 1 else drivers[1], raw, xq, xd, xs, y)
 
 
+# Scratch of the dequantizing products: at most this many float32 weights (4 MiB) at a time.
+DEQUANT_CHUNK_FLOATS = 1 << 20
+
+
+@njit(cache=True, parallel=True)
+def _float_chunk_times_tokens(rows, x, y, r0, rows_per_task):
+    """``y[:, r0 + i] = x @ rows[i]`` for a chunk of float32 weight rows, parallel over row groups."""
+    n_tasks = (rows.shape[0] + rows_per_task - 1) // rows_per_task
+    for task in prange(n_tasks):
+        first = task * rows_per_task
+        _float_rows_times_tokens(rows[first:min(first + rows_per_task, rows.shape[0])], x, y, r0 + first)
+
+
+def _dequant_product(weight: WeightView, x: np.ndarray, y: np.ndarray) -> None:
+    """``y = x W^T`` by rows: a chunk of rows dequantized to float32 (halfbyte's dequantizers, or
+    gguf's for the types only llama.cpp writes), then float dots with the float32 activations."""
+    from engine import quants
+
+    per_chunk = max(ROWS_PER_TASK, DEQUANT_CHUNK_FLOATS // weight.n_in // ROWS_PER_TASK * ROWS_PER_TASK)
+    scratch = np.empty((min(per_chunk, weight.n_out), weight.n_in), np.float32)
+    native = dequant_any.native(weight.ggml_type)
+    for r0 in range(0, weight.n_out, per_chunk):
+        rows = scratch[: min(per_chunk, weight.n_out - r0)]
+        raw = weight.data[r0 : r0 + rows.shape[0]]
+        if native:
+            quants.dequantize(raw, weight.ggml_type, out=rows)
+        else:
+            rows[...] = dequant_any.dequantize_rows(raw, weight.ggml_type)
+        _call(_float_chunk_times_tokens, rows, x, y, r0, ROWS_PER_TASK)
+
+
 def matvec(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``y = W x``: float32 ``(n_in,)`` -> float32 ``(n_out,)``, written into ``out`` if given."""
     x = _activations(weight, x, 1)
@@ -830,6 +870,8 @@ def _matvec_into(weight: WeightView, x: np.ndarray, y: np.ndarray) -> None:
         _simd_product(kind, drivers, weight.data, x, y, batch=False)
     elif weight.ggml_type in K_QUANT_TYPES:
         _k_product(kind, weight.data, x.reshape(1, -1), y.reshape(1, -1))
+    elif weight.ggml_type in DEQUANT_TYPES or weight.ggml_type in GGUF_DEQUANT_TYPES:
+        _dequant_product(weight, x.reshape(1, -1), y.reshape(1, -1))
     elif kind == F32:
         _call(_matvec_f32, weight.data, x, y)
     elif kind in (F16, BF16):
@@ -857,6 +899,8 @@ def matmul(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> 
         _simd_product(kind, drivers, weight.data, x, y, batch=True)
     elif weight.ggml_type in K_QUANT_TYPES:
         _k_product(kind, weight.data, x, y)
+    elif weight.ggml_type in DEQUANT_TYPES or weight.ggml_type in GGUF_DEQUANT_TYPES:
+        _dequant_product(weight, x, y)
     elif kind == F32:
         _call(_matmul_f32, weight.data, x, y, ROWS_PER_TASK)
     elif kind in (F16, BF16):
