@@ -85,7 +85,8 @@ def start_llama_server(binary: str, model: str, threads: int, ctx: int) -> tuple
 
 def one_stream(url: str, prompt: str, n_predict: int, start: float, out: dict) -> None:
     body = {"prompt": prompt, "max_tokens": n_predict, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, "cache_prompt": False}
+            "stream_options": {"include_usage": True}, "cache_prompt": False,
+            "logprobs": 1}  # a chunk per token even where its text is empty (random-weight vocabularies)
     tokens = chunks = 0
     first = None
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
@@ -97,7 +98,7 @@ def one_stream(url: str, prompt: str, n_predict: int, start: float, out: dict) -
             if data.get("usage"):
                 tokens = data["usage"]["completion_tokens"]
             for choice in data.get("choices") or []:
-                if choice.get("text"):
+                if choice.get("text") or (choice.get("logprobs") or {}).get("tokens"):
                     chunks += 1
                     if first is None:
                         first = time.perf_counter()

@@ -228,7 +228,7 @@ class Service:
                 event = await events.get()
                 if event[0] == "text":
                     pending.extend(event[2])
-                    if event[1]:
+                    if event[1] or event[2]:  # text, or a token's logprobs (when asked for)
                         yield _sse(make_chunk(event[1], pending))
                         pending = []
                 elif event[0] == "done":
