@@ -56,6 +56,9 @@ ALIASES: dict[str, str] = {
     "qwen3-1.7b": "Qwen/Qwen3-1.7B",
     "qwen3-4b": "Qwen/Qwen3-4B",
     "qwen3-8b": "Qwen/Qwen3-8B",
+    "pythia-1.4b": "EleutherAI/pythia-1.4b",
+    "dolly-v2-3b": "databricks/dolly-v2-3b",
+    "redpajama-incite-3b": "togethercomputer/RedPajama-INCITE-Base-3B-v1",
 }
 
 # config.json plus every tokenizer file the vocab readers may use; each is fetched if the repo has it.

@@ -7,12 +7,14 @@ from typing import Any
 from engine.errors import file_error
 from engine.gguf_file import GGUFFile
 from models.falcon import Falcon
+from models.gptneox import GptNeoX
 from models.llama import Llama
 from models.mpt import Mpt
 from models.qwen2 import Qwen2
 from models.qwen3 import Qwen3
 
-ARCHITECTURES: dict[str, type] = {"llama": Llama, "mpt": Mpt, "falcon": Falcon, "qwen2": Qwen2, "qwen3": Qwen3}
+ARCHITECTURES: dict[str, type] = {"llama": Llama, "mpt": Mpt, "falcon": Falcon, "qwen2": Qwen2, "qwen3": Qwen3,
+                                 "gptneox": GptNeoX}
 
 
 def load_architecture(file: GGUFFile) -> Any:

@@ -1,0 +1,177 @@
+"""The remaining seed families (issue 16), each from a tiny random transformers checkpoint (fixed
+seed): F32 logits for a prompt and token by token within 1e-3 of the logits' scale of
+transformers, the greedy continuation identical, Q8_0 within test_runtime.py's bound.
+
+- GPT-NeoX (``gptneox``: Pythia, Dolly-v2, RedPajama-INCITE, StableLM-alpha): fused per-head QKV
+  regrouped as llama.cpp's converter does, partial neox rotary, parallel and sequential residuals,
+  biases everywhere, untied ``embed_out``. Tokenizer: GPT-NeoX-20B's vocabulary (the MPT fixture's
+  tokenizer.json is that vocabulary: same tokens and merges as llama.cpp's ggml-vocab-gpt-neox.gguf).
+
+With HALFBYTE_LLAMA_CPP set to a llama.cpp checkout, llama.cpp's own convert_hf_to_gguf.py
+converts the same checkpoints and its files must run here with the same logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from test_runtime import PROMPT, QUANT_BOUNDS, hf_logits, round_trip_reference
+from tiny_models import build_model, load_reference, save_checkpoint
+
+from converters.convert import convert
+from engine.gguf_file import GGUFFile
+from engine.model import Model
+
+LONG_PROMPT = PROMPT + " a quiet old king who kept seven silver birds in a tall tower by the sea, and every night"
+
+
+def gptneox_config(parallel: bool):
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(vocab_size=50432, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.25,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "partial_rotary_factor": 0.5},
+                         use_parallel_residual=parallel, layer_norm_eps=1e-5, tie_word_embeddings=False,
+                         bos_token_id=0, eos_token_id=0)
+
+
+def with_bias_noise(model):
+    """transformers initialises biases to zero: make them matter."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.2)
+    return model
+
+
+def legacy_gptneox_config(directory: Path) -> None:
+    """config.json as released Pythia checkpoints spell it: rotary_pct and rotary_emb_base."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    if "rope_parameters" not in config:
+        return
+    rope = config.pop("rope_parameters")
+    config.update(rotary_pct=rope["partial_rotary_factor"], rotary_emb_base=rope["rope_theta"])
+    path.write_text(json.dumps(config))
+
+
+FAMILIES = {
+    # name: (config, tokenizer fixture for save_checkpoint, config.json fix-up, GGUF architecture)
+    "gptneox-parallel": (lambda: gptneox_config(True), "mpt", None, "gptneox"),
+    "gptneox-sequential": (lambda: gptneox_config(False), "mpt", legacy_gptneox_config, "gptneox"),
+}
+
+
+def checkpoint(name: str, root: Path) -> Path:
+    make_config, tokenizer, fix_up, _ = FAMILIES[name]
+    directory = save_checkpoint(with_bias_noise(build_model(make_config(), seed=3)), root / "hf", tokenizer)
+    if fix_up is not None:
+        fix_up(directory)
+    return directory
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    directory = checkpoint(request.param, root)
+    path = convert(str(directory), root / "m.gguf", GGMLQuantizationType.F32, progress=False)
+    return request.param, directory, Model.load(path, threads=2, kv_type="f32"), load_reference(directory)
+
+
+def test_metadata(family):
+    name, _, model, _ = family
+    md = model.file.metadata
+    tensors = model.file.tensors
+    assert md["general.architecture"] == FAMILIES[name][3]
+    if name.startswith("gptneox"):
+        assert md["gptneox.rope.dimension_count"] == 8  # half of the 16-dim heads
+        assert md["gptneox.use_parallel_residual"] is (name == "gptneox-parallel")
+        assert tensors["blk.0.attn_qkv.weight"].ne == (64, 192)
+        assert tensors["blk.1.attn_qkv.bias"].ne == (192,)
+        assert "output.weight" in tensors
+        assert md["tokenizer.ggml.pre"] == "olmo"  # llama.cpp's name for GPT-NeoX-20B's fingerprint
+
+
+def test_prompt_and_token_by_token_match_transformers(family):
+    _, _, model, reference = family
+    ids = model.tokenize(LONG_PROMPT)
+    theirs = hf_logits(reference, ids)
+    scale = np.abs(theirs).max()
+    model.reset()
+    assert np.abs(model.eval(ids) - theirs).max() <= 1e-3 * scale
+    model.reset()
+    assert np.abs(np.concatenate([model.eval([t]) for t in ids]) - theirs).max() <= 1e-3 * scale
+
+
+def test_greedy_continuation_matches_transformers(family):
+    _, _, model, reference = family
+    ids = model.tokenize(PROMPT)
+    model.generate(ids, max_tokens=32, temperature=0, repeat_penalty=1.0)
+    ours = model.last_stats.tokens
+    with torch.no_grad():
+        out = reference.generate(torch.tensor([ids]), max_new_tokens=len(ours), do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+    assert len(ours) == 32
+    assert ours == out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_q8_0_matches_transformers_on_the_same_weights(name, tmp_path):
+    qtype = GGMLQuantizationType.Q8_0
+    directory = checkpoint(name, tmp_path)
+    model = Model.load(convert(str(directory), tmp_path / "m.gguf", qtype, progress=False), threads=2)
+    reference = round_trip_reference(directory, qtype)
+    ids = model.tokenize(PROMPT)
+    theirs = hf_logits(reference, ids)
+    error = np.abs(model.eval(ids) - theirs).max() / np.abs(theirs).max()
+    assert error <= QUANT_BOUNDS[qtype], error
+    assert GGUFFile(model.path).tensors["blk.0.ffn_down.weight"].ggml_type == qtype
+
+
+@pytest.mark.skipif(not os.environ.get("HALFBYTE_LLAMA_CPP"),
+                    reason="set HALFBYTE_LLAMA_CPP to a llama.cpp checkout to run")
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_llama_cpp_converter_files_run(name, tmp_path):
+    """llama.cpp's convert_hf_to_gguf.py on the same checkpoint: its file runs here with the
+    logits of transformers, and holds the tensors ours holds, with the same shapes."""
+    directory = checkpoint(name, tmp_path)
+    theirs_dir = shutil.copytree(directory, tmp_path / "for-llama.cpp")
+    if name.startswith("gptneox"):
+        # llama.cpp's converter reads config.json through transformers' AutoConfig, which (in
+        # transformers 5) folds rotary_pct into rope_parameters, and then looks for rotary_pct: an
+        # unknown model_type makes it fall back to the raw config.json, as released checkpoints read.
+        legacy_gptneox_config(theirs_dir)
+        config = json.loads((theirs_dir / "config.json").read_text())
+        (theirs_dir / "config.json").write_text(json.dumps({**config, "model_type": "raw-config"}))
+    out = tmp_path / "llama.cpp.gguf"
+    root = Path(os.environ["HALFBYTE_LLAMA_CPP"])
+    env = {**os.environ, "PYTHONPATH": str(root / "gguf-py")}
+    subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(theirs_dir), "--outtype", "f32",
+                    "--outfile", str(out)], check=True, capture_output=True, env=env)
+    ours = GGUFFile(convert(str(directory), tmp_path / "m.gguf", GGMLQuantizationType.F32, progress=False))
+    theirs_file = GGUFFile(out)
+    assert {n: t.ne for n, t in ours.tensors.items()} == {n: t.ne for n, t in theirs_file.tensors.items()}
+    for tensor in ours.tensors:
+        np.testing.assert_array_equal(ours.tensor_array(tensor), theirs_file.tensor_array(tensor))
+    model = Model.load(out, threads=2, kv_type="f32")
+    ids = model.tokenize(LONG_PROMPT)
+    theirs = hf_logits(load_reference(directory), ids)
+    assert np.abs(model.eval(ids) - theirs).max() <= 1e-3 * np.abs(theirs).max()
+
+
+def test_aliases():
+    from converters.sources import ALIASES
+
+    assert ALIASES["pythia-1.4b"] == "EleutherAI/pythia-1.4b"
+    assert ALIASES["dolly-v2-3b"] == "databricks/dolly-v2-3b"
+    assert ALIASES["redpajama-incite-3b"] == "togethercomputer/RedPajama-INCITE-Base-3B-v1"
