@@ -21,12 +21,12 @@ from llvm_targets import CALLS, instructions_for
 from engine.kernels import kquant_simd as ks
 
 T = GGMLQuantizationType
-K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
+K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS)
 # (matvec, matmul) drivers, host ISA then portable IR
 PRODUCTS = {
     qtype: tuple(getattr(ks, f"{kind}_{qtype.name.lower()}{suffix}") for suffix in ("", "_generic")
                  for kind in ("matvec", "matmul"))
-    for qtype in (T.Q4_K, T.Q5_K, T.Q6_K)
+    for qtype in K_TYPES
 }
 
 
@@ -121,7 +121,7 @@ def test_products_match_dequantized_weights_and_activations(qtype, n_tok) -> Non
     np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))
 
 
-@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", K_TYPES[:3], ids=lambda t: t.name)
 def test_extreme_codes_and_scales_are_exact(qtype) -> None:
     # every byte 0xFF: Q6_K codes 63 (value 31) with int8 scales -1; Q4_K/Q5_K codes 15/31 with
     # 6-bit scales and mins 63. Then Q6_K scales -128 (0x80). Activations at +-127 (x = +-1).
@@ -140,6 +140,28 @@ def test_extreme_codes_and_scales_are_exact(qtype) -> None:
     xq, xd, host, portable = run_both(qtype, raw, x)
     assert np.abs(xq).max() == 127
     w = dequantize(raw, qtype).astype(np.float64)
+    reference = (xq.astype(np.float64) * np.repeat(xd, 256, axis=1)) @ w.T
+    np.testing.assert_allclose(host, reference, rtol=1e-6)
+    np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))
+
+
+def test_iq4_xs_extremes_are_exact() -> None:
+    """Values -127 and 113 (codes 0 and 15) with sub-block scales -32 and 31, activations +-127: the
+    sign transfer keeps every pmaddubsw pair below 2**15."""
+    n_in = 512
+    raw = np.zeros((4, n_in // 256 * 136), np.uint8)
+    blocks = raw.reshape(4, -1, 136)
+    blocks[..., 0:2] = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
+    blocks[1, :, 2:8] = 0xFF  # scales 63 - 32 = 31
+    blocks[2, :, 8:] = 0xFF  # values 113, scales -32
+    blocks[3, :, 2:] = 0xFF
+    blocks[3, :, 8::3] = 0x0F  # mixed codes
+    x = np.ones((2, n_in), np.float32)
+    x[1, ::2] = -1.0
+    xq, xd, host, portable = run_both(T.IQ4_XS, raw, x)
+    assert np.abs(xq).max() == 127
+    w = dequantize(raw, T.IQ4_XS).astype(np.float64)
+    assert w.min() == -127 * 31 and w.max() == -127 * -32  # the largest |products| there are
     reference = (xq.astype(np.float64) * np.repeat(xd, 256, axis=1)) @ w.T
     np.testing.assert_allclose(host, reference, rtol=1e-6)
     np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))
@@ -168,7 +190,7 @@ def test_short_operands_bound_the_super_blocks() -> None:
         ("x86_64-unknown-linux-gnu", "x86-64", "", "generic", "pmullw"),  # SSE2 only
     ],
 )
-@pytest.mark.parametrize("qtype", ["q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("qtype", ["q4_k", "q5_k", "q6_k", "iq4_xs"])
 def test_ir_compiles_for_each_target_without_library_calls(qtype, triple, cpu, features, isa, expect) -> None:
     """The arm64 paths only run under emulation (bench/arm64/run_emulated.sh); here every flavour
     is at least compiled for its target, to the instructions it is written for."""

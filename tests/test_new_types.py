@@ -196,3 +196,31 @@ def test_llama_quantize_low_bit_models_run(f32_model, tmp_path, mix) -> None:
     exact = Model.load(dequantized_copy(quantized, tmp_path / "exact.gguf"), threads=2, kv_type="f32").eval(ids)
     # other tensors of these mixes (Q2_K .. Q6_K) use Q8_K activations: a few % at most
     assert np.abs(ours - exact).max() <= 0.05 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("path", mm.KERNEL_PATHS)
+def test_iq4_xs_integer_products(path) -> None:
+    """IQ4_XS runs the integer kernels against Q8_K activations (kquant_simd; the "reference" path
+    dequantizes): the dequantized weights times the dequantized activations to float rounding, and the
+    float product within the activations' 8-bit rounding; one token alone equals it in a batch."""
+    from engine.kernels.kquant_simd import quantize_activations_q8_k
+
+    rng = np.random.default_rng(11)
+    weight = make_weight(T.IQ4_XS, 21, 512, rng)
+    x = rng.standard_normal((9, 512), dtype=np.float32)
+    previous = mm.set_kernel_path(path)
+    try:
+        batch, single = matmul(weight, x), matvec(weight, x[0])
+    finally:
+        mm.set_kernel_path(previous)
+    if path == "reference":
+        check_product(weight, x, batch)
+        return
+    w = dequantize_weight(weight).astype(np.float64)
+    xq, xd, _ = quantize_activations_q8_k(x)
+    x_used = (xq.reshape(9, -1, 256) * xd[:, :, None].astype(np.float64)).reshape(9, -1)
+    scale = np.abs(x_used) @ np.abs(w).T
+    assert np.all(np.abs(batch - x_used @ w.T) <= 1e-6 * scale)
+    step = np.abs(xd).max(axis=1, keepdims=True) / 2
+    assert np.all(np.abs(batch - x.astype(np.float64) @ w.T) <= step * np.abs(w).sum(axis=1) + 1e-6 * scale)
+    np.testing.assert_array_equal(single, batch[0])

@@ -60,7 +60,11 @@ from engine.kernels.simd import (
 )
 
 QK_K = 256
-BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
+BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210, "iq4_xs": 136}
+# IQ4_NL/IQ4_XS's 16 non-linear values (ggml's kvalues_iq4nl)
+KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+# types whose drivers take the int16 sums of 16 activations (Q6_K's offsets; IQ4_XS ignores them)
+_BSUM_TYPES = ("q6_k", "iq4_xs")
 
 # Software prefetch distance for the weight stream, bytes ahead of the super-block being read (as
 # simd.py's; rows are contiguous, so near a row's end this fetches the next row's start).
@@ -136,7 +140,7 @@ def activations_for(qtype: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     int16 sums of 16 values, for Q4_K/Q5_K the float32 ``d * (sum of 32 values)`` per 32-value
     sub-block (their mins multiply it: computed once per product instead of per row)."""
     qs, d, bsums = quantize_activations_q8_k(x)
-    if qtype == "q6_k":
+    if qtype in _BSUM_TYPES:
         return qs, d, bsums
     sums32 = np.empty((qs.shape[0], qs.shape[1] // 32), np.float32)
     _scaled_sums32_into(d, bsums, sums32)
@@ -201,10 +205,39 @@ class _KEmitter:
         magnitude = b.shl(b.and_(wide, ir.Constant(_I32, 0x7FFF)), ir.Constant(_I32, 13))
         return b.fmul(b.bitcast(b.or_(sign, magnitude), _F32), ir.Constant(_F32, 2.0**112))
 
-    def group_dot(self, q: ir.Value, x: ir.Value, s_lo: ir.Value, s_hi: ir.Value) -> ir.Value:
-        """<8 x i32> whose lane total is s_lo * dot(q[0:16], x[0:16]) + s_hi * dot(q[16:32], x[16:32]),
-        exactly: q are codes 0..63 (as <32 x i8>), x int8 activations, s_* i32 scales in [-128, 127]."""
+    def _sign_transfer(self, q: ir.Value, x: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """(|q|, x with q's sign): the same products, with the first factor unsigned for pmaddubsw
+        (|q|, |x| <= 127, so a pair stays below 2**15). A lane with q = 0 keeps x: |q| = 0 anyway."""
         b = self.b
+        zero = ir.Constant(q.type, [0] * q.type.count)
+        negative = b.icmp_signed("<", q, zero)
+        return b.select(negative, b.sub(zero, q), q), b.select(negative, b.sub(zero, x), x)
+
+    def lookup16(self, codes: ir.Value, table) -> ir.Value:
+        """<32 x i8> of table[code] for codes 0..15 (a 16-entry int8 table): one pshufb on x86, two
+        tbl on arm64, a tree of 15 selects on the bits of the codes in the portable IR."""
+        b = self.b
+        if self.isa in X86_ISAS:
+            pshufb = self._fn("llvm.x86.avx2.pshuf.b", _V32I8, [_V32I8, _V32I8])
+            return b.call(pshufb, [ir.Constant(_V32I8, list(table) * 2), codes])
+        if self.isa == "neon-dotprod":
+            tbl = self._fn("llvm.aarch64.neon.tbl1.v16i8", _V16I8, [_V16I8, _V16I8])
+            halves = [b.call(tbl, [ir.Constant(_V16I8, list(table)), self._slice(codes, part)])
+                      for part in (range(16), range(16, 32))]
+            return b.shuffle_vector(halves[0], halves[1], _mask(range(32)))
+        level = [ir.Constant(_V32I8, [v] * 32) for v in table]
+        for bit in range(4):
+            set_ = b.icmp_unsigned("!=", b.and_(codes, _vconst(_V32I8, 1 << bit)), _vconst(_V32I8, 0))
+            level = [b.select(set_, level[i + 1], level[i]) for i in range(0, len(level), 2)]
+        return level[0]
+
+    def group_dot(self, q: ir.Value, x: ir.Value, s_lo: ir.Value, s_hi: ir.Value, signed: bool = False) -> ir.Value:
+        """<8 x i32> whose lane total is s_lo * dot(q[0:16], x[0:16]) + s_hi * dot(q[16:32], x[16:32]),
+        exactly: q are codes 0..63 (as <32 x i8>), or with ``signed`` int8 values in [-127, 127], x int8
+        activations, s_* i32 scales in [-128, 127]."""
+        b = self.b
+        if signed and self.isa in X86_ISAS:
+            q, x = self._sign_transfer(q, x)
         if self.isa in X86_ISAS:
             maddubs = self._fn("llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8])
             maddwd = self._fn("llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
@@ -222,9 +255,9 @@ class _KEmitter:
                 dots = b.call(sdot, [_vconst(_V4I32, 0), self._slice(q, part), self._slice(x, part)])
                 halves.append(b.mul(dots, self._splat(scale, _V4I32)))
             return b.shuffle_vector(halves[0], halves[1], _mask(range(8)))
-        # portable: products in i16 (|63 * 127| fits), adjacent pairs summed (still exact in i16:
-        # 2 * 8001 < 2**15), widened and scaled in i32, then into the x86 lane order
-        products = b.mul(b.zext(q, _V32I16), b.sext(x, _V32I16))
+        # portable: products in i16 (|63 * 127| fits, |127 * 127| too), adjacent pairs summed (still exact
+        # in i16: 2 * 16129 < 2**15), widened and scaled in i32, then into the x86 lane order
+        products = b.mul(b.sext(q, _V32I16) if signed else b.zext(q, _V32I16), b.sext(x, _V32I16))
         pairs = b.sext(b.add(self._slice(products, range(0, 32, 2)), self._slice(products, range(1, 32, 2))), _V16I32)
         scales = b.shuffle_vector(self._splat(s_lo, _V16I32), self._splat(s_hi, _V16I32),
                                   _mask(list(range(8)) + list(range(24, 32))))
@@ -237,11 +270,12 @@ class _KEmitter:
         self.paired = self.isa == "avx512-vnni" and len(tokens) % 2 == 0
         return [[] for _ in range(len(tokens) // 2 if self.paired else len(tokens))]
 
-    def _token_dots(self, dots, tokens, q: ir.Value, x_offset: int, s_lo: ir.Value, s_hi: ir.Value) -> None:
+    def _token_dots(self, dots, tokens, q: ir.Value, x_offset: int, s_lo: ir.Value, s_hi: ir.Value,
+                    signed: bool = False) -> None:
         b = self.b
         if not self.paired:
             for t, (x_ptr, _, _) in enumerate(tokens):
-                dots[t].append(self.group_dot(q, self._load(x_ptr, x_offset, _V32I8), s_lo, s_hi))
+                dots[t].append(self.group_dot(q, self._load(x_ptr, x_offset, _V32I8), s_lo, s_hi, signed))
             return
         # AVX-512BW: the codes twice in one zmm against two tokens' activations, so one
         # vpmaddubsw + vpmaddwd serves two tokens; the low 8 lanes are token 2p's, the high 8
@@ -256,7 +290,10 @@ class _KEmitter:
         for p in range(len(dots)):
             x = b.shuffle_vector(self._load(tokens[2 * p][0], x_offset, _V32I8),
                                  self._load(tokens[2 * p + 1][0], x_offset, _V32I8), _mask(range(64)))
-            dots[p].append(b.call(maddwd, [b.call(maddubs, [q2, x]), scales]))
+            q_used = q2
+            if signed:
+                q_used, x = self._sign_transfer(q2, x)
+            dots[p].append(b.call(maddwd, [b.call(maddubs, [q_used, x]), scales]))
 
     def _finish_dots(self, dots) -> list[ir.Value]:
         """<8 x i32> per token: the tree sums, pairs split back into their two tokens."""
@@ -334,6 +371,28 @@ class _KEmitter:
                 self._token_dots(dots, tokens, q, 64 * j + 32 * i, scale, scale)
         return self._finish_dots(dots), mins
 
+    def _iq4_xs(self, block: ir.Value, tokens) -> list[ir.Value]:
+        """<8 x i32> per token: sub-block scale (ls - 32) times the dot of the looked-up values."""
+        b = self.b
+
+        def c(v: int) -> ir.Constant:
+            return ir.Constant(_I32, v)
+
+        scales_h = b.zext(self._load(block, 2, _I16), _I32)
+        scales_l = self._load(block, 4, _I32)  # 4 bytes, two 4-bit fields each: sub-block ib at bits 4ib
+        dots = self._new_dots(tokens)
+        for ib in range(8):
+            low = b.and_(b.lshr(scales_l, c(4 * ib)) if ib else scales_l, c(0xF))
+            high = b.and_(b.lshr(scales_h, c(2 * ib)) if ib else scales_h, c(3))
+            scale = b.sub(b.or_(low, b.shl(high, c(4))), c(32))
+            packed = self._load(block, 8 + 16 * ib, _V16I8)
+            # elements 0-15 are the low nibbles of the 16 bytes, 16-31 their high nibbles
+            nibbles = b.shuffle_vector(b.and_(packed, _vconst(_V16I8, 0xF)),
+                                       b.lshr(packed, _vconst(_V16I8, 4)), _mask(range(32)))
+            values = self.lookup16(nibbles, KVALUES_IQ4NL)
+            self._token_dots(dots, tokens, values, 32 * ib, scale, scale, signed=True)
+        return self._finish_dots(dots)
+
     def row(self, w_row: ir.Value, tokens, n_blocks: ir.Value) -> list[ir.Value]:
         """The loop over super-blocks; tokens: (i8* values, float* scales, i16* bsums) per token.
         Returns one float32 dot per token."""
@@ -342,7 +401,7 @@ class _KEmitter:
         index, accs = loop.index, loop.values
         block = b.gep(w_row, [b.mul(index, ir.Constant(_I64, self.block_bytes))])
         emit_prefetch(b, block, _PREFETCH_BYTES)
-        sums_per_block = 16 if self.qtype == "q6_k" else 8  # bsums of 16 values / scaled sums of 32
+        sums_per_block = 16 if self.qtype in _BSUM_TYPES else 8  # bsums of 16 values / scaled sums of 32
         here = [
             (b.gep(x, [b.mul(index, ir.Constant(_I64, QK_K))]), b.gep(d, [index]),
              b.gep(s, [b.mul(index, ir.Constant(_I64, sums_per_block))]))
@@ -351,6 +410,9 @@ class _KEmitter:
         if self.qtype == "q6_k":
             d_w, mins_f = self._fp16(block, 208), None
             isums = self._q6_k(block, here)
+        elif self.qtype == "iq4_xs":
+            d_w, mins_f = self._fp16(block, 0), None
+            isums = self._iq4_xs(block, here)
         else:
             d_w, dmin_w = self._fp16(block, 0), self._fp16(block, 2)
             isums, mins = self._q4_5_k(block, here)
@@ -382,7 +444,7 @@ def _make_tile(qtype: str, isa_mode: str, n_tok: int):
     ret = types.UniTuple(types.float32, n_tok)
     block_bytes = BLOCK_BYTES[qtype]
     sums_type, sums_elem, sums_per_block = (
-        (types.int16, _I16, 16) if qtype == "q6_k" else (types.float32, _F32, 8))
+        (types.int16, _I16, 16) if qtype in _BSUM_TYPES else (types.float32, _F32, 8))
 
     def codegen(context, builder, sig, args):
         isa = kernel_isa() if isa_mode == "host" else "generic"
@@ -430,6 +492,8 @@ _q6_k_1, _q6_k_n = _make_tile("q6_k", "host", 1), _make_tile("q6_k", "host", _TI
 _q4_k_1g, _q4_k_ng = _make_tile("q4_k", "generic", 1), _make_tile("q4_k", "generic", _TILE_TOKENS)
 _q5_k_1g, _q5_k_ng = _make_tile("q5_k", "generic", 1), _make_tile("q5_k", "generic", _TILE_TOKENS)
 _q6_k_1g, _q6_k_ng = _make_tile("q6_k", "generic", 1), _make_tile("q6_k", "generic", _TILE_TOKENS)
+_iq4_xs_1, _iq4_xs_n = _make_tile("iq4_xs", "host", 1), _make_tile("iq4_xs", "host", _TILE_TOKENS)
+_iq4_xs_1g, _iq4_xs_ng = _make_tile("iq4_xs", "generic", 1), _make_tile("iq4_xs", "generic", _TILE_TOKENS)
 
 
 # Drivers per type and path, written out: a factory's closures would share one on-disk cache
@@ -561,6 +625,48 @@ def matmul_q6_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.nd
                     out[t + i, r] = dots[i]
             for t in range(n_tiled, xq.shape[0]):
                 out[t, r] = _q6_k_1g(w, r, xq, xd, xs, t)[0]
+
+
+@njit(parallel=True, cache=True)
+def matvec_iq4_xs(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """out[0, r] = dot(IQ4_XS row r of w, the Q8_K activation row); rows over threads."""
+    for r in prange(w.shape[0]):
+        out[0, r] = _iq4_xs_1(w, r, xq, xd, xs, 0)[0]
+
+
+@njit(parallel=True, cache=True)
+def matmul_iq4_xs(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """out[t, r] = dot(IQ4_XS row r, Q8_K activation row t): 16-row chunks, 8-token tiles."""
+    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
+    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
+            for t in range(0, n_tiled, _TILE_TOKENS):
+                dots = _iq4_xs_n(w, r, xq, xd, xs, t)
+                for i in range(_TILE_TOKENS):
+                    out[t + i, r] = dots[i]
+            for t in range(n_tiled, xq.shape[0]):
+                out[t, r] = _iq4_xs_1(w, r, xq, xd, xs, t)[0]
+
+
+@njit(parallel=True, cache=True)
+def matvec_iq4_xs_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """matvec_iq4_xs with the portable IR."""
+    for r in prange(w.shape[0]):
+        out[0, r] = _iq4_xs_1g(w, r, xq, xd, xs, 0)[0]
+
+
+@njit(parallel=True, cache=True)
+def matmul_iq4_xs_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """matmul_iq4_xs with the portable IR."""
+    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
+    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
+            for t in range(0, n_tiled, _TILE_TOKENS):
+                dots = _iq4_xs_ng(w, r, xq, xd, xs, t)
+                for i in range(_TILE_TOKENS):
+                    out[t + i, r] = dots[i]
+            for t in range(n_tiled, xq.shape[0]):
+                out[t, r] = _iq4_xs_1g(w, r, xq, xd, xs, t)[0]
 
 
 def standalone_row_dot_ir(qtype: str, isa: str) -> str:

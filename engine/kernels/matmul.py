@@ -67,7 +67,7 @@ QUANT_TYPES = (
     GGMLQuantizationType.Q5_1,
     GGMLQuantizationType.Q8_0,
 )
-# Read-only K-quants (llama-quantize output): integer SIMD products in engine/kernels/kquant_simd.py,
+# K-quants: integer SIMD products in engine/kernels/kquant_simd.py (IQ4_XS too),
 # float reference products in engine/kernels/kquants.py.
 K_QUANT_TYPES = (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)
 # Types multiplied by dequantizing a chunk of rows to float32 (bounded scratch) and taking float dots:
@@ -808,7 +808,14 @@ def _k_drivers(name: str) -> tuple:
 
 
 # kind -> (name, host matvec, host matmul, portable matvec, portable matmul)
-_K_PRODUCTS = {int(GGMLQuantizationType[name.upper()]): (name, *_k_drivers(name)) for name in ("q4_k", "q5_k", "q6_k")}
+_K_PRODUCTS = {int(GGMLQuantizationType[name.upper()]): (name, *_k_drivers(name))
+               for name in ("q4_k", "q5_k", "q6_k", "iq4_xs")}
+
+
+def _has_k_product(weight: WeightView) -> bool:
+    """Integer products against Q8_K activations (Q4_K, Q5_K, Q6_K also have a float reference path;
+    IQ4_XS on the "reference" path is dequantized like the other types)."""
+    return weight.ggml_type in K_QUANT_TYPES or (int(weight.ggml_type) in _K_PRODUCTS and _kernel_path != "reference")
 
 
 def _k_product(kind: int, raw: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
@@ -868,7 +875,7 @@ def _matvec_into(weight: WeightView, x: np.ndarray, y: np.ndarray) -> None:
     drivers = _simd_kernels(kind)
     if drivers is not None:
         _simd_product(kind, drivers, weight.data, x, y, batch=False)
-    elif weight.ggml_type in K_QUANT_TYPES:
+    elif _has_k_product(weight):
         _k_product(kind, weight.data, x.reshape(1, -1), y.reshape(1, -1))
     elif weight.ggml_type in DEQUANT_TYPES or weight.ggml_type in GGUF_DEQUANT_TYPES:
         _dequant_product(weight, x.reshape(1, -1), y.reshape(1, -1))
@@ -897,7 +904,7 @@ def matmul(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> 
     drivers = _simd_kernels(kind, x.shape[0])
     if drivers is not None:
         _simd_product(kind, drivers, weight.data, x, y, batch=True)
-    elif weight.ggml_type in K_QUANT_TYPES:
+    elif _has_k_product(weight):
         _k_product(kind, weight.data, x, y)
     elif weight.ggml_type in DEQUANT_TYPES or weight.ggml_type in GGUF_DEQUANT_TYPES:
         _dequant_product(weight, x, y)
