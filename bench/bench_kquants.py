@@ -1,4 +1,6 @@
-"""Throughput of the K-quant products (Q4_K, Q5_K, Q6_K: llama-quantize's types).
+"""Throughput of the K-quant products (Q4_K, Q5_K, Q6_K: llama-quantize's types), and of the types
+added for llama-quantize's other mixes (IQ4_XS, IQ4_NL, Q3_K, Q2_K) and its low-bit types (IQ2_XXS,
+TQ2_0: gguf's numpy dequantizer, so a small shape).
 
 Three paths per shape: "float" (engine/kernels/kquants.py: the weights dequantized and dotted with
 float activations, the reference path), "portable" and "host" (engine/kernels/kquant_simd.py:
@@ -11,6 +13,12 @@ Each figure is the best of several runs (the machine is shared: best-of is the l
 
 Shapes (n_out x n_in): 32000x2048 is TinyLlama's output layer (Q6_K in llama-quantize's files),
 5632x2048 its FFN up/gate (Q4_K in Q4_K_M), 4096x4096 a LLaMA-7B attention projection.
+
+The other types go through the public products (engine.kernels.matmul) on weights quantized by
+halfbyte's writers: "float" is the ``HALFBYTE_KERNELS=reference`` path (rows dequantized in chunks, float
+dots), "portable"/"host" the integer kernels where the type has them (IQ4_XS), else the same float path.
+
+    python bench/bench_kquants.py --types iq4_xs iq4_nl q3_k q2_k --threads 1
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from engine.kernels import kquant_simd, kquants
 from engine.kernels.matmul import _call
 
 SHAPES = [("q6_k", 32000, 2048), ("q4_k", 5632, 2048), ("q5_k", 5632, 2048), ("q4_k", 4096, 4096)]
+NEW_SHAPES = [("iq4_xs", 5632, 2048), ("iq4_nl", 5632, 2048), ("q3_k", 5632, 2048), ("q2_k", 5632, 2048),
+              ("iq2_xxs", 512, 2048), ("tq2_0", 512, 2048)]
 
 
 def random_rows(qtype: str, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
@@ -59,16 +69,69 @@ def product(qtype: str, path: str, raw: np.ndarray, x: np.ndarray, y: np.ndarray
     return lambda: _call(fn, raw, *kquant_simd.activations_for(qtype, x), y)
 
 
+def new_type_weight(qtype: str, n_out: int, n_in: int, rng: np.random.Generator):
+    from gguf import quants as gguf_quants
+
+    from engine import quants
+    from engine.kernels.matmul import WeightView
+
+    kind = GGMLQuantizationType[qtype.upper()]
+    if kind == GGMLQuantizationType.IQ2_XXS:  # no writer anywhere in Python: random codes, a finite scale
+        raw = random_rows("q4_k", n_out, n_in // 256 * 144, rng)[:, : n_in // 256 * 66]
+        raw = np.ascontiguousarray(raw)
+        raw.reshape(n_out, -1, 66)[..., 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    else:
+        dense = rng.standard_normal((n_out, n_in)).astype(np.float32)
+        writer = quants.quantize if kind in quants.QUANTIZE_TYPES else gguf_quants.quantize
+        raw = writer(dense, kind)
+    return WeightView.from_raw(kind, (n_in, n_out), raw)
+
+
+def public_product(path: str, weight, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
+    from engine.kernels import matmul
+
+    def run() -> None:
+        previous = matmul.set_kernel_path({"float": "reference", "host": "auto"}.get(path, path))
+        try:
+            if x.shape[0] == 1:
+                matmul.matvec(weight, x[0], out=y[0])
+            else:
+                matmul.matmul(weight, x, out=y)
+        finally:
+            matmul.set_kernel_path(previous)
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--tokens", type=int, default=32, help="batch size of the batched figures")
+    parser.add_argument("--types", nargs="+", help="only these types (default: all)")
     args = parser.parse_args()
     from engine.kernels.matmul import kernel_description
 
     print(f"kernels: {kernel_description()}")
     rng = np.random.default_rng(0)
-    for qtype, n_out, n_in in SHAPES:
+    for qtype, n_out, n_in in SHAPES + NEW_SHAPES:
+        if args.types and qtype not in args.types:
+            continue
+        if (qtype, n_out, n_in) in NEW_SHAPES:
+            weight = new_type_weight(qtype, n_out, n_in, rng)
+            for n_tok in (1, args.tokens):
+                x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+                y = np.empty((n_tok, n_out), np.float32)
+                for threads in args.threads:
+                    numba.set_num_threads(threads)
+                    cells = []
+                    for path in ("float", "portable", "host"):
+                        seconds = best_seconds(public_product(path, weight, x, y), min_runs=3)
+                        value = weight.nbytes / seconds / 1e9 if n_tok == 1 else n_tok / seconds
+                        cells.append(f"{path} {value:8.2f}")
+                    unit = "GB/s" if n_tok == 1 else "tokens/s"
+                    print(f"{qtype} {n_out}x{n_in} tokens={n_tok:<3} threads={threads}  {unit:8}  " + "  ".join(cells),
+                          flush=True)
+            continue
         raw = random_rows(qtype, n_out, n_in, rng)
         for n_tok in (1, args.tokens):
             x = rng.standard_normal((n_tok, n_in)).astype(np.float32)

@@ -21,7 +21,7 @@ from llvm_targets import CALLS, instructions_for
 from engine.kernels import kquant_simd as ks
 
 T = GGMLQuantizationType
-K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS)
+K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.Q2_K, T.Q3_K)
 # (matvec, matmul) drivers, host ISA then portable IR
 PRODUCTS = {
     qtype: tuple(getattr(ks, f"{kind}_{qtype.name.lower()}{suffix}") for suffix in ("", "_generic")
@@ -80,10 +80,8 @@ def random_k_rows(qtype: GGMLQuantizationType, n_out: int, n_in: int, rng: np.ra
     raw = rng.integers(0, 256, (n_out, n_in // block_size * type_size), dtype=np.uint8)
     blocks = raw.reshape(n_out, -1, type_size)
     halves = (rng.uniform(-1.0, 1.0, blocks.shape[:2] + (2,)) / 64).astype(np.float16).view(np.uint8)
-    if qtype == T.Q6_K:
-        blocks[..., 208:210] = halves.reshape(*blocks.shape[:2], 4)[..., :2]
-    else:
-        blocks[..., 0:4] = halves.reshape(*blocks.shape[:2], 4)
+    where = {T.Q6_K: slice(208, 210), T.Q3_K: slice(108, 110), T.Q2_K: slice(80, 84)}.get(qtype, slice(0, 4))
+    blocks[..., where] = halves.reshape(*blocks.shape[:2], 4)[..., : where.stop - where.start]
     return raw
 
 
@@ -167,6 +165,26 @@ def test_iq4_xs_extremes_are_exact() -> None:
     np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))
 
 
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K], ids=lambda t: t.name)
+def test_q2_k_q3_k_extremes_are_exact(qtype) -> None:
+    """Every byte 0xFF (Q2_K: codes 3, scales and mins 15; Q3_K: codes 3 + 4, scales 31), then every
+    byte 0 (Q3_K: values -4, scales -32), with fp16 scales 1 and activations +-127."""
+    n_in, size = 512, GGML_QUANT_SIZES[qtype][1]
+    raw = np.full((2, n_in // 256 * size), 0xFF, np.uint8)
+    raw[1] = 0
+    blocks = raw.reshape(2, -1, size)
+    one = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
+    for offset in ((80, 82) if qtype == T.Q2_K else (108,)):
+        blocks[..., offset : offset + 2] = one
+    x = np.ones((2, n_in), np.float32)
+    x[1, ::2] = -1.0
+    xq, xd, host, portable = run_both(qtype, raw, x)
+    w = dequantize(raw, qtype).astype(np.float64)
+    reference = (xq.astype(np.float64) * np.repeat(xd, 256, axis=1)) @ w.T
+    np.testing.assert_allclose(host, reference, rtol=1e-6, atol=1e-6 * np.abs(reference).max())
+    np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))
+
+
 def test_short_operands_bound_the_super_blocks() -> None:
     # activations one super-block shorter than the rows: only the blocks both have are read
     rng = np.random.default_rng(9)
@@ -190,7 +208,7 @@ def test_short_operands_bound_the_super_blocks() -> None:
         ("x86_64-unknown-linux-gnu", "x86-64", "", "generic", "pmullw"),  # SSE2 only
     ],
 )
-@pytest.mark.parametrize("qtype", ["q4_k", "q5_k", "q6_k", "iq4_xs"])
+@pytest.mark.parametrize("qtype", ["q4_k", "q5_k", "q6_k", "iq4_xs", "q2_k", "q3_k"])
 def test_ir_compiles_for_each_target_without_library_calls(qtype, triple, cpu, features, isa, expect) -> None:
     """The arm64 paths only run under emulation (bench/arm64/run_emulated.sh); here every flavour
     is at least compiled for its target, to the instructions it is written for."""

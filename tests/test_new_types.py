@@ -199,14 +199,15 @@ def test_llama_quantize_low_bit_models_run(f32_model, tmp_path, mix) -> None:
 
 
 @pytest.mark.parametrize("path", mm.KERNEL_PATHS)
-def test_iq4_xs_integer_products(path) -> None:
-    """IQ4_XS runs the integer kernels against Q8_K activations (kquant_simd; the "reference" path
+@pytest.mark.parametrize("qtype", [T.IQ4_XS, T.Q2_K, T.Q3_K], ids=lambda t: t.name)
+def test_integer_products(qtype, path) -> None:
+    """IQ4_XS, Q2_K, Q3_K run integer kernels against Q8_K activations (kquant_simd; the "reference" path
     dequantizes): the dequantized weights times the dequantized activations to float rounding, and the
     float product within the activations' 8-bit rounding; one token alone equals it in a batch."""
     from engine.kernels.kquant_simd import quantize_activations_q8_k
 
     rng = np.random.default_rng(11)
-    weight = make_weight(T.IQ4_XS, 21, 512, rng)
+    weight = make_weight(qtype, 21, 512, rng)
     x = rng.standard_normal((9, 512), dtype=np.float32)
     previous = mm.set_kernel_path(path)
     try:

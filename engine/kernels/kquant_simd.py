@@ -60,11 +60,11 @@ from engine.kernels.simd import (
 )
 
 QK_K = 256
-BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210, "iq4_xs": 136}
+BLOCK_BYTES = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210, "iq4_xs": 136}
 # IQ4_NL/IQ4_XS's 16 non-linear values (ggml's kvalues_iq4nl)
 KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 # types whose drivers take the int16 sums of 16 activations (Q6_K's offsets; IQ4_XS ignores them)
-_BSUM_TYPES = ("q6_k", "iq4_xs")
+_BSUM_TYPES = ("q6_k", "iq4_xs", "q2_k", "q3_k")
 
 # Software prefetch distance for the weight stream, bytes ahead of the super-block being read (as
 # simd.py's; rows are contiguous, so near a row's end this fetches the next row's start).
@@ -371,6 +371,55 @@ class _KEmitter:
                 self._token_dots(dots, tokens, q, 64 * j + 32 * i, scale, scale)
         return self._finish_dots(dots), mins
 
+    def _q2_3_k(self, block: ir.Value, tokens) -> tuple[list[ir.Value], list[ir.Value] | None]:
+        """Q3_K: (<8 x i32> per token of the scaled code sums with the -4 offsets taken off, None);
+        Q2_K: (<8 x i32> scaled code sums, <8 x i32> per token of the sums min_j * bsum_j). Both: 2-bit
+        fields of 32 contiguous bytes per group of 32 values (Q3_K adds a third bit from hmask), one
+        scale per 16 values."""
+        b = self.b
+        q3 = self.qtype == "q3_k"
+        if q3:
+            # 16 scales of 6 bits: low 4 from bytes 96-103 (j < 8: low nibble of byte j, else high
+            # nibble of byte j - 8), high 2 from bytes 104-107 (byte 104 + j % 4, bits 2 * (j // 4))
+            low8 = self._load(block, 96, ir.VectorType(_I8, 8))
+            lows = b.shuffle_vector(b.and_(low8, ir.Constant(low8.type, [0xF] * 8)),
+                                    b.lshr(low8, ir.Constant(low8.type, [4] * 8)), _mask(range(16)))
+            high4 = self._load(block, 104, ir.VectorType(_I8, 4))
+            highs = b.shuffle_vector(high4, high4, _mask([j % 4 for j in range(16)]))
+            highs = b.and_(b.lshr(highs, ir.Constant(_V16I8, [2 * (j // 4) for j in range(16)])), _vconst(_V16I8, 3))
+            packed = b.or_(lows, b.shl(highs, _vconst(_V16I8, 4)))
+            scales = b.sub(b.zext(packed, _V16I32), ir.Constant(_V16I32, [32] * 16))
+            hmask = self._load(block, 0, _V32I8)
+            qs_base, mins = 32, None
+        else:
+            raw = self._load(block, 0, _V16I8)
+            scales = b.zext(b.and_(raw, _vconst(_V16I8, 0xF)), _V16I32)
+            mins = b.zext(b.lshr(raw, _vconst(_V16I8, 4)), _V16I32)
+            qs_base = 16
+        dots = self._new_dots(tokens)
+        for g in range(8):  # values 32g .. 32g + 31: sub-blocks 2g, 2g + 1
+            packed_q = self._load(block, qs_base + 32 * (g // 4), _V32I8)
+            shift = 2 * (g % 4)
+            codes = b.and_(b.lshr(packed_q, _vconst(_V32I8, shift)) if shift else packed_q, _vconst(_V32I8, 3))
+            if q3:  # the hmask bit set means +4 (code 4..7 = value + 4)
+                bit = 4 * (g // 4) + g % 4
+                high = b.and_(b.lshr(hmask, _vconst(_V32I8, bit)) if bit else hmask, _vconst(_V32I8, 1))
+                codes = b.or_(codes, b.shl(high, _vconst(_V32I8, 2)))
+            s_lo = b.extract_element(scales, ir.Constant(_I32, 2 * g))
+            s_hi = b.extract_element(scales, ir.Constant(_I32, 2 * g + 1))
+            self._token_dots(dots, tokens, codes, 32 * g, s_lo, s_hi)
+        isums = self._finish_dots(dots)
+        out, min_sums = [], []
+        for t, (_, _, bsum_ptr) in enumerate(tokens):
+            bsums = b.sext(self._load(bsum_ptr, 0, _V16I16), _V16I32)
+            if q3:  # values are codes - 4: take 4 * sum_j scale_j * bsum_j off
+                bias = b.shl(self._quad_sums(b.mul(scales, bsums)), _vconst(_V8I32, 2))
+                out.append(b.sub(isums[t], bias))
+            else:
+                out.append(isums[t])
+                min_sums.append(self._quad_sums(b.mul(mins, bsums)))
+        return out, (None if q3 else min_sums)
+
     def _iq4_xs(self, block: ir.Value, tokens) -> list[ir.Value]:
         """<8 x i32> per token: sub-block scale (ls - 32) times the dot of the looked-up values."""
         b = self.b
@@ -413,6 +462,20 @@ class _KEmitter:
         elif self.qtype == "iq4_xs":
             d_w, mins_f = self._fp16(block, 0), None
             isums = self._iq4_xs(block, here)
+        elif self.qtype in ("q2_k", "q3_k"):
+            isums, min_sums = self._q2_3_k(block, here)
+            d_w, mins_f = self._fp16(block, 80 if self.qtype == "q2_k" else 108), None
+            if min_sums is not None:
+                dmin_w = self._fp16(block, 82)
+                new_accs = []
+                for acc, (_, d_ptr, _), isum, msum in zip(accs, here, isums, min_sums):
+                    d_x = b.load(d_ptr, align=4)
+                    acc = b.fadd(acc, b.fmul(self._splat(b.fmul(d_w, d_x), _V8F32), b.sitofp(isum, _V8F32)))
+                    # lane j: (dmin_w * d_x) * sum of min_i * bsum_i over its sub-blocks
+                    acc = b.fsub(acc, b.fmul(self._splat(b.fmul(dmin_w, d_x), _V8F32), b.sitofp(msum, _V8F32)))
+                    new_accs.append(acc)
+                loop.close(new_accs)
+                return [self._horizontal_sum(acc) for acc in accs]
         else:
             d_w, dmin_w = self._fp16(block, 0), self._fp16(block, 2)
             isums, mins = self._q4_5_k(block, here)
@@ -492,6 +555,10 @@ _q6_k_1, _q6_k_n = _make_tile("q6_k", "host", 1), _make_tile("q6_k", "host", _TI
 _q4_k_1g, _q4_k_ng = _make_tile("q4_k", "generic", 1), _make_tile("q4_k", "generic", _TILE_TOKENS)
 _q5_k_1g, _q5_k_ng = _make_tile("q5_k", "generic", 1), _make_tile("q5_k", "generic", _TILE_TOKENS)
 _q6_k_1g, _q6_k_ng = _make_tile("q6_k", "generic", 1), _make_tile("q6_k", "generic", _TILE_TOKENS)
+_q2_k_1, _q2_k_n = _make_tile("q2_k", "host", 1), _make_tile("q2_k", "host", _TILE_TOKENS)
+_q2_k_1g, _q2_k_ng = _make_tile("q2_k", "generic", 1), _make_tile("q2_k", "generic", _TILE_TOKENS)
+_q3_k_1, _q3_k_n = _make_tile("q3_k", "host", 1), _make_tile("q3_k", "host", _TILE_TOKENS)
+_q3_k_1g, _q3_k_ng = _make_tile("q3_k", "generic", 1), _make_tile("q3_k", "generic", _TILE_TOKENS)
 _iq4_xs_1, _iq4_xs_n = _make_tile("iq4_xs", "host", 1), _make_tile("iq4_xs", "host", _TILE_TOKENS)
 _iq4_xs_1g, _iq4_xs_ng = _make_tile("iq4_xs", "generic", 1), _make_tile("iq4_xs", "generic", _TILE_TOKENS)
 
@@ -667,6 +734,90 @@ def matmul_iq4_xs_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.
                     out[t + i, r] = dots[i]
             for t in range(n_tiled, xq.shape[0]):
                 out[t, r] = _iq4_xs_1g(w, r, xq, xd, xs, t)[0]
+
+
+@njit(parallel=True, cache=True)
+def matvec_q2_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """out[0, r] = dot(Q2_K row r of w, the Q8_K activation row); rows over threads."""
+    for r in prange(w.shape[0]):
+        out[0, r] = _q2_k_1(w, r, xq, xd, xs, 0)[0]
+
+
+@njit(parallel=True, cache=True)
+def matmul_q2_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """out[t, r] = dot(Q2_K row r, Q8_K activation row t): 16-row chunks, 8-token tiles."""
+    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
+    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
+            for t in range(0, n_tiled, _TILE_TOKENS):
+                dots = _q2_k_n(w, r, xq, xd, xs, t)
+                for i in range(_TILE_TOKENS):
+                    out[t + i, r] = dots[i]
+            for t in range(n_tiled, xq.shape[0]):
+                out[t, r] = _q2_k_1(w, r, xq, xd, xs, t)[0]
+
+
+@njit(parallel=True, cache=True)
+def matvec_q2_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """matvec_q2_k with the portable IR."""
+    for r in prange(w.shape[0]):
+        out[0, r] = _q2_k_1g(w, r, xq, xd, xs, 0)[0]
+
+
+@njit(parallel=True, cache=True)
+def matmul_q2_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """matmul_q2_k with the portable IR."""
+    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
+    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
+            for t in range(0, n_tiled, _TILE_TOKENS):
+                dots = _q2_k_ng(w, r, xq, xd, xs, t)
+                for i in range(_TILE_TOKENS):
+                    out[t + i, r] = dots[i]
+            for t in range(n_tiled, xq.shape[0]):
+                out[t, r] = _q2_k_1g(w, r, xq, xd, xs, t)[0]
+
+
+@njit(parallel=True, cache=True)
+def matvec_q3_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """out[0, r] = dot(Q3_K row r of w, the Q8_K activation row); rows over threads."""
+    for r in prange(w.shape[0]):
+        out[0, r] = _q3_k_1(w, r, xq, xd, xs, 0)[0]
+
+
+@njit(parallel=True, cache=True)
+def matmul_q3_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """out[t, r] = dot(Q3_K row r, Q8_K activation row t): 16-row chunks, 8-token tiles."""
+    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
+    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
+            for t in range(0, n_tiled, _TILE_TOKENS):
+                dots = _q3_k_n(w, r, xq, xd, xs, t)
+                for i in range(_TILE_TOKENS):
+                    out[t + i, r] = dots[i]
+            for t in range(n_tiled, xq.shape[0]):
+                out[t, r] = _q3_k_1(w, r, xq, xd, xs, t)[0]
+
+
+@njit(parallel=True, cache=True)
+def matvec_q3_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """matvec_q3_k with the portable IR."""
+    for r in prange(w.shape[0]):
+        out[0, r] = _q3_k_1g(w, r, xq, xd, xs, 0)[0]
+
+
+@njit(parallel=True, cache=True)
+def matmul_q3_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """matmul_q3_k with the portable IR."""
+    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
+    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
+            for t in range(0, n_tiled, _TILE_TOKENS):
+                dots = _q3_k_ng(w, r, xq, xd, xs, t)
+                for i in range(_TILE_TOKENS):
+                    out[t + i, r] = dots[i]
+            for t in range(n_tiled, xq.shape[0]):
+                out[t, r] = _q3_k_1g(w, r, xq, xd, xs, t)[0]
 
 
 def standalone_row_dot_ir(qtype: str, isa: str) -> str:

@@ -67,7 +67,7 @@ QUANT_TYPES = (
     GGMLQuantizationType.Q5_1,
     GGMLQuantizationType.Q8_0,
 )
-# K-quants: integer SIMD products in engine/kernels/kquant_simd.py (IQ4_XS too),
+# K-quants: integer SIMD products in engine/kernels/kquant_simd.py (IQ4_XS, Q2_K, Q3_K too),
 # float reference products in engine/kernels/kquants.py.
 K_QUANT_TYPES = (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K)
 # Types multiplied by dequantizing a chunk of rows to float32 (bounded scratch) and taking float dots:
@@ -809,12 +809,12 @@ def _k_drivers(name: str) -> tuple:
 
 # kind -> (name, host matvec, host matmul, portable matvec, portable matmul)
 _K_PRODUCTS = {int(GGMLQuantizationType[name.upper()]): (name, *_k_drivers(name))
-               for name in ("q4_k", "q5_k", "q6_k", "iq4_xs")}
+               for name in ("q4_k", "q5_k", "q6_k", "iq4_xs", "q2_k", "q3_k")}
 
 
 def _has_k_product(weight: WeightView) -> bool:
     """Integer products against Q8_K activations (Q4_K, Q5_K, Q6_K also have a float reference path;
-    IQ4_XS on the "reference" path is dequantized like the other types)."""
+    IQ4_XS, Q2_K, Q3_K on the "reference" path are dequantized like the other types)."""
     return weight.ggml_type in K_QUANT_TYPES or (int(weight.ggml_type) in _K_PRODUCTS and _kernel_path != "reference")
 
 
