@@ -37,6 +37,9 @@ class PlannedTensor:
     # A tensor computed by the converter, not read from the checkpoint (``source`` is then only a
     # description): llama.cpp's ``rope_freqs.weight``.
     generate: Callable[[], np.ndarray] | None = None
+    # The checkpoint tensor's shape when ``transform`` changes it (GPT-2's Conv1D weights are
+    # stored (in, out) and transposed); None: the same as ``shape``.
+    source_shape: tuple[int, ...] | None = None
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType, Keys
 
-from converters import falcon, gptneox, llama, mpt, qwen2, qwen3
+from converters import falcon, gpt2, gptneox, llama, mpt, qwen2, qwen3
 from converters.base import ConfigReader, ConversionPlan, PlannedTensor, read_json
 from converters.vocab import TOKENIZER_FILES, check_vocab_fits
 from engine import quants
@@ -27,7 +27,7 @@ from engine.filetypes import FILE_TYPES
 from engine.gguf_file import GGUFWriter, refuse_overwriting_inputs
 from engine.progress import progress_bar
 
-ARCHITECTURES: tuple[ModuleType, ...] = (llama, mpt, falcon, qwen2, qwen3, gptneox)
+ARCHITECTURES: tuple[ModuleType, ...] = (llama, mpt, falcon, qwen2, qwen3, gptneox, gpt2)
 QUANTIZATION_VERSION = 2  # ggml's current block layouts (general.quantization_version)
 CHUNK_ROWS_ELEMENTS = 1 << 22
 
@@ -122,10 +122,11 @@ def check_plan(plan: ConversionPlan, checkpoint: Any, config_path: Path) -> None
                 config_path.parent, f"checkpoint has no tensor {planned.source!r} (required by config.json)"
             )
         meta = checkpoint.info(planned.source)
-        if tuple(meta.shape) != planned.shape:
+        expected = planned.source_shape or planned.shape
+        if tuple(meta.shape) != expected:
             raise file_error(
                 meta.file,
-                f"tensor {planned.source!r} has shape {tuple(meta.shape)}, config.json implies {planned.shape}",
+                f"tensor {planned.source!r} has shape {tuple(meta.shape)}, config.json implies {expected}",
             )
     used = {p.source for p in plan.tensors}
     leftovers = [n for n in checkpoint.names() if n not in used and not plan.ignored(n)]

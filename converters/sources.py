@@ -59,6 +59,8 @@ ALIASES: dict[str, str] = {
     "pythia-1.4b": "EleutherAI/pythia-1.4b",
     "dolly-v2-3b": "databricks/dolly-v2-3b",
     "redpajama-incite-3b": "togethercomputer/RedPajama-INCITE-Base-3B-v1",
+    "gpt2": "openai-community/gpt2",
+    "cerebras-gpt-1.3b": "cerebras/Cerebras-GPT-1.3B",
 }
 
 # config.json plus every tokenizer file the vocab readers may use; each is fetched if the repo has it.

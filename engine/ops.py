@@ -16,8 +16,10 @@ from engine.weights import Weight
 rms_norm = _ops.rms_norm
 alibi_slopes = _ops.alibi_slopes
 swiglu = _ops.swiglu
-# MPT and Falcon use the exact (erf) GELU in transformers.
+# MPT, Falcon and GPT-NeoX use the exact (erf) GELU in transformers.
 gelu = _ops.gelu_erf
+# GPT-2's gelu_new and Gemma's gelu_pytorch_tanh: the tanh approximation (ggml_gelu's formula).
+gelu_tanh = _ops.gelu_tanh
 
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, eps: float) -> np.ndarray:

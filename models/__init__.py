@@ -7,6 +7,7 @@ from typing import Any
 from engine.errors import file_error
 from engine.gguf_file import GGUFFile
 from models.falcon import Falcon
+from models.gpt2 import Gpt2
 from models.gptneox import GptNeoX
 from models.llama import Llama
 from models.mpt import Mpt
@@ -14,7 +15,7 @@ from models.qwen2 import Qwen2
 from models.qwen3 import Qwen3
 
 ARCHITECTURES: dict[str, type] = {"llama": Llama, "mpt": Mpt, "falcon": Falcon, "qwen2": Qwen2, "qwen3": Qwen3,
-                                 "gptneox": GptNeoX}
+                                 "gptneox": GptNeoX, "gpt2": Gpt2}
 
 
 def load_architecture(file: GGUFFile) -> Any:

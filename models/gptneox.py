@@ -26,6 +26,7 @@ from engine.gguf_file import GGUFFile
 from engine.hparams import HParams, Tensors
 from engine.model import check_interrupt
 from engine.weights import Weight
+from models.common import add_bias, split_qkv
 
 ARCH = "gptneox"
 
@@ -90,23 +91,6 @@ class GptNeoXLayer:
     b_up: np.ndarray | None
     w_down: Weight
     b_down: np.ndarray | None
-
-
-def add_bias(x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    if bias is not None:
-        x += bias
-    return x
-
-
-def split_qkv(qkv: np.ndarray, n_head: int, n_head_kv: int, head_dim: int) -> tuple[np.ndarray, ...]:
-    """[q | k | v] columns of a fused projection -> q, k, v ``(n_tok, heads, head_dim)``; q and k
-    contiguous (RoPE rotates them in place)."""
-    n = qkv.shape[0]
-    n_q, n_kv = n_head * head_dim, n_head_kv * head_dim
-    q = np.ascontiguousarray(qkv[:, :n_q]).reshape(n, n_head, head_dim)
-    k = np.ascontiguousarray(qkv[:, n_q : n_q + n_kv]).reshape(n, n_head_kv, head_dim)
-    v = qkv[:, n_q + n_kv :].reshape(n, n_head_kv, head_dim)
-    return q, k, v
 
 
 class GptNeoX:

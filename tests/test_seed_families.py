@@ -45,6 +45,22 @@ def gptneox_config(parallel: bool):
                          bos_token_id=0, eos_token_id=0)
 
 
+def gpt2_config():
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=50432, n_embd=64, n_layer=2, n_head=4, n_inner=256, n_positions=128,
+                      activation_function="gelu_new", layer_norm_epsilon=1e-5, bos_token_id=0, eos_token_id=0)
+
+
+def gpt2_tokenizer(directory: Path) -> None:
+    """GPT-2's tokenizer is GPT-NeoX-20B's without the NFC normalizer (llama.cpp: ``gpt-2``): the
+    fixture's vocabulary, tokenized the GPT-2 way."""
+    path = directory / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["normalizer"] = None
+    path.write_text(json.dumps(data))
+
+
 def with_bias_noise(model):
     """transformers initialises biases to zero: make them matter."""
     with torch.no_grad():
@@ -69,6 +85,7 @@ FAMILIES = {
     # name: (config, tokenizer fixture for save_checkpoint, config.json fix-up, GGUF architecture)
     "gptneox-parallel": (lambda: gptneox_config(True), "mpt", None, "gptneox"),
     "gptneox-sequential": (lambda: gptneox_config(False), "mpt", legacy_gptneox_config, "gptneox"),
+    "gpt2": (gpt2_config, "mpt", gpt2_tokenizer, "gpt2"),
 }
 
 
@@ -100,6 +117,13 @@ def test_metadata(family):
         assert tensors["blk.1.attn_qkv.bias"].ne == (192,)
         assert "output.weight" in tensors
         assert md["tokenizer.ggml.pre"] == "olmo"  # llama.cpp's name for GPT-NeoX-20B's fingerprint
+    if name == "gpt2":
+        assert tensors["position_embd.weight"].ne == (64, 128)
+        assert tensors["blk.0.attn_qkv.weight"].ne == (64, 192)  # Conv1D (in, out) transposed
+        assert tensors["blk.0.ffn_up.weight"].ne == (64, 256)
+        assert tensors["blk.0.ffn_down.weight"].ne == (256, 64)
+        assert "output.weight" not in tensors  # tied
+        assert md["tokenizer.ggml.pre"] == "gpt-2"
 
 
 def test_prompt_and_token_by_token_match_transformers(family):
@@ -153,6 +177,9 @@ def test_llama_cpp_converter_files_run(name, tmp_path):
         legacy_gptneox_config(theirs_dir)
         config = json.loads((theirs_dir / "config.json").read_text())
         (theirs_dir / "config.json").write_text(json.dumps({**config, "model_type": "raw-config"}))
+    if name == "gpt2":  # released GPT-2 configs carry n_ctx, which llama.cpp's converter reads
+        config = json.loads((theirs_dir / "config.json").read_text())
+        (theirs_dir / "config.json").write_text(json.dumps({**config, "n_ctx": config["n_positions"]}))
     out = tmp_path / "llama.cpp.gguf"
     root = Path(os.environ["HALFBYTE_LLAMA_CPP"])
     env = {**os.environ, "PYTHONPATH": str(root / "gguf-py")}
@@ -175,3 +202,20 @@ def test_aliases():
     assert ALIASES["pythia-1.4b"] == "EleutherAI/pythia-1.4b"
     assert ALIASES["dolly-v2-3b"] == "databricks/dolly-v2-3b"
     assert ALIASES["redpajama-incite-3b"] == "togethercomputer/RedPajama-INCITE-Base-3B-v1"
+    assert ALIASES["gpt2"] == "openai-community/gpt2"
+    assert ALIASES["cerebras-gpt-1.3b"] == "cerebras/Cerebras-GPT-1.3B"
+
+
+def test_gpt2_refuses_positions_past_its_learned_ones(family):
+    from engine.errors import HalfbyteError
+
+    name, _, model, _ = family
+    if name != "gpt2":
+        pytest.skip("GPT-2 only")
+    from engine.batch import Batch
+    from engine.kernels.attention import KVCache
+
+    p = model.arch.params
+    cache = KVCache(p.n_layer, 200, p.n_head_kv, p.head_dim, np.float32)
+    with pytest.raises(HalfbyteError, match="past the 128 learned positions"):
+        model.arch.forward(Batch.single([1, 2], 127, cache))
