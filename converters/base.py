@@ -40,6 +40,15 @@ class PlannedTensor:
     # The checkpoint tensor's shape when ``transform`` changes it (GPT-2's Conv1D weights are
     # stored (in, out) and transposed); None: the same as ``shape``.
     source_shape: tuple[int, ...] | None = None
+    # Checkpoint tensors stacked along a new first axis into this one (StableLM's per-head q/k
+    # LayerNorms, one checkpoint tensor per head); ``source`` is then only a description.
+    parts: tuple[str, ...] = ()
+
+    def sources(self) -> list[tuple[str, tuple[int, ...]]]:
+        """The checkpoint tensors this one is read from, each with the shape it must have."""
+        if self.parts:
+            return [(part, self.shape[1:]) for part in self.parts]
+        return [(self.source, self.source_shape or self.shape)]
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType, Keys
 
-from converters import falcon, gpt2, gptneox, llama, mpt, qwen2, qwen3
+from converters import falcon, gpt2, gptneox, llama, mpt, qwen2, qwen3, stablelm
 from converters.base import ConfigReader, ConversionPlan, PlannedTensor, read_json
 from converters.vocab import TOKENIZER_FILES, check_vocab_fits
 from engine import quants
@@ -27,7 +27,7 @@ from engine.filetypes import FILE_TYPES
 from engine.gguf_file import GGUFWriter, refuse_overwriting_inputs
 from engine.progress import progress_bar
 
-ARCHITECTURES: tuple[ModuleType, ...] = (llama, mpt, falcon, qwen2, qwen3, gptneox, gpt2)
+ARCHITECTURES: tuple[ModuleType, ...] = (llama, mpt, falcon, qwen2, qwen3, gptneox, gpt2, stablelm)
 QUANTIZATION_VERSION = 2  # ggml's current block layouts (general.quantization_version)
 CHUNK_ROWS_ELEMENTS = 1 << 22
 
@@ -87,9 +87,9 @@ def input_files(directory: Path) -> list[Path]:
 
 
 def output_type(planned: PlannedTensor, requested: GGMLQuantizationType) -> GGMLQuantizationType:
-    """1-D tensors (norms, biases) stay F32, as in llama.cpp; rows that do not split into blocks
-    fall back to F16."""
-    if len(planned.shape) < 2:
+    """1-D tensors (norms, biases) and norm weights of any shape (StableLM's per-head q/k norms)
+    stay F32, as in llama.cpp; rows that do not split into blocks fall back to F16."""
+    if len(planned.shape) < 2 or planned.name.endswith("_norm.weight"):
         return GGMLQuantizationType.F32
     if planned.shape[-1] % quants.block_size(requested):
         return GGMLQuantizationType.F16
@@ -117,18 +117,15 @@ def check_plan(plan: ConversionPlan, checkpoint: Any, config_path: Path) -> None
     for planned in plan.tensors:
         if planned.generate is not None:
             continue
-        if planned.source not in available:
-            raise file_error(
-                config_path.parent, f"checkpoint has no tensor {planned.source!r} (required by config.json)"
-            )
-        meta = checkpoint.info(planned.source)
-        expected = planned.source_shape or planned.shape
-        if tuple(meta.shape) != expected:
-            raise file_error(
-                meta.file,
-                f"tensor {planned.source!r} has shape {tuple(meta.shape)}, config.json implies {expected}",
-            )
-    used = {p.source for p in plan.tensors}
+        for source, expected in planned.sources():
+            if source not in available:
+                raise file_error(config_path.parent, f"checkpoint has no tensor {source!r} (required by config.json)")
+            meta = checkpoint.info(source)
+            if tuple(meta.shape) != expected:
+                raise file_error(
+                    meta.file, f"tensor {source!r} has shape {tuple(meta.shape)}, config.json implies {expected}"
+                )
+    used = {source for p in plan.tensors for source, _ in p.sources()}
     leftovers = [n for n in checkpoint.names() if n not in used and not plan.ignored(n)]
     if leftovers:
         more = f" and {len(leftovers) - 3} more" if len(leftovers) > 3 else ""
@@ -195,6 +192,8 @@ def _write(
                     bar.set_postfix_str(planned.name, refresh=False)
                     if planned.generate is not None:
                         array = np.asarray(planned.generate(), np.float32).reshape(planned.shape)
+                    elif planned.parts:
+                        array = np.stack([checkpoint.load(part) for part in planned.parts])
                     else:
                         array = checkpoint.load(planned.source)
                     if planned.transform is not None:

@@ -42,17 +42,17 @@ def regroup_head_qkv(weight: np.ndarray, n_head: int, head_dim: int) -> np.ndarr
     return np.concatenate([per_head[:, j].reshape(n_head * head_dim, *weight.shape[1:]) for j in range(3)])
 
 
-def partial_rotary(cfg: ConfigReader, head_dim: int, legacy_key: str, default: float) -> int:
+def partial_rotary(cfg: ConfigReader, head_dim: int, legacy_keys: tuple[str, ...], default: float) -> int:
     """Rotary dimensions per head: ``int(head_dim * factor)`` as transformers and llama.cpp compute
-    it; the factor from transformers 5's ``rope_parameters.partial_rotary_factor`` or the older
-    top-level key (``rotary_pct``, ``partial_rotary_factor``)."""
+    it; the factor from transformers 5's ``rope_parameters.partial_rotary_factor`` or an older
+    top-level key (``rotary_pct``, ``partial_rotary_factor``, ``rope_pct``)."""
     params = cfg.section("rope_parameters")
     factor = params.float_value("partial_rotary_factor",
-                                default=cfg.float_value(legacy_key, default=default, minimum=0.0, maximum=1.0),
+                                default=cfg.float_value(*legacy_keys, default=default, minimum=0.0, maximum=1.0),
                                 minimum=0.0, maximum=1.0)
     n_rot = int(head_dim * factor)
     if n_rot < 2 or n_rot % 2:
-        raise cfg.fail(f"{legacy_key} {factor:g} x head size {head_dim} gives {n_rot} rotary dimensions "
+        raise cfg.fail(f"partial rotary factor {factor:g} x head size {head_dim} gives {n_rot} rotary dimensions "
                        "(must be even and >= 2)")
     return n_rot
 
@@ -69,7 +69,7 @@ def plan(config: Mapping[str, Any], config_path: Path, names: set[str]) -> Conve
     if n_embd % n_head:
         raise cfg.fail(f"hidden_size {n_embd} is not a multiple of num_attention_heads {n_head}")
     head_dim = n_embd // n_head
-    n_rot = partial_rotary(cfg, head_dim, "rotary_pct", 0.25)
+    n_rot = partial_rotary(cfg, head_dim, ("rotary_pct",), 0.25)
     act = cfg.str_value("hidden_act", default="gelu")
     if act != "gelu":
         raise cfg.fail(f"hidden_act {act!r} is not supported for GPT-NeoX (supported: gelu)")

@@ -61,6 +61,7 @@ ALIASES: dict[str, str] = {
     "redpajama-incite-3b": "togethercomputer/RedPajama-INCITE-Base-3B-v1",
     "gpt2": "openai-community/gpt2",
     "cerebras-gpt-1.3b": "cerebras/Cerebras-GPT-1.3B",
+    "stablelm-3b-4e1t": "stabilityai/stablelm-3b-4e1t",
 }
 
 # config.json plus every tokenizer file the vocab readers may use; each is fetched if the repo has it.

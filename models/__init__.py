@@ -13,9 +13,11 @@ from models.llama import Llama
 from models.mpt import Mpt
 from models.qwen2 import Qwen2
 from models.qwen3 import Qwen3
+from models.stablelm import StableLm
 
 ARCHITECTURES: dict[str, type] = {"llama": Llama, "mpt": Mpt, "falcon": Falcon, "qwen2": Qwen2, "qwen3": Qwen3,
-                                 "gptneox": GptNeoX, "gpt2": Gpt2}
+                                 "gptneox": GptNeoX, "gpt2": Gpt2,
+                                 "stablelm": StableLm}
 
 
 def load_architecture(file: GGUFFile) -> Any:

@@ -2,6 +2,9 @@
 seed): F32 logits for a prompt and token by token within 1e-3 of the logits' scale of
 transformers, the greedy continuation identical, Q8_0 within test_runtime.py's bound.
 
+- GPT-2 (``gpt2``: GPT-2, Cerebras-GPT): learned positions, Conv1D weights transposed, tied head.
+- StableLM (``stablelm``: stablelm-3b-4e1t, StableLM-2): LayerNorms with biases, partial rotary,
+  q/k/v biases, per-head q/k LayerNorms (stacked per layer), parallel and sequential residuals.
 - GPT-NeoX (``gptneox``: Pythia, Dolly-v2, RedPajama-INCITE, StableLM-alpha): fused per-head QKV
   regrouped as llama.cpp's converter does, partial neox rotary, parallel and sequential residuals,
   biases everywhere, untied ``embed_out``. Tokenizer: GPT-NeoX-20B's vocabulary (the MPT fixture's
@@ -52,6 +55,20 @@ def gpt2_config():
                       activation_function="gelu_new", layer_norm_epsilon=1e-5, bos_token_id=0, eos_token_id=0)
 
 
+def stablelm_config(parallel: bool):
+    from transformers import StableLmConfig
+
+    # Sequential: stablelm-3b-4e1t's shape (q/k/v biases as StableLM-2 1.6B). Parallel: StableLM-2
+    # 12B's (parallel residual, per-head q/k LayerNorms) with grouped KV heads and a tied head.
+    return StableLmConfig(vocab_size=50432, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2 if parallel else 4,
+                          max_position_embeddings=256, layer_norm_eps=1e-5,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                           "partial_rotary_factor": 0.25},
+                          use_qkv_bias=not parallel, qk_layernorm=parallel, use_parallel_residual=parallel,
+                          tie_word_embeddings=parallel, bos_token_id=0, eos_token_id=0)
+
+
 def gpt2_tokenizer(directory: Path) -> None:
     """GPT-2's tokenizer is GPT-NeoX-20B's without the NFC normalizer (llama.cpp: ``gpt-2``): the
     fixture's vocabulary, tokenized the GPT-2 way."""
@@ -86,6 +103,8 @@ FAMILIES = {
     "gptneox-parallel": (lambda: gptneox_config(True), "mpt", None, "gptneox"),
     "gptneox-sequential": (lambda: gptneox_config(False), "mpt", legacy_gptneox_config, "gptneox"),
     "gpt2": (gpt2_config, "mpt", gpt2_tokenizer, "gpt2"),
+    "stablelm-sequential": (lambda: stablelm_config(False), "mpt", None, "stablelm"),
+    "stablelm-parallel": (lambda: stablelm_config(True), "mpt", None, "stablelm"),
 }
 
 
@@ -124,6 +143,16 @@ def test_metadata(family):
         assert tensors["blk.0.ffn_down.weight"].ne == (256, 64)
         assert "output.weight" not in tensors  # tied
         assert md["tokenizer.ggml.pre"] == "gpt-2"
+    if name.startswith("stablelm"):
+        parallel = name == "stablelm-parallel"
+        assert md["stablelm.rope.dimension_count"] == 4
+        assert md["stablelm.use_parallel_residual"] is parallel
+        assert ("blk.0.ffn_norm.weight" in tensors) is not parallel
+        assert ("blk.0.attn_q.bias" in tensors) is not parallel
+        assert "output.weight" in tensors  # llama.cpp's stablelm graph requires it, tied or not
+        if parallel:
+            assert tensors["blk.1.attn_q_norm.weight"].ne == (16, 4)
+            assert tensors["blk.1.attn_k_norm.weight"].ne == (16, 2)
 
 
 def test_prompt_and_token_by_token_match_transformers(family):
@@ -168,6 +197,10 @@ def test_q8_0_matches_transformers_on_the_same_weights(name, tmp_path):
 def test_llama_cpp_converter_files_run(name, tmp_path):
     """llama.cpp's convert_hf_to_gguf.py on the same checkpoint: its file runs here with the
     logits of transformers, and holds the tensors ours holds, with the same shapes."""
+    if name == "stablelm-parallel":
+        # llama.cpp's StableLMModel.modify_tensors returns its q/k-norm stacking generator instead of
+        # yielding from it, so the per-head norms are never written ("Unprocessed norms").
+        pytest.skip("llama.cpp's converter cannot convert per-head q/k LayerNorms (StableLM-2-12B)")
     directory = checkpoint(name, tmp_path)
     theirs_dir = shutil.copytree(directory, tmp_path / "for-llama.cpp")
     if name.startswith("gptneox"):
@@ -204,6 +237,7 @@ def test_aliases():
     assert ALIASES["redpajama-incite-3b"] == "togethercomputer/RedPajama-INCITE-Base-3B-v1"
     assert ALIASES["gpt2"] == "openai-community/gpt2"
     assert ALIASES["cerebras-gpt-1.3b"] == "cerebras/Cerebras-GPT-1.3B"
+    assert ALIASES["stablelm-3b-4e1t"] == "stabilityai/stablelm-3b-4e1t"
 
 
 def test_gpt2_refuses_positions_past_its_learned_ones(family):
