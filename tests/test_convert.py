@@ -295,12 +295,12 @@ def test_missing_config(tmp_path):
 
 
 def test_unsupported_architecture_lists_the_supported_ones(checkpoints, tmp_path):
-    d = copy_checkpoint(checkpoints["llama"], tmp_path / "gpt2")
+    d = copy_checkpoint(checkpoints["llama"], tmp_path / "bert")
     config = json.loads((d / "config.json").read_text())
-    config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    config.update(architectures=["BertForMaskedLM"], model_type="bert")
     (d / "config.json").write_text(json.dumps(config))
     code, out = run_cli("convert", str(d), "-o", str(tmp_path / "o.gguf"))
-    assert_clean_error(code, out, "GPT2LMHeadModel", "LlamaForCausalLM", "MptForCausalLM", "FalconForCausalLM")
+    assert_clean_error(code, out, "BertForMaskedLM", "LlamaForCausalLM", "MptForCausalLM", "FalconForCausalLM")
 
 
 def test_missing_shard(checkpoints, tmp_path):
