@@ -62,6 +62,7 @@ ALIASES: dict[str, str] = {
     "gpt2": "openai-community/gpt2",
     "cerebras-gpt-1.3b": "cerebras/Cerebras-GPT-1.3B",
     "stablelm-3b-4e1t": "stabilityai/stablelm-3b-4e1t",
+    "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
 }
 
 # config.json plus every tokenizer file the vocab readers may use; each is fetched if the repo has it.

@@ -11,13 +11,14 @@ from models.gpt2 import Gpt2
 from models.gptneox import GptNeoX
 from models.llama import Llama
 from models.mpt import Mpt
+from models.phi3 import Phi3
 from models.qwen2 import Qwen2
 from models.qwen3 import Qwen3
 from models.stablelm import StableLm
 
 ARCHITECTURES: dict[str, type] = {"llama": Llama, "mpt": Mpt, "falcon": Falcon, "qwen2": Qwen2, "qwen3": Qwen3,
                                  "gptneox": GptNeoX, "gpt2": Gpt2,
-                                 "stablelm": StableLm}
+                                 "stablelm": StableLm, "phi3": Phi3}
 
 
 def load_architecture(file: GGUFFile) -> Any:

@@ -1,4 +1,4 @@
-"""The pre-norm decoder that LLaMA, Mistral, Qwen2 and Qwen3 share; each architecture file
+"""The pre-norm decoder that LLaMA, Mistral, Qwen2, Qwen3 and Phi-3 share; each architecture file
 picks its options (RoPE pairing, biases, per-head q/k norms) and stays a few lines.
 
     x = embed(tokens)
@@ -10,6 +10,10 @@ picks its options (RoPE pairing, biases, per-head q/k norms) and stays a few lin
         x = x + attention(q, k, v) Wo                        (sliding window: attention.sliding_window)
         h = rms_norm(x) ; x = x + (silu(h Wgate) * h Wup) Wdown
     logits = rms_norm(x) Woutput                             (tied: Woutput = Wembed)
+
+Phi-3's fused projections fit too: ``attn_qkv`` ([q | k | v] rows) in place of Wq, Wk, Wv (as
+llama.cpp, whenever the file has one), and, with ``FUSED_GATE_UP``, ``ffn_up`` of 2 * n_ff rows
+([gate | up]) in place of Wgate and Wup.
 
 Heads may be narrower or wider than n_embd / n_head (``attention.key_length``, Mistral-Nemo,
 Qwen3): Wq is (n_head * head_dim, n_embd) and Wo (n_embd, n_head * head_dim).
@@ -90,9 +94,10 @@ class DecoderParams:
 @dataclass
 class DecoderLayer:
     attn_norm: np.ndarray
-    wq: Weight
-    wk: Weight
-    wv: Weight
+    wqkv: Weight | None  # fused [q | k | v] rows (Phi-3's attn_qkv); None: wq, wk, wv
+    wq: Weight | None
+    wk: Weight | None
+    wv: Weight | None
     bq: np.ndarray | None
     bk: np.ndarray | None
     bv: np.ndarray | None
@@ -100,7 +105,7 @@ class DecoderLayer:
     k_norm: np.ndarray | None
     wo: Weight
     ffn_norm: np.ndarray
-    w_gate: Weight
+    w_gate: Weight | None  # None: w_up holds [gate | up] rows (Phi-3's fused ffn_up, 2 * n_ff rows)
     w_up: Weight
     w_down: Weight
 
@@ -112,6 +117,7 @@ class PreNormDecoder:
     NEOX = False  # RoPE pairs: (i, i + n_rot/2) (HF rotate_half) instead of ggml's adjacent (2i, 2i+1)
     REQUIRE_QKV_BIAS = False  # Qwen2: q/k/v biases (optional elsewhere, as in llama.cpp)
     REQUIRE_QK_NORM = False  # Qwen3: per-head RMSNorm of q and k before RoPE
+    FUSED_GATE_UP = False  # Phi-3: without ffn_gate, ffn_up holds [gate | up] (2 * n_ff rows)
 
     def __init__(self, file: GGUFFile) -> None:
         p = self.params = DecoderParams.from_file(file, self.ARCH)
@@ -122,15 +128,22 @@ class PreNormDecoder:
         def vector(name: str, n: int, required: bool) -> np.ndarray | None:
             return t.vector(name, n) if required else t.optional_vector(name, n)
 
+        def matrix(name: str, n_out: int, present: bool) -> Weight | None:
+            return t.matrix(name, n_out, p.n_embd) if present else None
+
         self.tok_embd = t.matrix("token_embd.weight", p.n_vocab, p.n_embd)
         self.layers = []
         for i in range(p.n_layer):
             blk = f"blk.{i}"
+            # As llama.cpp's create_tensor_qkv: a fused attn_qkv when the file has one.
+            fused = t.has(f"{blk}.attn_qkv.weight")
+            gated = t.has(f"{blk}.ffn_gate.weight") or not self.FUSED_GATE_UP
             self.layers.append(DecoderLayer(
                 attn_norm=t.vector(f"{blk}.attn_norm.weight", p.n_embd),
-                wq=t.matrix(f"{blk}.attn_q.weight", n_q, p.n_embd),
-                wk=t.matrix(f"{blk}.attn_k.weight", n_kv, p.n_embd),
-                wv=t.matrix(f"{blk}.attn_v.weight", n_kv, p.n_embd),
+                wqkv=matrix(f"{blk}.attn_qkv.weight", n_q + 2 * n_kv, fused),
+                wq=matrix(f"{blk}.attn_q.weight", n_q, not fused),
+                wk=matrix(f"{blk}.attn_k.weight", n_kv, not fused),
+                wv=matrix(f"{blk}.attn_v.weight", n_kv, not fused),
                 bq=vector(f"{blk}.attn_q.bias", n_q, self.REQUIRE_QKV_BIAS),
                 bk=vector(f"{blk}.attn_k.bias", n_kv, self.REQUIRE_QKV_BIAS),
                 bv=vector(f"{blk}.attn_v.bias", n_kv, self.REQUIRE_QKV_BIAS),
@@ -138,8 +151,8 @@ class PreNormDecoder:
                 k_norm=vector(f"{blk}.attn_k_norm.weight", p.head_dim, self.REQUIRE_QK_NORM),
                 wo=t.matrix(f"{blk}.attn_output.weight", p.n_embd, n_q),
                 ffn_norm=t.vector(f"{blk}.ffn_norm.weight", p.n_embd),
-                w_gate=t.matrix(f"{blk}.ffn_gate.weight", p.n_ff, p.n_embd),
-                w_up=t.matrix(f"{blk}.ffn_up.weight", p.n_ff, p.n_embd),
+                w_gate=matrix(f"{blk}.ffn_gate.weight", p.n_ff, gated),
+                w_up=t.matrix(f"{blk}.ffn_up.weight", p.n_ff if gated else 2 * p.n_ff, p.n_embd),
                 w_down=t.matrix(f"{blk}.ffn_down.weight", p.n_embd, p.n_ff),
             ))
         self.output_norm = t.vector("output_norm.weight", p.n_embd)
@@ -159,17 +172,22 @@ class PreNormDecoder:
         for i, layer in enumerate(self.layers):
             check_interrupt()  # a deferred Ctrl-C stops here, between kernel calls
             h = ops.rms_norm(x, layer.attn_norm, p.rms_eps)
-            q = ops.linear(h, layer.wq)
-            k = ops.linear(h, layer.wk)
-            v = ops.linear(h, layer.wv)
+            if layer.wqkv is not None:
+                qkv = ops.linear(h, layer.wqkv)
+                n_q, n_kv = p.n_head * p.head_dim, p.n_head_kv * p.head_dim
+                q, k, v = qkv[:, :n_q], qkv[:, n_q : n_q + n_kv], qkv[:, n_q + n_kv :]
+            else:
+                q = ops.linear(h, layer.wq)
+                k = ops.linear(h, layer.wk)
+                v = ops.linear(h, layer.wv)
             if layer.bq is not None:
                 q += layer.bq
             if layer.bk is not None:
                 k += layer.bk
             if layer.bv is not None:
                 v += layer.bv
-            q = q.reshape(n, p.n_head, p.head_dim)
-            k = k.reshape(n, p.n_head_kv, p.head_dim)
+            q = np.ascontiguousarray(q).reshape(n, p.n_head, p.head_dim)
+            k = np.ascontiguousarray(k).reshape(n, p.n_head_kv, p.head_dim)
             v = v.reshape(n, p.n_head_kv, p.head_dim)
             if layer.q_norm is not None:
                 q = ops.rms_norm(q, layer.q_norm, p.rms_eps)
@@ -180,6 +198,11 @@ class PreNormDecoder:
             attn = batch.attention(i, q, k, v, scale, window=p.sliding_window)
             x += ops.linear(attn.reshape(n, p.n_head * p.head_dim), layer.wo)
             h = ops.rms_norm(x, layer.ffn_norm, p.rms_eps)
-            x += ops.linear(ops.swiglu(ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up)), layer.w_down)
+            if layer.w_gate is not None:
+                gate, up = ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up)
+            else:
+                gate_up = ops.linear(h, layer.w_up)
+                gate, up = gate_up[:, : p.n_ff], gate_up[:, p.n_ff :]
+            x += ops.linear(ops.swiglu(gate, up), layer.w_down)
         x = batch.output_rows(x, all_logits)
         return ops.linear(ops.rms_norm(x, self.output_norm, p.rms_eps), self.output)
