@@ -192,8 +192,9 @@ class Model:
     """A GGUF model ready to run: weights memory-mapped, tokenizer and KV cache built."""
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
-                 kv_type: str = "f16", chat_template: str | None = None) -> None:
-        from engine.kernels.attention import KVCache
+                 kv_type: str = "f16", chat_template: str | None = None, type_k: str | None = None,
+                 type_v: str | None = None) -> None:
+        from engine.kernels.attention import KVCache, cache_type_name
         from models import load_architecture
 
         if not isinstance(path, (str, os.PathLike)):
@@ -202,8 +203,9 @@ class Model:
             n_ctx = check_int("n_ctx", n_ctx, 0, " (0 = the model's training context)")
         if threads is not None:
             threads = check_int("threads", threads)
-        if kv_type not in ("f16", "f32"):
-            raise HalfbyteError(f"KV cache type must be f16 or f32, got {kv_type!r}")
+        # llama.cpp's -ctk / -ctv: f16 (default), f32 or q8_0, for keys and values apart
+        type_k = cache_type_name(kv_type if type_k is None else type_k)
+        type_v = cache_type_name(kv_type if type_v is None else type_v)
         self.path = Path(path)
         self.file = GGUFFile(self.path)
         try:
@@ -226,7 +228,7 @@ class Model:
                               "overflow", ContextOverflowWarning, stacklevel=3)
             self.cache = KVCache(
                 self.arch.params.n_layer, self.n_ctx, self.arch.params.n_head_kv, self.arch.params.head_dim,
-                np.float16 if kv_type == "f16" else np.float32,
+                type_k, type_v,
             )
         except BaseException:
             self.file.close()  # not left open until garbage collection
@@ -250,15 +252,35 @@ class Model:
 
     @classmethod
     def load(cls, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
-             kv_type: str = "f16", chat_template: str | None = None) -> Model:
+             kv_type: str = "f16", chat_template: str | None = None, type_k: str | None = None,
+             type_v: str | None = None) -> Model:
         """Open ``path`` (GGUF).
 
         ``n_ctx``: context size; None or 0 = the model's training context; larger than that is
         honoured with a ``ContextOverflowWarning``. ``threads``: None, 0 or negative = all the
         cores this process may use. ``chat_template``: None = the file's own (ChatML if it has
         none), or a built-in name (``chatml``, ``llama2``, ``llama3``, ``mistral``, ``zephyr``,
-        ``gemma``, ``phi3``), a named template of the file, a Jinja file or Jinja text."""
-        return cls(path, n_ctx=n_ctx, threads=threads, kv_type=kv_type, chat_template=chat_template)
+        ``gemma``, ``phi3``), a named template of the file, a Jinja file or Jinja text.
+        ``kv_type``: the KV cache's type, ``f16``, ``f32`` or ``q8_0`` (about half of f16; the head
+        size must be a multiple of 32); ``type_k`` / ``type_v`` set keys and values apart (-ctk/-ctv)."""
+        return cls(path, n_ctx=n_ctx, threads=threads, kv_type=kv_type, chat_template=chat_template,
+                   type_k=type_k, type_v=type_v)
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str, filename: str | None = None, quant: str | None = None,
+                        revision: str | None = None, progress: bool = True, **load_kwargs) -> Model:
+        """A GGUF model from the Hugging Face Hub, as llama-cpp-python's ``Llama.from_pretrained``:
+        ``filename`` (a name or a glob, e.g. ``"*q4_k_m.gguf"``) or ``quant`` (a tag such as
+        ``"Q4_K_M"``, matched case-insensitively against the repo's .gguf names, as llama.cpp's
+        ``-hf org/repo:Q4_K_M``); neither: the repo's only model file, else its Q4_K_M. Only that
+        file (all parts of a split GGUF) is downloaded, into huggingface_hub's cache (``HF_TOKEN``,
+        ``HF_HUB_OFFLINE=1``: the cache only). ``load_kwargs`` go to ``Model.load``."""
+        from engine.hub import download_gguf
+
+        if filename is not None and quant is not None:
+            raise HalfbyteError("give either filename or quant, not both")
+        path = download_gguf(repo_id, filename=filename, quant=quant, revision=revision, progress=progress)
+        return cls.load(path, **load_kwargs)
 
     # -- properties --------------------------------------------------------------------------------
 

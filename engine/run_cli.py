@@ -76,22 +76,29 @@ def warnings_on_stderr() -> Iterator[None]:
         yield
 
 
-def load_model(model_path: str, n_ctx: int | None, threads: int | None):  # -> engine.model.Model
+def load_model(model_path: str, n_ctx: int | None, threads: int | None, hf_file: str | None = None,
+               revision: str | None = None):  # -> engine.model.Model
+    from engine.hub import resolve_model_path
     from engine.model import Model
 
+    # A MODEL that is no local path but reads org/repo[:QUANT] is a GGUF repo on the Hub (engine/hub.py).
+    model_path = resolve_model_path(model_path, hf_file, revision)
     check_not_directory(model_path)
     with warnings_on_stderr():
         return Model.load(model_path, n_ctx=n_ctx, threads=threads)
 
 
-def _open_model(model_path: str | None, n_ctx: int | None, threads: int | None):  # -> engine.model.Model
+def _open_model(model_path: str | None, n_ctx: int | None, threads: int | None, hf_file: str | None = None,
+                revision: str | None = None):  # -> engine.model.Model
     if model_path is None:
+        if hf_file is not None:
+            raise HalfbyteError("--hf-file needs a Hub repo (org/name) as MODEL")
         from engine.default_model import default_model_path
 
         model_path = str(default_model_path())
         click.echo(f"halfbyte: no model given, using the embedded demo model {model_path}", err=True)
     compile_notices()
-    return load_model(model_path, n_ctx, threads)
+    return load_model(model_path, n_ctx, threads, hf_file, revision)
 
 
 def _compiling(seconds: float) -> str:
@@ -151,10 +158,13 @@ THREADS_HELP = ("Threads (0 or negative, the default: every core that other proc
 @click.option("-i", "--interactive", is_flag=True, help="Chat-style: read more input after each generation.")
 @click.option("--context-shift", is_flag=True,
               help="When the context is full, drop its older half and go on (default: stop).")
+@click.option("-hff", "--hf-file", "hf_file", metavar="NAME",
+              help="With MODEL = org/repo: this .gguf file of the repo (a name or a glob).")
+@click.option("--revision", "hf_revision", metavar="REV", help="With MODEL = org/repo: a branch, tag or commit.")
 def run(model_path: str | None, prompt: str | None, prompt_file: str | None, max_tokens: int, temperature: float,
         top_k: int, top_p: float, min_p: float, repeat_penalty: float, repeat_last_n: int, seed: int,
         threads: int | None, n_ctx: int, stop: tuple[str, ...], echo: bool, interactive: bool,
-        context_shift: bool) -> None:
+        context_shift: bool, hf_file: str | None = None, hf_revision: str | None = None) -> None:
     """Generate text from a GGUF model, streaming it to stdout (timings go to stderr).
 
     Ctrl-C stops it: the timings so far, then `halfbyte: interrupted`, exit status 130."""
@@ -178,7 +188,7 @@ def run(model_path: str | None, prompt: str | None, prompt_file: str | None, max
     seed = check_seed(seed)
     if seed is None:
         seed = random.SystemRandom().randrange(2**32)
-    model = _open_model(model_path, n_ctx, threads)
+    model = _open_model(model_path, n_ctx, threads, hf_file, hf_revision)
     options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed, stop=list(stop),
                    context_shift=context_shift)
