@@ -14,13 +14,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from gguf import GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from engine.errors import HalfbyteError
-from engine.kernels.matmul import _call, to_f32
+from engine.kernels.matmul import _call, f16_to_f32, to_f32
 from engine.kernels.simd import _F16, _F32, _I16, _I64, _V8F32, _Loop, _mask, _vconst
 
 # Float math here never reassociates: with "reassoc" LLVM picks a reduction's vector width and
@@ -31,25 +32,54 @@ _FLOAT_DOT = {"contract", "nsz"}
 _V8I16 = ir.VectorType(_I16, 8)
 
 
-class KVCache:
-    """Preallocated keys and values of every layer: ``k``, ``v`` ``(n_layer, n_ctx, n_kv_head, head_dim)``.
+Q8_0_BLOCK = 32  # values per Q8_0 block (ggml's block_q8_0: fp16 scale + 32 int8)
+Q8_0_BLOCK_BYTES = 34
+CACHE_TYPES = {"f16": np.dtype(np.float16), "f32": np.dtype(np.float32), "q8_0": np.dtype(np.uint8)}
 
+
+def cache_type_name(kind: str | type | np.dtype) -> str:
+    """"f16", "f32" or "q8_0" for a cache type given by name (llama.cpp's -ctk/-ctv) or numpy dtype."""
+    if isinstance(kind, str):
+        name = kind.lower()
+    else:
+        try:
+            name = {np.dtype(np.float16): "f16", np.dtype(np.float32): "f32"}.get(np.dtype(kind), "")
+        except TypeError:
+            name = ""
+    if name not in CACHE_TYPES:
+        raise HalfbyteError(f"KV cache type must be one of f16, f32, q8_0, got {kind!r}")
+    return name
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, ``k`` and ``v`` indexed ``[layer, position, kv_head]``.
+
+    Each holds F16 (the default, what llama.cpp uses), F32 or Q8_0 (llama.cpp's ``-ctk/-ctv q8_0``:
+    ggml's Q8_0 blocks of each head's vector, 34 bytes per 32 values, about half of F16; quantized
+    with the same bit-exact quantizer as weights, so the head size must be a multiple of 32).
     ``n_past`` is the number of positions holding data: ``store`` at ``pos`` sets it to
     ``pos + n_tok`` (storing below ``n_past`` rewinds; later positions become stale),
     ``reset`` empties the cache without touching memory.
     """
 
     def __init__(self, n_layer: int, n_ctx: int, n_kv_head: int, head_dim: int,
-                 dtype: type[np.floating] | np.dtype = np.float16) -> None:
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in (np.dtype(np.float16), np.dtype(np.float32)):
-            raise HalfbyteError(f"KV cache dtype must be float16 or float32, got {self.dtype}")
+                 dtype: str | type | np.dtype = np.float16, v_dtype: str | type | np.dtype | None = None) -> None:
+        self.type_k = cache_type_name(dtype)
+        self.type_v = cache_type_name(dtype if v_dtype is None else v_dtype)
         if min(n_layer, n_ctx, n_kv_head, head_dim) < 1:
             raise HalfbyteError(f"KV cache dimensions must be positive, got layers={n_layer} ctx={n_ctx} "
                                 f"kv_heads={n_kv_head} head_dim={head_dim}")
-        shape = (n_layer, n_ctx, n_kv_head, head_dim)
-        self.k = np.zeros(shape, self.dtype)
-        self.v = np.zeros(shape, self.dtype)
+        if "q8_0" in (self.type_k, self.type_v) and head_dim % Q8_0_BLOCK:
+            raise HalfbyteError(f"a q8_0 KV cache needs a head size that is a multiple of 32, got {head_dim}")
+        self.head_dim = head_dim
+
+        def storage(kind: str) -> np.ndarray:
+            width = head_dim // Q8_0_BLOCK * Q8_0_BLOCK_BYTES if kind == "q8_0" else head_dim
+            return np.zeros((n_layer, n_ctx, n_kv_head, width), CACHE_TYPES[kind])
+
+        self.k = storage(self.type_k)
+        self.v = storage(self.type_v)
+        self.dtype = self.k.dtype  # kept for callers that look at it; type_k / type_v say what it holds
         self.n_past = 0
 
     @property
@@ -66,7 +96,7 @@ class KVCache:
 
     def store(self, layer: int, k: np.ndarray, v: np.ndarray, pos: int) -> None:
         """Write ``k``, ``v`` ``(n_tok, n_kv_head, head_dim)`` of ``layer`` at positions ``pos..pos+n_tok-1``."""
-        expected = self.k.shape[2:]
+        expected = (self.k.shape[2], self.head_dim)
         if np.shape(k)[1:] != expected or np.shape(v) != np.shape(k):
             raise HalfbyteError(f"KV cache stores (n_tok, {expected[0]}, {expected[1]}) keys and values, "
                                 f"got {np.shape(k)} and {np.shape(v)}")
@@ -75,8 +105,15 @@ class KVCache:
             raise HalfbyteError(f"layer {layer} is out of range (the cache has {self.n_layer})")
         if pos < 0 or pos + n_tok > self.n_ctx:
             raise HalfbyteError(f"positions {pos}..{pos + n_tok - 1} do not fit in the context of {self.n_ctx}")
-        self.k[layer, pos:pos + n_tok] = k  # numpy rounds float32 -> float16 to nearest even
-        self.v[layer, pos:pos + n_tok] = v
+        for kind, cache, values in ((self.type_k, self.k, k), (self.type_v, self.v, v)):
+            if kind == "q8_0":
+                from engine import quants  # here: quants imports the kernels
+
+                rows = np.ascontiguousarray(values, dtype=np.float32).reshape(-1, self.head_dim)
+                blocks = quants.quantize(rows, GGMLQuantizationType.Q8_0)
+                cache[layer, pos:pos + n_tok] = blocks.reshape(n_tok, cache.shape[2], -1)
+            else:
+                cache[layer, pos:pos + n_tok] = values  # numpy rounds float32 -> float16 to nearest even
         self.n_past = pos + n_tok
 
     def keys(self, layer: int) -> np.ndarray:
@@ -85,8 +122,54 @@ class KVCache:
     def values(self, layer: int) -> np.ndarray:
         return self.v[layer]
 
+    def dequantized(self, which: str, layer: int) -> np.ndarray:
+        """One layer's keys ("k") or values ("v") as float32 (n_ctx, n_kv_head, head_dim): for references."""
+        cache, kind = (self.k, self.type_k) if which == "k" else (self.v, self.type_v)
+        if kind != "q8_0":
+            return cache[layer].astype(np.float32)
+        from engine import quants
+
+        flat = cache[layer].reshape(-1, cache.shape[-1])
+        return quants.dequantize(flat, GGMLQuantizationType.Q8_0).reshape(cache.shape[1], cache.shape[2], -1)
+
     def reset(self) -> None:
         self.n_past = 0
+
+
+def _score_q8_0_codegen(context, builder, sig, args):
+    """``sum(q[d] * k[d])`` for a key stored as Q8_0 blocks (``k`` uint8: fp16 d + 32 int8 per block).
+
+    Per block: the 32 int8 values widened to 4 x <8 x float>, multiplied into one block sum by a
+    fixed FMA chain (q0*k0, then + q1*k1, + q2*k2, + q3*k3), scaled by d into the accumulator (one
+    more FMA); then the same fixed 8 -> 1 tree as the float keys. Fixed order: the same bits on every
+    CPU with FMA."""
+    b = builder
+    qa = context.make_array(sig.args[0])(context, b, args[0])
+    ka = context.make_array(sig.args[1])(context, b, args[1])
+    n_blocks = b.udiv(b.extract_value(qa.shape, 0), ir.Constant(_I64, Q8_0_BLOCK))
+    k_blocks = b.udiv(b.extract_value(ka.shape, 0), ir.Constant(_I64, Q8_0_BLOCK_BYTES))
+    n_blocks = b.select(b.icmp_unsigned("<", n_blocks, k_blocks), n_blocks, k_blocks)
+    fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(_V8F32, [_V8F32] * 3), "llvm.fma.v8f32")
+    v8i8 = ir.VectorType(ir.IntType(8), 8)
+    v8i32 = ir.VectorType(ir.IntType(32), 8)
+    loop = _Loop(b, n_blocks, [_vconst(_V8F32, 0.0)], "score_q8")
+    block = b.gep(ka.data, [b.mul(loop.index, ir.Constant(_I64, Q8_0_BLOCK_BYTES))])
+    d_bits = b.load(b.bitcast(block, _I16.as_pointer()), align=1)
+    d = b.fpext(b.bitcast(d_bits, _F16), _F32)
+    d_vec = b.shuffle_vector(b.insert_element(ir.Constant(_V8F32, ir.Undefined), d, ir.Constant(ir.IntType(32), 0)),
+                             ir.Constant(_V8F32, ir.Undefined), _mask([0] * 8))
+    base = b.mul(loop.index, ir.Constant(_I64, Q8_0_BLOCK))
+    block_sum = _vconst(_V8F32, 0.0)
+    for g in range(4):
+        raw = b.load(b.bitcast(b.gep(block, [ir.Constant(_I64, 2 + 8 * g)]), v8i8.as_pointer()), align=1)
+        kv = b.sitofp(b.sext(raw, v8i32), _V8F32)
+        qv = b.load(b.bitcast(b.gep(qa.data, [b.add(base, ir.Constant(_I64, 8 * g))]), _V8F32.as_pointer()), align=4)
+        block_sum = b.call(fma, [qv, kv, block_sum])
+    [acc] = loop.close([b.call(fma, [block_sum, d_vec, loop.values[0]])])
+    v4 = b.fadd(b.shuffle_vector(acc, acc, _mask(range(4))), b.shuffle_vector(acc, acc, _mask(range(4, 8))))
+    v2 = b.fadd(b.shuffle_vector(v4, v4, _mask(range(2))), b.shuffle_vector(v4, v4, _mask(range(2, 4))))
+    return b.fadd(b.extract_element(v2, ir.Constant(ir.IntType(32), 0)),
+                  b.extract_element(v2, ir.Constant(ir.IntType(32), 1)))
 
 
 @intrinsic
@@ -100,9 +183,11 @@ def _score(typingctx, q, k):
     """
     ok = (isinstance(q, types.Array) and q.ndim == 1 and q.layout == "C" and q.dtype == types.float32
           and isinstance(k, types.Array) and k.ndim == 1 and k.layout == "C"
-          and k.dtype in (types.float32, types.uint16))
+          and k.dtype in (types.float32, types.uint16, types.uint8))
     if not ok:
         return None
+    if k.dtype == types.uint8:
+        return types.float32(q, k), _score_q8_0_codegen
     half_keys = k.dtype == types.uint16
 
     def codegen(context, builder, sig, args):
@@ -163,9 +248,32 @@ def _score(typingctx, q, k):
 
 
 @njit(cache=True, fastmath=_FLOAT_DOT)
-def _accumulate(acc, p, v):
+def _accumulate_float(acc, p, v):
     for d in range(acc.size):
         acc[d] += p * to_f32(v[d])
+
+
+@njit(cache=True, fastmath=_FLOAT_DOT)
+def _accumulate_q8_0(acc, p, v):
+    """acc += p * value, for a value vector stored as Q8_0 blocks: p * d once per block, then
+    element-wise (no sum, so no order to fix)."""
+    for blk in range(acc.size // Q8_0_BLOCK):
+        at = blk * Q8_0_BLOCK_BYTES
+        pd = p * f16_to_f32(np.uint16(v[at]) | (np.uint16(v[at + 1]) << np.uint16(8)))
+        for i in range(Q8_0_BLOCK):
+            acc[blk * Q8_0_BLOCK + i] += pd * np.float32(np.int8(v[at + 2 + i]))
+
+
+def _accumulate(acc, p, v):  # pragma: no cover - only the overload below runs, inside jitted code
+    raise NotImplementedError
+
+
+@overload(_accumulate, inline="always")
+def _accumulate_overload(acc, p, v):
+    # The value cache's storage picks the loop at compile time: uint8 rows are Q8_0 blocks.
+    if v.dtype == types.uint8:
+        return lambda acc, p, v: _accumulate_q8_0(acc, p, v)
+    return lambda acc, p, v: _accumulate_float(acc, p, v)
 
 
 @njit(cache=True, parallel=True)
@@ -206,11 +314,20 @@ def _attend_kernel(q, k, v, n_past, scale, slopes, use_alibi, window, out):
 
 
 def _cache_array(cache: np.ndarray, name: str) -> np.ndarray:
-    if cache.ndim != 3 or cache.dtype not in (np.float16, np.float32) or not cache.flags.c_contiguous:
+    if cache.ndim != 3 or cache.dtype not in (np.float16, np.float32, np.uint8) or not cache.flags.c_contiguous:
         raise HalfbyteError(f"{name} cache must be a C-contiguous float16/float32 (n_ctx, n_kv_head, head_dim) "
-                            f"array, got {cache.dtype} {cache.shape}")
+                            f"array or uint8 Q8_0 blocks, got {cache.dtype} {cache.shape}")
     # Numba has no float16: hand it the bits, which the kernel widens with F16C.
     return cache.view(np.uint16) if cache.dtype == np.float16 else cache
+
+
+def _cache_head_dim(cache: np.ndarray) -> int:
+    """Values per head of one cache row (uint8 rows are Q8_0 blocks)."""
+    if cache.dtype == np.uint8:
+        if cache.shape[2] % Q8_0_BLOCK_BYTES:
+            raise HalfbyteError(f"a Q8_0 cache row is whole 34-byte blocks, got {cache.shape[2]} bytes")
+        return cache.shape[2] // Q8_0_BLOCK_BYTES * Q8_0_BLOCK
+    return cache.shape[2]
 
 
 def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int, scale: float,
@@ -231,7 +348,7 @@ def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int,
     n_tok, n_head, head_dim = q.shape
     k = _cache_array(k_cache, "key")
     v = _cache_array(v_cache, "value")
-    if k.shape != v.shape or k.shape[2] != head_dim:
+    if k.shape[:2] != v.shape[:2] or _cache_head_dim(k) != head_dim or _cache_head_dim(v) != head_dim:
         raise HalfbyteError(f"key/value caches {k_cache.shape}/{v_cache.shape} do not fit queries {q.shape}")
     n_kv_head = k.shape[1]
     if n_head % n_kv_head:
