@@ -266,6 +266,22 @@ class Model:
         return cls(path, n_ctx=n_ctx, threads=threads, kv_type=kv_type, chat_template=chat_template,
                    type_k=type_k, type_v=type_v)
 
+    @classmethod
+    def from_pretrained(cls, repo_id: str, filename: str | None = None, quant: str | None = None,
+                        revision: str | None = None, progress: bool = True, **load_kwargs) -> Model:
+        """A GGUF model from the Hugging Face Hub, as llama-cpp-python's ``Llama.from_pretrained``:
+        ``filename`` (a name or a glob, e.g. ``"*q4_k_m.gguf"``) or ``quant`` (a tag such as
+        ``"Q4_K_M"``, matched case-insensitively against the repo's .gguf names, as llama.cpp's
+        ``-hf org/repo:Q4_K_M``); neither: the repo's only model file, else its Q4_K_M. Only that
+        file (all parts of a split GGUF) is downloaded, into huggingface_hub's cache (``HF_TOKEN``,
+        ``HF_HUB_OFFLINE=1``: the cache only). ``load_kwargs`` go to ``Model.load``."""
+        from engine.hub import download_gguf
+
+        if filename is not None and quant is not None:
+            raise HalfbyteError("give either filename or quant, not both")
+        path = download_gguf(repo_id, filename=filename, quant=quant, revision=revision, progress=progress)
+        return cls.load(path, **load_kwargs)
+
     # -- properties --------------------------------------------------------------------------------
 
     @property
