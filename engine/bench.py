@@ -70,11 +70,13 @@ def _size_label(n_params: int) -> str:
 
 
 def run_bench(path: str | Path, n_prompt: int = 128, n_gen: int = 64, threads: int | None = None, reps: int = 5,
-              seed: int = 1, log: Callable[[str], None] | None = None, n_depth: int = 0) -> list[dict[str, Any]]:
+              seed: int = 1, log: Callable[[str], None] | None = None, n_depth: int = 0,
+              type_k: str = "f16", type_v: str = "f16") -> list[dict[str, Any]]:
     """Benchmark one GGUF file; returns one llama-bench-style record per test (pp, tg).
 
     ``n_depth`` (llama-bench's ``-d``): each timed pass starts after that many tokens already in the
-    context (evaluated untimed), so pp and tg are measured at a long context."""
+    context (evaluated untimed), so pp and tg are measured at a long context. ``type_k`` / ``type_v``:
+    the KV cache's types (llama-bench's ``-ctk`` / ``-ctv``: f16, f32, q8_0)."""
     from engine import jit_cache
     from engine.kernels.matmul import kernel_description
     from engine.machine import machine_info
@@ -86,7 +88,7 @@ def run_bench(path: str | Path, n_prompt: int = 128, n_gen: int = 64, threads: i
     start = time.perf_counter()
     # A fixed count, as llama-bench: a benchmark measures the threads it names, it does not adapt.
     threads = threads if threads is not None and threads > 0 else available_cores()
-    model = Model.load(path, n_ctx=n_depth + max(n_prompt, n_gen, 1), threads=threads)
+    model = Model.load(path, n_ctx=n_depth + max(n_prompt, n_gen, 1), threads=threads, type_k=type_k, type_v=type_v)
     load_ns = int((time.perf_counter() - start) * 1e9)
     rng = np.random.default_rng(seed)
 
@@ -151,8 +153,8 @@ def run_bench(path: str | Path, n_prompt: int = 128, n_gen: int = 64, threads: i
             "n_batch": n_prompt,
             "n_ubatch": n_prompt,
             "n_threads": model.threads,
-            "type_k": ("f16" if model.cache.dtype == np.float16 else "f32"),
-            "type_v": ("f16" if model.cache.dtype == np.float16 else "f32"),
+            "type_k": model.cache.type_k,
+            "type_v": model.cache.type_v,
             "n_prompt": test.n_prompt,
             "n_gen": test.n_gen,
             "n_depth": n_depth,
@@ -226,18 +228,25 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
               help="Threads (0 or negative, the default: all cores, fixed as in llama-bench).")
 @click.option("-d", "--n-depth", default=0, show_default=True,
               help="Tokens already in the context before each timed test (long-context speed).")
+@click.option("-ctk", "--cache-type-k", "type_k", default="f16", show_default=True,
+              help="KV cache type of the keys: f16, f32 or q8_0.")
+@click.option("-ctv", "--cache-type-v", "type_v", default="f16", show_default=True,
+              help="KV cache type of the values: f16, f32 or q8_0.")
 @click.option("-r", "--repetitions", "reps", default=5, show_default=True, help="Timed repetitions per test.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list (llama-bench field names).")
 @click.option("--synthetic", metavar="SHAPE",
               help="Benchmark a random-weight Q4_0 file of a known shape (llama-1b, llama-3b, llama-7b, "
                    "llama-13b), built once and cached.")
-def bench(model_path: str | None, n_prompt: int, n_gen: int, threads: int | None, n_depth: int, reps: int,
-          as_json: bool, synthetic: str | None) -> None:
+def bench(model_path: str | None, n_prompt: int, n_gen: int, threads: int | None, n_depth: int, type_k: str,
+          type_v: str, reps: int, as_json: bool, synthetic: str | None) -> None:
     """Measure prompt processing (pp) and generation (tg) tokens/s of a GGUF file, like llama-bench."""
     from engine.run_cli import check_not_directory, compile_notices, warnings_on_stderr
 
     if (model_path is None) == (synthetic is None):
         raise HalfbyteError("give a MODEL file or --synthetic SHAPE (one of them)")
+    from engine.kernels.attention import cache_type_name
+
+    cache_type_name(type_k), cache_type_name(type_v)  # a bad -ctk/-ctv before anything is loaded
     check_bench_args(n_prompt, n_gen, reps, n_depth)  # before building a synthetic file or loading anything
     check_not_directory(model_path)
     if synthetic is not None:
@@ -251,7 +260,8 @@ def bench(model_path: str | None, n_prompt: int, n_gen: int, threads: int | None
         click.echo(f"halfbyte: {message}", err=True)
 
     with warnings_on_stderr():
-        records = run_bench(model_path, n_prompt, n_gen, threads, reps, log=log, n_depth=n_depth)
+        records = run_bench(model_path, n_prompt, n_gen, threads, reps, log=log, n_depth=n_depth, type_k=type_k,
+                            type_v=type_v)
     if as_json:
         click.echo(json.dumps(records, indent=2))
         return

@@ -141,7 +141,7 @@ def test_kv_cache_bookkeeping():
         cache.store(2, k, k, 0)
     with pytest.raises(HalfbyteError, match="keys and values"):
         cache.store(0, k[:, :1], k[:, :1], 0)
-    with pytest.raises(HalfbyteError, match="float16 or float32"):
+    with pytest.raises(HalfbyteError, match="f16, f32, q8_0"):
         KVCache(1, 4, 1, 4, np.float64)
     assert KVCache(1, 4, 1, 4, np.float32).k.dtype == np.float32
 
@@ -159,3 +159,30 @@ def test_attend_rejects_bad_shapes():
     with pytest.raises(HalfbyteError, match="C-contiguous"):
         attend(q, cache.keys(0)[:, :, :2], cache.values(0), 0, 1.0)
     assert attend(np.zeros((0, 4, 4), np.float32), cache.keys(0), cache.values(0), 0, 1.0).shape == (0, 4, 4)
+
+
+@pytest.mark.parametrize("type_k,type_v", [("q8_0", "q8_0"), ("f16", "q8_0"), ("q8_0", "f32")])
+def test_q8_0_cache_matches_the_reference_on_its_own_values(type_k: str, type_v: str) -> None:
+    """llama.cpp's -ctk/-ctv q8_0: keys/values stored as ggml Q8_0 blocks (gguf's exact quantizer);
+    attention over them equals the float64 reference over the dequantized cache."""
+    import gguf
+
+    rng = np.random.default_rng(5)
+    cache = KVCache(2, 48, 2, 64, type_k, type_v)
+    k = rng.standard_normal((40, 2, 64)).astype(np.float32)
+    v = rng.standard_normal((40, 2, 64)).astype(np.float32)
+    cache.store(1, k, v, 0)
+    expected_k = gguf.quants.quantize(k.reshape(-1, 64), gguf.GGMLQuantizationType.Q8_0)
+    if type_k == "q8_0":
+        assert cache.k.dtype == np.uint8 and cache.keys(1)[:40].tobytes() == expected_k.tobytes()
+    q = rng.standard_normal((5, 4, 64)).astype(np.float32)
+    ours = attend(q, cache.keys(1), cache.values(1), 35, 0.125)
+    ref = reference_attention(q, cache.dequantized("k", 1), cache.dequantized("v", 1), 35, 0.125)
+    assert np.abs(ours - ref).max() < 1e-5
+
+
+def test_q8_0_cache_needs_whole_blocks_per_head() -> None:
+    with pytest.raises(HalfbyteError, match="multiple of 32"):
+        KVCache(1, 8, 2, 48, "q8_0")
+    with pytest.raises(HalfbyteError, match="f16, f32, q8_0"):
+        KVCache(1, 8, 2, 64, "q4_0")

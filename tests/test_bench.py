@@ -71,8 +71,21 @@ def test_bench_at_depth(tiny_file):
     assert "| tg2 @ d30 |" in table.stdout
 
 
+def test_bench_with_a_q8_0_kv_cache(tiny_file):
+    """-ctk/-ctv as llama-bench: the cache's types are used and reported."""
+    result = CliRunner().invoke(main, ["bench", str(tiny_file), "-p", "4", "-n", "2", "-r", "1", "-ctk", "q8_0",
+                                       "-ctv", "q8_0", "--json"])
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout)
+    assert {(r["type_k"], r["type_v"]) for r in records} == {("q8_0", "q8_0")}
+    f16 = json.loads(CliRunner().invoke(main, ["bench", str(tiny_file), "-p", "4", "-n", "0", "-r", "1",
+                                               "--json"]).stdout)
+    assert records[0]["kv_cache_bytes"] * 64 == f16[0]["kv_cache_bytes"] * 34  # 34 bytes per 32 values, not 64
+
+
 @pytest.mark.parametrize("args,message", [
     ([], "give a MODEL file or --synthetic"),
+    (["{tiny}", "-ctk", "q4_1"], "KV cache type must be one of f16, f32, q8_0, got 'q4_1'"),
     (["{tiny}", "-d", "-1"], "-d (n_depth) must be >= 0, got -1"),
     (["--synthetic", "llama-2b"], "unknown synthetic model 'llama-2b'"),
     (["{tiny}", "-p", "0", "-n", "0"], "need -p > 0 or -n > 0"),
