@@ -48,10 +48,11 @@ def _summary(samples_s: list[float], n: int) -> dict:
     return {"avg_ts": statistics.fmean(ts), "stddev_ts": statistics.stdev(ts) if len(ts) > 1 else 0.0}
 
 
-def run_halfbyte(path: str, p: int, n: int, threads: int, reps: int, depth: int = 0) -> dict:
+def run_halfbyte(path: str, p: int, n: int, threads: int, reps: int, depth: int = 0, type_k: str = "f16",
+                 type_v: str = "f16") -> dict:
     from engine.bench import run_bench
 
-    records = run_bench(path, p, n, threads, reps, n_depth=depth)
+    records = run_bench(path, p, n, threads, reps, n_depth=depth, type_k=type_k, type_v=type_v)
     out = {"engine": f"halfbyte ({records[0]['kernels']})", "load_s": records[0]["load_ms"] / 1e3,
            "peak_rss": records[0]["peak_rss_bytes"]}
     for r in records:
@@ -176,12 +177,22 @@ def _child(args: argparse.Namespace) -> None:
     if args.engine in ("llama-bench", "ik_llama"):
         binary = args.llama_bench if args.engine == "llama-bench" else args.ik_llama_bench
         extra = "" if args.engine == "llama-bench" else args.ik_args
+        if (args.ctk, args.ctv) != ("f16", "f16"):
+            # llama.cpp quantizes the V cache only with flash attention
+            extra += f" -ctk {args.ctk} -ctv {args.ctv}"
+            if args.ctv != "f16" and "-fa" not in extra:
+                extra += " -fa 1"
         result = run_llama_bench(binary, args.model, args.n_prompt, args.n_gen, args.threads, args.reps,
                                  args.n_depth, extra, label=args.engine)
     else:
         if args.n_depth and args.engine != "halfbyte":
             raise SystemExit(f"{args.engine}: -d is supported for halfbyte and llama-bench binaries only")
-        result = RUNNERS[args.engine](args.model, args.n_prompt, args.n_gen, args.threads, args.reps, args.n_depth)
+        if args.engine == "halfbyte":
+            result = run_halfbyte(args.model, args.n_prompt, args.n_gen, args.threads, args.reps, args.n_depth,
+                                  args.ctk, args.ctv)
+        else:
+            result = RUNNERS[args.engine](args.model, args.n_prompt, args.n_gen, args.threads, args.reps,
+                                          args.n_depth)
     print(json.dumps(result))
 
 
@@ -221,6 +232,8 @@ def main() -> None:
     parser.add_argument("-n", "--n-gen", type=int, default=64)
     parser.add_argument("-d", "--n-depth", type=int, default=0, help="tokens in the context before each test")
     parser.add_argument("-t", "--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("-ctk", "--ctk", default="f16", help="KV cache type of the keys (f16, f32, q8_0)")
+    parser.add_argument("-ctv", "--ctv", default="f16", help="KV cache type of the values (f16, f32, q8_0)")
     parser.add_argument("-r", "--reps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="run every engine this many times, alternating")
     parser.add_argument("--engines", default="halfbyte,llama.cpp,transformers",
@@ -248,6 +261,7 @@ def main() -> None:
         for engine in engines:
             command = [sys.executable, __file__, args.model, "--engine", engine, "-p", str(args.n_prompt),
                        "-n", str(args.n_gen), "-d", str(args.n_depth), "-t", str(args.threads), "-r", str(args.reps),
+                       "-ctk", args.ctk, "-ctv", args.ctv,
                        f"--ik-args={args.ik_args}"]
             for flag, value in (("--llama-bench", args.llama_bench), ("--ik-llama-bench", args.ik_llama_bench)):
                 if value:
