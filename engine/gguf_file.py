@@ -30,7 +30,7 @@ import signal
 import struct
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int  # absolute byte offset in the file
     nbytes: int
+    part: int = 0  # which file of a split GGUF holds it (0: the first / only one)
 
     @property
     def n_elements(self) -> int:
@@ -167,6 +168,16 @@ class _Cursor:
         return decode_gguf_string(raw)
 
 
+SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS_COUNT = "split.no", "split.count", "split.tensors.count"
+
+
+def split_prefix(path: Path, count: int) -> str | None:
+    """llama.cpp's ``llama_split_prefix``: the name before ``-00001-of-0000N.gguf``, else None."""
+    suffix = f"-{1:05d}-of-{count:05d}.gguf"
+    name = path.name
+    return name[: -len(suffix)] if name.endswith(suffix) and len(name) > len(suffix) else None
+
+
 class GGUFFile:
     """A GGUF file opened by memory map.
 
@@ -174,15 +185,20 @@ class GGUFFile:
     ``bool``, ``list[str]`` for string arrays, a numpy array for numeric arrays.
     ``value_types`` keeps each key's GGUF type (and element type for arrays) so a
     file can be rewritten with exactly the same metadata.
+
+    A split GGUF (llama.cpp's gguf-split: ``NAME-00001-of-00003.gguf`` ..., ``split.count`` > 1) is
+    opened from its first part, which holds the metadata: the other parts are found beside it by
+    name and memory-mapped too, and ``tensors`` lists the tensors of every part (``TensorInfo.part``).
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, _split_part: bool = False) -> None:
         self.path = Path(path)
         self.metadata: dict[str, Any] = {}
         self.value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._file = None
         self._map: mmap.mmap | None = None
+        self._parts: list[GGUFFile] = []  # the other files of a split GGUF
         try:
             self._file = open(self.path, "rb")
             self.file_size = os.fstat(self._file.fileno()).st_size
@@ -190,6 +206,8 @@ class GGUFFile:
                 raise file_error(self.path, "not a GGUF file (too short for the magic number)")
             self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
             self._parse()
+            if not _split_part:
+                self._open_split_parts()
         except HalfbyteError:
             self.close()
             raise
@@ -310,6 +328,52 @@ class GGUFFile:
             if start < end:
                 raise cur.fail(f"tensors {first!r} and {second!r} overlap")
 
+    def _open_split_parts(self) -> None:
+        """As llama.cpp's model loader: the first part names the count; parts 2..N must say their number."""
+        count = self.metadata.get(SPLIT_COUNT, 0)
+        if not isinstance(count, int) or isinstance(count, bool) or count <= 1:
+            return
+        number = self.metadata.get(SPLIT_NO, 0)
+        prefix = split_prefix(self.path, count)
+        if number != 0:
+            first = f"{self.path.name.rsplit('-', 3)[0]}-00001-of-{count:05d}.gguf"
+            raise file_error(self.path, f"is part {number + 1} of a {count}-part split GGUF; open the first part "
+                                        f"({first})")
+        if prefix is None:
+            raise file_error(self.path, f"is the first part of a {count}-part split GGUF but is not named "
+                                        f"NAME-00001-of-{count:05d}.gguf (gguf-split's naming), so the other parts "
+                                        "cannot be found")
+        for index in range(1, count):
+            part_path = self.path.with_name(f"{prefix}-{index + 1:05d}-of-{count:05d}.gguf")
+            if not part_path.is_file():
+                raise file_error(self.path, f"split GGUF part {index + 1} of {count} is missing: {part_path}")
+            part = GGUFFile(part_path, _split_part=True)
+            self._parts.append(part)
+            if part.metadata.get(SPLIT_NO) != index:
+                raise file_error(part_path, f"metadata {SPLIT_NO} is {part.metadata.get(SPLIT_NO)!r}, expected {index} "
+                                            "(a part of another split?)")
+            for name, info in part.tensors.items():
+                if name in self.tensors:
+                    raise file_error(part_path, f"tensor {name!r} is also in an earlier part")
+                self.tensors[name] = replace(info, part=index)
+        expected = self.metadata.get(SPLIT_TENSORS_COUNT)
+        if expected is not None and expected != len(self.tensors):
+            raise file_error(self.path, f"the {count} parts hold {len(self.tensors)} tensors, "
+                                        f"{SPLIT_TENSORS_COUNT} says {expected}")
+
+    @property
+    def paths(self) -> list[Path]:
+        """Every file of the model: this one, then the other parts of a split GGUF."""
+        return [self.path, *(part.path for part in self._parts)]
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of every part together."""
+        return self.file_size + sum(part.file_size for part in self._parts)
+
+    def _buffer(self, info: TensorInfo) -> mmap.mmap:
+        return self._map if info.part == 0 else self._parts[info.part - 1]._map
+
     def _value_type(self, cur: _Cursor, type_id: int, key: str) -> GGUFValueType:
         try:
             return GGUFValueType(type_id)
@@ -382,7 +446,7 @@ class GGUFFile:
     def tensor_bytes(self, name: str) -> np.ndarray:
         """Zero-copy uint8 view of a tensor's bytes, shaped (*outer dims, bytes per row)."""
         info = self._info(name)
-        raw = np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        raw = np.frombuffer(self._buffer(info), dtype=np.uint8, count=info.nbytes, offset=info.offset)
         if not info.shape:
             return raw
         outer = info.shape[:-1]
@@ -398,7 +462,7 @@ class GGUFFile:
         dtype = _TENSOR_DTYPES.get(info.ggml_type)
         if dtype is None:
             return self.tensor_bytes(name)
-        return np.frombuffer(self._map, dtype=dtype, count=info.n_elements, offset=info.offset).reshape(
+        return np.frombuffer(self._buffer(info), dtype=dtype, count=info.n_elements, offset=info.offset).reshape(
             info.shape
         )
 
@@ -409,6 +473,8 @@ class GGUFFile:
             raise file_error(self.path, f"missing tensor {name!r}") from None
 
     def close(self) -> None:
+        for part in self._parts:
+            part.close()
         if self._map is not None:
             try:
                 self._map.close()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_sources import FakeHub, dead_endpoint
 
@@ -189,3 +190,108 @@ def test_local_paths_win(tmp_path, monkeypatch):
         resolve_model_path("org/repo", hf_file="x.gguf")
     with pytest.raises(HalfbyteError, match="either org/other:Q8_0 or --hf-file"):
         resolve_model_path("org/other:Q8_0", hf_file="x.gguf")
+
+
+# -- split GGUF (llama.cpp's gguf-split) ----------------------------------------------------------------
+
+
+def write_split(source: Path, out: Path, tensors_per_part: int) -> list[Path]:
+    """``source`` as a split GGUF written by llama.cpp's own Python writer (gguf-py's GGUFWriter with
+    ``split_max_tensors``, gguf-split's format: ``out.stem-0000i-of-0000n.gguf``, every part a GGUF with
+    ``split.no`` / ``split.count`` / ``split.tensors.count``, the metadata in the first)."""
+    from gguf import GGUFValueType
+    from gguf import GGUFWriter as LlamaCppWriter
+
+    from engine.gguf_file import GGUFFile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with GGUFFile(source) as file:
+        writer = LlamaCppWriter(out, file.architecture, split_max_tensors=tensors_per_part)
+        for key, value in file.metadata.items():
+            if key == "general.architecture":
+                continue
+            vtype, sub = file.value_types[key]
+            if vtype == GGUFValueType.ARRAY:
+                value = list(value) if isinstance(value, list) else value.tolist()
+            writer.add_key_value(key, value, vtype, sub)
+        for name, info in file.tensors.items():
+            writer.add_tensor(name, np.array(file.tensor_bytes(name)), raw_dtype=info.ggml_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return sorted(out.parent.glob(f"{out.stem}-*-of-*.gguf"))
+
+
+@pytest.fixture(scope="module")
+def split_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("split")
+    single = write_synthetic(root / "single.gguf", SHAPE, "q8_0", seed=5)
+    parts = write_split(single, root / "parts" / "tiny-Q8_0.gguf", tensors_per_part=8)
+    return single, parts
+
+
+def test_split_gguf_loads_as_one_model(split_model):
+    from engine.gguf_file import GGUFFile
+    from engine.model import Model
+
+    single, parts = split_model
+    assert [p.name for p in parts] == [f"tiny-Q8_0-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    with GGUFFile(parts[1], _split_part=True) as second:
+        assert second.metadata["split.no"] == 1 and "general.architecture" not in second.metadata
+    with GGUFFile(single) as whole, GGUFFile(parts[0]) as split:
+        assert split.paths == parts and split.total_size == sum(p.stat().st_size for p in parts)
+        assert split.metadata["split.count"] == 3 and split.metadata["split.tensors.count"] == len(whole.tensors)
+        assert sorted(split.tensors) == sorted(whole.tensors)
+        assert {info.part for info in split.tensors.values()} == {0, 1, 2}
+        for name in whole.tensors:
+            np.testing.assert_array_equal(split.tensor_array(name), whole.tensor_array(name))
+    ids = list(range(1, 20))
+    one = Model.load(single, threads=1).eval(ids)
+    np.testing.assert_array_equal(Model.load(parts[0], threads=1).eval(ids), one)
+
+
+def test_split_gguf_errors(split_model, tmp_path):
+    from engine.gguf_file import GGUFFile
+
+    _, parts = split_model
+    with pytest.raises(HalfbyteError, match=r"is part 2 of a 3-part split GGUF; open the first part "
+                                            r"\(tiny-Q8_0-00001-of-00003.gguf\)"):
+        GGUFFile(parts[1])
+    for part in parts[:2]:
+        (tmp_path / part.name).symlink_to(part)
+    with pytest.raises(HalfbyteError, match="split GGUF part 3 of 3 is missing: .*tiny-Q8_0-00003-of-00003.gguf"):
+        GGUFFile(tmp_path / parts[0].name)
+    (tmp_path / "renamed.gguf").symlink_to(parts[0])
+    with pytest.raises(HalfbyteError, match="not named NAME-00001-of-00003.gguf"):
+        GGUFFile(tmp_path / "renamed.gguf")
+    (tmp_path / "mixed-00001-of-00003.gguf").symlink_to(parts[0])
+    (tmp_path / "mixed-00002-of-00003.gguf").symlink_to(parts[2])
+    (tmp_path / "mixed-00003-of-00003.gguf").symlink_to(parts[1])
+    with pytest.raises(HalfbyteError, match="mixed-00002-of-00003.gguf: metadata split.no is 2, expected 1"):
+        GGUFFile(tmp_path / "mixed-00001-of-00003.gguf")
+
+
+def test_split_gguf_from_the_hub(split_model, tmp_path):
+    _, parts = split_model
+    fake = FakeHub()
+    fake.repos["someone/split-GGUF"] = {f"Q8_0/{p.name}": p.read_bytes() for p in parts}
+    fake.repos["someone/split-GGUF"]["other-Q4_0.gguf"] = b"decoy"
+    fake.thread.start()
+    try:
+        hf_home = tmp_path / "hf-home"
+        [result] = download([["someone/split-GGUF", None, "q8_0"]], fake.endpoint, hf_home)
+        code = ("import sys; from engine import Model\n"
+                "print(Model.load(sys.argv[1], threads=1).generate([1, 2, 3], max_tokens=6, temperature=0))")
+        env = hub_env(fake.endpoint, hf_home, offline=True)
+        [offline] = download([["someone/split-GGUF", None, "q8_0"]], fake.endpoint, hf_home, offline=True)
+        loaded = subprocess.run([sys.executable, "-c", code, result["path"]], env=env, capture_output=True,
+                                text=True, timeout=300, cwd=REPO)
+    finally:
+        fake.server.shutdown()
+        fake.server.server_close()
+    folder = snapshot(hf_home, fake, "someone/split-GGUF")
+    assert result == offline == {"path": str(folder / "Q8_0" / parts[0].name)}
+    assert sorted(p.name for p in (folder / "Q8_0").iterdir()) == [p.name for p in parts]
+    assert "other-Q4_0.gguf" not in fake.fetched()
+    assert loaded.returncode == 0, loaded.stderr
