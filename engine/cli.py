@@ -120,10 +120,11 @@ def _register_commands() -> None:
     from converters.cli import convert
     from engine.bench import bench
     from engine.chat_cli import chat
+    from engine.embeddings import embed_command
     from engine.run_cli import perplexity, run, tokenize
     from engine.server import serve
 
-    for command in (convert, run, tokenize, bench, perplexity, chat, serve):
+    for command in (convert, run, tokenize, bench, perplexity, chat, serve, embed_command):
         main.add_command(command)
 
 

@@ -352,6 +352,39 @@ class Service:
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+async def _embeddings(service: Service, request: Any):
+    """POST /v1/embeddings (OpenAI's shape; ``encoding_format`` float or base64, as the ``openai`` client
+    asks by default). Evaluated in a worker thread, between the scheduler's steps (the model's lock)."""
+    import base64
+
+    import numpy as np
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse
+
+    from engine.errors import HalfbyteError
+
+    service.check_auth(request)
+    body = await service.read_json(request)
+    if "input" not in body:
+        raise ApiError(400, "'input' is required")
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise ApiError(400, f"encoding_format must be 'float' or 'base64', got {encoding!r}")
+    pooling = body.get("pooling", "mean")
+    normalize = body.get("normalize", True)
+    try:
+        result = await run_in_threadpool(service.model.create_embedding, body["input"], pooling=pooling,
+                                         normalize=normalize)
+    except HalfbyteError as exc:
+        raise ApiError(400, str(exc)) from None
+    if isinstance(body.get("model"), str):
+        result["model"] = body["model"]
+    if encoding == "base64":
+        for item in result["data"]:
+            item["embedding"] = base64.b64encode(np.asarray(item["embedding"], "<f4").tobytes()).decode("ascii")
+    return JSONResponse(result)
+
+
 def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -379,6 +412,7 @@ def create_app(service: Service):
             Route(f"{prefix}/models", guarded(service.models), methods=["GET"]),
             Route(f"{prefix}/chat/completions", guarded(service.chat_completions), methods=["POST"]),
             Route(f"{prefix}/completions", guarded(service.completions), methods=["POST"]),
+            Route(f"{prefix}/embeddings", guarded(lambda request: _embeddings(service, request)), methods=["POST"]),
         ]
 
     async def http_error(request, exc: HTTPException):
