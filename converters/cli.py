@@ -20,17 +20,39 @@ def _type_flag(name: str) -> click.Option:
 @click.option("--revision", help="Hub revision (branch, tag or commit) for repo ids and aliases.")
 @click.option("--vocab-only", is_flag=True, help="Write the tokenizer and hyper-parameters only, no weights.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--lora", "lora", multiple=True, metavar="ADAPTER",
+              help="Merge this PEFT LoRA adapter directory into the weights (repeatable, applied in order).")
+@click.option("--lora-scale", "lora_scale", multiple=True, type=float, metavar="S",
+              help="Scale of the merged adapters: once for all, or once per --lora (default 1).")
+@click.option("--base", metavar="BASE",
+              help="SOURCE is a PEFT LoRA adapter: write it as a LoRA adapter GGUF for this base checkpoint.")
 def convert(source: str, output: str | None, revision: str | None, vocab_only: bool, quiet: bool,
-            type_name: str | None) -> None:
+            lora: tuple[str, ...], lora_scale: tuple[float, ...], base: str | None, type_name: str | None) -> None:
     """Convert a Hugging Face LLaMA, MPT or Falcon checkpoint to one GGUF file.
 
     SOURCE is an alias (e.g. llama-7b, mpt-7b, falcon-7b), an org/name repo id,
     or a local checkpoint directory.
     """
     from converters.convert import convert as run_convert
+    from engine.errors import HalfbyteError
 
+    if len(lora_scale) > 1 and len(lora_scale) != len(lora):
+        raise HalfbyteError(f"--lora-scale: give one scale for all adapters or one per --lora "
+                            f"({len(lora)}), got {len(lora_scale)}")
+    scales = list(lora_scale) if len(lora_scale) > 1 else [lora_scale[0] if lora_scale else 1.0] * len(lora)
+    if base is not None:
+        if lora:
+            raise HalfbyteError("--base (an adapter GGUF) does not go with --lora")
+        from converters.convert import convert_adapter
+
+        default = "f16" if type_name == "f16" else "f32"
+        path = convert_adapter(source, base, output, OUTPUT_TYPES[type_name or default],
+                               scale=lora_scale[0] if len(lora_scale) == 1 else 1.0, revision=revision,
+                               progress=not quiet)
+        click.echo(f"wrote {path}", err=True)
+        return
     path = run_convert(source, output, OUTPUT_TYPES[type_name or "q4_0"], revision=revision, vocab_only=vocab_only,
-                       progress=not quiet)
+                       progress=not quiet, lora=list(zip(lora, scales)))
     click.echo(f"wrote {path}", err=True)
 
 

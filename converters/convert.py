@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,6 +20,7 @@ from gguf import GGMLQuantizationType, Keys
 
 from converters import falcon, gpt2, gptneox, llama, mpt, phi3, qwen2, qwen3, stablelm
 from converters.base import ConfigReader, ConversionPlan, PlannedTensor, read_json
+from converters.lora import merge as lora_merge
 from converters.vocab import TOKENIZER_FILES, check_vocab_fits
 from engine import quants
 from engine.errors import HalfbyteError, file_error
@@ -144,35 +145,48 @@ def convert_directory(
     model_name: str,
     vocab_only: bool = False,
     progress: bool = True,
+    lora: Sequence[tuple[str | os.PathLike, float]] = (),
 ) -> Path:
-    """Convert a local checkpoint directory to ``output``; returns the written path."""
+    """Convert a local checkpoint directory to ``output``; returns the written path. ``lora``:
+    PEFT adapter directories with their scales, merged into the weights (converters/lora.py)."""
+    from converters import lora as lora_module
     from converters.checkpoint import open_checkpoint
 
     config = read_config(directory)
     config_path = directory / "config.json"
-    refuse_overwriting_inputs(output, input_files(directory))
+    refuse_overwriting_inputs(output, input_files(directory) + lora_module.input_files([d for d, _ in lora]))
     module = pick_architecture(config, config_path)
 
     checkpoint = None if vocab_only else open_checkpoint(directory)
+    adapters: list = []
     try:
+        if vocab_only and lora:
+            raise HalfbyteError("--lora needs the weights (not --vocab-only)")
+        for adapter_dir, scale in lora:
+            adapters.append(lora_module.open_adapter(adapter_dir, scale))
         names = set(checkpoint.names()) if checkpoint is not None else set()
         # The plan first: it validates config.json (and, with weights, checks every size against the
         # checkpoint) before the tokenizer is padded to vocab_size.
         plan = module.plan(config, config_path, names)
         if checkpoint is not None:
             check_plan(plan, checkpoint, config_path)
+        for adapter in adapters:
+            lora_module.check_against(adapter, plan, checkpoint)
         vocab_entries = module.vocab(directory, config)
         vocab_rows = next(p.shape[0] for p in plan.tensors if p.name.startswith("token_embd."))
         check_vocab_fits(vocab_entries, vocab_rows, config_path)
-        return _write(plan, vocab_entries, checkpoint, output, requested, model_name, vocab_only, progress)
+        return _write(plan, vocab_entries, checkpoint, output, requested, model_name, vocab_only, progress,
+                      adapters)
     finally:
+        for adapter in adapters:
+            adapter.close()
         if checkpoint is not None:
             checkpoint.close()
 
 
 def _write(
     plan: ConversionPlan, vocab_entries: list, checkpoint: Any, output: Path,
-    requested: GGMLQuantizationType, model_name: str, vocab_only: bool, progress: bool,
+    requested: GGMLQuantizationType, model_name: str, vocab_only: bool, progress: bool, adapters: Sequence = (),
 ) -> Path:
     tensors = [] if vocab_only else [(p, output_type(p, requested)) for p in plan.tensors]
     with GGUFWriter(output) as writer:  # inputs were checked by convert_directory
@@ -196,6 +210,8 @@ def _write(
                         array = np.stack([checkpoint.load(part) for part in planned.parts])
                     else:
                         array = checkpoint.load(planned.source)
+                        if adapters:  # merged in float32, in the checkpoint's layout, before any transform
+                            array = lora_merge(adapters, planned.source, array)
                     if planned.transform is not None:
                         array = planned.transform(array)
                     writer.write_tensor(planned.name, encode_rows(array, ggml_type))
@@ -216,10 +232,19 @@ def convert(
     revision: str | None = None,
     vocab_only: bool = False,
     progress: bool = True,
+    lora: Sequence[tuple[str | os.PathLike, float]] = (),
+    base: str | None = None,
 ) -> Path:
-    """`halfbyte convert SOURCE`: alias, repo id or local directory -> GGUF file."""
+    """`halfbyte convert SOURCE`: alias, repo id or local directory -> GGUF file.
+
+    ``lora``: (PEFT adapter directory, scale) pairs merged into the weights. ``base``: SOURCE is
+    then a PEFT adapter directory, written as llama.cpp's LoRA adapter GGUF for that base model."""
     from converters.sources import resolve_source
 
+    if base is not None:
+        if lora or vocab_only:
+            raise HalfbyteError("--base (an adapter GGUF) does not go with --lora or --vocab-only")
+        return convert_adapter(source, base, output, requested, revision=revision, progress=progress)
     directory = resolve_source(source, revision=revision, progress=progress)
     model_name = Path(source.rstrip("/")).name if Path(source).is_dir() else source.rstrip("/").split("/")[-1]
     target = Path(output) if output is not None else Path.cwd() / default_output_name(model_name, requested, vocab_only)
@@ -228,6 +253,38 @@ def convert(
     if not target.parent.is_dir():
         raise file_error(target.parent, "output directory does not exist")
     try:
-        return convert_directory(directory, target, requested, model_name, vocab_only, progress)
+        return convert_directory(directory, target, requested, model_name, vocab_only, progress, lora)
     except MemoryError:
         raise HalfbyteError(f"{directory}: out of memory while converting") from None
+
+
+def convert_adapter(adapter_dir: str | os.PathLike, base: str, output: str | os.PathLike | None,
+                    requested: GGMLQuantizationType, scale: float = 1.0, revision: str | None = None,
+                    progress: bool = True) -> Path:
+    """`halfbyte convert ADAPTER --base BASE`: a PEFT LoRA adapter -> llama.cpp's LoRA GGUF
+    (F16 when F16 is requested, else F32), checked against the base checkpoint's tensors."""
+    from converters import lora as lora_module
+    from converters.checkpoint import open_checkpoint
+    from converters.sources import resolve_source
+
+    directory = resolve_source(base, revision=revision, progress=progress)
+    adapter_path = Path(adapter_dir)
+    ftype = GGMLQuantizationType.F16 if requested == GGMLQuantizationType.F16 else GGMLQuantizationType.F32
+    name = adapter_path.resolve().name
+    target = Path(output) if output is not None else Path.cwd() / f"{name}-lora-{ftype.name.lower()}.gguf"
+    if target.is_dir():
+        raise file_error(target, "is a directory (give a file name with -o)")
+    if not target.parent.is_dir():
+        raise file_error(target.parent, "output directory does not exist")
+    refuse_overwriting_inputs(target, input_files(directory) + lora_module.input_files([adapter_path]))
+    config = read_config(directory)
+    config_path = directory / "config.json"
+    module = pick_architecture(config, config_path)
+    with open_checkpoint(directory) as checkpoint, lora_module.open_adapter(adapter_path, scale) as adapter:
+        plan = module.plan(config, config_path, set(checkpoint.names()))
+        check_plan(plan, checkpoint, config_path)
+        lora_module.check_against(adapter, plan, checkpoint)
+        try:
+            return lora_module.write_adapter_gguf(adapter, plan, checkpoint, target, ftype, name)
+        except OSError as exc:
+            raise file_error(exc.filename or target, f"cannot write: {exc.strerror or exc}") from None
