@@ -31,8 +31,12 @@ def embed(weight: Weight, tokens: np.ndarray) -> np.ndarray:
 
 
 def linear(x: np.ndarray, weight: Weight) -> np.ndarray:
-    """``x W^T``: (n_tok, n_in) -> (n_tok, n_out)."""
-    return _matmul.matmul(weight, np.ascontiguousarray(x, dtype=np.float32))
+    """``x W^T``: (n_tok, n_in) -> (n_tok, n_out); plus ``s (x A^T) B^T`` per run-time LoRA adapter."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = _matmul.matmul(weight, x)
+    for a, b, scale in getattr(weight, "lora", ()):
+        y += scale * ((x @ a.T) @ b.T)
+    return y
 
 
 def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, theta: float, scale: float, neox: bool,

@@ -11,14 +11,30 @@ from engine.kernels.matmul import WeightView
 
 
 class Weight(WeightView):
-    """A weight matrix view with the file tensor it came from."""
+    """A weight matrix view with the file tensor it came from.
+
+    ``name``: that tensor's GGUF name (None for weights not read from a file). ``lora``: run-time
+    LoRA adapters, ``(A (r, n_in), B (n_out, r), scale)`` float32 triples that ``ops.linear``
+    adds as ``scale * (x A^T) B^T`` (engine/lora.py attaches them with ``with_lora``)."""
+
+    name: str | None = None
+    lora: tuple[tuple[np.ndarray, np.ndarray, float], ...] = ()
 
     @classmethod
     def from_file(cls, file: GGUFFile, name: str) -> Weight:
         info = file.tensors[name]
         view = WeightView.from_raw(info.ggml_type, list(info.ne) if len(info.ne) > 1 else [info.ne[0], 1],
                                    file.tensor_bytes(name))
-        return cls(view.ggml_type, view.n_in, view.n_out, view.data)
+        weight = cls(view.ggml_type, view.n_in, view.n_out, view.data)
+        object.__setattr__(weight, "name", name)  # a frozen dataclass
+        return weight
+
+    def with_lora(self, adapters: tuple[tuple[np.ndarray, np.ndarray, float], ...]) -> Weight:
+        """The same weight (same data, no copy) with LoRA adapters added to its products."""
+        weight = type(self)(self.ggml_type, self.n_in, self.n_out, self.data)
+        object.__setattr__(weight, "name", self.name)
+        object.__setattr__(weight, "lora", tuple(self.lora) + tuple(adapters))
+        return weight
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` as float32 (embedding lookup): only those rows are dequantized."""
