@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import click
 
 from engine.errors import HalfbyteError
+from engine.sampling import cli_sampling_kwargs, cli_sampling_options
 
 
 def check_not_directory(path: str | None) -> None:
@@ -161,10 +162,11 @@ THREADS_HELP = ("Threads (0 or negative, the default: every core that other proc
 @click.option("-hff", "--hf-file", "hf_file", metavar="NAME",
               help="With MODEL = org/repo: this .gguf file of the repo (a name or a glob).")
 @click.option("--revision", "hf_revision", metavar="REV", help="With MODEL = org/repo: a branch, tag or commit.")
+@cli_sampling_options
 def run(model_path: str | None, prompt: str | None, prompt_file: str | None, max_tokens: int, temperature: float,
         top_k: int, top_p: float, min_p: float, repeat_penalty: float, repeat_last_n: int, seed: int,
         threads: int | None, n_ctx: int, stop: tuple[str, ...], echo: bool, interactive: bool,
-        context_shift: bool, hf_file: str | None = None, hf_revision: str | None = None) -> None:
+        context_shift: bool, hf_file: str | None = None, hf_revision: str | None = None, **sampling) -> None:
     """Generate text from a GGUF model, streaming it to stdout (timings go to stderr).
 
     Ctrl-C stops it: the timings so far, then `halfbyte: interrupted`, exit status 130."""
@@ -173,6 +175,7 @@ def run(model_path: str | None, prompt: str | None, prompt_file: str | None, max
 
     # Every value is checked before the (slow) model load.
     SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
+    sampling = cli_sampling_kwargs(**sampling)  # llama.cpp's other samplers, --grammar, -j
     check_option("-n", max_tokens, -1, " (-1 = until end of text or a full context)")
     check_option("-c", n_ctx, 0, " (0 = the model's training context)")
     if seed != -1 and seed < 0:
@@ -191,7 +194,7 @@ def run(model_path: str | None, prompt: str | None, prompt_file: str | None, max
     model = _open_model(model_path, n_ctx, threads, hf_file, hf_revision)
     options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed, stop=list(stop),
-                   context_shift=context_shift)
+                   context_shift=context_shift, **sampling)
     try:
         if prompt is not None and (prompt or not interactive):
             if echo:

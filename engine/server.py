@@ -12,9 +12,11 @@ Endpoints (also without the ``/v1`` prefix, as llama.cpp's server):
 Sampling fields: OpenAI's (``temperature``, ``top_p``, ``max_tokens``/``max_completion_tokens``,
 ``stop``, ``seed``, ``presence_penalty``, ``frequency_penalty``, ``logprobs``, ``top_logprobs``) and
 llama.cpp's (``top_k``, ``min_p``, ``repeat_penalty``, ``repeat_last_n``, ``cache_prompt``,
-``chat_template_kwargs``). Unknown fields are ignored; wrong types, unknown roles, a prompt that
-does not fit in a slot's context, ``max_tokens`` outside 1..context and ``n`` other than 1 are
-400; a body over the size limit is 413; with ``--api-key`` a missing or wrong
+``chat_template_kwargs``, ``typical_p``, ``mirostat``/``mirostat_tau``/``mirostat_eta``, ``dry_*``,
+``xtc_*``, ``top_n_sigma``, ``logit_bias``, ``grammar``, ``json_schema``), and OpenAI's
+``response_format`` (``json_object``, ``json_schema``). Unknown fields are ignored; wrong types,
+unknown roles, a prompt that does not fit in a slot's context, ``max_tokens`` outside 1..context
+and ``n`` other than 1 are 400; a body over the size limit is 413; with ``--api-key`` a missing or wrong
 ``Authorization: Bearer`` key is 401; a full queue is 503 with ``Retry-After``. Every error is
 OpenAI's ``{"error": {"message", "type", "code"}}``.
 
@@ -132,9 +134,35 @@ class Service:
         try:
             return Settings.build(max_tokens, values["temperature"], values["top_p"], values["top_k"],
                                   values["min_p"], values["repeat_penalty"], values["repeat_last_n"],
-                                  body.get("stop"), seed, k, values["presence_penalty"], values["frequency_penalty"])
+                                  body.get("stop"), seed, k, values["presence_penalty"], values["frequency_penalty"],
+                                  **self.more_sampling(body))
         except HalfbyteError as exc:
             raise ApiError(400, str(exc)) from None
+
+    def more_sampling(self, body: dict[str, Any]) -> dict[str, Any]:
+        """llama.cpp's server fields for its other samplers (``typical_p``, ``mirostat``,
+        ``mirostat_tau``, ``mirostat_eta``, ``dry_*``, ``xtc_*``, ``top_n_sigma``), ``logit_bias``,
+        and the output constraints ``grammar`` (GBNF), ``json_schema`` and OpenAI's ``response_format``."""
+        from engine.grammar import grammar_for_request
+        from engine.sampling import check_logit_bias
+
+        extra: dict[str, Any] = {}
+        for name, field in (("typical_p", "typical_p"), ("mirostat", "mirostat"), ("mirostat_tau", "mirostat_tau"),
+                            ("mirostat_eta", "mirostat_eta"), ("dry_multiplier", "dry_multiplier"),
+                            ("dry_base", "dry_base"), ("dry_allowed_length", "dry_allowed_length"),
+                            ("dry_penalty_last_n", "dry_penalty_last_n"), ("xtc_probability", "xtc_probability"),
+                            ("xtc_threshold", "xtc_threshold"), ("top_n_sigma", "top_n_sigma")):
+            if body.get(name) is not None:
+                extra[field] = body[name]
+        breakers = body.get("dry_sequence_breakers")
+        if breakers is not None:
+            if not isinstance(breakers, list) or not all(isinstance(b, str) for b in breakers):
+                raise HalfbyteError("dry_sequence_breakers must be a list of strings")
+            extra["dry_sequence_breakers"] = tuple(breakers)
+        extra["logit_bias"] = check_logit_bias(body.get("logit_bias"), self.model.n_vocab)
+        extra["grammar"] = grammar_for_request(body.get("grammar"), body.get("response_format"),
+                                               body.get("json_schema"))
+        return extra
 
     def prompt_ids(self, body: dict[str, Any]) -> list[int]:
         prompt = body.get("prompt")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import HalfbyteError
-from engine.sampling import SamplingParams, sample_token
+from engine.sampling import Sampler, SamplingParams, check_logit_bias
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -61,13 +61,18 @@ class Settings:
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the top k
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logits_processor: list = field(default_factory=list)
+    grammar: Any = None  # an engine.grammar.Grammar
 
     @classmethod
     def build(cls, max_tokens: Any = 16, temperature: Any = 0.8, top_p: Any = 0.95, top_k: Any = 40,
               min_p: Any = 0.05, repeat_penalty: Any = 1.0, repeat_last_n: Any = 64, stop: Any = None,
               seed: Any = None, logprobs: Any = None, presence_penalty: Any = 0.0,
-              frequency_penalty: Any = 0.0) -> Settings:
-        """Every argument checked (``HalfbyteError`` names the bad one)."""
+              frequency_penalty: Any = 0.0, *, logit_bias: Any = None, logits_processor: Any = None,
+              grammar: Any = None, **sampling: Any) -> Settings:
+        """Every argument checked (``HalfbyteError`` names the bad one). ``sampling``: the other
+        ``SamplingParams`` fields by name (``typical_p``, ``mirostat``, ``dry_multiplier``, ...)."""
         if max_tokens is not None:
             if not _is_int(max_tokens):
                 raise HalfbyteError(f"max_tokens must be an integer or null, got {type(max_tokens).__name__}")
@@ -75,7 +80,15 @@ class Settings:
                 max_tokens = None
             elif max_tokens < 1:
                 raise HalfbyteError(f"max_tokens must be >= 1 (or null for no limit), got {max_tokens}")
-        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
+        unknown = set(sampling) - set(SamplingParams.__dataclass_fields__)
+        if unknown:
+            raise HalfbyteError(f"unknown sampling option {sorted(unknown)[0]!r}")
+        sampling = {k: v for k, v in sampling.items() if v is not None}
+        if logits_processor is not None and not callable(logits_processor) and not (
+                isinstance(logits_processor, (list, tuple)) and all(callable(f) for f in logits_processor)):
+            raise HalfbyteError("logits_processor must be a callable or a list of callables fn(ids, logits)")
+        processors = [] if logits_processor is None else (
+            [logits_processor] if callable(logits_processor) else list(logits_processor))
         if seed is not None:
             if not _is_int(seed):
                 raise HalfbyteError(f"seed must be an integer, got {type(seed).__name__}")
@@ -90,8 +103,10 @@ class Settings:
             if not _is_number(value) or not math.isfinite(value) or not -2.0 <= value <= 2.0:
                 raise HalfbyteError(f"{name} must be a number in [-2, 2], got {value!r}")
             penalties.append(float(value))
+        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+                                presence_penalty=penalties[0], frequency_penalty=penalties[1], **sampling)
         return cls(None if max_tokens is None else int(max_tokens), params, seed, check_stops(stop), logprobs,
-                   *penalties)
+                   *penalties, check_logit_bias(logit_bias), processors, grammar)
 
 
 @dataclass
@@ -112,6 +127,20 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - math.log(np.exp(shifted).sum())
 
 
+def token_record(tokenizer: Any, logits: np.ndarray, token: int, k: int) -> TokenRecord:
+    """``token`` with its log-probability under ``logits`` (the raw distribution) and the ``k``
+    most likely tokens."""
+    lp = log_softmax(logits)
+    top: list[tuple[int, float]] = []
+    if k:
+        k = min(k, lp.size)
+        best = np.argpartition(-lp, k - 1)[:k]
+        best = best[np.argsort(-lp[best], kind="stable")]
+        top = [(int(i), float(lp[i])) for i in best]
+    data = tokenizer.token_bytes(token)
+    return TokenRecord(token, data.decode("utf-8", "replace"), data, float(lp[token]), top)
+
+
 class SequenceState:
     """The generation of one sequence: feed it each step's logits with ``step(logits)``."""
 
@@ -129,7 +158,9 @@ class SequenceState:
         self.finish_reason: str | None = None
         self._decoder = tokenizer.stream_decoder()
         self._held = ""
-        self._counts: dict[int, int] = {}
+        grammar = settings.grammar.matcher(tokenizer) if settings.grammar is not None else None
+        self.sampler = Sampler(settings.params, self.rng, tokenizer, settings.logit_bias, settings.logits_processor,
+                               grammar)
 
     @property
     def done(self) -> bool:
@@ -140,16 +171,6 @@ class SequenceState:
         """Tokens of the sequence: the KV cache holds all but the last one (evaluated next)."""
         return len(self.prompt_ids) + len(self.generated)
 
-    def _penalized(self, logits: np.ndarray) -> np.ndarray:
-        s = self.settings
-        if not (s.presence_penalty or s.frequency_penalty) or not self._counts:
-            return logits
-        ids = np.fromiter(self._counts, dtype=np.int64)
-        counts = np.fromiter(self._counts.values(), dtype=np.float32)
-        logits = np.array(logits, dtype=np.float32)
-        logits[ids] -= counts * s.frequency_penalty + s.presence_penalty
-        return logits
-
     def step(self, logits: np.ndarray) -> tuple[int | None, str]:
         """Choose the next token from ``logits`` (1-D). Returns the token (None once finished:
         nothing more to evaluate) and the text that became final with it."""
@@ -158,22 +179,13 @@ class SequenceState:
         s = self.settings
         if s.max_tokens is not None and len(self.generated) >= s.max_tokens:
             return None, self._finish(FINISH_LENGTH)
-        recent = self.prompt_ids + self.generated
-        token = sample_token(self._penalized(logits), s.params, self.rng, recent)
+        token = self.sampler.sample(logits, self.prompt_ids + self.generated)
         if token in self.tokenizer.eog_ids:
             return None, self._finish(FINISH_STOP)
+        self.sampler.accept(token)
         self.generated.append(token)
-        self._counts[token] = self._counts.get(token, 0) + 1
         if s.logprobs is not None:
-            lp = log_softmax(logits)
-            top: list[tuple[int, float]] = []
-            if s.logprobs:
-                k = min(s.logprobs, lp.size)
-                best = np.argpartition(-lp, k - 1)[:k]
-                best = best[np.argsort(-lp[best], kind="stable")]
-                top = [(int(i), float(lp[i])) for i in best]
-            data = self.tokenizer.token_bytes(token)
-            self.records.append(TokenRecord(token, data.decode("utf-8", "replace"), data, float(lp[token]), top))
+            self.records.append(token_record(self.tokenizer, logits, token, s.logprobs))
         self._held += self._decoder.feed(token)
         ready = ""
         if self.stops:
