@@ -766,7 +766,6 @@ def grammar_for_request(grammar: Any = None, response_format: Any = None, json_s
 def grammar_from_cli(grammar: str | None, grammar_file: str | None, json_schema: str | None,
                      json_schema_file: str | None) -> Grammar:
     """``--grammar``, ``--grammar-file``, ``-j`` or ``-jf`` (exactly one given) as a Grammar."""
-    from engine.json_schema import schema_to_gbnf
     from engine.run_cli import read_text_file
 
     if grammar is not None:
@@ -777,6 +776,8 @@ def grammar_from_cli(grammar: str | None, grammar_file: str | None, json_schema:
             return _cached(text)
         except GrammarError as exc:
             raise HalfbyteError(f"{grammar_file}: {exc}") from None
+    from engine.json_schema import schema_to_gbnf
+
     source = json_schema if json_schema is not None else read_text_file(str(json_schema_file))
     what = "-j" if json_schema is not None else str(json_schema_file)
     return _cached(schema_to_gbnf(_schema_of(source, f"{what}: the JSON schema")))
