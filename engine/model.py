@@ -320,6 +320,8 @@ class Model:
         me = threading.get_ident()
         if self._owner == me:
             raise HalfbyteError("this model is already generating in this thread (finish or close that stream first)")
+        if getattr(self, "_closed", False):
+            raise HalfbyteError("this model is closed")
         with self._lock:
             self._owner = me
             try:
@@ -491,9 +493,11 @@ class Model:
         with self._exclusive():
             stats = GenerationStats()
             self.last_stats = stats
-            if reset:
-                self.tokens = []
-                self.cache.reset()
+            if reset:  # the prompt's prefix already in the context is kept (its KV entries reused)
+                keep = self._common_prefix(prompt_ids)
+                self.tokens = self.tokens[:keep]
+                self.cache.n_past = keep
+                prompt_ids = prompt_ids[keep:]
             ids = self._check_tokens(prompt_ids)
             compiled = jit_cache.compile_seconds()
             start = time.perf_counter()
@@ -772,3 +776,74 @@ class Model:
         logprobs = (c.chat_logprobs(self.tokenizer, pending) if settings.logprobs is not None and pending
                     else None)
         yield c.chat_chunk(cid, created, self.name, {}, state.finish_reason, logprobs)
+
+    # -- embeddings (engine/embeddings.py) -----------------------------------------------------------
+
+    def embed(self, texts: str | Sequence[str], pooling: str = "mean", normalize: bool = True,
+              truncate: bool = False) -> list[list[float]]:
+        """One vector per text (a list of one for a str), like llama-cpp-python's ``embed`` and
+        llama.cpp's embedding mode: the final hidden states after the output norm, pooled over the
+        text's tokens (``mean``, ``cls``: the first token, ``last``: the last one) and divided by
+        their Euclidean norm unless ``normalize=False``. Each text is evaluated from position 0 in
+        a scratch KV cache: the model's context (``tokens``) is left as it was. A text longer than
+        ``n_ctx`` is an error, or cut to it with ``truncate=True``."""
+        from engine.embeddings import embed
+
+        return embed(self, texts, pooling=pooling, normalize=normalize, truncate=truncate)
+
+    def create_embedding(self, input: str | Sequence[str], model: str | None = None, pooling: str = "mean",
+                         normalize: bool = True, truncate: bool = False) -> dict:
+        """OpenAI's embeddings response for ``input`` (a str, a list of str, or token ids), as
+        llama-cpp-python's ``create_embedding``: ``{"object": "list", "data": [{"object": "embedding",
+        "embedding": [...], "index": i}], "model": ..., "usage": {...}}``."""
+        from engine.embeddings import create_embedding
+
+        return create_embedding(self, input, model_name=model, pooling=pooling, normalize=normalize,
+                                truncate=truncate)
+
+    # -- state, prefix cache, closing (engine/state.py) ------------------------------------------------
+
+    def save_state(self, path: str | os.PathLike | None = None) -> bytes:
+        """The context (tokens and the used part of the KV cache) as bytes, also written to ``path``
+        when given (atomically); like llama-cpp-python's ``save_state`` / llama.cpp's
+        ``llama_state_save_file``. ``load_state`` restores it into this model (same file, ``n_ctx``
+        and KV cache types; anything else is an error naming both)."""
+        from engine.state import save_state, write_state_file
+
+        data = save_state(self)
+        if path is not None:
+            write_state_file(path, data)
+        return data
+
+    def load_state(self, state: bytes | str | os.PathLike) -> None:
+        """Restore a context from ``save_state``'s bytes, or from a file it wrote. The next
+        ``generate``/``create_completion`` with a prompt that starts with the restored tokens
+        evaluates only the rest."""
+        from engine.state import load_state, read_state_file
+
+        if isinstance(state, (bytes, bytearray, memoryview)):
+            load_state(self, bytes(state))
+        elif isinstance(state, (str, os.PathLike)):
+            load_state(self, read_state_file(state), where=str(state))
+        else:
+            raise HalfbyteError(f"state must be bytes or a path, got {_type_name(state)}")
+
+    def close(self) -> None:
+        """Release the KV cache and the file's memory map now (not at garbage collection); the model
+        cannot be used afterwards. Also what ``with Model.load(...) as model:`` does at the end."""
+        from engine.state import Closed
+
+        with self._lock:
+            if getattr(self, "_closed", False):
+                return
+            self._closed = True
+            file = self.file
+            self.arch = self.cache = self.file = Closed()  # any later use: "this model is closed"
+            self.tokens = []
+            file.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
