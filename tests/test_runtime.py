@@ -213,7 +213,7 @@ def test_wrong_arguments_are_halfbyte_errors(demo, call, message):
     ({"n_ctx": -1}, "n_ctx must be >= 0"),
     ({"threads": 1.5}, "threads must be an integer"),
     ({"threads": "2"}, "threads must be an integer"),
-    ({"kv_type": "q4"}, "KV cache type must be f16 or f32"),
+    ({"kv_type": "q4"}, "KV cache type must be one of f16, f32, q8_0"),
 ])
 def test_wrong_load_arguments_are_halfbyte_errors(kwargs, message):
     from engine.default_model import default_model_path
