@@ -10,16 +10,12 @@ projection would read), pooled over its tokens: ``mean``, ``cls`` (the first tok
 (the last token, as llama.cpp's LAST pooling for decoder embedding models), then by default
 divided by its Euclidean norm (llama.cpp's ``--embd-normalize 2``).
 
-The hidden states come from ``arch.forward(batch, all_logits=True, hidden_only=True)`` when the
-architecture takes ``hidden_only``; otherwise from the same forward pass on a shallow copy of the
-architecture whose output projection is an F32 identity (exact: each output is one input times
-1.0 plus zeros), which holds for every architecture whose logits are ``norm(x) @ output``.
+The hidden states come from ``arch.forward(batch, all_logits=True, hidden_only=True)``: every
+architecture stops there before its output projection when asked.
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
 import json
 import sys
 from collections.abc import Sequence
@@ -34,26 +30,9 @@ POOLINGS = ("mean", "cls", "last")
 BATCH_TOKENS = 512  # tokens per forward pass (several short texts share one, as llama.cpp's n_batch)
 
 
-def _identity_head(arch: Any) -> Any:
-    """``arch`` with the output projection swapped for an identity (cached on the architecture object)."""
-    from gguf import GGMLQuantizationType
-
-    from engine.weights import Weight
-
-    cached = getattr(arch, "_halfbyte_hidden_arch", None)
-    if cached is None:
-        n = arch.output.n_in
-        cached = copy.copy(arch)  # shares every weight; only `output` differs
-        cached.output = Weight(GGMLQuantizationType.F32, n, n, np.eye(n, dtype=np.float32))
-        arch._halfbyte_hidden_arch = cached
-    return cached
-
-
 def hidden_states(arch: Any, batch: Any) -> np.ndarray:
     """Final hidden states (after the output norm) of every row of ``batch``, ``(n_tok, n_embd)``."""
-    if "hidden_only" in inspect.signature(arch.forward).parameters:
-        return arch.forward(batch, all_logits=True, hidden_only=True)
-    return _identity_head(arch).forward(batch, all_logits=True)
+    return arch.forward(batch, all_logits=True, hidden_only=True)
 
 
 def pool(rows: np.ndarray, pooling: str, normalize: bool) -> list[float]:

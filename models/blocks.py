@@ -163,7 +163,7 @@ class PreNormDecoder:
         if self.rope_freqs is not None and not (np.all(np.isfinite(self.rope_freqs)) and np.all(self.rope_freqs > 0)):
             raise file_error(file.path, "tensor 'rope_freqs.weight' must hold positive finite numbers")
 
-    def forward(self, batch: Batch, all_logits: bool = False) -> np.ndarray:
+    def forward(self, batch: Batch, all_logits: bool = False, hidden_only: bool = False) -> np.ndarray:
         p = self.params
         n = batch.n_tok
         positions = batch.positions
@@ -205,4 +205,5 @@ class PreNormDecoder:
                 gate, up = gate_up[:, : p.n_ff], gate_up[:, p.n_ff :]
             x += ops.linear(ops.swiglu(gate, up), layer.w_down)
         x = batch.output_rows(x, all_logits)
-        return ops.linear(ops.rms_norm(x, self.output_norm, p.rms_eps), self.output)
+        h = ops.rms_norm(x, self.output_norm, p.rms_eps)
+        return h if hidden_only else ops.linear(h, self.output)  # hidden_only: embeddings

@@ -95,7 +95,7 @@ class Falcon:
         self.output_norm_b = t.vector("output_norm.bias", p.n_embd)
         self.output = t.matrix("output.weight", p.n_vocab, p.n_embd) if t.has("output.weight") else self.tok_embd
 
-    def forward(self, batch: Batch, all_logits: bool = False) -> np.ndarray:
+    def forward(self, batch: Batch, all_logits: bool = False, hidden_only: bool = False) -> np.ndarray:
         p = self.params
         n = batch.n_tok
         hd = p.head_dim
@@ -118,4 +118,5 @@ class Falcon:
             mlp = ops.linear(ops.gelu(ops.linear(m, layer.w_up)), layer.w_down)
             x += ops.linear(attn.reshape(n, p.n_embd), layer.wo) + mlp
         x = batch.output_rows(x, all_logits)
-        return ops.linear(ops.layer_norm(x, self.output_norm, self.output_norm_b, p.norm_eps), self.output)
+        h = ops.layer_norm(x, self.output_norm, self.output_norm_b, p.norm_eps)
+        return h if hidden_only else ops.linear(h, self.output)  # hidden_only: embeddings

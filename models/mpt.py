@@ -98,7 +98,7 @@ class Mpt:
         self.output = t.matrix("output.weight", p.n_vocab, p.n_embd) if t.has("output.weight") else self.tok_embd
         self.alibi = ops.alibi_slopes(p.n_head, p.max_alibi_bias)
 
-    def forward(self, batch: Batch, all_logits: bool = False) -> np.ndarray:
+    def forward(self, batch: Batch, all_logits: bool = False, hidden_only: bool = False) -> np.ndarray:
         p = self.params
         n = batch.n_tok
         hd = p.head_dim
@@ -118,4 +118,5 @@ class Mpt:
             h = ops.layer_norm(x, layer.ffn_norm, layer.ffn_norm_b, p.norm_eps)
             x += ops.linear(ops.gelu(ops.linear(h, layer.w_up)), layer.w_down)
         x = batch.output_rows(x, all_logits)
-        return ops.linear(ops.layer_norm(x, self.output_norm, self.output_norm_b, p.norm_eps), self.output)
+        h = ops.layer_norm(x, self.output_norm, self.output_norm_b, p.norm_eps)
+        return h if hidden_only else ops.linear(h, self.output)  # hidden_only: embeddings

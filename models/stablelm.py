@@ -137,7 +137,7 @@ class StableLm:
         self.output_norm_b = t.vector("output_norm.bias", e)
         self.output = t.matrix("output.weight", p.n_vocab, e) if t.has("output.weight") else self.tok_embd
 
-    def forward(self, batch: Batch, all_logits: bool = False) -> np.ndarray:
+    def forward(self, batch: Batch, all_logits: bool = False, hidden_only: bool = False) -> np.ndarray:
         p = self.params
         n = batch.n_tok
         hd = p.head_dim
@@ -162,7 +162,8 @@ class StableLm:
                 x += attn
                 x += self.mlp(ops.layer_norm(x, layer.ffn_norm, layer.ffn_norm_b, p.norm_eps), layer)
         x = batch.output_rows(x, all_logits)
-        return ops.linear(ops.layer_norm(x, self.output_norm, self.output_norm_b, p.norm_eps), self.output)
+        h = ops.layer_norm(x, self.output_norm, self.output_norm_b, p.norm_eps)
+        return h if hidden_only else ops.linear(h, self.output)  # hidden_only: embeddings
 
     @staticmethod
     def mlp(h: np.ndarray, layer: StableLmLayer) -> np.ndarray:
