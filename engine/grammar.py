@@ -474,6 +474,7 @@ class _TokenTable:
         self.order = np.argsort(-self.lengths, kind="stable")
         self.sorted_lengths = self.lengths[self.order]
         self.sorted_bytes = self.bytes[self.order]
+        self.first_bytes = np.ascontiguousarray(self.sorted_bytes[:, 0])
         self.plain = self.lengths > 0
         self.plain[self.eog] = False
 
@@ -613,10 +614,14 @@ class _Automaton:
                 self._reset()
                 sid = self._state(*key)
             t = self.table
-            cur = np.full(len(t.order), sid, dtype=np.int32)
-            n_active = int(np.count_nonzero(t.sorted_lengths > 0))
-            active = np.arange(n_active)
-            depth = 0
+            # depth 0: every token starts from sid, so one row of 256 transitions decides
+            row = self.trans[sid]
+            missing = np.nonzero(row < 0)[0]
+            if missing.size:
+                self._fill(np.full(missing.size, sid, dtype=np.int64), missing)
+            cur = self.trans[sid][t.first_bytes]
+            active = np.nonzero((cur != _DEAD) & (t.sorted_lengths > 1))[0]
+            depth = 1
             while active.size:
                 sids = cur[active]
                 bs = t.sorted_bytes[active, depth]
