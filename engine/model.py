@@ -27,7 +27,7 @@ import numpy as np
 from engine import jit_cache
 from engine.errors import HalfbyteError, file_error
 from engine.gguf_file import GGUFFile
-from engine.sampling import SamplingParams, sample_token
+from engine.sampling import Sampler, SamplingParams, check_logit_bias
 from engine.threads import ThreadPolicy
 from engine.tokenizer import Tokenizer
 
@@ -168,6 +168,8 @@ class GenerationStats:
     # Seconds spent compiling kernels (first use, cold Numba cache), left out of the two timings above.
     prompt_compile_seconds: float = 0.0
     generation_compile_seconds: float = 0.0
+    # generate(logprobs=k): per token, an engine.serving.completion.TokenRecord (logprob, top k)
+    logprobs: list = field(default_factory=list)
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -318,10 +320,10 @@ class Model:
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
         me = threading.get_ident()
-        if self._owner == me:
-            raise HalfbyteError("this model is already generating in this thread (finish or close that stream first)")
         if getattr(self, "_closed", False):
             raise HalfbyteError("this model is closed")
+        if self._owner == me:
+            raise HalfbyteError("this model is already generating in this thread (finish or close that stream first)")
         with self._lock:
             self._owner = me
             try:
@@ -422,6 +424,25 @@ class Model:
         add_bos: bool | None = None,
         reset: bool = True,
         context_shift: bool = False,
+        *,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        typical_p: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        dry_multiplier: float = 0.0,
+        dry_base: float = 1.75,
+        dry_allowed_length: int = 2,
+        dry_penalty_last_n: int = 64,
+        dry_sequence_breakers: Sequence[str] | None = None,
+        xtc_probability: float = 0.0,
+        xtc_threshold: float = 0.1,
+        top_n_sigma: float = -1.0,
+        logit_bias: dict[int, float] | None = None,
+        logits_processor=None,
+        grammar=None,
+        logprobs: int | None = None,
     ) -> str | Iterator[str]:
         """Continue ``prompt`` (text or token ids). Returns the generated text, or with
         ``stream=True`` an iterator of text pieces as they are produced.
@@ -435,8 +456,31 @@ class Model:
         ``context_shift=True`` keeps generating when the context is full, like llama.cpp's
         context shift: the first token (BOS) and the newer half of the rest are kept, the older
         half is dropped, and the kept tokens are evaluated again (one prompt-sized pass).
+
+        More samplers, with llama-cpp-python's names and llama.cpp's defaults and order
+        (engine.sampling): ``frequency_penalty``, ``presence_penalty`` (over the last
+        ``repeat_last_n`` tokens), ``typical_p``, ``mirostat_mode`` 1/2 with ``mirostat_tau`` and
+        ``mirostat_eta``, ``dry_*``, ``xtc_*``, ``top_n_sigma``, ``logit_bias`` ({id: bias}),
+        ``logits_processor`` (fn(ids, logits) -> logits, or a list of them), ``grammar`` (GBNF text
+        or an ``engine.grammar.Grammar``). ``logprobs=k``: ``last_stats.logprobs`` gets each token's
+        log-probability and the k most likely alternatives.
         """
-        params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n)
+        params = SamplingParams(
+            temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty, typical_p=typical_p, mirostat=mirostat_mode, mirostat_tau=mirostat_tau,
+            mirostat_eta=mirostat_eta, dry_multiplier=dry_multiplier, dry_base=dry_base,
+            dry_allowed_length=dry_allowed_length, dry_penalty_last_n=dry_penalty_last_n,
+            dry_sequence_breakers=(SamplingParams.dry_sequence_breakers if dry_sequence_breakers is None
+                                   else tuple(dry_sequence_breakers)),
+            xtc_probability=xtc_probability, xtc_threshold=xtc_threshold, top_n_sigma=top_n_sigma)
+        from engine.serving.completion import MAX_LOGPROBS
+
+        if logprobs is not None:
+            logprobs = check_int("logprobs", logprobs, 0)
+            if logprobs > MAX_LOGPROBS:
+                raise HalfbyteError(f"logprobs must be in 0..{MAX_LOGPROBS}, got {logprobs}")
+        sampler = Sampler(params, np.random.default_rng(), self.tokenizer, check_logit_bias(logit_bias, self.n_vocab),
+                          logits_processor, self._grammar_matcher(grammar))
         if max_tokens is None:
             max_tokens = -1
         max_tokens = check_int("max_tokens", max_tokens, -1, " (-1 = until end of text or a full context)")
@@ -473,7 +517,7 @@ class Model:
                 f"prompt of {len(prompt_ids)} tokens does not fit in the context of {self.n_ctx} tokens "
                 "(use a larger -c / n_ctx or a shorter prompt)"
             )
-        pieces = self._generate(prompt_ids, max_tokens, params, seed, stops, reset, context_shift)
+        pieces = self._generate(prompt_ids, max_tokens, params, seed, stops, reset, context_shift, sampler, logprobs)
         if stream:
             return pieces
         return "".join(pieces)
@@ -487,9 +531,20 @@ class Model:
         self.cache.reset()
         self._forward(np.asarray(kept, dtype=np.int64), all_logits=False)
 
+    def _grammar_matcher(self, grammar):  # -> engine.grammar.GrammarMatcher | None
+        if grammar is None:
+            return None
+        from engine.grammar import as_grammar
+
+        return as_grammar(grammar).matcher(self.tokenizer)
+
     def _generate(self, prompt_ids: list[int], max_tokens: int, params: SamplingParams, seed: int | None,
-                  stops: list[str], reset: bool, context_shift: bool = False) -> Iterator[str]:
+                  stops: list[str], reset: bool, context_shift: bool = False, sampler: Sampler | None = None,
+                  logprobs: int | None = None) -> Iterator[str]:
         rng = np.random.default_rng(seed)
+        if sampler is None:
+            sampler = Sampler(params, rng, self.tokenizer)
+        sampler.rng = rng
         with self._exclusive():
             stats = GenerationStats()
             self.last_stats = stats
@@ -514,10 +569,15 @@ class Model:
                     if 0 <= max_tokens <= stats.generated_tokens:
                         stats.stop_reason = STOP_LENGTH
                         break
-                    token = sample_token(logits, params, rng, self.tokens)
+                    token = sampler.sample(logits, self.tokens)
                     if token in self.tokenizer.eog_ids:
                         stats.stop_reason = STOP_EOS
                         break
+                    sampler.accept(token)
+                    if logprobs is not None:
+                        from engine.serving.completion import token_record
+
+                        stats.logprobs.append(token_record(self.tokenizer, logits, token, logprobs))
                     stats.generated_tokens += 1
                     stats.tokens.append(token)
                     held += decoder.feed(token)
@@ -634,6 +694,21 @@ class Model:
             raise HalfbyteError("empty prompt: no tokens to start from")
         return ids
 
+    def _sampling_extras(self, typical_p, mirostat_mode, mirostat_tau, mirostat_eta, logit_bias, logits_processor,
+                         grammar, response_format, dry_multiplier, dry_base, dry_allowed_length, dry_penalty_last_n,
+                         dry_sequence_breakers, xtc_probability, xtc_threshold, top_n_sigma) -> dict:
+        """The Settings.build keywords of create_completion / create_chat_completion's sampling
+        options: llama-cpp-python's names, llama.cpp's samplers; ``grammar`` (GBNF text or a
+        Grammar) or ``response_format`` (OpenAI's json_object / json_schema) constrain the output."""
+        from engine.grammar import grammar_for_request
+
+        return dict(typical_p=typical_p, mirostat=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
+                    logit_bias=check_logit_bias(logit_bias, self.n_vocab), logits_processor=logits_processor,
+                    grammar=grammar_for_request(grammar, response_format), dry_multiplier=dry_multiplier,
+                    dry_base=dry_base, dry_allowed_length=dry_allowed_length, dry_penalty_last_n=dry_penalty_last_n,
+                    dry_sequence_breakers=None if dry_sequence_breakers is None else tuple(dry_sequence_breakers),
+                    xtc_probability=xtc_probability, xtc_threshold=xtc_threshold, top_n_sigma=top_n_sigma)
+
     def create_completion(
         self,
         prompt: str | Sequence[int],
@@ -646,6 +721,22 @@ class Model:
         repeat_last_n: int = 64,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
+        typical_p: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        logit_bias: dict[int, float] | None = None,
+        logits_processor=None,
+        grammar=None,
+        response_format: dict | None = None,
+        dry_multiplier: float = 0.0,
+        dry_base: float = 1.75,
+        dry_allowed_length: int = 2,
+        dry_penalty_last_n: int = 64,
+        dry_sequence_breakers: Sequence[str] | None = None,
+        xtc_probability: float = 0.0,
+        xtc_threshold: float = 0.1,
+        top_n_sigma: float = -1.0,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
         stream: bool = False,
@@ -661,8 +752,13 @@ class Model:
         or the context is full). Defaults are llama-cpp-python's."""
         from engine.serving.completion import Settings
 
+        extra = self._sampling_extras(typical_p, mirostat_mode, mirostat_tau, mirostat_eta, logit_bias,
+                                      logits_processor, grammar, response_format, dry_multiplier, dry_base,
+                                      dry_allowed_length, dry_penalty_last_n, dry_sequence_breakers,
+                                      xtc_probability, xtc_threshold, top_n_sigma)
         settings = Settings.build(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n,
-                                  stop, seed, logprobs, presence_penalty, frequency_penalty)
+                                  stop, seed, logprobs, presence_penalty, frequency_penalty,
+                                  **extra)
         stream = check_bool("stream", stream)
         cache_prompt = check_bool("cache_prompt", cache_prompt)
         prompt_ids = self._prompt_ids(prompt)
@@ -715,6 +811,22 @@ class Model:
         repeat_last_n: int = 64,
         presence_penalty: float = 0.0,
         frequency_penalty: float = 0.0,
+        typical_p: float = 1.0,
+        mirostat_mode: int = 0,
+        mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1,
+        logit_bias: dict[int, float] | None = None,
+        logits_processor=None,
+        grammar=None,
+        response_format: dict | None = None,
+        dry_multiplier: float = 0.0,
+        dry_base: float = 1.75,
+        dry_allowed_length: int = 2,
+        dry_penalty_last_n: int = 64,
+        dry_sequence_breakers: Sequence[str] | None = None,
+        xtc_probability: float = 0.0,
+        xtc_threshold: float = 0.1,
+        top_n_sigma: float = -1.0,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
         stream: bool = False,
@@ -734,9 +846,13 @@ class Model:
         logprobs = check_bool("logprobs", logprobs)
         if top_logprobs is not None and not logprobs:
             raise HalfbyteError("top_logprobs needs logprobs=True")
+        extra = self._sampling_extras(typical_p, mirostat_mode, mirostat_tau, mirostat_eta, logit_bias,
+                                      logits_processor, grammar, response_format, dry_multiplier, dry_base,
+                                      dry_allowed_length, dry_penalty_last_n, dry_sequence_breakers,
+                                      xtc_probability, xtc_threshold, top_n_sigma)
         settings = Settings.build(max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, repeat_last_n,
                                   stop, seed, (top_logprobs or 0) if logprobs else None, presence_penalty,
-                                  frequency_penalty)
+                                  frequency_penalty, **extra)
         stream = check_bool("stream", stream)
         cache_prompt = check_bool("cache_prompt", cache_prompt)
         if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
