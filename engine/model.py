@@ -195,7 +195,7 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
                  kv_type: str = "f16", chat_template: str | None = None, type_k: str | None = None,
-                 type_v: str | None = None) -> None:
+                 type_v: str | None = None, lora: Sequence = ()) -> None:
         from engine.kernels.attention import KVCache, cache_type_name
         from models import load_architecture
 
@@ -222,6 +222,10 @@ class Model:
                 raise file_error(self.path, str(exc)) from None
             with deferred_interrupts():  # may dequantize small tensors with kernels
                 self.arch = load_architecture(self.file)
+            if lora:  # run-time LoRA adapter GGUFs, [(path, scale), ...] (engine/lora.py)
+                from engine.lora import apply_adapters
+
+                apply_adapters(self.arch, self.file, lora)
             n_ctx_train = self.arch.params.n_ctx_train
             self.n_ctx = n_ctx or n_ctx_train  # None / 0: the training context, as llama.cpp
             if self.n_ctx > n_ctx_train:
@@ -255,7 +259,7 @@ class Model:
     @classmethod
     def load(cls, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
              kv_type: str = "f16", chat_template: str | None = None, type_k: str | None = None,
-             type_v: str | None = None) -> Model:
+             type_v: str | None = None, lora: Sequence = ()) -> Model:
         """Open ``path`` (GGUF).
 
         ``n_ctx``: context size; None or 0 = the model's training context; larger than that is
@@ -264,9 +268,10 @@ class Model:
         none), or a built-in name (``chatml``, ``llama2``, ``llama3``, ``mistral``, ``zephyr``,
         ``gemma``, ``phi3``), a named template of the file, a Jinja file or Jinja text.
         ``kv_type``: the KV cache's type, ``f16``, ``f32`` or ``q8_0`` (about half of f16; the head
-        size must be a multiple of 32); ``type_k`` / ``type_v`` set keys and values apart (-ctk/-ctv)."""
+        size must be a multiple of 32); ``type_k`` / ``type_v`` set keys and values apart (-ctk/-ctv).
+        ``lora``: LoRA adapter GGUFs applied at run time, ``[(path, scale), ...]`` (or paths, scale 1)."""
         return cls(path, n_ctx=n_ctx, threads=threads, kv_type=kv_type, chat_template=chat_template,
-                   type_k=type_k, type_v=type_v)
+                   type_k=type_k, type_v=type_v, lora=lora)
 
     @classmethod
     def from_pretrained(cls, repo_id: str, filename: str | None = None, quant: str | None = None,

@@ -78,7 +78,7 @@ def warnings_on_stderr() -> Iterator[None]:
 
 
 def load_model(model_path: str, n_ctx: int | None, threads: int | None, hf_file: str | None = None,
-               revision: str | None = None):  # -> engine.model.Model
+               revision: str | None = None, lora: list | tuple = ()):  # -> engine.model.Model
     from engine.hub import resolve_model_path
     from engine.model import Model
 
@@ -86,11 +86,11 @@ def load_model(model_path: str, n_ctx: int | None, threads: int | None, hf_file:
     model_path = resolve_model_path(model_path, hf_file, revision)
     check_not_directory(model_path)
     with warnings_on_stderr():
-        return Model.load(model_path, n_ctx=n_ctx, threads=threads)
+        return Model.load(model_path, n_ctx=n_ctx, threads=threads, lora=lora)
 
 
 def _open_model(model_path: str | None, n_ctx: int | None, threads: int | None, hf_file: str | None = None,
-                revision: str | None = None):  # -> engine.model.Model
+                revision: str | None = None, lora: list | tuple = ()):  # -> engine.model.Model
     if model_path is None:
         if hf_file is not None:
             raise HalfbyteError("--hf-file needs a Hub repo (org/name) as MODEL")
@@ -99,7 +99,7 @@ def _open_model(model_path: str | None, n_ctx: int | None, threads: int | None, 
         model_path = str(default_model_path())
         click.echo(f"halfbyte: no model given, using the embedded demo model {model_path}", err=True)
     compile_notices()
-    return load_model(model_path, n_ctx, threads, hf_file, revision)
+    return load_model(model_path, n_ctx, threads, hf_file, revision, lora)
 
 
 def _compiling(seconds: float) -> str:
@@ -162,11 +162,15 @@ THREADS_HELP = ("Threads (0 or negative, the default: every core that other proc
 @click.option("-hff", "--hf-file", "hf_file", metavar="NAME",
               help="With MODEL = org/repo: this .gguf file of the repo (a name or a glob).")
 @click.option("--revision", "hf_revision", metavar="REV", help="With MODEL = org/repo: a branch, tag or commit.")
+@click.option("--lora", "lora", multiple=True, metavar="FILE", help="Apply this LoRA adapter GGUF (repeatable).")
+@click.option("--lora-scaled", "lora_scaled", multiple=True, nargs=2, type=(str, float), metavar="FILE S",
+              help="Apply this LoRA adapter GGUF scaled by S (repeatable).")
 @cli_sampling_options
 def run(model_path: str | None, prompt: str | None, prompt_file: str | None, max_tokens: int, temperature: float,
         top_k: int, top_p: float, min_p: float, repeat_penalty: float, repeat_last_n: int, seed: int,
         threads: int | None, n_ctx: int, stop: tuple[str, ...], echo: bool, interactive: bool,
-        context_shift: bool, hf_file: str | None = None, hf_revision: str | None = None, **sampling) -> None:
+        context_shift: bool, hf_file: str | None = None, hf_revision: str | None = None, lora: tuple = (),
+        lora_scaled: tuple = (), **sampling) -> None:
     """Generate text from a GGUF model, streaming it to stdout (timings go to stderr).
 
     Ctrl-C stops it: the timings so far, then `halfbyte: interrupted`, exit status 130."""
@@ -191,7 +195,8 @@ def run(model_path: str | None, prompt: str | None, prompt_file: str | None, max
     seed = check_seed(seed)
     if seed is None:
         seed = random.SystemRandom().randrange(2**32)
-    model = _open_model(model_path, n_ctx, threads, hf_file, hf_revision)
+    model = _open_model(model_path, n_ctx, threads, hf_file, hf_revision,
+                        [(path, 1.0) for path in lora] + [(path, scale) for path, scale in lora_scaled])
     options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed, stop=list(stop),
                    context_shift=context_shift, **sampling)
