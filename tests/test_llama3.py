@@ -235,3 +235,37 @@ def test_llama_cpp_converter_llama31_file_runs(tmp_path):
     ids = [128000, *np.random.default_rng(0).integers(0, 128000, 1099).tolist()]
     theirs = hf_logits(load_reference(directory), ids)
     assert np.abs(model.eval(ids) - theirs).max() <= 1e-4 * np.abs(theirs).max()
+
+
+def test_chat_with_a_converted_llama3_chat_model(llama31, monkeypatch):
+    """`halfbyte chat` holds a multi-turn conversation with a checkpoint converted here: the file's own
+    Llama-3 template (copied from tokenizer_config.json) renders each turn, equal to transformers'
+    apply_chat_template, and the second turn continues the first one's context."""
+    from click.testing import CliRunner
+    from transformers import PreTrainedTokenizerFast
+
+    import engine.chat_cli as chat_cli
+    from engine.cli import main
+
+    directory, model, _ = llama31
+    loaded = []
+    original = chat_cli.load_model
+    monkeypatch.setattr(chat_cli, "load_model", lambda *a, **k: loaded.append(original(*a, **k)) or loaded[-1])
+    turns = ["Hello there", "And again"]
+    result = CliRunner().invoke(main, ["chat", str(model.path), "-n", "4", "--temp", "0", "--system", "Be brief."],
+                                input="".join(t + "\n" for t in turns))
+    assert result.exit_code == 0, result.output
+    assert "chat template" in result.stderr and "chatml (fallback" not in result.stderr
+    chat = loaded[0]
+    answers = result.stdout.splitlines()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": turns[0]},
+                {"role": "assistant", "content": answers[0] if answers else ""}, {"role": "user", "content": turns[1]}]
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"),
+                                        **{k: v for k, v in json.loads((directory / "tokenizer_config.json")
+                                                                       .read_text()).items()
+                                           if k in ("chat_template", "bos_token", "eos_token")})
+    rendered = chat.apply_chat_template(messages, add_generation_prompt=True)
+    assert rendered == reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # the context holds the whole conversation: both user turns, in the template's framing
+    context = chat.detokenize(chat.tokens, special=True)
+    assert context.count("<|start_header_id|>user<|end_header_id|>") == 2 and turns[1] in context
