@@ -15,6 +15,7 @@ from typing import Any
 
 from converters.checkpoint import WeightLayout, pick_weight_layout, read_index
 from engine.errors import HalfbyteError, file_error
+from engine.hub import repo_files, silent_tqdm, translate_hub_errors
 
 ALIASES: dict[str, str] = {
     "llama-7b": "huggyllama/llama-7b",
@@ -112,14 +113,12 @@ def download_checkpoint(repo_id: str, revision: str | None = None, progress: boo
     """Fetch config, tokenizer and weights of ``repo_id`` into the Hugging Face cache (or find them
     there when offline) and return the snapshot directory."""
     import huggingface_hub
-    from huggingface_hub import errors as hub_errors
-
-    try:
+    with translate_hub_errors(repo_id, revision, "directory", LOCAL_HINT):
         api = huggingface_hub.HfApi()
         # Resolving once pins every later call to one commit, and records revision -> commit in
         # the cache so that the same call works again offline.
         resolved = api.resolve_revision(repo_id, revision=revision)
-        files = _repo_files(api, repo_id, resolved)
+        files = repo_files(api, repo_id, resolved)
         layout = pick_weight_layout(files)
         if "config.json" not in files:
             raise HalfbyteError(f"{repo_id}: the repo has no config.json (not a transformers checkpoint)")
@@ -139,40 +138,6 @@ def download_checkpoint(repo_id: str, revision: str | None = None, progress: boo
                 raise HalfbyteError(f"{repo_id}: {layout.index} names {missing[0]}, which the repo does not have")
             snapshot = _download(repo_id, resolved, [*wanted, *_weight_files(layout, shards)], progress)
         return snapshot
-    except hub_errors.GatedRepoError:
-        raise HalfbyteError(
-            f"{repo_id}: gated repo: accept its license on the Hub, then set HF_TOKEN (or run `hf auth login`)"
-        ) from None
-    except hub_errors.RepositoryNotFoundError:
-        raise HalfbyteError(
-            f"{repo_id}: repo not found on the Hugging Face Hub, and no local directory of that name "
-            "(for a private repo set HF_TOKEN)"
-        ) from None
-    except hub_errors.RevisionNotFoundError:
-        raise HalfbyteError(f"{repo_id}: revision {revision!r} not found on the Hugging Face Hub") from None
-    except hub_errors.HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
-        if status in (401, 403):
-            raise HalfbyteError(f"{repo_id}: access denied by the Hugging Face Hub (HTTP {status}): set HF_TOKEN "
-                                "to a token that can read this repo") from None
-        raise HalfbyteError(f"{repo_id}: Hugging Face Hub error (HTTP {status}); {LOCAL_HINT}") from None
-    except _no_network_errors():
-        raise _no_network_error(repo_id) from None
-    except OSError as exc:  # the cache itself: disk full, read-only, permissions
-        raise file_error(exc.filename or huggingface_hub.constants.HF_HUB_CACHE,
-                         f"cannot write the Hugging Face cache: {exc.strerror or exc}") from None
-
-
-def _repo_files(api: Any, repo_id: str, resolved: Any) -> list[str]:
-    """File names of the repo at the resolved commit: from the tree listing the cache keeps per
-    commit (works offline), else from the Hub."""
-    from huggingface_hub import get_cached_repo_tree
-    from huggingface_hub.errors import CachedRepoTreeNotFoundError
-
-    try:
-        return [entry.path for entry in get_cached_repo_tree(repo_id, revision=resolved)]
-    except CachedRepoTreeNotFoundError:
-        return api.list_repo_files(repo_id, revision=resolved.resolved)
 
 
 def _weight_files(layout: WeightLayout, shards: list[str]) -> list[str]:
@@ -187,52 +152,8 @@ def _download(repo_id: str, resolved: Any, files: list[str], progress: bool) -> 
         revision=resolved,
         # Exact names, escaped: allow_patterns are fnmatch patterns.
         allow_patterns=[glob.escape(name) for name in files],
-        tqdm_class=None if progress else _silent_tqdm(),
+        tqdm_class=None if progress else silent_tqdm(),
     )
     return Path(folder)
 
 
-def _silent_tqdm() -> type:
-    """huggingface_hub's tqdm, always disabled (``progress=False``) without touching its global switch."""
-    from huggingface_hub.utils import tqdm as hub_tqdm
-
-    class SilentTqdm(hub_tqdm):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-
-    return SilentTqdm
-
-
-def _no_network_errors() -> tuple[type[BaseException], ...]:
-    """What huggingface_hub raises when the Hub cannot be reached and the cache cannot stand in."""
-    from huggingface_hub import errors as hub_errors
-
-    found: list[type[BaseException]] = [
-        hub_errors.OfflineModeIsEnabled,  # HF_HUB_OFFLINE=1
-        hub_errors.LocalEntryNotFoundError,  # includes IncompleteSnapshotError
-        hub_errors.RevisionResolutionError,
-        ConnectionError,
-        TimeoutError,
-    ]
-    try:  # the HTTP client huggingface_hub 2.x uses; transport errors can escape mid-download
-        import httpx2
-
-        found.append(httpx2.TransportError)
-    except ImportError:
-        pass
-    return tuple(found)
-
-
-def _no_network_error(repo_id: str) -> HalfbyteError:
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode():
-        return HalfbyteError(
-            f"{repo_id}: HF_HUB_OFFLINE is set and the files are not all in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}); unset it to download, or {LOCAL_HINT}"
-        )
-    return HalfbyteError(
-        f"{repo_id}: cannot reach the Hugging Face Hub at {constants.ENDPOINT} (no network?) and the files are "
-        f"not in the local cache; {LOCAL_HINT}"
-    )

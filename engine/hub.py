@@ -14,7 +14,10 @@ from __future__ import annotations
 import fnmatch
 import glob
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from engine.errors import HalfbyteError, file_error
 
@@ -117,37 +120,68 @@ def choose_gguf(repo_id: str, files: list[str], filename: str | None = None, qua
     return names
 
 
-def download_gguf(repo_id: str, filename: str | None = None, quant: str | None = None, revision: str | None = None,
-                  progress: bool = True) -> Path:
-    """Fetch (or find in the cache) one GGUF model of ``repo_id``; returns the local path of its (first) file."""
+def silent_tqdm() -> type:
+    """huggingface_hub's tqdm, always disabled (``progress=False``) without touching its global switch."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    class SilentTqdm(hub_tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return SilentTqdm
+
+
+def repo_files(api: Any, repo_id: str, resolved: Any) -> list[str]:
+    """File names of the repo at the resolved commit: from the tree listing the cache keeps per
+    commit (works offline), else from the Hub."""
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
+    try:
+        return [entry.path for entry in get_cached_repo_tree(repo_id, revision=resolved)]
+    except CachedRepoTreeNotFoundError:
+        return api.list_repo_files(repo_id, revision=resolved.resolved)
+
+
+def no_network_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub raises when the Hub cannot be reached and the cache cannot stand in."""
+    from huggingface_hub import errors as hub_errors
+
+    found: list[type[BaseException]] = [
+        hub_errors.OfflineModeIsEnabled,  # HF_HUB_OFFLINE=1
+        hub_errors.LocalEntryNotFoundError,  # includes IncompleteSnapshotError
+        hub_errors.RevisionResolutionError,
+        ConnectionError,
+        TimeoutError,
+    ]
+    try:  # the HTTP client huggingface_hub 2.x uses; transport errors can escape mid-download
+        import httpx2
+
+        found.append(httpx2.TransportError)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+@contextmanager
+def translate_hub_errors(repo_id: str, revision: str | None, local_kind: str, local_hint: str) -> Iterator[None]:
+    """huggingface_hub's exceptions as one-line ``HalfbyteError``s naming ``repo_id``, for both Hub users
+    (GGUF files here, checkpoints in converters/sources.py). ``local_kind``: what a local path would
+    have been ("file", "directory"); ``local_hint``: how to do without the Hub."""
     import huggingface_hub
     from huggingface_hub import errors as hub_errors
 
-    from converters.sources import _no_network_errors, _repo_files, _silent_tqdm
-
-    if not HUB_SPEC.fullmatch(repo_id) or ":" in repo_id:
-        raise HalfbyteError(f"{repo_id!r} is not a Hub repo id (org/name)")
+    missing = "the file is not" if local_kind == "file" else "the files are not"
     try:
-        api = huggingface_hub.HfApi()
-        resolved = api.resolve_revision(repo_id, revision=revision)
-        files = _repo_files(api, repo_id, resolved)
-        names = choose_gguf(repo_id, files, filename, quant)
-        # snapshot_download of exact names (not hf_hub_download): it also records the repo's tree listing
-        # in the cache, so that the same choice can be made again offline.
-        folder = Path(huggingface_hub.snapshot_download(
-            repo_id, revision=resolved, allow_patterns=[glob.escape(n) for n in names],
-            tqdm_class=None if progress else _silent_tqdm()))
-        paths = [folder / n for n in names]
-        if not all(p.is_file() for p in paths):
-            raise hub_errors.LocalEntryNotFoundError("not in the cache")
-        return paths[0]
+        yield
     except hub_errors.GatedRepoError:
         raise HalfbyteError(
             f"{repo_id}: gated repo: accept its license on the Hub, then set HF_TOKEN (or run `hf auth login`)"
         ) from None
     except hub_errors.RepositoryNotFoundError:
-        raise HalfbyteError(f"{repo_id}: repo not found on the Hugging Face Hub, and no local file of that name "
-                            "(for a private repo set HF_TOKEN)") from None
+        raise HalfbyteError(f"{repo_id}: repo not found on the Hugging Face Hub, and no local {local_kind} of that "
+                            "name (for a private repo set HF_TOKEN)") from None
     except hub_errors.RevisionNotFoundError:
         raise HalfbyteError(f"{repo_id}: revision {revision!r} not found on the Hugging Face Hub") from None
     except hub_errors.HfHubHTTPError as exc:
@@ -155,22 +189,42 @@ def download_gguf(repo_id: str, filename: str | None = None, quant: str | None =
         if status in (401, 403):
             raise HalfbyteError(f"{repo_id}: access denied by the Hugging Face Hub (HTTP {status}): set HF_TOKEN "
                                 "to a token that can read this repo") from None
-        raise HalfbyteError(f"{repo_id}: Hugging Face Hub error (HTTP {status}); {LOCAL_HINT}") from None
-    except _no_network_errors():
-        raise _no_network_error(repo_id) from None
+        raise HalfbyteError(f"{repo_id}: Hugging Face Hub error (HTTP {status}); {local_hint}") from None
+    except no_network_errors():
+        constants = huggingface_hub.constants
+        if constants.is_offline_mode():
+            cached = "the file is not" if local_kind == "file" else "the files are not all"
+            raise HalfbyteError(f"{repo_id}: HF_HUB_OFFLINE is set and {cached} in the Hugging Face cache "
+                                f"({constants.HF_HUB_CACHE}); unset it to download, or {local_hint}") from None
+        raise HalfbyteError(f"{repo_id}: cannot reach the Hugging Face Hub at {constants.ENDPOINT} (no network?) and "
+                            f"{missing} in the local cache; {local_hint}") from None
     except OSError as exc:  # the cache itself: disk full, read-only, permissions
         raise file_error(exc.filename or huggingface_hub.constants.HF_HUB_CACHE,
                          f"cannot write the Hugging Face cache: {exc.strerror or exc}") from None
 
 
-def _no_network_error(repo_id: str) -> HalfbyteError:
-    from huggingface_hub import constants
+def download_gguf(repo_id: str, filename: str | None = None, quant: str | None = None, revision: str | None = None,
+                  progress: bool = True) -> Path:
+    """Fetch (or find in the cache) one GGUF model of ``repo_id``; returns the local path of its (first) file."""
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
 
-    if constants.is_offline_mode():
-        return HalfbyteError(f"{repo_id}: HF_HUB_OFFLINE is set and the file is not in the Hugging Face cache "
-                             f"({constants.HF_HUB_CACHE}); unset it to download, or {LOCAL_HINT}")
-    return HalfbyteError(f"{repo_id}: cannot reach the Hugging Face Hub at {constants.ENDPOINT} (no network?) and "
-                         f"the file is not in the local cache; {LOCAL_HINT}")
+    if not HUB_SPEC.fullmatch(repo_id) or ":" in repo_id:
+        raise HalfbyteError(f"{repo_id!r} is not a Hub repo id (org/name)")
+    with translate_hub_errors(repo_id, revision, "file", LOCAL_HINT):
+        api = huggingface_hub.HfApi()
+        resolved = api.resolve_revision(repo_id, revision=revision)
+        files = repo_files(api, repo_id, resolved)
+        names = choose_gguf(repo_id, files, filename, quant)
+        # snapshot_download of exact names (not hf_hub_download): it also records the repo's tree listing
+        # in the cache, so that the same choice can be made again offline.
+        folder = Path(huggingface_hub.snapshot_download(
+            repo_id, revision=resolved, allow_patterns=[glob.escape(n) for n in names],
+            tqdm_class=None if progress else silent_tqdm()))
+        paths = [folder / n for n in names]
+        if not all(p.is_file() for p in paths):
+            raise hub_errors.LocalEntryNotFoundError("not in the cache")
+        return paths[0]
 
 
 def resolve_model_path(model: str, hf_file: str | None = None, revision: str | None = None,
