@@ -38,7 +38,10 @@ class SequenceSlice:
 class Batch:
     """Token ids of one or more sequences, concatenated in the order of ``sequences``."""
 
-    def __init__(self, tokens: np.ndarray | SequenceOf[int], sequences: SequenceOf[SequenceSlice]) -> None:
+    def __init__(self, tokens: np.ndarray | SequenceOf[int], sequences: SequenceOf[SequenceSlice],
+                 first_layer: int = 0) -> None:
+        # A pipeline stage's caches hold only its layers: layer i is entry i - first_layer.
+        self.first_layer = first_layer
         self.tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         self.sequences = list(sequences)
         if not self.sequences or sum(s.n_tok for s in self.sequences) != self.tokens.size:
@@ -67,6 +70,7 @@ class Batch:
         """Store each sequence's keys and values ``(n_tok, n_kv_head, head_dim)`` in its cache, then
         causal attention of its queries ``(n_tok, n_head, head_dim)`` over that cache (over the last
         ``window`` positions only, when > 0: sliding-window attention)."""
+        layer -= self.first_layer
         if len(self.sequences) == 1:
             seq = self.sequences[0]
             seq.cache.store(layer, k, v, seq.n_past)

@@ -28,10 +28,10 @@ import numpy as np
 
 from engine import ops
 from engine.batch import Batch
+from engine.decoder import Decoder
 from engine.errors import file_error
 from engine.gguf_file import GGUFFile
 from engine.hparams import HParams, Tensors
-from engine.model import check_interrupt
 from engine.weights import Weight
 
 
@@ -110,7 +110,7 @@ class DecoderLayer:
     w_down: Weight
 
 
-class PreNormDecoder:
+class PreNormDecoder(Decoder):
     """A LLaMA-style decoder read from ``file``; subclasses set the class attributes."""
 
     ARCH = "llama"
@@ -163,47 +163,49 @@ class PreNormDecoder:
         if self.rope_freqs is not None and not (np.all(np.isfinite(self.rope_freqs)) and np.all(self.rope_freqs > 0)):
             raise file_error(file.path, "tensor 'rope_freqs.weight' must hold positive finite numbers")
 
-    def forward(self, batch: Batch, all_logits: bool = False, hidden_only: bool = False) -> np.ndarray:
+    def embed(self, batch: Batch) -> np.ndarray:
+        return ops.embed(self.tok_embd, batch.tokens)
+
+    def layer(self, i: int, x: np.ndarray, batch: Batch) -> np.ndarray:
         p = self.params
+        layer = self.layers[i]
         n = batch.n_tok
         positions = batch.positions
-        scale = 1.0 / math.sqrt(p.head_dim)
-        x = ops.embed(self.tok_embd, batch.tokens)
-        for i, layer in enumerate(self.layers):
-            check_interrupt()  # a deferred Ctrl-C stops here, between kernel calls
-            h = ops.rms_norm(x, layer.attn_norm, p.rms_eps)
-            if layer.wqkv is not None:
-                qkv = ops.linear(h, layer.wqkv)
-                n_q, n_kv = p.n_head * p.head_dim, p.n_head_kv * p.head_dim
-                q, k, v = qkv[:, :n_q], qkv[:, n_q : n_q + n_kv], qkv[:, n_q + n_kv :]
-            else:
-                q = ops.linear(h, layer.wq)
-                k = ops.linear(h, layer.wk)
-                v = ops.linear(h, layer.wv)
-            if layer.bq is not None:
-                q += layer.bq
-            if layer.bk is not None:
-                k += layer.bk
-            if layer.bv is not None:
-                v += layer.bv
-            q = np.ascontiguousarray(q).reshape(n, p.n_head, p.head_dim)
-            k = np.ascontiguousarray(k).reshape(n, p.n_head_kv, p.head_dim)
-            v = v.reshape(n, p.n_head_kv, p.head_dim)
-            if layer.q_norm is not None:
-                q = ops.rms_norm(q, layer.q_norm, p.rms_eps)
-            if layer.k_norm is not None:
-                k = ops.rms_norm(k, layer.k_norm, p.rms_eps)
-            ops.rope(q, positions, p.n_rot, p.rope_theta, p.rope_scale, self.NEOX, self.rope_freqs)
-            ops.rope(k, positions, p.n_rot, p.rope_theta, p.rope_scale, self.NEOX, self.rope_freqs)
-            attn = batch.attention(i, q, k, v, scale, window=p.sliding_window)
-            x += ops.linear(attn.reshape(n, p.n_head * p.head_dim), layer.wo)
-            h = ops.rms_norm(x, layer.ffn_norm, p.rms_eps)
-            if layer.w_gate is not None:
-                gate, up = ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up)
-            else:
-                gate_up = ops.linear(h, layer.w_up)
-                gate, up = gate_up[:, : p.n_ff], gate_up[:, p.n_ff :]
-            x += ops.linear(ops.swiglu(gate, up), layer.w_down)
-        x = batch.output_rows(x, all_logits)
-        h = ops.rms_norm(x, self.output_norm, p.rms_eps)
+        h = ops.rms_norm(x, layer.attn_norm, p.rms_eps)
+        if layer.wqkv is not None:
+            qkv = ops.linear(h, layer.wqkv)
+            n_q, n_kv = p.n_head * p.head_dim, p.n_head_kv * p.head_dim
+            q, k, v = qkv[:, :n_q], qkv[:, n_q : n_q + n_kv], qkv[:, n_q + n_kv :]
+        else:
+            q = ops.linear(h, layer.wq)
+            k = ops.linear(h, layer.wk)
+            v = ops.linear(h, layer.wv)
+        if layer.bq is not None:
+            q += layer.bq
+        if layer.bk is not None:
+            k += layer.bk
+        if layer.bv is not None:
+            v += layer.bv
+        q = np.ascontiguousarray(q).reshape(n, p.n_head, p.head_dim)
+        k = np.ascontiguousarray(k).reshape(n, p.n_head_kv, p.head_dim)
+        v = v.reshape(n, p.n_head_kv, p.head_dim)
+        if layer.q_norm is not None:
+            q = ops.rms_norm(q, layer.q_norm, p.rms_eps)
+        if layer.k_norm is not None:
+            k = ops.rms_norm(k, layer.k_norm, p.rms_eps)
+        ops.rope(q, positions, p.n_rot, p.rope_theta, p.rope_scale, self.NEOX, self.rope_freqs)
+        ops.rope(k, positions, p.n_rot, p.rope_theta, p.rope_scale, self.NEOX, self.rope_freqs)
+        attn = batch.attention(i, q, k, v, 1.0 / math.sqrt(p.head_dim), window=p.sliding_window)
+        x += ops.linear(attn.reshape(n, p.n_head * p.head_dim), layer.wo)
+        h = ops.rms_norm(x, layer.ffn_norm, p.rms_eps)
+        if layer.w_gate is not None:
+            gate, up = ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up)
+        else:
+            gate_up = ops.linear(h, layer.w_up)
+            gate, up = gate_up[:, : p.n_ff], gate_up[:, p.n_ff :]
+        x += ops.linear(ops.swiglu(gate, up), layer.w_down)
+        return x
+
+    def head(self, x: np.ndarray, hidden_only: bool = False) -> np.ndarray:
+        h = ops.rms_norm(x, self.output_norm, self.params.rms_eps)
         return h if hidden_only else ops.linear(h, self.output)  # hidden_only: embeddings

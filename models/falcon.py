@@ -18,9 +18,9 @@ import numpy as np
 
 from engine import ops
 from engine.batch import Batch
+from engine.decoder import Decoder
 from engine.gguf_file import GGUFFile
 from engine.hparams import HParams, Tensors
-from engine.model import check_interrupt
 from engine.weights import Weight
 
 ARCH = "falcon"
@@ -71,7 +71,7 @@ class FalconLayer:
     w_down: Weight
 
 
-class Falcon:
+class Falcon(Decoder):
     def __init__(self, file: GGUFFile) -> None:
         p = self.params = FalconParams.from_file(file)
         ops.check_heads(file, p.n_embd, p.n_head, p.n_head_kv, p.head_dim)
@@ -95,28 +95,30 @@ class Falcon:
         self.output_norm_b = t.vector("output_norm.bias", p.n_embd)
         self.output = t.matrix("output.weight", p.n_vocab, p.n_embd) if t.has("output.weight") else self.tok_embd
 
-    def forward(self, batch: Batch, all_logits: bool = False, hidden_only: bool = False) -> np.ndarray:
+    def embed(self, batch: Batch) -> np.ndarray:
+        return ops.embed(self.tok_embd, batch.tokens)
+
+    def layer(self, i: int, x: np.ndarray, batch: Batch) -> np.ndarray:
         p = self.params
+        layer = self.layers[i]
         n = batch.n_tok
         hd = p.head_dim
-        positions = batch.positions
-        scale = 1.0 / math.sqrt(hd)
-        x = ops.embed(self.tok_embd, batch.tokens)
-        for i, layer in enumerate(self.layers):
-            check_interrupt()  # a deferred Ctrl-C stops here, between kernel calls
-            # As in llama.cpp: attn_norm feeds the MLP (and, in 7B-style blocks, attention too);
-            # 40B-style blocks have attn_norm_2 (HF's ln_attn) for attention.
-            m = ops.layer_norm(x, layer.mlp_norm, layer.mlp_norm_b, p.norm_eps)
-            a = m if layer.attn_norm is None else ops.layer_norm(x, layer.attn_norm, layer.attn_norm_b, p.norm_eps)
-            qkv = ops.linear(a, layer.wqkv)
-            q = np.ascontiguousarray(qkv[:, : p.n_embd]).reshape(n, p.n_head, hd)
-            k = np.ascontiguousarray(qkv[:, p.n_embd : p.n_embd + p.n_head_kv * hd]).reshape(n, p.n_head_kv, hd)
-            v = qkv[:, p.n_embd + p.n_head_kv * hd :].reshape(n, p.n_head_kv, hd)
-            ops.rope(q, positions, hd, p.rope_theta, 1.0, neox=True)
-            ops.rope(k, positions, hd, p.rope_theta, 1.0, neox=True)
-            attn = batch.attention(i, q, k, v, scale)
-            mlp = ops.linear(ops.gelu(ops.linear(m, layer.w_up)), layer.w_down)
-            x += ops.linear(attn.reshape(n, p.n_embd), layer.wo) + mlp
-        x = batch.output_rows(x, all_logits)
-        h = ops.layer_norm(x, self.output_norm, self.output_norm_b, p.norm_eps)
+        # As in llama.cpp: attn_norm feeds the MLP (and, in 7B-style blocks, attention too);
+        # 40B-style blocks have attn_norm_2 (HF's ln_attn) for attention.
+        m = ops.layer_norm(x, layer.mlp_norm, layer.mlp_norm_b, p.norm_eps)
+        a = m if layer.attn_norm is None else ops.layer_norm(x, layer.attn_norm, layer.attn_norm_b, p.norm_eps)
+        qkv = ops.linear(a, layer.wqkv)
+        q = np.ascontiguousarray(qkv[:, : p.n_embd]).reshape(n, p.n_head, hd)
+        k = np.ascontiguousarray(qkv[:, p.n_embd : p.n_embd + p.n_head_kv * hd]).reshape(n, p.n_head_kv, hd)
+        v = qkv[:, p.n_embd + p.n_head_kv * hd :].reshape(n, p.n_head_kv, hd)
+        ops.rope(q, batch.positions, hd, p.rope_theta, 1.0, neox=True)
+        ops.rope(k, batch.positions, hd, p.rope_theta, 1.0, neox=True)
+        attn = batch.attention(i, q, k, v, 1.0 / math.sqrt(hd))
+        mlp = ops.linear(ops.gelu(ops.linear(m, layer.w_up)), layer.w_down)
+        x += ops.linear(attn.reshape(n, p.n_embd), layer.wo) + mlp
+        return x
+
+    def head(self, x: np.ndarray, hidden_only: bool = False) -> np.ndarray:
+        h = ops.layer_norm(x, self.output_norm, self.output_norm_b, self.params.norm_eps)
         return h if hidden_only else ops.linear(h, self.output)  # hidden_only: embeddings
+

@@ -18,10 +18,10 @@ import numpy as np
 
 from engine import ops
 from engine.batch import Batch
+from engine.decoder import Decoder
 from engine.errors import HalfbyteError
 from engine.gguf_file import GGUFFile
 from engine.hparams import HParams, Tensors
-from engine.model import check_interrupt
 from engine.weights import Weight
 from models.common import add_bias, split_qkv
 
@@ -79,7 +79,7 @@ class Gpt2Layer:
     b_down: np.ndarray
 
 
-class Gpt2:
+class Gpt2(Decoder):
     def __init__(self, file: GGUFFile) -> None:
         p = self.params = Gpt2Params.from_file(file)
         t = Tensors(file)
@@ -107,24 +107,28 @@ class Gpt2:
         self.output_norm_b = t.vector("output_norm.bias", e)
         self.output = t.matrix("output.weight", p.n_vocab, e) if t.has("output.weight") else self.tok_embd
 
-    def forward(self, batch: Batch, all_logits: bool = False, hidden_only: bool = False) -> np.ndarray:
+    def embed(self, batch: Batch) -> np.ndarray:
+        n_ctx_train = self.params.n_ctx_train
+        if int(batch.positions.max()) >= n_ctx_train:
+            raise HalfbyteError(f"position {int(batch.positions.max())} is past the {n_ctx_train} learned "
+                                "positions of this model (GPT-2 cannot run beyond its training context)")
+        return ops.embed(self.tok_embd, batch.tokens) + ops.embed(self.pos_embd, batch.positions)
+
+    def layer(self, i: int, x: np.ndarray, batch: Batch) -> np.ndarray:
         p = self.params
+        layer = self.layers[i]
         n = batch.n_tok
         hd = p.head_dim
-        scale = 1.0 / math.sqrt(hd)
-        if int(batch.positions.max()) >= p.n_ctx_train:
-            raise HalfbyteError(f"position {int(batch.positions.max())} is past the {p.n_ctx_train} learned "
-                                "positions of this model (GPT-2 cannot run beyond its training context)")
-        x = ops.embed(self.tok_embd, batch.tokens) + ops.embed(self.pos_embd, batch.positions)
-        for i, layer in enumerate(self.layers):
-            check_interrupt()  # a deferred Ctrl-C stops here, between kernel calls
-            h = ops.layer_norm(x, layer.attn_norm, layer.attn_norm_b, p.norm_eps)
-            q, k, v = split_qkv(add_bias(ops.linear(h, layer.wqkv), layer.bqkv), p.n_head, p.n_head, hd)
-            attn = batch.attention(i, q, k, v, scale)
-            x += add_bias(ops.linear(attn.reshape(n, p.n_embd), layer.wo), layer.bo)
-            h = ops.layer_norm(x, layer.ffn_norm, layer.ffn_norm_b, p.norm_eps)
-            up = ops.gelu_tanh(add_bias(ops.linear(h, layer.w_up), layer.b_up))
-            x += add_bias(ops.linear(up, layer.w_down), layer.b_down)
-        x = batch.output_rows(x, all_logits)
-        h = ops.layer_norm(x, self.output_norm, self.output_norm_b, p.norm_eps)
+        h = ops.layer_norm(x, layer.attn_norm, layer.attn_norm_b, p.norm_eps)
+        q, k, v = split_qkv(add_bias(ops.linear(h, layer.wqkv), layer.bqkv), p.n_head, p.n_head, hd)
+        attn = batch.attention(i, q, k, v, 1.0 / math.sqrt(hd))
+        x += add_bias(ops.linear(attn.reshape(n, p.n_embd), layer.wo), layer.bo)
+        h = ops.layer_norm(x, layer.ffn_norm, layer.ffn_norm_b, p.norm_eps)
+        up = ops.gelu_tanh(add_bias(ops.linear(h, layer.w_up), layer.b_up))
+        x += add_bias(ops.linear(up, layer.w_down), layer.b_down)
+        return x
+
+    def head(self, x: np.ndarray, hidden_only: bool = False) -> np.ndarray:
+        h = ops.layer_norm(x, self.output_norm, self.output_norm_b, self.params.norm_eps)
         return h if hidden_only else ops.linear(h, self.output)  # hidden_only: embeddings
+

@@ -21,10 +21,10 @@ import numpy as np
 
 from engine import ops
 from engine.batch import Batch
+from engine.decoder import Decoder
 from engine.errors import file_error
 from engine.gguf_file import GGUFFile
 from engine.hparams import HParams, Tensors
-from engine.model import check_interrupt
 from engine.weights import Weight
 from models.common import add_bias, split_qkv
 
@@ -93,7 +93,7 @@ class GptNeoXLayer:
     b_down: np.ndarray | None
 
 
-class GptNeoX:
+class GptNeoX(Decoder):
     def __init__(self, file: GGUFFile) -> None:
         p = self.params = GptNeoXParams.from_file(file)
         t = Tensors(file)
@@ -120,28 +120,30 @@ class GptNeoX:
         self.output_norm_b = t.vector("output_norm.bias", e)
         self.output = t.matrix("output.weight", p.n_vocab, e) if t.has("output.weight") else self.tok_embd
 
-    def forward(self, batch: Batch, all_logits: bool = False, hidden_only: bool = False) -> np.ndarray:
+    def embed(self, batch: Batch) -> np.ndarray:
+        return ops.embed(self.tok_embd, batch.tokens)
+
+    def layer(self, i: int, x: np.ndarray, batch: Batch) -> np.ndarray:
         p = self.params
+        layer = self.layers[i]
         n = batch.n_tok
         hd = p.head_dim
-        scale = 1.0 / math.sqrt(hd)
-        x = ops.embed(self.tok_embd, batch.tokens)
-        for i, layer in enumerate(self.layers):
-            check_interrupt()  # a deferred Ctrl-C stops here, between kernel calls
-            h = ops.layer_norm(x, layer.attn_norm, layer.attn_norm_b, p.norm_eps)
-            q, k, v = split_qkv(add_bias(ops.linear(h, layer.wqkv), layer.bqkv), p.n_head, p.n_head, hd)
-            ops.rope(q, batch.positions, p.n_rot, p.rope_theta, 1.0, neox=True)
-            ops.rope(k, batch.positions, p.n_rot, p.rope_theta, 1.0, neox=True)
-            attn = batch.attention(i, q, k, v, scale)
-            attn = add_bias(ops.linear(attn.reshape(n, p.n_embd), layer.wo), layer.bo)
-            if p.parallel_residual:
-                h = ops.layer_norm(x, layer.ffn_norm, layer.ffn_norm_b, p.norm_eps)
-                x += attn + self.mlp(h, layer)
-            else:
-                x += attn
-                x += self.mlp(ops.layer_norm(x, layer.ffn_norm, layer.ffn_norm_b, p.norm_eps), layer)
-        x = batch.output_rows(x, all_logits)
-        h = ops.layer_norm(x, self.output_norm, self.output_norm_b, p.norm_eps)
+        h = ops.layer_norm(x, layer.attn_norm, layer.attn_norm_b, p.norm_eps)
+        q, k, v = split_qkv(add_bias(ops.linear(h, layer.wqkv), layer.bqkv), p.n_head, p.n_head, hd)
+        ops.rope(q, batch.positions, p.n_rot, p.rope_theta, 1.0, neox=True)
+        ops.rope(k, batch.positions, p.n_rot, p.rope_theta, 1.0, neox=True)
+        attn = batch.attention(i, q, k, v, 1.0 / math.sqrt(hd))
+        attn = add_bias(ops.linear(attn.reshape(n, p.n_embd), layer.wo), layer.bo)
+        if p.parallel_residual:
+            h = ops.layer_norm(x, layer.ffn_norm, layer.ffn_norm_b, p.norm_eps)
+            x += attn + self.mlp(h, layer)
+        else:
+            x += attn
+            x += self.mlp(ops.layer_norm(x, layer.ffn_norm, layer.ffn_norm_b, p.norm_eps), layer)
+        return x
+
+    def head(self, x: np.ndarray, hidden_only: bool = False) -> np.ndarray:
+        h = ops.layer_norm(x, self.output_norm, self.output_norm_b, self.params.norm_eps)
         return h if hidden_only else ops.linear(h, self.output)  # hidden_only: embeddings
 
     @staticmethod

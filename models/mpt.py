@@ -17,9 +17,9 @@ import numpy as np
 
 from engine import ops
 from engine.batch import Batch
+from engine.decoder import Decoder
 from engine.gguf_file import GGUFFile
 from engine.hparams import HParams, Tensors
-from engine.model import check_interrupt
 from engine.weights import Weight
 
 ARCH = "mpt"
@@ -73,7 +73,7 @@ class MptLayer:
     w_down: Weight
 
 
-class Mpt:
+class Mpt(Decoder):
     def __init__(self, file: GGUFFile) -> None:
         p = self.params = MptParams.from_file(file)
         ops.check_heads(file, p.n_embd, p.n_head, p.n_head_kv, p.head_dim)
@@ -98,25 +98,28 @@ class Mpt:
         self.output = t.matrix("output.weight", p.n_vocab, p.n_embd) if t.has("output.weight") else self.tok_embd
         self.alibi = ops.alibi_slopes(p.n_head, p.max_alibi_bias)
 
-    def forward(self, batch: Batch, all_logits: bool = False, hidden_only: bool = False) -> np.ndarray:
+    def embed(self, batch: Batch) -> np.ndarray:
+        return ops.embed(self.tok_embd, batch.tokens)
+
+    def layer(self, i: int, x: np.ndarray, batch: Batch) -> np.ndarray:
         p = self.params
+        layer = self.layers[i]
         n = batch.n_tok
         hd = p.head_dim
-        scale = 1.0 / math.sqrt(hd)
-        x = ops.embed(self.tok_embd, batch.tokens)
-        for i, layer in enumerate(self.layers):
-            check_interrupt()  # a deferred Ctrl-C stops here, between kernel calls
-            h = ops.layer_norm(x, layer.attn_norm, layer.attn_norm_b, p.norm_eps)
-            qkv = ops.linear(h, layer.wqkv)
-            if p.clip_qkv > 0:
-                np.clip(qkv, -p.clip_qkv, p.clip_qkv, out=qkv)
-            q = qkv[:, : p.n_embd].reshape(n, p.n_head, hd)
-            k = qkv[:, p.n_embd : p.n_embd + p.n_head_kv * hd].reshape(n, p.n_head_kv, hd)
-            v = qkv[:, p.n_embd + p.n_head_kv * hd :].reshape(n, p.n_head_kv, hd)
-            attn = batch.attention(i, np.ascontiguousarray(q), k, v, scale, self.alibi)
-            x += ops.linear(attn.reshape(n, p.n_embd), layer.wo)
-            h = ops.layer_norm(x, layer.ffn_norm, layer.ffn_norm_b, p.norm_eps)
-            x += ops.linear(ops.gelu(ops.linear(h, layer.w_up)), layer.w_down)
-        x = batch.output_rows(x, all_logits)
-        h = ops.layer_norm(x, self.output_norm, self.output_norm_b, p.norm_eps)
+        h = ops.layer_norm(x, layer.attn_norm, layer.attn_norm_b, p.norm_eps)
+        qkv = ops.linear(h, layer.wqkv)
+        if p.clip_qkv > 0:
+            np.clip(qkv, -p.clip_qkv, p.clip_qkv, out=qkv)
+        q = qkv[:, : p.n_embd].reshape(n, p.n_head, hd)
+        k = qkv[:, p.n_embd : p.n_embd + p.n_head_kv * hd].reshape(n, p.n_head_kv, hd)
+        v = qkv[:, p.n_embd + p.n_head_kv * hd :].reshape(n, p.n_head_kv, hd)
+        attn = batch.attention(i, np.ascontiguousarray(q), k, v, 1.0 / math.sqrt(hd), self.alibi)
+        x += ops.linear(attn.reshape(n, p.n_embd), layer.wo)
+        h = ops.layer_norm(x, layer.ffn_norm, layer.ffn_norm_b, p.norm_eps)
+        x += ops.linear(ops.gelu(ops.linear(h, layer.w_up)), layer.w_down)
+        return x
+
+    def head(self, x: np.ndarray, hidden_only: bool = False) -> np.ndarray:
+        h = ops.layer_norm(x, self.output_norm, self.output_norm_b, self.params.norm_eps)
         return h if hidden_only else ops.linear(h, self.output)  # hidden_only: embeddings
+

@@ -23,9 +23,9 @@ import numpy as np
 
 from engine import ops
 from engine.batch import Batch
+from engine.decoder import Decoder
 from engine.gguf_file import GGUFFile
 from engine.hparams import HParams, Tensors
-from engine.model import check_interrupt
 from engine.weights import Weight
 from models.common import add_bias
 
@@ -100,7 +100,7 @@ def per_head_layer_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.nda
     return out
 
 
-class StableLm:
+class StableLm(Decoder):
     def __init__(self, file: GGUFFile) -> None:
         p = self.params = StableLmParams.from_file(file)
         t = Tensors(file)
@@ -137,32 +137,34 @@ class StableLm:
         self.output_norm_b = t.vector("output_norm.bias", e)
         self.output = t.matrix("output.weight", p.n_vocab, e) if t.has("output.weight") else self.tok_embd
 
-    def forward(self, batch: Batch, all_logits: bool = False, hidden_only: bool = False) -> np.ndarray:
+    def embed(self, batch: Batch) -> np.ndarray:
+        return ops.embed(self.tok_embd, batch.tokens)
+
+    def layer(self, i: int, x: np.ndarray, batch: Batch) -> np.ndarray:
         p = self.params
+        layer = self.layers[i]
         n = batch.n_tok
         hd = p.head_dim
-        scale = 1.0 / math.sqrt(hd)
-        x = ops.embed(self.tok_embd, batch.tokens)
-        for i, layer in enumerate(self.layers):
-            check_interrupt()  # a deferred Ctrl-C stops here, between kernel calls
-            h = ops.layer_norm(x, layer.attn_norm, layer.attn_norm_b, p.norm_eps)
-            q = add_bias(ops.linear(h, layer.wq), layer.bq).reshape(n, p.n_head, hd)
-            k = add_bias(ops.linear(h, layer.wk), layer.bk).reshape(n, p.n_head_kv, hd)
-            v = add_bias(ops.linear(h, layer.wv), layer.bv).reshape(n, p.n_head_kv, hd)
-            if layer.q_norm is not None:
-                q = per_head_layer_norm(q, layer.q_norm, p.norm_eps)
-            if layer.k_norm is not None:
-                k = per_head_layer_norm(k, layer.k_norm, p.norm_eps)
-            ops.rope(q, batch.positions, p.n_rot, p.rope_theta, 1.0, neox=True)
-            ops.rope(k, batch.positions, p.n_rot, p.rope_theta, 1.0, neox=True)
-            attn = ops.linear(batch.attention(i, q, k, v, scale).reshape(n, p.n_embd), layer.wo)
-            if layer.ffn_norm is None:  # parallel residual: the MLP reads the attention's input norm
-                x += attn + self.mlp(h, layer)
-            else:
-                x += attn
-                x += self.mlp(ops.layer_norm(x, layer.ffn_norm, layer.ffn_norm_b, p.norm_eps), layer)
-        x = batch.output_rows(x, all_logits)
-        h = ops.layer_norm(x, self.output_norm, self.output_norm_b, p.norm_eps)
+        h = ops.layer_norm(x, layer.attn_norm, layer.attn_norm_b, p.norm_eps)
+        q = add_bias(ops.linear(h, layer.wq), layer.bq).reshape(n, p.n_head, hd)
+        k = add_bias(ops.linear(h, layer.wk), layer.bk).reshape(n, p.n_head_kv, hd)
+        v = add_bias(ops.linear(h, layer.wv), layer.bv).reshape(n, p.n_head_kv, hd)
+        if layer.q_norm is not None:
+            q = per_head_layer_norm(q, layer.q_norm, p.norm_eps)
+        if layer.k_norm is not None:
+            k = per_head_layer_norm(k, layer.k_norm, p.norm_eps)
+        ops.rope(q, batch.positions, p.n_rot, p.rope_theta, 1.0, neox=True)
+        ops.rope(k, batch.positions, p.n_rot, p.rope_theta, 1.0, neox=True)
+        attn = ops.linear(batch.attention(i, q, k, v, 1.0 / math.sqrt(hd)).reshape(n, p.n_embd), layer.wo)
+        if layer.ffn_norm is None:  # parallel residual: the MLP reads the attention's input norm
+            x += attn + self.mlp(h, layer)
+        else:
+            x += attn
+            x += self.mlp(ops.layer_norm(x, layer.ffn_norm, layer.ffn_norm_b, p.norm_eps), layer)
+        return x
+
+    def head(self, x: np.ndarray, hidden_only: bool = False) -> np.ndarray:
+        h = ops.layer_norm(x, self.output_norm, self.output_norm_b, self.params.norm_eps)
         return h if hidden_only else ops.linear(h, self.output)  # hidden_only: embeddings
 
     @staticmethod
