@@ -78,14 +78,11 @@ def _inputs(model: Any, texts: Any, truncate: bool) -> tuple[list[list[int]], bo
 def embed_tokens(model: Any, ids: list[list[int]], pooling: str = "mean", normalize: bool = True) -> list[list[float]]:
     """One pooled vector per token list; batched, each list a sequence of its own."""
     from engine.batch import Batch, SequenceSlice
-    from engine.kernels.attention import KVCache
     from engine.model import _set_kernel_threads, check_bool, deferred_interrupts
 
     if pooling not in POOLINGS:
         raise HalfbyteError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     normalize = check_bool("normalize", normalize)
-    p = model.arch.params
-    kv = model.cache
     vectors: list[list[float]] = []
     start = 0
     while start < len(ids):
@@ -95,7 +92,7 @@ def embed_tokens(model: Any, ids: list[list[int]], pooling: str = "mean", normal
             total += len(ids[start + len(group)])
             group.append(ids[start + len(group)])
         start += len(group)
-        caches = [KVCache(p.n_layer, len(tokens), p.n_head_kv, p.head_dim, kv.type_k, kv.type_v) for tokens in group]
+        caches = [model.new_cache(len(tokens)) for tokens in group]
         batch = Batch(np.concatenate([np.asarray(t, np.int64) for t in group]),
                       [SequenceSlice(cache, 0, len(tokens)) for cache, tokens in zip(caches, group)])
         with model._exclusive():

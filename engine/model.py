@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -196,8 +197,7 @@ class Model:
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
                  kv_type: str = "f16", chat_template: str | None = None, type_k: str | None = None,
                  type_v: str | None = None, lora: Sequence = ()) -> None:
-        from engine.kernels.attention import KVCache, cache_type_name
-        from models import load_architecture
+        from engine.kernels.attention import cache_type_name
 
         if not isinstance(path, (str, os.PathLike)):
             raise HalfbyteError(f"path must be a str or os.PathLike, got {_type_name(path)} {path!r}")
@@ -220,8 +220,9 @@ class Model:
                 if str(self.path) in str(exc):
                     raise
                 raise file_error(self.path, str(exc)) from None
+            self.type_k, self.type_v = type_k, type_v
             with deferred_interrupts():  # may dequantize small tensors with kernels
-                self.arch = load_architecture(self.file)
+                self.arch = self._load_architecture()
             if lora:  # run-time LoRA adapter GGUFs, [(path, scale), ...] (engine/lora.py)
                 from engine.lora import apply_adapters
 
@@ -232,10 +233,7 @@ class Model:
                 # Honoured, as llama.cpp does, with its warning: positions past training may degrade.
                 warnings.warn(f"n_ctx ({self.n_ctx}) > n_ctx_train ({n_ctx_train}) -- possible training context "
                               "overflow", ContextOverflowWarning, stacklevel=3)
-            self.cache = KVCache(
-                self.arch.params.n_layer, self.n_ctx, self.arch.params.n_head_kv, self.arch.params.head_dim,
-                type_k, type_v,
-            )
+            self.cache = self.new_cache(self.n_ctx)
         except BaseException:
             self.file.close()  # not left open until garbage collection
             raise
@@ -288,6 +286,20 @@ class Model:
             raise HalfbyteError("give either filename or quant, not both")
         path = download_gguf(repo_id, filename=filename, quant=quant, revision=revision, progress=progress)
         return cls.load(path, **load_kwargs)
+
+    def _load_architecture(self) -> Any:
+        """The forward pass (models/); a pipeline (engine/distributed) puts its stages here."""
+        from models import load_architecture
+
+        return load_architecture(self.file)
+
+    def new_cache(self, n_ctx: int, type_k: str | None = None, type_v: str | None = None) -> Any:
+        """An empty KV cache of ``n_ctx`` positions for this model's layers (the model's cache types
+        unless given): one per sequence, e.g. a server slot's."""
+        from engine.kernels.attention import KVCache
+
+        p = self.arch.params
+        return KVCache(p.n_layer, n_ctx, p.n_head_kv, p.head_dim, type_k or self.type_k, type_v or self.type_v)
 
     # -- properties --------------------------------------------------------------------------------
 

@@ -73,9 +73,7 @@ class Scheduler:
     """``Scheduler(model, n_slots, n_ctx)``; ``start()``, ``submit(job)``, ``stop()``."""
 
     def __init__(self, model: Any, n_slots: int = 4, n_ctx: int | None = None, queue_size: int = 16,
-                 prefill_chunk: int = 64, kv_type: str = "f16") -> None:
-        from engine.kernels.attention import KVCache
-
+                 prefill_chunk: int = 64, kv_type: str | None = None) -> None:
         if n_slots < 1:
             raise HalfbyteError(f"--parallel must be >= 1, got {n_slots}")
         if queue_size < 0:
@@ -86,9 +84,7 @@ class Scheduler:
         self.n_ctx = n_ctx or model.n_ctx
         self.queue_size = queue_size
         self.prefill_chunk = prefill_chunk
-        p = model.arch.params
-        dtype = np.float16 if kv_type == "f16" else np.float32
-        self.slots = [Slot(i, KVCache(p.n_layer, self.n_ctx, p.n_head_kv, p.head_dim, dtype)) for i in range(n_slots)]
+        self.slots = [Slot(i, model.new_cache(self.n_ctx, kv_type, kv_type)) for i in range(n_slots)]
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False

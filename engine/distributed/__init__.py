@@ -1,0 +1,1 @@
+"""Past one process: replicas behind Ray Serve (replicas.py), a model split into pipeline stages (pipeline.py)."""
