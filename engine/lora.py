@@ -6,12 +6,19 @@ adapted weight ``W`` of the base, ``<name>.lora_a`` (r, n_in) and ``<name>.lora_
 Nothing is merged: each adapted weight's products become ``x W^T + s (x A^T) B^T`` (two thin
 float matmuls, ``engine.ops.linear``), with ``s = scale * alpha / r`` (``scale`` when
 ``adapter.lora.alpha`` is 0), as llama.cpp's ``llama_adapter_lora_weight::get_scale``.
+
+Scales can change per evaluation without reloading, as llama-server's per-request ``lora`` field:
+each adapted weight carries ``(A, B, alpha / r, adapter index, load-time scale)`` and
+``ops.linear`` takes the adapter's scale from ``active_scales`` (set with ``scales_in_effect``
+around a forward pass) or, outside one, the load-time scale.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +31,30 @@ from engine.weights import Weight
 
 LoraSpec = tuple[str | os.PathLike, float]
 _MAX_DEPTH = 4
+# Scales of the adapters, by index, for the forward pass running in this context (None: load-time).
+_active_scales: ContextVar[tuple[float, ...] | None] = ContextVar("halfbyte_lora_scales", default=None)
+
+
+def active_scale(index: int, default: float) -> float:
+    scales = _active_scales.get()
+    return default if scales is None or index >= len(scales) else scales[index]
+
+
+@contextmanager
+def scales_in_effect(scales: Sequence[float] | None) -> Iterator[None]:
+    """Run-time adapters at ``scales`` (one per adapter, in load order) inside the block."""
+    token = _active_scales.set(None if scales is None else tuple(float(s) for s in scales))
+    try:
+        yield
+    finally:
+        _active_scales.reset(token)
+
+
+def check_scale(scale: object, where: str) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(scale):
+        raise HalfbyteError(f"{where}: LoRA scale must be a finite number, got {scale!r}")
+    return float(scale)
 
 
 def _float_array(file: GGUFFile, name: str) -> np.ndarray:
@@ -33,13 +64,9 @@ def _float_array(file: GGUFFile, name: str) -> np.ndarray:
     return np.ascontiguousarray(Weight.from_file(file, name).dequantize(), dtype=np.float32)
 
 
-def read_adapter(path: str | os.PathLike, scale: float, base: GGUFFile) -> dict[str, tuple[np.ndarray, np.ndarray,
-                                                                                            float]]:
-    """``{base tensor name: (A, B, s)}`` of a LoRA GGUF, checked against ``base``'s file: same
-    architecture, every adapted tensor in the base with matching shapes."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
-            or not np.isfinite(scale):
-        raise HalfbyteError(f"{os.fspath(path)}: LoRA scale must be a finite number, got {scale!r}")
+def read_adapter(path: str | os.PathLike, base: GGUFFile) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """``{base tensor name: (A, B, alpha / r)}`` of a LoRA GGUF (1 where alpha is 0), checked
+    against ``base``'s file: same architecture, every adapted tensor in the base with matching shapes."""
     file = GGUFFile(Path(path))
     try:
         meta = file.metadata
@@ -76,8 +103,8 @@ def read_adapter(path: str | os.PathLike, scale: float, base: GGUFFile) -> dict[
                 raise file_error(file.path, f"{target!r}: lora_a {a_info.ne} and lora_b {b_info.ne} do not fit "
                                             f"base model {base.path}'s {info.ne} (ggml order)")
             rank = int(b_info.ne[0])
-            s = float(scale) * (float(alpha) / rank if alpha else 1.0)
-            result[target] = (_float_array(file, name), _float_array(file, target + ".lora_b"), s)
+            unit = float(alpha) / rank if alpha else 1.0
+            result[target] = (_float_array(file, name), _float_array(file, target + ".lora_b"), unit)
         if not result:
             raise file_error(file.path, "has no .lora_a / .lora_b tensors")
         return result
@@ -128,16 +155,20 @@ def _weights(obj: Any, found: dict[int, Weight], seen: set[int], depth: int = 0)
             _weights(value, found, seen, depth + 1)
 
 
-def apply_adapters(arch: Any, base: GGUFFile, adapters: Iterable[LoraSpec]) -> None:
+def apply_adapters(arch: Any, base: GGUFFile, adapters: Iterable[LoraSpec]) -> list[dict[str, Any]]:
     """Attach LoRA adapter GGUFs ``[(path, scale), ...]`` to the weights of a loaded architecture
-    (``models/*`` objects): each adapted Weight is swapped for a copy carrying (A, B, s)."""
+    (``models/*`` objects): each adapted Weight is swapped for a copy carrying its terms. Returns
+    the adapters as llama-server lists them: ``[{"id": i, "path": ..., "scale": ...}]``."""
     specs = _check_specs(adapters)
-    per_tensor: dict[str, list[tuple[np.ndarray, np.ndarray, float]]] = {}
+    per_tensor: dict[str, list[tuple[np.ndarray, np.ndarray, float, int, float]]] = {}
     sources: dict[str, str] = {}
-    for path, scale in specs:
-        for target, triple in read_adapter(path, scale, base).items():
-            per_tensor.setdefault(target, []).append(triple)
+    listed = []
+    for index, (path, scale) in enumerate(specs):
+        scale = check_scale(scale, os.fspath(path))
+        for target, (a, b, unit) in read_adapter(path, base).items():
+            per_tensor.setdefault(target, []).append((a, b, unit, index, scale))
             sources.setdefault(target, os.fspath(path))
+        listed.append({"id": index, "path": os.fspath(path), "scale": scale})
     found: dict[int, Weight] = {}
     _weights(arch, found, set())
     by_name: dict[str, list[Weight]] = {}
@@ -155,6 +186,7 @@ def apply_adapters(arch: Any, base: GGUFFile, adapters: Iterable[LoraSpec]) -> N
         for weight in weights:
             replace[id(weight)] = weight.with_lora(tuple(triples))
     _walk(arch, replace, set())
+    return listed
 
 
 def _check_specs(adapters: Iterable[LoraSpec]) -> list[LoraSpec]:

@@ -221,12 +221,13 @@ class Model:
                     raise
                 raise file_error(self.path, str(exc)) from None
             self.type_k, self.type_v = type_k, type_v
+            self.lora_adapters: list[dict[str, Any]] = []  # [{"id", "path", "scale"}] (engine/lora.py)
             with deferred_interrupts():  # may dequantize small tensors with kernels
                 self.arch = self._load_architecture()
             if lora:  # run-time LoRA adapter GGUFs, [(path, scale), ...] (engine/lora.py)
                 from engine.lora import apply_adapters
 
-                apply_adapters(self.arch, self.file, lora)
+                self.lora_adapters = apply_adapters(self.arch, self.file, lora)
             n_ctx_train = self.arch.params.n_ctx_train
             self.n_ctx = n_ctx or n_ctx_train  # None / 0: the training context, as llama.cpp
             if self.n_ctx > n_ctx_train:

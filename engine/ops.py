@@ -31,11 +31,18 @@ def embed(weight: Weight, tokens: np.ndarray) -> np.ndarray:
 
 
 def linear(x: np.ndarray, weight: Weight) -> np.ndarray:
-    """``x W^T``: (n_tok, n_in) -> (n_tok, n_out); plus ``s (x A^T) B^T`` per run-time LoRA adapter."""
+    """``x W^T``: (n_tok, n_in) -> (n_tok, n_out); plus ``s (x A^T) B^T`` per run-time LoRA adapter
+    (``s`` = its scale in effect times alpha / r, engine/lora.py)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = _matmul.matmul(weight, x)
-    for a, b, scale in getattr(weight, "lora", ()):
-        y += scale * ((x @ a.T) @ b.T)
+    terms = getattr(weight, "lora", ())
+    if terms:
+        from engine.lora import active_scale
+
+        for a, b, unit, index, default in terms:
+            scale = active_scale(index, default)
+            if scale:
+                y += (scale * unit) * ((x @ a.T) @ b.T)
     return y
 
 

@@ -29,7 +29,7 @@ class Weight(WeightView):
         object.__setattr__(weight, "name", name)  # a frozen dataclass
         return weight
 
-    def with_lora(self, adapters: tuple[tuple[np.ndarray, np.ndarray, float], ...]) -> Weight:
+    def with_lora(self, adapters: tuple[tuple[np.ndarray, np.ndarray, float, int, float], ...]) -> Weight:
         """The same weight (same data, no copy) with LoRA adapters added to its products."""
         weight = type(self)(self.ggml_type, self.n_in, self.n_out, self.data)
         object.__setattr__(weight, "name", self.name)

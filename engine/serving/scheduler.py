@@ -53,6 +53,7 @@ class Job:
     first_token: float | None = None
     finished: float | None = None
     prompt_evaluated: int = 0  # prompt tokens actually evaluated (the rest came from the cache)
+    lora_scales: tuple[float, ...] | None = None  # run-time LoRA adapters' scales (None: as loaded)
 
 
 class Slot:
@@ -191,6 +192,7 @@ class Scheduler:
 
     def _step(self) -> None:
         from engine.batch import Batch, SequenceSlice
+        from engine.lora import scales_in_effect
         from engine.model import _set_kernel_threads
 
         entries: list[tuple[Slot, list[int], bool]] = []  # slot, tokens, wants a sample from this step
@@ -205,11 +207,23 @@ class Scheduler:
                 entries.append((slot, chunk, len(chunk) == len(slot.pending)))
         if not entries:
             return
-        tokens = np.fromiter((t for _, chunk, _ in entries for t in chunk), dtype=np.int64)
-        batch = Batch(tokens, [SequenceSlice(slot.cache, len(slot.tokens), len(chunk)) for slot, chunk, _ in entries])
+        # Sequences whose requests set different LoRA scales do not share a forward pass (as llama-server).
+        groups: dict[tuple[float, ...] | None, list[int]] = {}
+        for index, (slot, _, _) in enumerate(entries):
+            groups.setdefault(slot.job.lora_scales, []).append(index)
+        rows: list[Any] = [None] * len(entries)
         with self.model._exclusive():
             _set_kernel_threads(self.model.thread_policy.threads())
-            logits = self.model.arch.forward(batch, all_logits=False)
+            for scales, members in groups.items():
+                part = [entries[i] for i in members]
+                tokens = np.fromiter((t for _, chunk, _ in part for t in chunk), dtype=np.int64)
+                batch = Batch(tokens, [SequenceSlice(slot.cache, len(slot.tokens), len(chunk))
+                                       for slot, chunk, _ in part])
+                with scales_in_effect(scales):
+                    logits = self.model.arch.forward(batch, all_logits=False)
+                for i, row in zip(members, logits):
+                    rows[i] = row
+        logits = rows
         self.steps += 1
         self.batch_sizes[len(entries)] += 1
         now = time.monotonic()
