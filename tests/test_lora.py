@@ -3,7 +3,6 @@ LoRA adapter GGUF applied at run time (Model.load(lora=...), run --lora) on F32 
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import pickle
@@ -45,19 +44,8 @@ def make_adapter(directory: Path, seed: int, bin_format: bool = False, **config)
     return model
 
 
-# Model.load(lora=...) and run --lora land with the shared engine/model.py / run_cli.py commits; until
-# then the run-time tests attach adapters with engine.lora.apply_adapters, which Model.load calls.
-HAS_LOAD_LORA = "lora" in inspect.signature(Model.load).parameters
-
-
 def load(path, lora=(), **kwargs):
-    if HAS_LOAD_LORA:
-        return Model.load(path, threads=2, lora=lora, **kwargs)
-    from engine.lora import apply_adapters
-
-    model = Model.load(path, threads=2, **kwargs)
-    apply_adapters(model.arch, model.file, lora)
-    return model
+    return Model.load(path, threads=2, lora=lora, **kwargs)
 
 
 def logits(model, ids):
@@ -200,7 +188,6 @@ def test_runtime_adapter_on_q8_0_base(root, runtime_adapter, ids):
     assert relative(model.eval(ids), theirs) <= Q8_BOUND
 
 
-@pytest.mark.skipif(not HAS_LOAD_LORA, reason="run --lora lands with the engine/run_cli.py commit")
 def test_run_cli_lora_options(base_f32, runtime_adapter):
     path = str(runtime_adapter[0])
     result = CliRunner().invoke(main, ["run", str(base_f32), "-p", "Once", "-n", "4", "--temp", "0",
@@ -303,3 +290,52 @@ def test_llama_cpp_adapter_gguf_runs_here(root, base_f32, ids, tmp_path):
                    env=env)
     theirs = logits(reference, ids)
     assert relative(load(base_f32, [(out, 1.0)], kv_type="f32").eval(ids), theirs) <= 1e-3
+
+
+@pytest.mark.skipif(not os.environ.get("HALFBYTE_LLAMA_SERVER"),
+                    reason="set HALFBYTE_LLAMA_SERVER to llama.cpp's llama-server binary to run")
+def test_our_adapter_gguf_runs_in_llama_cpp(root, base_f32, runtime_adapter, ids):
+    """Our adapter GGUF (with rsLoRA and a per-module rank, folded into what llama.cpp's format holds)
+    loads in llama.cpp with --lora and generates PeftModel's greedy tokens."""
+    import socket
+    import time
+    import urllib.request
+
+    path, reference = runtime_adapter
+    n_new = 16
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False,
+                                      attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):].tolist()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([os.environ["HALFBYTE_LLAMA_SERVER"], "-m", str(base_f32), "--lora", str(path),
+                               "--host", "127.0.0.1", "--port", str(port), "-c", "256", "-np", "1", "-t", "2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "llama-server did not start"
+            time.sleep(0.3)
+        body = json.dumps({"prompt": ids, "n_predict": n_new, "temperature": 0, "top_k": 1, "samplers": ["top_k"],
+                           "return_tokens": True, "cache_prompt": False}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/completion", body,
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            answer = json.loads(r.read())
+        assert answer["tokens"] == expected
+        model, ours = load(base_f32, [(path, 1.0)]), []
+        row = model.eval(ids, last_only=True)[-1]
+        for _ in range(n_new):  # and here, greedy
+            ours.append(int(np.argmax(row)))
+            row = model.eval(ours[-1:])[-1]
+        assert ours == expected
+    finally:
+        server.terminate()
+        server.wait(10)
