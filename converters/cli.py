@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import click
 
-from engine.filetypes import OUTPUT_TYPES
+from engine.filetypes import OUTPUT_TYPES, QUANTIZE_MIXES
+
+# llama-quantize's mixes written straight from the checkpoint (its per-tensor types, no F16 step).
+MIX_FLAGS = [name for name in QUANTIZE_MIXES if name not in OUTPUT_TYPES and name != "bf16"]
 
 
 def _type_flag(name: str) -> click.Option:
-    help_text = "Output type (default)." if name == "q4_0" else f"Output type {name}."
+    help_text = "Output type (default)." if name == "q4_0" else f"Output type {name}." if name in OUTPUT_TYPES \
+        else f"llama-quantize's {name.upper()} mix."
     return click.option(f"--{name}", "type_name", flag_value=name, default=None, help=help_text)
 
 
@@ -45,16 +49,19 @@ def convert(source: str, output: str | None, revision: str | None, vocab_only: b
             raise HalfbyteError("--base (an adapter GGUF) does not go with --lora")
         from converters.convert import convert_adapter
 
+        if type_name in MIX_FLAGS:
+            raise HalfbyteError(f"--{type_name}: an adapter GGUF is written as F32 or F16 (--f16)")
         default = "f16" if type_name == "f16" else "f32"
         path = convert_adapter(source, base, output, OUTPUT_TYPES[type_name or default],
                                scale=lora_scale[0] if len(lora_scale) == 1 else 1.0, revision=revision,
                                progress=not quiet)
         click.echo(f"wrote {path}", err=True)
         return
-    path = run_convert(source, output, OUTPUT_TYPES[type_name or "q4_0"], revision=revision, vocab_only=vocab_only,
+    requested = type_name if type_name in MIX_FLAGS else OUTPUT_TYPES[type_name or "q4_0"]
+    path = run_convert(source, output, requested, revision=revision, vocab_only=vocab_only,
                        progress=not quiet, lora=list(zip(lora, scales)))
     click.echo(f"wrote {path}", err=True)
 
 
-for _name in reversed(list(OUTPUT_TYPES)):
+for _name in reversed(list(OUTPUT_TYPES) + MIX_FLAGS):
     convert = _type_flag(_name)(convert)

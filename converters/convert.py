@@ -24,7 +24,7 @@ from converters.lora import merge as lora_merge
 from converters.vocab import TOKENIZER_FILES, check_vocab_fits
 from engine import quants
 from engine.errors import HalfbyteError, file_error
-from engine.filetypes import FILE_TYPES
+from engine.filetypes import FILE_TYPES, QUANTIZE_MIXES
 from engine.gguf_file import GGUFWriter, refuse_overwriting_inputs
 from engine.progress import progress_bar
 
@@ -133,15 +133,28 @@ def check_plan(plan: ConversionPlan, checkpoint: Any, config_path: Path) -> None
         print(f"halfbyte: warning: ignoring checkpoint tensors {', '.join(leftovers[:3])}{more}", file=sys.stderr)
 
 
-def default_output_name(model_name: str, ggml_type: GGMLQuantizationType, vocab_only: bool) -> str:
-    suffix = "vocab" if vocab_only else ggml_type.name.lower()
+def default_output_name(model_name: str, requested: GGMLQuantizationType | str, vocab_only: bool) -> str:
+    suffix = "vocab" if vocab_only else requested if isinstance(requested, str) else requested.name.lower()
     return f"{model_name}-{suffix}.gguf"
+
+
+def mix_types(plan: ConversionPlan, mix: str) -> dict[str, GGMLQuantizationType]:
+    """Per-tensor types of llama-quantize's ``mix`` (e.g. ``"q4_k_m"``) for the converted tensors:
+    exactly what ``convert --f32`` then ``halfbyte quantize ... mix`` (or llama-quantize) gives."""
+    from types import SimpleNamespace
+
+    from engine.requantize import plan_types
+
+    as_f32 = {p.name: SimpleNamespace(name=p.name, shape=tuple(p.shape),
+                                      ggml_type=output_type(p, GGMLQuantizationType.F32)) for p in plan.tensors}
+    metadata = {"general.architecture": plan.arch, **{entry.key: entry.value for entry in plan.metadata}}
+    return plan_types(SimpleNamespace(tensors=as_f32, metadata=metadata), mix)
 
 
 def convert_directory(
     directory: Path,
     output: Path,
-    requested: GGMLQuantizationType,
+    requested: GGMLQuantizationType | str,
     model_name: str,
     vocab_only: bool = False,
     progress: bool = True,
@@ -186,13 +199,20 @@ def convert_directory(
 
 def _write(
     plan: ConversionPlan, vocab_entries: list, checkpoint: Any, output: Path,
-    requested: GGMLQuantizationType, model_name: str, vocab_only: bool, progress: bool, adapters: Sequence = (),
+    requested: GGMLQuantizationType | str, model_name: str, vocab_only: bool, progress: bool,
+    adapters: Sequence = (),
 ) -> Path:
-    tensors = [] if vocab_only else [(p, output_type(p, requested)) for p in plan.tensors]
+    if isinstance(requested, str):  # a llama-quantize mix (K-quants, IQ4): per-tensor types
+        types = {} if vocab_only else mix_types(plan, requested)
+        tensors = [(p, types[p.name]) for p in plan.tensors] if not vocab_only else []
+        file_type = QUANTIZE_MIXES[requested][0]
+    else:
+        tensors = [] if vocab_only else [(p, output_type(p, requested)) for p in plan.tensors]
+        file_type = int(FILE_TYPES[requested])
     with GGUFWriter(output) as writer:  # inputs were checked by convert_directory
         writer.add_string(Keys.General.ARCHITECTURE, plan.arch)
         writer.add_string(Keys.General.NAME, model_name)
-        writer.add_uint32(Keys.General.FILE_TYPE, int(FILE_TYPES[requested]))
+        writer.add_uint32(Keys.General.FILE_TYPE, file_type)
         writer.add_uint32(Keys.General.QUANTIZATION_VERSION, QUANTIZATION_VERSION)
         for entry in [*plan.metadata, *vocab_entries]:
             writer.add(entry.key, entry.value, entry.value_type, entry.elem_type)
@@ -228,7 +248,7 @@ def _write(
 def convert(
     source: str,
     output: str | os.PathLike | None,
-    requested: GGMLQuantizationType,
+    requested: GGMLQuantizationType | str,
     revision: str | None = None,
     vocab_only: bool = False,
     progress: bool = True,
@@ -236,6 +256,9 @@ def convert(
     base: str | None = None,
 ) -> Path:
     """`halfbyte convert SOURCE`: alias, repo id or local directory -> GGUF file.
+
+    ``requested``: one ggml type for every weight matrix (F32, F16, Q8_0 ... Q4_0), or the name of
+    one of llama-quantize's mixes (``"q4_k_m"``, ``"q6_k"``, ``"iq4_xs"``...): its type per tensor.
 
     ``lora``: (PEFT adapter directory, scale) pairs merged into the weights. ``base``: SOURCE is
     then a PEFT adapter directory, written as llama.cpp's LoRA adapter GGUF for that base model."""
