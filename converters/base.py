@@ -250,6 +250,15 @@ class ConfigReader:
             raise self._bad(key, "a list of strings", value)
         return value
 
+    def float_list(self, key: str, length: int) -> list[float]:
+        """A list of ``length`` positive finite numbers (e.g. LongRoPE's per-pair factors)."""
+        _, value = self._first((key,))
+        if (not isinstance(value, list) or len(value) != length
+                or not all(not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and
+                           0 < v <= F32_MAX for v in value)):
+            raise self._bad(key, f"a list of {length} positive numbers", value)
+        return [float(v) for v in value]
+
     def section(self, key: str) -> ConfigReader:
         """A nested object (``{}`` when absent or null), read with the same checks."""
         _, value = self._first((key,))

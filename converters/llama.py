@@ -23,6 +23,7 @@ Also handled, as llama.cpp's converter does:
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,30 @@ def rope_metadata(cfg: ConfigReader, arch: str, head_dim: int, n_ctx: int) -> tu
         factors = llama3_rope_factors(head_dim, theta, factor, low, high, original)
         tensors.append(PlannedTensor(tensor_name(MODEL_TENSOR.ROPE_FREQS), f"<{where} llama3>", (head_dim // 2,),
                                      generate=lambda: factors))
+    elif kind == "yarn":  # as llama.cpp's converter: the factor, the original context, the optional knobs
+        factor = scaling.float_value("factor", default=1.0, positive=True)
+        if not scaling.has("factor"):
+            raise cfg.fail(f"{scaling.prefix or 'rope_scaling.'}factor is required for yarn")
+        original = scaling.int_value("original_max_position_embeddings", default=n_ctx, minimum=1)
+        metadata += [string(Keys.Rope.SCALING_TYPE.format(arch=arch), "yarn"),
+                     f32(Keys.Rope.SCALING_FACTOR.format(arch=arch), factor),
+                     u32(Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=arch), original)]
+        for key, gguf_key in (("extrapolation_factor", Keys.Rope.SCALING_YARN_EXT_FACTOR),
+                              ("beta_fast", Keys.Rope.SCALING_YARN_BETA_FAST),
+                              ("beta_slow", Keys.Rope.SCALING_YARN_BETA_SLOW)):
+            if scaling.has(key):
+                metadata.append(f32(gguf_key.format(arch=arch), scaling.float_value(key, default=0.0, minimum=0.0)))
+        if scaling.has("attention_factor", "mscale", "mscale_all_dim"):
+            # llama.cpp sets YaRN's magnitude from the factor alone; a file could not say otherwise.
+            raise cfg.fail(f"{scaling.prefix or 'rope_scaling.'}attention_factor / mscale with yarn is not "
+                           "supported (llama.cpp derives the magnitude from the factor)")
+    elif kind == "dynamic":
+        # Dynamic NTK changes nothing within the training context and has no GGUF key: llama.cpp's
+        # converter writes no scaling for it either.
+        print(f"halfbyte: warning: {where} 'dynamic' (NTK) is written without scaling, as llama.cpp does: "
+              "it only matters past the training context", file=sys.stderr)
     elif kind is not None:
-        raise cfg.fail(f"{where} {kind!r} is not supported (supported: linear, llama3)")
+        raise cfg.fail(f"{where} {kind!r} is not supported (supported: linear, llama3, yarn, dynamic)")
     return metadata, tensors
 
 

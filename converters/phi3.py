@@ -3,12 +3,16 @@
 The fused ``qkv_proj`` ([q | k | v] rows) and ``gate_up_proj`` ([gate | up] rows) stay fused, as
 llama.cpp's converter writes them (``attn_qkv``, and ``ffn_up`` with 2 * intermediate_size rows);
 Q and K keep HF's rotate_half order (neox RoPE) on ``partial_rotary_factor`` of each head. The
-sliding window is written as llama.cpp does (0 when there is none). LongRoPE (``rope_scaling``
-with long/short factors: the 128k models) is refused. Tokenizer: SentencePiece tokenizer.model.
+sliding window is written as llama.cpp does (0 when there is none). LongRoPE (the 128k models:
+``rope_scaling`` with long/short factors) as llama.cpp writes it: ``rope_factors_long.weight`` and
+``rope_factors_short.weight`` and ``rope.scaling.attn_factor`` = sqrt(1 + ln(s) / ln(original
+context)), s = max_position_embeddings / original_max_position_embeddings. Tokenizer:
+SentencePiece tokenizer.model.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,8 +53,9 @@ def plan(config: Mapping[str, Any], config_path: Path, names: set[str]) -> Conve
     if act != "silu":
         raise cfg.fail(f"hidden_act {act!r} is not supported for Phi-3 (supported: silu)")
     theta, scaling, params = cfg.rope_scaling()
-    if scaling is not None or params.has("long_factor", "short_factor"):
-        raise cfg.fail(f"rope scaling {scaling or 'longrope'!r} (Phi-3's 128k LongRoPE) is not supported")
+    longrope = scaling in ("longrope", "su") or params.has("long_factor", "short_factor")
+    if scaling is not None and not longrope:
+        raise cfg.fail(f"rope scaling {scaling!r} is not supported for Phi-3 (supported: longrope)")
     rope = cfg.section("rope_parameters")
     factor = rope.float_value("partial_rotary_factor",
                               default=cfg.float_value("partial_rotary_factor", default=1.0, minimum=0.0, maximum=1.0),
@@ -62,6 +67,17 @@ def plan(config: Mapping[str, Any], config_path: Path, names: set[str]) -> Conve
                                 default=cfg.int_value("original_max_position_embeddings", default=n_ctx, minimum=1),
                                 minimum=1)
     window = cfg.int_value("sliding_window", default=0, minimum=0)
+    rope_tensors = []
+    if longrope:
+        long, short = params.float_list("long_factor", n_rot // 2), params.float_list("short_factor", n_rot // 2)
+        scale = n_ctx / n_ctx_orig
+        attn_factor = math.sqrt(1 + math.log(scale) / math.log(n_ctx_orig)) if scale > 1.0 else 1.0
+        rope_tensors = [
+            PlannedTensor(tensor_name(MODEL_TENSOR.ROPE_FACTORS_LONG), "<rope_scaling long_factor>", (n_rot // 2,),
+                          generate=lambda: long),
+            PlannedTensor(tensor_name(MODEL_TENSOR.ROPE_FACTORS_SHORT), "<rope_scaling short_factor>",
+                          (n_rot // 2,), generate=lambda: short),
+        ]
 
     metadata = [
         u32(Keys.LLM.CONTEXT_LENGTH.format(arch=ARCH), n_ctx),
@@ -77,12 +93,15 @@ def plan(config: Mapping[str, Any], config_path: Path, names: set[str]) -> Conve
         f32(Keys.Rope.FREQ_BASE.format(arch=ARCH), theta),
         u32(Keys.Attention.SLIDING_WINDOW.format(arch=ARCH), window),
     ]
+    if longrope:
+        metadata.append(f32(Keys.Rope.SCALING_ATTN_FACTOR.format(arch=ARCH), attn_factor))
 
     def name(kind: MODEL_TENSOR, block: int | None = None) -> str:
         return tensor_name(kind, block=block)
 
     n_qkv = (n_head + 2 * n_head_kv) * head_dim
-    tensors = [PlannedTensor(name(MODEL_TENSOR.TOKEN_EMBD), "model.embed_tokens.weight", (n_vocab, n_embd))]
+    tensors = [*rope_tensors,
+               PlannedTensor(name(MODEL_TENSOR.TOKEN_EMBD), "model.embed_tokens.weight", (n_vocab, n_embd))]
     for i in range(n_layer):
         hf = f"model.layers.{i}"
         tensors += [

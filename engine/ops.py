@@ -47,10 +47,13 @@ def linear(x: np.ndarray, weight: Weight) -> np.ndarray:
 
 
 def rope(x: np.ndarray, positions: np.ndarray, n_rot: int, theta: float, scale: float, neox: bool,
-         freq_factors: np.ndarray | None = None) -> None:
+         freq_factors: np.ndarray | None = None, magnitude: float = 1.0) -> None:
     """Rotate ``x`` (n_tok, n_head, head_dim) in place; ``freq_factors`` (n_rot/2,) divide the
-    frequencies (``rope_freqs.weight``: Llama 3.1's scaling)."""
+    frequencies (``rope_freqs.weight``: Llama 3.1's scaling; YaRN and LongRoPE, engine/rope.py);
+    ``magnitude`` multiplies the rotated dims (ggml's mscale on cos and sin)."""
     _ops.rope(x, positions, n_rot, theta, scale, neox, freq_factors=freq_factors)
+    if magnitude != 1.0:
+        x[..., :n_rot] *= np.float32(magnitude)
 
 
 def check_heads(file: GGUFFile, n_embd: int, n_head: int, n_head_kv: int, n_rot: int) -> None:

@@ -32,6 +32,7 @@ from engine.decoder import Decoder
 from engine.errors import file_error
 from engine.gguf_file import GGUFFile
 from engine.hparams import HParams, Tensors
+from engine.rope import RopeScaling
 from engine.weights import Weight
 
 
@@ -49,6 +50,7 @@ class DecoderParams:
     rms_eps: float
     rope_theta: float
     rope_scale: float  # linear scaling: positions are divided by this
+    rope: RopeScaling  # every scaling the file says (linear, YaRN, attn_factor), engine/rope.py
     sliding_window: int  # 0: none
 
     @classmethod
@@ -69,11 +71,8 @@ class DecoderParams:
         if n_head % n_head_kv or n_rot > head_dim or n_rot % 2:
             raise file_error(file.path, f"inconsistent attention shape: {n_head} heads, {n_head_kv} KV heads, "
                                         f"head size {head_dim}, {n_rot} rotary dims")
-        factor = hp.float("rope.scaling.factor", 1.0, positive=True)  # checked even when unused
-        kind = hp.str("rope.scaling.type", "none")
-        if kind not in ("none", "linear"):
-            raise file_error(file.path, f"metadata {arch}.rope.scaling.type {kind!r} is not supported "
-                                        "(supported: none, linear)")
+        n_ctx_train = hp.int("context_length", 2048)
+        rope = RopeScaling.from_hparams(hp, n_ctx_train)
         return cls(
             n_vocab=hp.vocab_size(),
             n_embd=n_embd,
@@ -81,14 +80,20 @@ class DecoderParams:
             n_head=n_head,
             n_head_kv=n_head_kv,
             n_ff=hp.int("feed_forward_length"),
-            n_ctx_train=hp.int("context_length", 2048),
+            n_ctx_train=n_ctx_train,
             head_dim=head_dim,
             n_rot=n_rot,
             rms_eps=hp.float("attention.layer_norm_rms_epsilon", 1e-5, minimum=0.0),
             rope_theta=hp.float("rope.freq_base", 10000.0, positive=True),
-            rope_scale=factor if kind == "linear" else 1.0,
+            rope_scale=rope.factor if rope.kind == "linear" else 1.0,
+            rope=rope,
             sliding_window=hp.int("attention.sliding_window", 0, minimum=0),
         )
+
+
+def hp_original_context(file: GGUFFile, arch: str, n_ctx_train: int) -> int:
+    """llama.cpp's n_ctx_orig_yarn: ``rope.scaling.original_context_length``, else the training context."""
+    return HParams(file, arch).int("rope.scaling.original_context_length", n_ctx_train)
 
 
 @dataclass
@@ -159,9 +164,24 @@ class PreNormDecoder(Decoder):
         # Tied embeddings: no output tensor, the embedding matrix doubles as the head.
         self.output = t.matrix("output.weight", p.n_vocab, p.n_embd) if t.has("output.weight") else self.tok_embd
         # Llama 3.1's RoPE scaling: per-pair frequency divisors (llama.cpp's rope_freqs.weight).
-        self.rope_freqs = t.optional_vector("rope_freqs.weight", p.n_rot // 2)
-        if self.rope_freqs is not None and not (np.all(np.isfinite(self.rope_freqs)) and np.all(self.rope_freqs > 0)):
-            raise file_error(file.path, "tensor 'rope_freqs.weight' must hold positive finite numbers")
+        # LongRoPE (Phi-3 128k): short factors, long ones when a sequence's context is longer than the
+        # original one (as llama.cpp's get_rope_factors, which decides by the context size).
+        divisors = {}
+        for name in ("rope_freqs", "rope_factors_short", "rope_factors_long"):
+            divisors[name] = t.optional_vector(f"{name}.weight", p.n_rot // 2)
+            if divisors[name] is not None and not (np.all(np.isfinite(divisors[name])) and np.all(divisors[name] > 0)):
+                raise file_error(file.path, f"tensor '{name}.weight' must hold positive finite numbers")
+        self.rope_freqs = divisors["rope_freqs"]
+        short = divisors["rope_freqs"] if divisors["rope_freqs"] is not None else divisors["rope_factors_short"]
+        long = divisors["rope_freqs"] if divisors["rope_freqs"] is not None else divisors["rope_factors_long"]
+        self.rotation_short = p.rope.rotation(p.n_rot, p.rope_theta, short)
+        self.rotation_long = p.rope.rotation(p.n_rot, p.rope_theta, long if long is not None else short)
+        self.original_context = p.rope.original_context or hp_original_context(file, self.ARCH, p.n_ctx_train)
+
+    def rotation(self, batch: Batch) -> tuple[float, np.ndarray | None, float]:
+        """(position scale, frequency divisors, magnitude) for this batch's RoPE."""
+        longest = max(seq.cache.n_ctx for seq in batch.sequences)
+        return self.rotation_long if longest > self.original_context else self.rotation_short
 
     def embed(self, batch: Batch) -> np.ndarray:
         return ops.embed(self.tok_embd, batch.tokens)
@@ -193,8 +213,9 @@ class PreNormDecoder(Decoder):
             q = ops.rms_norm(q, layer.q_norm, p.rms_eps)
         if layer.k_norm is not None:
             k = ops.rms_norm(k, layer.k_norm, p.rms_eps)
-        ops.rope(q, positions, p.n_rot, p.rope_theta, p.rope_scale, self.NEOX, self.rope_freqs)
-        ops.rope(k, positions, p.n_rot, p.rope_theta, p.rope_scale, self.NEOX, self.rope_freqs)
+        scale, divisors, magnitude = self.rotation(batch)
+        ops.rope(q, positions, p.n_rot, p.rope_theta, scale, self.NEOX, divisors, magnitude)
+        ops.rope(k, positions, p.n_rot, p.rope_theta, scale, self.NEOX, divisors, magnitude)
         attn = batch.attention(i, q, k, v, 1.0 / math.sqrt(p.head_dim), window=p.sliding_window)
         x += ops.linear(attn.reshape(n, p.n_head * p.head_dim), layer.wo)
         h = ops.rms_norm(x, layer.ffn_norm, p.rms_eps)

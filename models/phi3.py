@@ -4,13 +4,15 @@ a fused ``attn_qkv`` ([q | k | v] rows), a fused ``ffn_up`` ([gate | up], 2 * n_
 ``phi3.attention.sliding_window`` (transformers applies it; llama.cpp currently ignores it, which
 only matters past the window, 2047 positions for Phi-3-mini-4k).
 
-The 128k models' LongRoPE (``rope_factors_long`` / ``rope_factors_short``) is refused.
+The 128k models' LongRoPE: ``rope_factors_short`` divide the frequencies, ``rope_factors_long``
+when the context is longer than ``rope.scaling.original_context_length`` (as llama.cpp, which
+decides by the context size; transformers decides by the length of the sequence so far, which
+agrees while a sequence stays within the original context, and for a context longer than it once a
+pass reaches past it), and ``rope.scaling.attn_factor`` scales the rotated dims.
 """
 
 from __future__ import annotations
 
-from engine.errors import file_error
-from engine.gguf_file import GGUFFile
 from models.blocks import PreNormDecoder
 
 
@@ -19,9 +21,3 @@ class Phi3(PreNormDecoder):
     NEOX = True
     FUSED_GATE_UP = True
 
-    def __init__(self, file: GGUFFile) -> None:
-        for name in ("rope_factors_long.weight", "rope_factors_short.weight"):
-            if name in file.tensors:
-                raise file_error(file.path, f"tensor {name!r}: Phi-3's LongRoPE scaling (128k context models) "
-                                            "is not supported")
-        super().__init__(file)

@@ -213,13 +213,6 @@ def test_unknown_pre_tokenizer_is_an_error_naming_tokenizer_json(tmp_path):
         convert(str(directory), tmp_path / "m.gguf", GGMLQuantizationType.F32, vocab_only=True, progress=False)
 
 
-def test_unsupported_rope_scaling_names_the_key(tmp_path):
-    config = llama_config(num_hidden_layers=1, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
-    directory = save_checkpoint(build_model(config, seed=1), tmp_path / "hf", "llama")
-    with pytest.raises(HalfbyteError, match=r"rope_type 'dynamic' is not supported \(supported: linear, llama3"):
-        convert(str(directory), tmp_path / "m.gguf", GGMLQuantizationType.F32, progress=False)
-
-
 @pytest.mark.skipif(not os.environ.get("HALFBYTE_LLAMA_CPP"),
                     reason="set HALFBYTE_LLAMA_CPP to a llama.cpp checkout to run")
 def test_llama_cpp_converter_llama31_file_runs(tmp_path):
