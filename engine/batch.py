@@ -66,20 +66,22 @@ class Batch:
         return int(self.tokens.size)
 
     def attention(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
-                  alibi: np.ndarray | None = None, window: int = 0) -> np.ndarray:
+                  alibi: np.ndarray | None = None, window: int = 0, softcap: float = 0.0) -> np.ndarray:
         """Store each sequence's keys and values ``(n_tok, n_kv_head, head_dim)`` in its cache, then
         causal attention of its queries ``(n_tok, n_head, head_dim)`` over that cache (over the last
-        ``window`` positions only, when > 0: sliding-window attention)."""
+        ``window`` positions only, when > 0: sliding-window attention; scores soft-capped to
+        ``softcap * tanh(score / softcap)`` when ``softcap`` > 0: Gemma 2)."""
         layer -= self.first_layer
         if len(self.sequences) == 1:
             seq = self.sequences[0]
             seq.cache.store(layer, k, v, seq.n_past)
-            return attend(q, seq.cache.keys(layer), seq.cache.values(layer), seq.n_past, scale, alibi, window=window)
+            return attend(q, seq.cache.keys(layer), seq.cache.values(layer), seq.n_past, scale, alibi, window=window,
+                          softcap=softcap)
         out = np.empty(q.shape, np.float32)
         for seq, start, end in zip(self.sequences, self.starts[:-1], self.starts[1:]):
             seq.cache.store(layer, k[start:end], v[start:end], seq.n_past)
             attend(np.ascontiguousarray(q[start:end]), seq.cache.keys(layer), seq.cache.values(layer),
-                   seq.n_past, scale, alibi, out=out[start:end], window=window)
+                   seq.n_past, scale, alibi, out=out[start:end], window=window, softcap=softcap)
         return out
 
     def output_rows(self, x: np.ndarray, all_logits: bool) -> np.ndarray:

@@ -6,7 +6,9 @@ uses) or float32. ``attend`` runs ``n_tok`` new queries at positions
 ``n_past .. n_past+n_tok-1``, whose keys/values must already be stored: query ``t``
 sees keys ``0 .. n_past+t``. Query head ``h`` reads KV head ``h // (n_head / n_kv_head)``,
 the grouping of transformers' ``repeat_kv`` and llama.cpp. ALiBi adds
-``slope[h] * (j - i)`` to the score of key ``j`` for the query at position ``i``.
+``slope[h] * (j - i)`` to the score of key ``j`` for the query at position ``i``. Gemma 2's
+soft-capping (``softcap`` > 0) maps each scaled score ``s`` to ``softcap * tanh(s / softcap)``
+before the softmax (and before ALiBi, as llama.cpp orders them).
 """
 
 from __future__ import annotations
@@ -277,7 +279,7 @@ def _accumulate_overload(acc, p, v):
 
 
 @njit(cache=True, parallel=True)
-def _attend_kernel(q, k, v, n_past, scale, slopes, use_alibi, window, out):
+def _attend_kernel(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out):
     n_tok, n_head, head_dim = q.shape
     group = n_head // k.shape[1]
     # Head-major task order: with a static split of tasks over threads each thread gets
@@ -295,6 +297,8 @@ def _attend_kernel(q, k, v, n_past, scale, slopes, use_alibi, window, out):
         peak = -np.inf
         for j in range(n_keys):
             s = _score(qv, k[first + j, kv_head]) * scale
+            if softcap > 0:
+                s = softcap * np.tanh(s / softcap)
             if use_alibi:
                 s += slopes[h] * np.float32(first + j - query_pos)
             scores[j] = s
@@ -331,7 +335,8 @@ def _cache_head_dim(cache: np.ndarray) -> int:
 
 
 def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int, scale: float,
-           alibi_slopes: np.ndarray | None = None, out: np.ndarray | None = None, window: int = 0) -> np.ndarray:
+           alibi_slopes: np.ndarray | None = None, out: np.ndarray | None = None, window: int = 0,
+           softcap: float = 0.0) -> np.ndarray:
     """Causal attention of ``q`` ``(n_tok, n_head, head_dim)`` float32 over one layer's cache.
 
     ``k_cache``/``v_cache`` ``(n_ctx, n_kv_head, head_dim)`` must already hold the new
@@ -339,9 +344,13 @@ def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int,
     (plus ALiBi). Returns float32 ``(n_tok, n_head, head_dim)``, into ``out`` if given.
     ``window`` > 0 is a sliding window (Mistral's ``sliding_window``): the query at position
     ``i`` sees keys ``i-window+1 .. i`` only, as transformers' and llama.cpp's masks.
+    ``softcap`` > 0 caps the scores: ``softcap * tanh(score / softcap)`` (Gemma 2's
+    ``attn_logit_softcapping``); 0 leaves them as they are.
     """
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
         raise HalfbyteError(f"attention window must be an integer >= 0, got {window!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float, np.number)) or not 0 <= softcap < math.inf:
+        raise HalfbyteError(f"attention softcap must be a finite number >= 0, got {softcap!r}")
     q = np.ascontiguousarray(q, dtype=np.float32)
     if q.ndim != 3:
         raise HalfbyteError(f"queries must be (n_tok, n_head, head_dim), got shape {q.shape}")
@@ -366,12 +375,13 @@ def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int,
     elif out.shape != q.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise HalfbyteError(f"out must be a C-contiguous float32 array of shape {q.shape}")
     if n_tok:
-        _call(_attend_kernel, q, k, v, n_past, np.float32(scale), slopes, alibi_slopes is not None, int(window), out)
+        _call(_attend_kernel, q, k, v, n_past, np.float32(scale), slopes, alibi_slopes is not None, int(window),
+              np.float32(softcap), out)
     return out
 
 
 def reference_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int, scale: float,
-                        alibi_slopes: np.ndarray | None = None, window: int = 0) -> np.ndarray:
+                        alibi_slopes: np.ndarray | None = None, window: int = 0, softcap: float = 0.0) -> np.ndarray:
     """Plain float64 version of ``attend`` (KV heads repeated, full masked score matrix)."""
     n_tok, n_head, _ = q.shape
     n_keys = n_past + n_tok
@@ -379,6 +389,8 @@ def reference_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
     k = np.repeat(np.asarray(k_cache[:n_keys], np.float64), group, axis=1)  # (n_keys, n_head, hd)
     v = np.repeat(np.asarray(v_cache[:n_keys], np.float64), group, axis=1)
     scores = np.einsum("thd,jhd->htj", np.asarray(q, np.float64), k) * scale
+    if softcap > 0:
+        scores = softcap * np.tanh(scores / softcap)
     query_pos = n_past + np.arange(n_tok)
     key_pos = np.arange(n_keys)
     if alibi_slopes is not None:
