@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType, Keys
 
-from converters import falcon, gpt2, gptneox, llama, mpt, phi3, qwen2, qwen3, stablelm
+from converters import falcon, gemma, gemma2, gpt2, gptneox, llama, mpt, phi3, qwen2, qwen3, stablelm
 from converters.base import ConfigReader, ConversionPlan, PlannedTensor, read_json
 from converters.lora import merge as lora_merge
 from converters.vocab import TOKENIZER_FILES, check_vocab_fits
@@ -28,7 +28,8 @@ from engine.filetypes import FILE_TYPES, QUANTIZE_MIXES
 from engine.gguf_file import GGUFWriter, refuse_overwriting_inputs
 from engine.progress import progress_bar
 
-ARCHITECTURES: tuple[ModuleType, ...] = (llama, mpt, falcon, qwen2, qwen3, gptneox, gpt2, stablelm, phi3)
+ARCHITECTURES: tuple[ModuleType, ...] = (llama, mpt, falcon, qwen2, qwen3, gptneox, gpt2, stablelm, phi3, gemma,
+                                         gemma2)
 QUANTIZATION_VERSION = 2  # ggml's current block layouts (general.quantization_version)
 CHUNK_ROWS_ELEMENTS = 1 << 22
 

@@ -7,6 +7,7 @@ from typing import Any
 from engine.errors import file_error
 from engine.gguf_file import GGUFFile
 from models.falcon import Falcon
+from models.gemma import Gemma, Gemma2
 from models.gpt2 import Gpt2
 from models.gptneox import GptNeoX
 from models.llama import Llama
@@ -18,7 +19,7 @@ from models.stablelm import StableLm
 
 ARCHITECTURES: dict[str, type] = {"llama": Llama, "mpt": Mpt, "falcon": Falcon, "qwen2": Qwen2, "qwen3": Qwen3,
                                  "gptneox": GptNeoX, "gpt2": Gpt2,
-                                 "stablelm": StableLm, "phi3": Phi3}
+                                 "stablelm": StableLm, "phi3": Phi3, "gemma": Gemma, "gemma2": Gemma2}
 
 
 def load_architecture(file: GGUFFile) -> Any:
