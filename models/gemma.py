@@ -11,7 +11,9 @@
 
 The norm weights in the file already hold transformers' ``1 + w`` (converters/gemma.py, as
 llama.cpp's converter). The head is always the token embedding (llama.cpp's Gemma graphs never read
-``output.weight``). Heads are ``attention.key_length`` wide (256 on the released models).
+``output.weight``). Heads are ``attention.key_length`` wide (256 on the released models). RoPE
+scaling keys (linear, YaRN) apply as for the other architectures (engine/rope.py); per-pair factor
+tensors are not read, as in llama.cpp's Gemma graphs.
 
 Gemma 2, as llama.cpp's ``gemma2`` hparams and graph:
 - attention scores ``s`` become ``c * tanh(s / c)`` with ``c = gemma2.attn_logit_softcapping``
@@ -55,13 +57,12 @@ class Gemma(PreNormDecoder):
         p = self.params
         t = Tensors(file)
         self.output = self.tok_embd  # as llama.cpp: the head is token_embd, whatever else the file holds
-        self.rope_freqs = None  # not read by llama.cpp's Gemma graphs either
         self.embed_scale = np.float32(math.sqrt(p.n_embd))
         self.attn_scale = 1.0 / math.sqrt(p.head_dim)
         self.attn_softcap = 0.0
         self.final_softcap = 0.0
         self.windows = [0] * p.n_layer
-        self.thetas = [p.rope_theta] * p.n_layer
+        self.set_rope_bases([p.rope_theta] * p.n_layer)
         self.layers = [
             GemmaLayer(
                 **{f.name: getattr(layer, f.name) for f in fields(DecoderLayer)},
@@ -70,6 +71,13 @@ class Gemma(PreNormDecoder):
             )
             for i, layer in enumerate(self.layers)
         ]
+
+    def set_rope_bases(self, thetas: list[float]) -> None:
+        """Each layer's RoPE base and rotation (the file's scaling: linear, YaRN, attn_factor, as
+        llama.cpp's ggml_rope_ext; no per-pair factors, which llama.cpp's Gemma graphs do not read)."""
+        p = self.params
+        self.thetas = thetas
+        self.rotations = [p.rope.rotation(p.n_rot, theta, None) for theta in thetas]
 
     def embed(self, batch: Batch) -> np.ndarray:
         return np.multiply(ops.embed(self.tok_embd, batch.tokens), self.embed_scale, dtype=np.float32)
@@ -91,8 +99,9 @@ class Gemma(PreNormDecoder):
         q = np.ascontiguousarray(q).reshape(n, p.n_head, p.head_dim)
         k = np.ascontiguousarray(k).reshape(n, p.n_head_kv, p.head_dim)
         v = v.reshape(n, p.n_head_kv, p.head_dim)
-        ops.rope(q, batch.positions, p.n_rot, self.thetas[i], p.rope_scale, True)
-        ops.rope(k, batch.positions, p.n_rot, self.thetas[i], p.rope_scale, True)
+        scale, divisors, magnitude = self.rotations[i]
+        ops.rope(q, batch.positions, p.n_rot, self.thetas[i], scale, True, divisors, magnitude)
+        ops.rope(k, batch.positions, p.n_rot, self.thetas[i], scale, True, divisors, magnitude)
         attn = batch.attention(i, q, k, v, self.attn_scale, window=self.windows[i], softcap=self.attn_softcap)
         out = ops.linear(attn.reshape(n, p.n_head * p.head_dim), layer.wo)
         if layer.post_attn_norm is not None:
@@ -135,7 +144,7 @@ class Gemma2(Gemma):
         theta_swa = hp.float("rope.freq_base_swa", p.rope_theta, positive=True)
         sliding = self.sliding_layers(file, p.n_layer)
         self.windows = [window if slides else 0 for slides in sliding]
-        self.thetas = [theta_swa if slides else p.rope_theta for slides in sliding]
+        self.set_rope_bases([theta_swa if slides else p.rope_theta for slides in sliding])
 
     @classmethod
     def sliding_layers(cls, file: GGUFFile, n_layer: int) -> list[bool]:
