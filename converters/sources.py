@@ -64,6 +64,13 @@ ALIASES: dict[str, str] = {
     "cerebras-gpt-1.3b": "cerebras/Cerebras-GPT-1.3B",
     "stablelm-3b-4e1t": "stabilityai/stablelm-3b-4e1t",
     "phi-3-mini": "microsoft/Phi-3-mini-4k-instruct",
+    "phi-3-mini-128k": "microsoft/Phi-3-mini-128k-instruct",
+    "gemma-2b": "google/gemma-2b",
+    "gemma-2b-it": "google/gemma-2b-it",
+    "gemma-7b": "google/gemma-7b",
+    "gemma-2-2b": "google/gemma-2-2b",
+    "gemma-2-2b-it": "google/gemma-2-2b-it",
+    "gemma-2-9b": "google/gemma-2-9b",
 }
 
 # config.json plus every tokenizer file the vocab readers may use; each is fetched if the repo has it.
