@@ -30,15 +30,33 @@ def _type_flag(name: str) -> click.Option:
               help="Scale of the merged adapters: once for all, or once per --lora (default 1).")
 @click.option("--base", metavar="BASE",
               help="SOURCE is a PEFT LoRA adapter: write it as a LoRA adapter GGUF for this base checkpoint.")
+@click.option("--gqa", type=int, help="2023 GGML SOURCE: n_head / n_head_kv (default: from the tensors).")
+@click.option("--eps", type=float, help="2023 GGML SOURCE: RMS norm epsilon (default 5e-6; LLaMA-2: 1e-5).")
+@click.option("-c", "--ctx", "n_ctx", type=int, help="2023 GGML SOURCE: training context (default 2048).")
+@click.option("--config", "config_dir", metavar="DIR",
+              help="2023 GGML SOURCE: take those from this HF config.json / Meta params.json directory.")
 def convert(source: str, output: str | None, revision: str | None, vocab_only: bool, quiet: bool,
-            lora: tuple[str, ...], lora_scale: tuple[float, ...], base: str | None, type_name: str | None) -> None:
+            lora: tuple[str, ...], lora_scale: tuple[float, ...], base: str | None, type_name: str | None,
+            gqa: int | None, eps: float | None, n_ctx: int | None, config_dir: str | None) -> None:
     """Convert a Hugging Face LLaMA, MPT or Falcon checkpoint to one GGUF file.
 
     SOURCE is an alias (e.g. llama-7b, mpt-7b, falcon-7b), an org/name repo id,
-    or a local checkpoint directory.
+    or a local checkpoint directory; or a 2023 GGML LLaMA model.bin (ggml, ggmf, ggjt v1-v3),
+    written with its own tensor types in today's layouts.
     """
     from converters.convert import convert as run_convert
     from engine.errors import HalfbyteError
+    from engine.ggml_legacy import LegacyOptions, convert_ggml, is_legacy_ggml
+
+    if is_legacy_ggml(source):  # a 2023 GGML file (engine/ggml_legacy.py)
+        if type_name or lora or lora_scale or base or vocab_only or revision:
+            raise HalfbyteError(f"{source}: a 2023 GGML file is converted with its own tensor types and nothing "
+                                "else (-o, --gqa, --eps, -c, --config); `halfbyte quantize` the GGUF afterwards")
+        options = LegacyOptions(n_ctx=n_ctx, eps=eps, gqa=gqa, config_dir=config_dir)
+        click.echo(f"wrote {convert_ggml(source, output, options, progress=not quiet)}", err=True)
+        return
+    if gqa is not None or eps is not None or n_ctx is not None or config_dir is not None:
+        raise HalfbyteError("--gqa, --eps, -c and --config are for 2023 GGML files (model.bin)")
 
     if len(lora_scale) > 1 and len(lora_scale) != len(lora):
         raise HalfbyteError(f"--lora-scale: give one scale for all adapters or one per --lora "

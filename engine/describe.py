@@ -137,7 +137,8 @@ def describe(gguf: GGUFFile) -> str:
     """The full `info` report."""
     md = gguf.metadata
     arch = str(md.get("general.architecture", "<none>"))  # str(): shown even if stored with a wrong type
-    lines = [f"file:         {gguf.path}", f"format:       GGUF v{gguf.version}, alignment {gguf.alignment}"]
+    fmt = getattr(gguf, "legacy_format", None) or f"GGUF v{gguf.version}, alignment {gguf.alignment}"  # 2023 GGML
+    lines = [f"file:         {gguf.path}", f"format:       {fmt}"]
     lines.append(f"architecture: {arch}")
     if "general.name" in md:
         lines.append(f"name:         {md['general.name']}")

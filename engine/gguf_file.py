@@ -191,6 +191,14 @@ class GGUFFile:
     name and memory-mapped too, and ``tensors`` lists the tensors of every part (``TensorInfo.part``).
     """
 
+    def __new__(cls, path: str | os.PathLike, *args: Any, **kwargs: Any) -> GGUFFile:
+        if cls is GGUFFile:  # a 2023 GGML model.bin opens as the GGUF it converts to (engine/ggml_legacy.py)
+            from engine.ggml_legacy import LegacyGGMLFile, is_legacy_ggml
+
+            if is_legacy_ggml(path):
+                cls = LegacyGGMLFile
+        return super().__new__(cls)
+
     def __init__(self, path: str | os.PathLike, _split_part: bool = False) -> None:
         self.path = Path(path)
         self.metadata: dict[str, Any] = {}
