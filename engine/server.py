@@ -488,11 +488,32 @@ def build_service(model_path: str, n_ctx: int, threads: int | None, parallel: in
 @click.option("--max-body", default=DEFAULT_MAX_BODY, show_default=True, help="Largest request body in bytes (413).")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]), help="uvicorn's log level.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Serve through Ray Serve: each replica a process with its own model mapping and slots, "
+                   "requests routed to replicas with a free slot (engine/distributed/replicas.py).")
+@click.option("--replicas", type=int, default=None, help="With --ray: how many replicas (default 1).")
+@click.option("--autoscale", metavar="MIN:MAX", default=None,
+              help="With --ray: let Serve scale between MIN and MAX replicas (about --parallel requests each).")
+@click.option("--ray-address", default=None,
+              help="With --ray: join this Ray cluster (e.g. auto, or HOST:6379) instead of starting one locally.")
 def serve(model_path: str | None, host: str, port: int, parallel: int, n_ctx: int, api_key: str | None,
           chat_template: str | None, threads: int | None, queue_size: int, prefill_chunk: int, max_body: int,
-          log_level: str) -> None:
+          log_level: str, use_ray: bool, replicas: int | None, autoscale: str | None, ray_address: str | None) -> None:
     """Serve MODEL (default: the embedded demo model) over HTTP with OpenAI's API: /v1/chat/completions,
     /v1/completions, /v1/models, /health. Binds 127.0.0.1 unless --host says otherwise."""
+    bounds = None  # --autoscale MIN:MAX
+    if not use_ray:
+        for name, value in (("--replicas", replicas), ("--autoscale", autoscale), ("--ray-address", ray_address)):
+            if value is not None:
+                raise HalfbyteError(f"{name} needs --ray")
+    else:
+        from engine.distributed.replicas import parse_autoscale, require_ray
+
+        require_ray()
+        if replicas is not None and autoscale is not None:
+            raise HalfbyteError("give either --replicas or --autoscale, not both")
+        check_option("--replicas", replicas, 1)
+        bounds = parse_autoscale(autoscale) if autoscale is not None else None
     try:
         import uvicorn
     except ImportError:
@@ -513,6 +534,17 @@ def serve(model_path: str | None, host: str, port: int, parallel: int, n_ctx: in
 
         model_path = str(default_model_path())
         click.echo(f"halfbyte: no model given, using the embedded demo model {model_path}", err=True)
+    if use_ray:
+        from engine.distributed import replicas as ray_replicas
+
+        deployed = ray_replicas.deploy(model_path, replicas=None if bounds else (replicas or 1), autoscale=bounds,
+                                       parallel=parallel, n_ctx=n_ctx, threads=threads, host=host, port=port,
+                                       chat_template=chat_template, api_key=api_key, queue_size=queue_size,
+                                       prefill_chunk=prefill_chunk, max_body=max_body, ray_address=ray_address,
+                                       log_level=log_level)
+        click.echo(f"halfbyte: {deployed.describe()}{', API key required' if api_key else ''}", err=True)
+        ray_replicas.serve_forever(deployed)  # until Ctrl-C or SIGTERM; then Serve is shut down, exit 0
+        return
     compile_notices()
     service = build_service(model_path, n_ctx, threads, parallel, chat_template, api_key, queue_size, prefill_chunk,
                             max_body)
