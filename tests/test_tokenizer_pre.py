@@ -246,7 +246,8 @@ def test_split_matches_oniguruma(pre):
         assert split(text) == _reference_words(pre, text), (pre, text)
 
 
-_SWEEP_NAMES = ["llama-bpe", "qwen2", "qwen35", "starcoder", "deepseek-coder", "deepseek-v3", "bloom", "viking"]
+_SWEEP_NAMES = ["llama-bpe", "qwen2", "qwen35", "starcoder", "deepseek-llm", "deepseek-coder", "deepseek-v3", "bloom",
+                "viking"]
 
 
 @pytest.mark.parametrize("pre", _SWEEP_NAMES)
