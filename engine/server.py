@@ -29,11 +29,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import time
 from typing import Any
 
 import click
 
+from engine.distributed.ray_runtime import RAY_HINT
 from engine.errors import HalfbyteError
 from engine.run_cli import THREADS_HELP, check_not_directory, check_option, compile_notices, load_model
 
@@ -73,6 +75,8 @@ class Service:
         self.api_key = api_key
         self.max_body = max_body
         self.created = int(time.time())
+        # Run-time LoRA adapters: scales of requests without a "lora" field (POST /lora-adapters sets them).
+        self.lora_scales = [float(a["scale"]) for a in getattr(model, "lora_adapters", [])]
 
     # -- request plumbing ----------------------------------------------------------------------------
 
@@ -85,6 +89,12 @@ class Service:
             raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", "authentication_error")
 
     async def read_json(self, request: Any) -> dict[str, Any]:
+        data = await self.read_json_value(request)
+        if not isinstance(data, dict):
+            raise ApiError(400, f"the body must be a JSON object, got {type(data).__name__}")
+        return data
+
+    async def read_json_value(self, request: Any) -> Any:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             raise ApiError(413, f"request body of {length} bytes is over the limit of {self.max_body} bytes")
@@ -97,8 +107,6 @@ class Service:
             data = json.loads(bytes(body).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ApiError(400, f"malformed JSON body: {exc}") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, f"the body must be a JSON object, got {type(data).__name__}")
         return data
 
     def settings(self, body: dict[str, Any], chat: bool):  # -> engine.serving.completion.Settings
@@ -204,9 +212,34 @@ class Service:
             raise ApiError(400, "cache_prompt must be true or false")
         return stream, include_usage
 
+    def lora_from(self, value: Any, where: str = "lora") -> list[float]:
+        """llama-server's ``[{"id": N, "scale": S}, ...]``: those scales, every other adapter at 0."""
+        n = len(self.lora_scales)
+        if not isinstance(value, list):
+            raise ApiError(400, f"{where} must be a list of {{\"id\", \"scale\"}} objects")
+        scales = [0.0] * n
+        for item in value:
+            if not isinstance(item, dict) or not _is_int(item.get("id")) or not _is_number(item.get("scale")):
+                raise ApiError(400, f"{where}: each entry must be {{\"id\": integer, \"scale\": number}}, got "
+                                    f"{json.dumps(item)[:80]}")
+            if not 0 <= item["id"] < n:
+                raise ApiError(400, f"{where}: no adapter with id {item['id']} (this server has {n}: "
+                                    f"GET /lora-adapters lists them)")
+            if not math.isfinite(item["scale"]):
+                raise ApiError(400, f"{where}: scale must be finite")
+            scales[item["id"]] = float(item["scale"])
+        return scales
+
+    def request_lora(self, body: dict[str, Any]) -> tuple[float, ...] | None:
+        """The adapters' scales for this request: its ``lora`` field, else the server's current ones."""
+        if "lora" in body and body["lora"] is not None:
+            return tuple(self.lora_from(body["lora"]))
+        return tuple(self.lora_scales) if self.lora_scales else None
+
     # -- running a job -------------------------------------------------------------------------------
 
-    def submit(self, state: Any, cache_prompt: bool) -> tuple[Any, asyncio.Queue]:
+    def submit(self, state: Any, cache_prompt: bool, lora: tuple[float, ...] | None = None
+               ) -> tuple[Any, asyncio.Queue]:
         from engine.serving.scheduler import Job, QueueFull
 
         loop = asyncio.get_running_loop()
@@ -215,7 +248,7 @@ class Service:
         def emit(event: tuple) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        job = Job(state, emit, cache_prompt)
+        job = Job(state, emit, cache_prompt, lora_scales=lora)
         try:
             self.scheduler.submit(job)
         except QueueFull as exc:
@@ -278,6 +311,19 @@ class Service:
 
         return JSONResponse({"status": "ok", **self.scheduler.status()})
 
+    async def lora_adapters(self, request: Any):
+        """llama-server's ``GET /lora-adapters`` (``[{"id", "path", "scale"}]``) and ``POST`` with
+        ``[{"id", "scale"}]``: the scales of requests that do not set their own."""
+        from starlette.responses import JSONResponse
+
+        self.check_auth(request)
+        if request.method == "POST":
+            body = await self.read_json_value(request)
+            self.lora_scales = self.lora_from(body, "the body")
+        adapters = getattr(self.model, "lora_adapters", [])
+        return JSONResponse([{"id": a["id"], "path": a["path"], "scale": scale}
+                             for a, scale in zip(adapters, self.lora_scales)])
+
     async def models(self, request: Any):
         from starlette.responses import JSONResponse
 
@@ -300,7 +346,7 @@ class Service:
         ids = self.prompt_ids(body)
         self.check_fits(ids)
         state = SequenceState(self.model.tokenizer, ids, settings, self.scheduler.n_ctx)
-        job, events = self.submit(state, body.get("cache_prompt", True))
+        job, events = self.submit(state, body.get("cache_prompt", True), self.request_lora(body))
         cid, created, name = c.new_id("cmpl"), c.now(), self.model.name
         tokenizer = self.model.tokenizer
         with_logprobs = settings.logprobs is not None
@@ -352,7 +398,7 @@ class Service:
         ids = prompt_tokens(self.model.tokenizer, text)
         self.check_fits(ids)
         state = SequenceState(self.model.tokenizer, ids, settings, self.scheduler.n_ctx, template.stop_texts)
-        job, events = self.submit(state, body.get("cache_prompt", True))
+        job, events = self.submit(state, body.get("cache_prompt", True), self.request_lora(body))
         cid, created, name = c.new_id("chatcmpl"), c.now(), self.model.name
         tokenizer = self.model.tokenizer
         with_logprobs = settings.logprobs is not None
@@ -434,6 +480,7 @@ def create_app(service: Service):
     routes = [
         Route("/health", guarded(service.health), methods=["GET"]),
         Route("/v1/health", guarded(service.health), methods=["GET"]),
+        Route("/lora-adapters", guarded(service.lora_adapters), methods=["GET", "POST"]),
     ]
     for prefix in ("/v1", ""):
         routes += [
@@ -455,16 +502,32 @@ def create_app(service: Service):
 
 def build_service(model_path: str, n_ctx: int, threads: int | None, parallel: int, chat_template: str | None,
                   api_key: str | None, queue_size: int = 16, prefill_chunk: int = 64,
-                  max_body: int = DEFAULT_MAX_BODY) -> Service:
-    """Load the model, start its scheduler: everything but the HTTP listener."""
+                  max_body: int = DEFAULT_MAX_BODY, lora: tuple | list = (), lora_applied: bool = True,
+                  pipeline: dict[str, Any] | None = None) -> Service:
+    """Load the model, start its scheduler: everything but the HTTP listener. ``lora``: run-time
+    adapters ``[(path, scale)]`` (``lora_applied=False``: loaded at scale 0, as llama-server's
+    ``--lora-init-without-apply``). ``pipeline``: ``PipelineModel`` options (``stages``, ``address``,
+    ``placement``, ``micro_batch``): the layers run in Ray actors (engine/distributed/pipeline.py)."""
     from engine.serving.scheduler import Scheduler
 
-    model = load_model(model_path, n_ctx, threads)
+    if pipeline is not None:
+        if lora:
+            raise HalfbyteError("--lora does not go with --pipeline (the stages hold no adapters)")
+        from engine.distributed.pipeline import PipelineModel
+        from engine.hub import resolve_model_path
+
+        model = PipelineModel.load(resolve_model_path(model_path, None, None), n_ctx=n_ctx or None, threads=threads,
+                                   **pipeline)
+    else:
+        model = load_model(model_path, n_ctx, threads, lora=lora)
     model._chat_template_spec = chat_template
     model.chat_template  # noqa: B018  (resolved now: a bad --chat-template fails before serving)
     scheduler = Scheduler(model, n_slots=parallel, n_ctx=model.n_ctx, queue_size=queue_size,
                           prefill_chunk=prefill_chunk).start()
-    return Service(model, scheduler, api_key=api_key, max_body=max_body)
+    service = Service(model, scheduler, api_key=api_key, max_body=max_body)
+    if not lora_applied:
+        service.lora_scales = [0.0] * len(service.lora_scales)
+    return service
 
 
 @click.command()
@@ -496,16 +559,48 @@ def build_service(model_path: str, n_ctx: int, threads: int | None, parallel: in
               help="With --ray: let Serve scale between MIN and MAX replicas (about --parallel requests each).")
 @click.option("--ray-address", default=None,
               help="With --ray: join this Ray cluster (e.g. auto, or HOST:6379) instead of starting one locally.")
+@click.option("--pipeline", "stages", type=int, default=None, metavar="K",
+              help="With --ray: split the layers into K stages, each a Ray actor on its own node, for a model "
+                   "too big for one machine (engine/distributed/pipeline.py).")
+@click.option("--placement", type=click.Choice(["strict-spread", "spread", "pack"]), default=None,
+              help="With --pipeline: strict-spread (default: one stage per node), spread or pack.")
+@click.option("--micro-batch", type=int, default=None, help="With --pipeline: prompt tokens per micro-batch "
+              "(the stages overlap; default 32, 0 = none).")
+@click.option("--lora", "lora", multiple=True, metavar="FILE", help="Load this LoRA adapter GGUF (repeatable).")
+@click.option("--lora-scaled", "lora_scaled", multiple=True, nargs=2, type=(str, float), metavar="FILE S",
+              help="Load this LoRA adapter GGUF at scale S (repeatable).")
+@click.option("--lora-init-without-apply", is_flag=True,
+              help="Load the adapters at scale 0: requests set scales with their \"lora\" field, or POST "
+                   "/lora-adapters sets them for all.")
 def serve(model_path: str | None, host: str, port: int, parallel: int, n_ctx: int, api_key: str | None,
           chat_template: str | None, threads: int | None, queue_size: int, prefill_chunk: int, max_body: int,
-          log_level: str, use_ray: bool, replicas: int | None, autoscale: str | None, ray_address: str | None) -> None:
+          log_level: str, use_ray: bool, replicas: int | None, autoscale: str | None, ray_address: str | None,
+          stages: int | None = None, placement: str | None = None, micro_batch: int | None = None,
+          lora: tuple = (), lora_scaled: tuple = (), lora_init_without_apply: bool = False) -> None:
     """Serve MODEL (default: the embedded demo model) over HTTP with OpenAI's API: /v1/chat/completions,
     /v1/completions, /v1/models, /health. Binds 127.0.0.1 unless --host says otherwise."""
     bounds = None  # --autoscale MIN:MAX
+    adapters = [(path, 1.0) for path in lora] + [(path, scale) for path, scale in lora_scaled]
+    if lora_init_without_apply and not adapters:
+        raise HalfbyteError("--lora-init-without-apply needs --lora or --lora-scaled")
+    if stages is None:
+        for name, value in (("--placement", placement), ("--micro-batch", micro_batch)):
+            if value is not None:
+                raise HalfbyteError(f"{name} needs --pipeline")
     if not use_ray:
-        for name, value in (("--replicas", replicas), ("--autoscale", autoscale), ("--ray-address", ray_address)):
+        for name, value in (("--replicas", replicas), ("--autoscale", autoscale), ("--ray-address", ray_address),
+                            ("--pipeline", stages)):
             if value is not None:
                 raise HalfbyteError(f"{name} needs --ray")
+    elif stages is not None:
+        check_option("--pipeline", stages, 1)
+        check_option("--micro-batch", micro_batch if micro_batch is not None else 0, 0)
+        if replicas is not None or autoscale is not None:
+            raise HalfbyteError("--pipeline serves one copy of the model across nodes: it does not go with "
+                                "--replicas or --autoscale")
+        from engine.distributed.ray_runtime import import_ray
+
+        import_ray(f"halfbyte serve --pipeline needs Ray: {RAY_HINT}")
     else:
         from engine.distributed.replicas import parse_autoscale, require_ray
 
@@ -534,6 +629,13 @@ def serve(model_path: str | None, host: str, port: int, parallel: int, n_ctx: in
 
         model_path = str(default_model_path())
         click.echo(f"halfbyte: no model given, using the embedded demo model {model_path}", err=True)
+    pipeline = None
+    if stages is not None:
+        from engine.distributed.pipeline import DEFAULT_MICRO_BATCH
+
+        use_ray = False  # one process serves; its model's layers run in the stages
+        pipeline = {"stages": stages, "address": ray_address, "placement": placement or "strict-spread",
+                    "micro_batch": DEFAULT_MICRO_BATCH if micro_batch is None else micro_batch}
     if use_ray:
         from engine.distributed import replicas as ray_replicas
 
@@ -541,13 +643,14 @@ def serve(model_path: str | None, host: str, port: int, parallel: int, n_ctx: in
                                        parallel=parallel, n_ctx=n_ctx, threads=threads, host=host, port=port,
                                        chat_template=chat_template, api_key=api_key, queue_size=queue_size,
                                        prefill_chunk=prefill_chunk, max_body=max_body, ray_address=ray_address,
-                                       log_level=log_level)
+                                       log_level=log_level, lora=tuple(adapters),
+                                       lora_applied=not lora_init_without_apply)
         click.echo(f"halfbyte: {deployed.describe()}{', API key required' if api_key else ''}", err=True)
         ray_replicas.serve_forever(deployed)  # until Ctrl-C or SIGTERM; then Serve is shut down, exit 0
         return
     compile_notices()
     service = build_service(model_path, n_ctx, threads, parallel, chat_template, api_key, queue_size, prefill_chunk,
-                            max_body)
+                            max_body, lora=adapters, lora_applied=not lora_init_without_apply, pipeline=pipeline)
     import socket
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -558,13 +661,18 @@ def serve(model_path: str | None, host: str, port: int, parallel: int, n_ctx: in
         raise HalfbyteError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.listen(128)
     bound = sock.getsockname()[1]
+    where = f", layers in {stages} Ray pipeline stages" if stages else ""
     click.echo(f"halfbyte: serving {service.model.name} on http://{host}:{bound} ({parallel} slots of "
-               f"{service.scheduler.n_ctx} tokens, chat template: {service.model.chat_template.name}"
+               f"{service.scheduler.n_ctx} tokens, chat template: {service.model.chat_template.name}{where}"
                f"{', API key required' if api_key else ''})", err=True)
-    config = uvicorn.Config(create_app(service), log_level=log_level, timeout_graceful_shutdown=3,
+    # lifespan="off": the app has no start-up or shutdown handlers, and uvicorn logs a cancelled lifespan
+    # task as an error (with a traceback) when Ctrl-C arrives while Ray is initialised in this process.
+    config = uvicorn.Config(create_app(service), log_level=log_level, timeout_graceful_shutdown=3, lifespan="off",
                             access_log=log_level in ("info", "debug"))
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         service.scheduler.stop()
         sock.close()
+        if stages:
+            service.model.close()  # the stage actors and their placement group

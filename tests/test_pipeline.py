@@ -40,10 +40,14 @@ ray = pytest.importorskip("ray")
 def cluster():
     from ray.cluster_utils import Cluster
 
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    nodes.add_node(num_cpus=1)
-    ray.init(address=nodes.address, namespace="halfbyte-tests", log_to_driver=False)
-    nodes.wait_for_nodes()
+    from engine.distributed.ray_runtime import loopback_ray
+
+    with loopback_ray():  # every node's processes on 127.0.0.1
+        nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        nodes.add_node(num_cpus=1)
+        ray.init(address=nodes.address, namespace="halfbyte-tests", log_to_driver=False)
+        nodes.wait_for_nodes()
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
     yield nodes
     ray.shutdown()
     nodes.shutdown()
@@ -156,3 +160,25 @@ def test_placement_that_cannot_be_met_is_one_clean_error(cluster, demo_path):
         PipelineModel.load(demo_path, stages=7)
     with pytest.raises(HalfbyteError, match="no-such.gguf"):
         PipelineModel.load("/nonexistent/no-such.gguf", stages=2)
+
+
+@pytest.mark.slow
+def test_serve_on_a_pipeline(cluster, demo_path):
+    """`halfbyte serve --ray --pipeline 2`'s service: the OpenAI endpoints on a pipelined model give the
+    text one process gives."""
+    from starlette.testclient import TestClient
+
+    from engine.model import Model
+    from engine.server import build_service, create_app
+
+    service = build_service(demo_path, 128, None, 2, None, None,
+                            pipeline={"stages": 2, "placement": "strict-spread", "micro_batch": 16})
+    try:
+        with TestClient(create_app(service)) as client:
+            answer = client.post("/v1/completions", json={"prompt": "And God said", "max_tokens": 16,
+                                                          "temperature": 0}).json()
+        expected = Model.load(demo_path, n_ctx=128).create_completion("And God said", max_tokens=16, temperature=0)
+        assert answer["choices"][0]["text"] == expected["choices"][0]["text"]
+    finally:
+        service.scheduler.stop()
+        service.model.close()

@@ -37,12 +37,12 @@ from typing import Any
 
 import numpy as np
 
+from engine.distributed.ray_runtime import first_line, import_ray, init_local_ray, join_ray
 from engine.errors import HalfbyteError
 from engine.model import Model
 
 DEFAULT_MICRO_BATCH = 32  # prompt tokens per micro-batch
 PLACEMENTS = {"strict-spread": "STRICT_SPREAD", "spread": "SPREAD", "pack": "PACK"}
-RAY_HINT = "pip install 'halfbyte[ray]'"
 
 
 def split_layers(n_layer: int, n_stages: int) -> list[range]:
@@ -235,12 +235,12 @@ class PipelineArchitecture:
         try:
             outputs = ray.get([ref for ref, _ in planned])
         except ray.exceptions.RayActorError as exc:
-            raise HalfbyteError(f"a pipeline stage died: {_first_line(exc)}") from None
+            raise HalfbyteError(f"a pipeline stage died: {first_line(exc)}") from None
         except ray.exceptions.RayTaskError as exc:
             cause = exc.as_instanceof_cause()
             if isinstance(cause, HalfbyteError):
                 raise HalfbyteError(str(cause).splitlines()[0]) from None
-            raise HalfbyteError(f"a pipeline stage failed: {_first_line(exc)}") from None
+            raise HalfbyteError(f"a pipeline stage failed: {first_line(exc)}") from None
         for seq in batch.sequences:
             seq.cache.n_past = seq.n_past + seq.n_tok
         if all_logits:  # rows in batch order: sequence by sequence, piece by piece
@@ -291,29 +291,15 @@ class PipelineArchitecture:
             self.placement_group = None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise HalfbyteError(f"running on Ray needs Ray: {RAY_HINT}") from None
-    return ray
-
-
-def connect(address: str | None = None) -> Any:
-    """Ray, connected: to ``address`` (a cluster's, or "auto"), else a local Ray started on demand."""
+def connect(address: str | None = None, num_cpus: int | None = None) -> Any:
+    """Ray, connected: to ``address`` (a cluster's, or "auto"), else a local Ray started on demand
+    (on the loopback address, engine/distributed/ray_runtime.py)."""
     ray = import_ray()
     if not ray.is_initialized():
-        try:
-            ray.init(address=address, namespace="halfbyte", include_dashboard=False, log_to_driver=False,
-                     ignore_reinit_error=True)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise HalfbyteError(f"cannot connect to Ray at {address or 'a new local instance'}: "
-                                f"{_first_line(exc)}") from None
+        if address:
+            join_ray(address, log_to_driver=False)
+        else:
+            init_local_ray(num_cpus, log_to_driver=False)
     return ray
 
 
@@ -327,7 +313,9 @@ def start_stages(path: str, params: Any, n_stages: int, *, address: str | None =
     if cpus_per_stage < 1:
         raise HalfbyteError(f"CPUs per stage must be >= 1, got {cpus_per_stage}")
     ranges = split_layers(params.n_layer, n_stages)
-    ray = connect(address)
+    # A local Ray gets a logical CPU per stage (the stages run one after another for a token, and a
+    # prompt's micro-batches overlap them); a cluster has its own.
+    ray = connect(address, num_cpus=max(os.cpu_count() or 1, n_stages * cpus_per_stage))
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -354,10 +342,10 @@ def start_stages(path: str, params: Any, n_stages: int, *, address: str | None =
         pipeline.shutdown()
         cause = exc.as_instanceof_cause()
         raise HalfbyteError(str(cause).splitlines()[0] if isinstance(cause, HalfbyteError)
-                            else f"a pipeline stage could not load {path}: {_first_line(exc)}") from None
+                            else f"a pipeline stage could not load {path}: {first_line(exc)}") from None
     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
         pipeline.shutdown()
-        raise HalfbyteError(f"a pipeline stage could not start: {_first_line(exc)}") from None
+        raise HalfbyteError(f"a pipeline stage could not start: {first_line(exc)}") from None
     return pipeline
 
 

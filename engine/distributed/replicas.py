@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import logging
 import os
@@ -46,10 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.distributed.ray_runtime import first_line, init_local_ray, join_ray
 from engine.errors import HalfbyteError
 
 APP_NAME = "halfbyte"
-NAMESPACE = "halfbyte"
 MODEL_DEPLOYMENT = "model"
 INGRESS_DEPLOYMENT = "ingress"
 REPLICA_HEADER = "x-halfbyte-replica"
@@ -124,11 +123,12 @@ class ModelReplica:
     """One Serve replica: a ``Service`` (model + scheduler) and its Starlette app."""
 
     def __init__(self, model_path: str, n_ctx: int, threads: int | None, parallel: int, chat_template: str | None,
-                 api_key: str | None, queue_size: int, prefill_chunk: int, max_body: int) -> None:
+                 api_key: str | None, queue_size: int, prefill_chunk: int, max_body: int,
+                 lora: tuple = (), lora_applied: bool = True) -> None:
         from engine.server import build_service, create_app
 
         self.service = build_service(model_path, n_ctx, threads, parallel, chat_template, api_key, queue_size,
-                                     prefill_chunk, max_body)
+                                     prefill_chunk, max_body, lora=lora, lora_applied=lora_applied)
         self.app = create_app(self.service)
         self.pid = os.getpid()
         try:
@@ -400,62 +400,18 @@ def _check_port(host: str, port: int) -> None:
             raise HalfbyteError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
-@contextlib.contextmanager
-def _loopback_ray():
-    """Ray on the loopback address: by default Ray turns 127.0.0.1 into the machine's network address
-    (so that other nodes can reach it). Read by this process (``ray_constants``, already imported) and
-    inherited by the Ray processes it starts, through the environment."""
-    from ray._private import ray_constants
-
-    saved = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        if saved[0] is None:
-            del os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
-        else:
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved[0]
-        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
-
-
-def _is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]") if address.count(":") == 1 or "]" in address else address
-    return host == "localhost" or host.startswith("127.") or host == "::1"
-
-
-def init_local_ray(num_cpus: float | None = None, **kwargs: Any) -> None:
-    """Start a Ray instance on this machine alone, every Ray process on the loopback address (to serve
-    from a cluster, start it with ``ray start --head`` and give ``--ray-address``)."""
-    ray, _ = _ray()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    with _loopback_ray():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **{"namespace": NAMESPACE, **kwargs})
-
-
 def _init_ray(ray: Any, address: str | None, cpus_needed: float, log_to_driver: bool) -> None:
     global _started_ray
     if ray.is_initialized():
         return
-    common = {"namespace": NAMESPACE, "logging_level": logging.WARNING, "log_to_driver": log_to_driver}
+    common = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}
     if address:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        try:
-            # a cluster on 127.0.0.1 (as init_local_ray starts) is joined there, not at the network address
-            with _loopback_ray() if _is_loopback(address) else contextlib.nullcontext():
-                ray.init(address=address, **common)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise HalfbyteError(f"cannot join the Ray cluster at {address}: {_first_line(exc)}") from None
+        join_ray(address, **common)
         return
     # Room for every replica asked for (Ray would otherwise leave replicas beyond the core count
     # pending forever; the kernels share the cores in any case).
     init_local_ray(max(os.cpu_count() or 1, cpus_needed), **common)
     _started_ray = True
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _deploy_error(serve: Any, exc: BaseException) -> HalfbyteError:
@@ -475,7 +431,7 @@ def _deploy_error(serve: Any, exc: BaseException) -> HalfbyteError:
     for line in reversed(lines):
         if "Error: " in line or "Exception: " in line:
             return HalfbyteError(f"Ray Serve could not start the replicas: {line}")
-    return HalfbyteError(f"Ray Serve could not start the replicas: {_first_line(exc)}")
+    return HalfbyteError(f"Ray Serve could not start the replicas: {first_line(exc)}")
 
 
 def _wait_for_proxy(url: str, timeout: float) -> None:
@@ -500,14 +456,16 @@ def deploy(model_path: str, replicas: int | None = 1, autoscale: tuple[int, int]
            n_ctx: int = 0, threads: int | None = None, host: str = "127.0.0.1", port: int = 8080,
            chat_template: str | None = None, api_key: str | None = None, queue_size: int = 16,
            prefill_chunk: int = 64, max_body: int | None = None, ray_address: str | None = None,
-           replica_cpus: float | None = None, log_level: str = "warning") -> Deployed:
+           replica_cpus: float | None = None, log_level: str = "warning", lora: tuple = (),
+           lora_applied: bool = True) -> Deployed:
     """Deploy MODEL as a Ray Serve application listening on ``host:port`` (0: a free port); returns
     once the replicas are up and the proxy answers. Starts a local Ray instance unless Ray is
     already initialized in this process or ``ray_address`` names a cluster to join.
 
     ``replicas``: a fixed count; ``autoscale=(MIN, MAX)`` instead: Serve keeps about ``parallel``
     requests per replica (``target_ongoing_requests``) within MIN..MAX. ``replica_cpus``: the CPUs
-    Ray reserves for each model replica (default: ``threads`` if given, else 1)."""
+    Ray reserves for each model replica (default: ``threads`` if given, else 1). ``lora``,
+    ``lora_applied``: run-time LoRA adapters of every replica, as ``engine.server.build_service``."""
     from engine.server import DEFAULT_MAX_BODY
 
     ray, serve = _ray()
@@ -559,7 +517,7 @@ def deploy(model_path: str, replicas: int | None = 1, autoscale: tuple[int, int]
         # request done and the scheduler freeing its slot (at its next step).
         model = serve.deployment(ModelReplica).options(**options).bind(
             model_path, n_ctx, threads, parallel, chat_template, api_key, max(queue_size, parallel), prefill_chunk,
-            max_body)
+            max_body, tuple(lora), lora_applied)
         ingress = serve.deployment(Ingress).options(
             name=INGRESS_DEPLOYMENT, num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
             ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=5.0).bind(model, max_body)

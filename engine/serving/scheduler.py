@@ -61,6 +61,7 @@ class Slot:
         self.index = index
         self.cache = cache
         self.tokens: list[int] = []  # what the cache holds, in order
+        self.lora_scales: tuple[float, ...] | None = None  # the LoRA scales the cache was computed with
         self.job: Job | None = None
         self.pending: list[int] = []  # prompt tokens still to evaluate
         self.next_token: int | None = None  # sampled, to evaluate next step
@@ -171,11 +172,14 @@ class Scheduler:
             if job.cache_prompt:
                 best = -1
                 for candidate in free:
-                    common = _common_prefix(candidate.tokens, prompt)
+                    # Cached keys and values computed under other LoRA scales are not this request's.
+                    same = candidate.lora_scales == job.lora_scales
+                    common = _common_prefix(candidate.tokens, prompt) if same else 0
                     if common > best:
                         best, slot = common, candidate
                 keep = min(best, len(prompt) - 1)
             slot.tokens = slot.tokens[:keep]
+            slot.lora_scales = job.lora_scales
             slot.pending = list(prompt[keep:])
             slot.next_token = None
             slot.job = job
