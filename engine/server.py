@@ -6,6 +6,9 @@ Endpoints (also without the ``/v1`` prefix, as llama.cpp's server):
 - ``GET /v1/models``: the one model, by its file name
 - ``POST /v1/chat/completions``: messages rendered with the chat template, then generated
 - ``POST /v1/completions``: a text (or token-id) prompt continued
+- ``GET /lora-adapters``, ``POST /lora-adapters``: the run-time LoRA adapters (``--lora``) and their
+  scales, as llama-server's; a request's ``"lora": [{"id", "scale"}]`` sets its own (others at 0).
+  Requests with different scales run in separate forward passes of a step.
 
 ``"stream": true`` answers with server-sent events, one ``data: {chunk}`` per piece of text and
 ``data: [DONE]`` at the end (``stream_options.include_usage`` adds a last chunk with ``usage``).
@@ -21,7 +24,9 @@ and ``n`` other than 1 are 400; a body over the size limit is 413; with ``--api-
 OpenAI's ``{"error": {"message", "type", "code"}}``.
 
 All requests go to one ``Scheduler`` (engine.serving.scheduler): ``--parallel`` slots generate
-together, one forward pass per step.
+together, one forward pass per step. ``--ray`` serves the same app from Ray Serve replicas
+(engine/distributed/replicas.py); ``--ray --pipeline K`` runs the model's layers in K Ray stages
+behind this one server (engine/distributed/pipeline.py).
 """
 
 from __future__ import annotations
