@@ -93,12 +93,20 @@ def info(file: str) -> None:
 @click.option("--pure", is_flag=True, help="TYPE's default type for every quantized tensor (no mix rules).")
 @click.option("--output-tensor-type", metavar="T", help="ggml type of output.weight (e.g. q8_0, q6_k, f16).")
 @click.option("--token-embedding-type", metavar="T", help="ggml type of token_embd.weight.")
+@click.option("--imatrix", "imatrix_file", metavar="FILE",
+              help="Importance matrix (halfbyte imatrix / llama-imatrix, GGUF or .dat) to weight the quantization.")
+@click.option("--include-weights", multiple=True, metavar="NAME",
+              help="Use the imatrix only for tensors whose name contains NAME (repeatable).")
+@click.option("--exclude-weights", multiple=True, metavar="NAME",
+              help="Do not use the imatrix for tensors whose name contains NAME (repeatable).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def quantize(input_file: str, output_file: str, type_name: str, allow_requantize: bool, pure: bool,
-             output_tensor_type: str | None, token_embedding_type: str | None, quiet: bool) -> None:
+             output_tensor_type: str | None, token_embedding_type: str | None, imatrix_file: str | None,
+             include_weights: tuple[str, ...], exclude_weights: tuple[str, ...], quiet: bool) -> None:
     """Quantize the tensors of a GGUF file to TYPE as llama-quantize does, same types per tensor and same
     bytes: q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, iq4_nl, iq4_xs, q4_0, q4_1,
-    q5_0, q5_1, q8_0, f16, bf16, f32. A file whose tensors are already quantized needs --allow-requantize."""
+    q5_0, q5_1, q8_0, f16, bf16, f32. A file whose tensors are already quantized needs --allow-requantize.
+    With --imatrix, llama-quantize --imatrix's bytes."""
     from engine.filetypes import parse_ggml_type, parse_quantize_mix
     from engine.requantize import quantize_gguf
     from engine.run_cli import check_not_directory, compile_notices
@@ -110,7 +118,9 @@ def quantize(input_file: str, output_file: str, type_name: str, allow_requantize
     check_not_directory(output_file)
     compile_notices()
     quantize_gguf(input_file, output_file, mix, progress=not quiet, allow_requantize=allow_requantize, pure=pure,
-                  output_tensor_type=output_type, token_embedding_type=embedding_type)
+                  output_tensor_type=output_type, token_embedding_type=embedding_type, imatrix=imatrix_file,
+                  include_weights=include_weights, exclude_weights=exclude_weights,
+                  report=lambda line: click.echo(f"halfbyte: {line}", err=True))
     click.echo(f"wrote {output_file}", err=True)
 
 
@@ -121,10 +131,11 @@ def _register_commands() -> None:
     from engine.bench import bench
     from engine.chat_cli import chat
     from engine.embeddings import embed_command
+    from engine.imatrix import imatrix_command
     from engine.run_cli import perplexity, run, tokenize
     from engine.server import serve
 
-    for command in (convert, run, tokenize, bench, perplexity, chat, serve, embed_command):
+    for command in (convert, run, tokenize, bench, perplexity, chat, serve, embed_command, imatrix_command):
         main.add_command(command)
 
 

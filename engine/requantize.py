@@ -13,6 +13,12 @@ tensors, norms, names not ending in ``weight``, integer tensors) are copied as t
 ``--token-embedding-type``: that type for output.weight / token_embd.weight whatever the mix says
 (when the model ties its embeddings, token_embd.weight takes the output type as with llama-quantize).
 
+``imatrix`` is ``--imatrix`` (``engine.imatrix``): tensors the importance matrix has an entry for are
+quantized with its per-column weights (``engine.kernels.kquant_imatrix``: llama-quantize --imatrix's bytes
+for the K-quants, IQ4_NL/IQ4_XS and Q4_0..Q5_1; Q8_0 and the float types ignore them, as ggml does), the
+others as without one; two ffn_down type rules change (``_imatrix_rules``) and the quantize.imatrix.* keys
+are added, as llama-quantize does.
+
 Tensors already quantized to another type than their target are refused unless
 ``allow_requantize`` (``--allow-requantize``): then they are dequantized and quantized again.
 Metadata is kept with its exact types and order; ``general.file_type`` is set to llama.cpp's number
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
@@ -83,9 +89,10 @@ def _hparam(src: GGUFFile, key: str, default: int) -> int:
 
 def plan_types(
     src: GGUFFile, mix: str, *, pure: bool = False, output_tensor_type: GGMLQuantizationType | None = None,
-    token_embedding_type: GGMLQuantizationType | None = None,
+    token_embedding_type: GGMLQuantizationType | None = None, imatrix: bool = False,
 ) -> dict[str, GGMLQuantizationType]:
-    """The type of every tensor of ``src`` after ``halfbyte quantize ... mix`` (llama-quantize's choice)."""
+    """The type of every tensor of ``src`` after ``halfbyte quantize ... mix`` (llama-quantize's choice;
+    ``imatrix``: with an importance matrix, which changes two ffn_down rules, ``_imatrix_rules``)."""
     _, default = QUANTIZE_MIXES[mix]
     infos = list(src.tensors.values())
     arch = str(src.metadata.get("general.architecture", "llama"))
@@ -102,6 +109,8 @@ def plan_types(
                                                 n_layer, **hparams)
         except ValueError as exc:  # e.g. an expert tensor without a layer number
             raise HalfbyteError(str(exc)) from None
+        if imatrix:
+            _imatrix_rules(recipe, {i.name: int(i.shape[-1]) for i in infos}, mix, n_layer, hparams["n_expert"])
     tied = "output.weight" not in src.tensors
     types = {}
     for info in infos:
@@ -129,6 +138,26 @@ def plan_types(
     return types
 
 
+def _imatrix_rules(recipe: dict[str, GGMLQuantizationType], ncols: dict[str, int], mix: str, n_layer: int,
+                   n_expert: int) -> None:
+    """llama_tensor_get_type's rules that look at the importance matrix, for our mixes: ffn_down of the
+    first n_layer / 8 layers (counted as llama-quantize counts them) is Q5_K in iq4_nl / iq4_xs only
+    WITHOUT one (with one: the mix's type), and Q4_1 / Q5_1 in q4_0 / q5_0 only WITH one."""
+    if mix not in ("iq4_nl", "iq4_xs", "q4_0", "q5_0"):
+        return
+    _, default = QUANTIZE_MIXES[mix]
+    new = {"q4_0": QT.Q4_1, "q5_0": QT.Q5_1}.get(mix, default)
+    i_ffn_down = 0
+    for name in sorted(recipe, key=llama_order):
+        if quant_recipes._category(name) != "ffn_down":
+            continue
+        layer = quant_recipes._layer_of(name)
+        i = (layer if layer is not None else -1) if n_expert > 1 else i_ffn_down
+        i_ffn_down += 1
+        if i < n_layer // 8:
+            recipe[name] = fallback(new, ncols[name])
+
+
 def to_float_rows(rows: np.ndarray, source: GGMLQuantizationType) -> np.ndarray:
     """float32 values of ``rows`` (one ggml row each) stored as ``source``."""
     if source in FLOAT_TYPES:
@@ -137,21 +166,31 @@ def to_float_rows(rows: np.ndarray, source: GGMLQuantizationType) -> np.ndarray:
 
 
 def convert_rows(
-    rows: np.ndarray, source: GGMLQuantizationType, target: GGMLQuantizationType
+    rows: np.ndarray, source: GGMLQuantizationType, target: GGMLQuantizationType,
+    weights: np.ndarray | None = None, rows_per_mat: int | None = None,
 ) -> Iterator[np.ndarray]:
-    """Yield the bytes of ``rows`` (a 2-D view, one ggml row each) converted chunk by chunk."""
+    """Yield the bytes of ``rows`` (a 2-D view, one ggml row each) converted chunk by chunk; ``weights``:
+    importance weights ``(n_mat, n)``, ``rows_per_mat`` rows each (llama-quantize --imatrix's bytes,
+    engine.kernels.kquant_imatrix; types ggml quantizes without weights, e.g. Q8_0, ignore them)."""
+    from engine.kernels import kquant_imatrix
     from engine.model import check_interrupt
 
     if source == target:
         yield rows
         return
+    if target not in kquant_imatrix.TYPES:
+        weights = None
     row_elements = rows.shape[-1] if source in FLOAT_TYPES else rows.shape[-1] // quants.type_bytes(source) * \
         quants.block_size(source)
     per_chunk = max(1, CHUNK_ELEMENTS // max(1, row_elements))
     for start in range(0, rows.shape[0], per_chunk):
         check_interrupt()
         floats = to_float_rows(rows[start : start + per_chunk], source)
-        yield quants.quantize(floats, target)
+        if weights is None:
+            yield quants.quantize(floats, target)
+        else:
+            yield kquant_imatrix.quantize(floats, target, weights, first_row=start,
+                                          rows_per_mat=rows_per_mat or rows.shape[0])
 
 
 def llama_order(name: str) -> tuple[int, str]:
@@ -183,26 +222,44 @@ def quantize_gguf(
     progress: bool = True, allow_requantize: bool = False, *, pure: bool = False,
     output_tensor_type: GGMLQuantizationType | None = None,
     token_embedding_type: GGMLQuantizationType | None = None,
+    imatrix: str | os.PathLike | None = None, include_weights: Sequence[str] = (),
+    exclude_weights: Sequence[str] = (), report: Callable[[str], None] | None = None,
 ) -> None:
     """Write ``dst_path``: ``src_path`` quantized to mix ``requested`` (a key of
     ``engine.filetypes.QUANTIZE_MIXES``, e.g. ``"q4_k_m"``, or a float/legacy ggml type) as
     llama-quantize would; tensors already quantized to another type need ``allow_requantize``
-    (else a HalfbyteError names one). Options: see the module doc."""
+    (else a HalfbyteError names one). Options: see the module doc.
+
+    ``imatrix``: an importance matrix file (GGUF or legacy .dat, engine.imatrix), as llama-quantize's
+    ``--imatrix``: the same bytes, its two imatrix-dependent type rules, its quantize.imatrix.* keys;
+    ``include_weights`` / ``exclude_weights``: its ``--include-weights`` / ``--exclude-weights`` (entries
+    whose name contains one of these strings); ``report``: called with a line about tensors the
+    imatrix has no entry for (quantized without weights)."""
     from engine.model import deferred_interrupts
 
     mix = _MIX_OF_TYPE.get(requested) if isinstance(requested, QT) else str(requested).lower()
     if mix not in QUANTIZE_MIXES:
         raise HalfbyteError(f"unknown output type {requested!r} (supported: {', '.join(QUANTIZE_MIXES)})")
     # Same file through any path, symlink or hard link: refused before anything is opened.
-    refuse_overwriting_inputs(dst_path, [src_path])
+    refuse_overwriting_inputs(dst_path, [src_path] + ([imatrix] if imatrix is not None else []))
+    weights, extra_keys = _load_imatrix(imatrix, include_weights, exclude_weights)
     with GGUFFile(src_path) as src:
         plan = _plan(src, mix, allow_requantize, pure=pure, output_tensor_type=output_tensor_type,
-                     token_embedding_type=token_embedding_type)
+                     token_embedding_type=token_embedding_type, imatrix=weights is not None)
+        per_tensor = {}
+        if weights is not None:
+            from engine.imatrix import tensor_weights
+
+            per_tensor = tensor_weights(plan, weights, os.fspath(imatrix), os.fspath(src_path), src.tensors, report)
         with GGUFWriter(dst_path, alignment=src.alignment, inputs=[src_path]) as out:
-            # llama-quantize's order: the input's keys, then these two (moved to the end if present)
-            out.copy_metadata(src, skip=("general.quantization_version", "general.file_type"))
+            # llama-quantize's order: the input's keys, then these two (moved to the end if present), then
+            # with an imatrix its quantize.imatrix.* keys (likewise)
+            out.copy_metadata(src, skip=("general.quantization_version", "general.file_type",
+                                         *(key for key, _, _ in extra_keys)))
             out.add("general.quantization_version", QUANTIZATION_VERSION, GGUFValueType.UINT32)
             out.add("general.file_type", QUANTIZE_MIXES[mix][0], GGUFValueType.UINT32)
+            for key, value, value_type in extra_keys:
+                out.add(key, value, value_type)
             for info, new_type in plan:
                 out.add_tensor_info(info.name, info.shape, new_type)
             total = sum(info.nbytes for info, _ in plan)
@@ -215,10 +272,29 @@ def quantize_gguf(
                         else:
                             array = src.tensor_array(info.name)
                             rows = array.reshape(-1, array.shape[-1]) if array.ndim else array.reshape(1, -1)
-                            out.write_tensor(info.name, convert_rows(rows, info.ggml_type, new_type))
+                            importance, rows_per_mat = per_tensor.get(info.name, (None, None))
+                            out.write_tensor(info.name, convert_rows(rows, info.ggml_type, new_type, importance,
+                                                                     rows_per_mat))
                         bar.update(info.nbytes)
                 out.finish()
             except OSError as exc:
                 raise file_error(dst_path, f"cannot write: {exc.strerror or exc}") from None
             except HalfbyteError:
                 raise
+
+
+def _load_imatrix(path: str | os.PathLike | None, include: Sequence[str], exclude: Sequence[str],
+                  ) -> tuple[dict[str, np.ndarray] | None, list]:
+    """llama-quantize's imatrix weights by tensor name and the metadata keys it adds (None, [] without a
+    file, or when --include-weights / --exclude-weights leave no entry: then no imatrix is used at all)."""
+    if path is None:
+        if include or exclude:
+            raise HalfbyteError("--include-weights / --exclude-weights need --imatrix")
+        return None, []
+    from engine.imatrix import importance, quantize_metadata, read_imatrix
+
+    loaded = read_imatrix(path)
+    weights = importance(loaded, include, exclude, path=os.fspath(path))
+    if not weights:
+        return None, []
+    return weights, quantize_metadata(loaded, weights, path)
