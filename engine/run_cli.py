@@ -261,8 +261,11 @@ def tokenize(model_path: str, text: str | None, text_file: str | None, pieces: b
 @click.option("--chunks", "max_chunks", type=int, default=None, help="Score at most this many windows (>= 1).")
 @click.option("-t", "--threads", type=int, default=None, help=THREADS_HELP)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--lora", "lora", multiple=True, metavar="FILE", help="Apply this LoRA adapter GGUF (repeatable).")
+@click.option("--lora-scaled", "lora_scaled", multiple=True, nargs=2, type=(str, float), metavar="FILE S",
+              help="Apply this LoRA adapter GGUF scaled by S (repeatable).")
 def perplexity(model_path: str | None, text_file: str, n_ctx: int, max_chunks: int | None, threads: int | None,
-               quiet: bool) -> None:
+               quiet: bool, lora: tuple = (), lora_scaled: tuple = ()) -> None:
     """Perplexity of MODEL on a text file, computed like llama.cpp's llama-perplexity."""
     from tqdm import tqdm
 
@@ -274,7 +277,8 @@ def perplexity(model_path: str | None, text_file: str, n_ctx: int, max_chunks: i
     check_option("--chunks", max_chunks, 1)
     check_not_directory(model_path)
     text = read_text_file(text_file)
-    model = _open_model(model_path, n_ctx, threads)
+    model = _open_model(model_path, n_ctx, threads, None, None,
+                        [(path, 1.0) for path in lora] + [(path, scale) for path, scale in lora_scaled])
     bar = None
 
     def on_chunk(done: int, total: int, ppl: float) -> None:

@@ -81,3 +81,14 @@ def test_adapter_makes_held_out_web_text_more_likely(base, adapted):
     without = perplexity(base, text, n_ctx=256, max_chunks=3)
     with_adapter = perplexity(adapted, text, n_ctx=256, max_chunks=3)
     assert with_adapter.ppl < 0.8 * without.ppl, (with_adapter.ppl, without.ppl)
+
+
+def test_perplexity_cli_takes_the_adapter():
+    """`halfbyte perplexity --lora` scores with the adapter applied: the library's figure, to the digit."""
+    text, adapter = DEMO / "heldout-web.txt", ADAPTER
+    result = CliRunner().invoke(main, ["perplexity", "-f", str(text), "-c", "256", "--chunks", "2", "-q",
+                                       "--lora", str(adapter)])
+    assert result.exit_code == 0, result.output
+    cli = float(re.search(r"PPL = ([0-9.]+)", result.output).group(1))
+    model = Model.load(default_model_path(), n_ctx=256, lora=[(adapter, 1.0)])
+    assert cli == round(perplexity(model, text.read_text(), n_ctx=256, max_chunks=2).ppl, 4)
