@@ -16,6 +16,7 @@ numbers depend on the machine and its load (replicas share its cores).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -92,10 +93,38 @@ def run_load(url: str, clients: int, requests: int, n_predict: int) -> dict:
             "replicas_seen": len({r["replica"] for r in results})}
 
 
+@contextlib.contextmanager
+def single_process_server(args: argparse.Namespace):
+    """`halfbyte serve` without --ray, in a thread of this process on a free loopback port."""
+    import socket
+
+    import uvicorn
+
+    from engine.server import build_service, create_app
+
+    service = build_service(args.model, args.ctx_size, args.threads, args.parallel, None, None)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="error", access_log=False, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        service.scheduler.stop()
+        sock.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=None, help="GGUF file or org/repo:QUANT (default: demo model)")
-    parser.add_argument("--replicas", default="1,2", help="replica counts to measure, in turn")
+    parser.add_argument("--replicas", default="0,1,2",
+                        help="replica counts to measure, in turn (0: the single-process server, no Ray)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent streaming clients")
     parser.add_argument("--requests", type=int, default=4, help="requests per client, one after the other")
     parser.add_argument("-n", "--n-predict", type=int, default=32, help="max_tokens of each request")
@@ -110,10 +139,16 @@ def main() -> None:
         args.model = str(default_model_path())
     counts = [int(x) for x in args.replicas.split(",")]
     cpu_per_replica = args.threads if args.threads and args.threads > 0 else 1
-    replicas.init_local_ray(max(n_cpus(), cpu_per_replica * max(counts)), log_to_driver=False)
+    replicas.init_local_ray(max(n_cpus(), cpu_per_replica * max(max(counts), 1)), log_to_driver=False)
     rows = []
     try:
         for count in counts:
+            if count == 0:  # the same app in this process, no Ray: what Ray's hops add
+                with single_process_server(args) as url:
+                    run_load(url, args.parallel, 1, 4)
+                    rows.append({"replicas": "0 (no Ray)", **run_load(url, args.clients, args.requests,
+                                                                      args.n_predict)})
+                continue
             deployed = replicas.deploy(args.model, replicas=count, parallel=args.parallel, n_ctx=args.ctx_size,
                                        threads=args.threads, host="127.0.0.1", port=0)
             try:
