@@ -61,7 +61,9 @@ def init_local_ray(num_cpus: float | None = None, **kwargs: Any) -> None:
     ray = import_ray()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     with loopback_ray():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **{"namespace": NAMESPACE, **kwargs})
+        # address="local": always a new instance (a bare init attaches to a cluster that `ray start` left
+        # running on this machine, which then refuses num_cpus).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **{"namespace": NAMESPACE, **kwargs})
 
 
 def join_ray(address: str, **kwargs: Any) -> None:
