@@ -218,7 +218,7 @@ def test_full_queue_is_503_with_retry_after(deployed):
         try:
             for _ in range(2 * PARALLEL):
                 stream = client.stream("POST", f"{deployed.url}/v1/completions",
-                                       json={"prompt": "And it came to pass", "max_tokens": 1000,
+                                       json={"prompt": "And it came to pass", "max_tokens": N_CTX - 64,
                                              "temperature": 0, "stream": True,
                                              "logit_bias": {"2": -100}})  # no end-of-text: it holds
                 response = stream.__enter__()
@@ -226,10 +226,18 @@ def test_full_queue_is_503_with_retry_after(deployed):
                 assert response.status_code == 200
                 next(response.iter_lines())  # generating: this request holds a slot
             with ThreadPoolExecutor(48) as pool:
-                responses = list(pool.map(post, range(48)))
+                futures = [pool.submit(post, i) for i in range(48)]
+                # Those beyond the queue are refused at once; the queued ones wait for the held slots.
+                deadline = time.monotonic() + TIMEOUT
+                while sum(f.done() for f in futures) < 16 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                for stream in holders:
+                    stream.__exit__(None, None, None)  # the holders go away: their slots free
+                holders = []
+                responses = [f.result() for f in futures]
         finally:
             for stream in holders:
-                stream.__exit__(None, None, None)  # the client goes away: its slot frees
+                stream.__exit__(None, None, None)
     busy = [r for r in responses if r.status_code == 503]
     served = [r for r in responses if r.status_code == 200]
     assert busy and len(served) >= 32 and len(busy) + len(served) == 48, [r.status_code for r in responses]
