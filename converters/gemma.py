@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import MODEL_TENSOR, Keys, TokenType
+from gguf import MODEL_TENSOR, Keys
 
 from converters.base import (
     MAX_DIM,
@@ -39,14 +39,11 @@ from converters.base import (
     MetadataEntry,
     PlannedTensor,
     boolean,
-    describe_value,
     f32,
-    read_json,
     tensor_name,
     u32,
 )
-from converters.vocab import looks_special, sentencepiece_vocab
-from engine.errors import file_error
+from converters.vocab import apply_added_tokens, metadata_entry, sentencepiece_vocab
 
 ARCH = "gemma"
 HF_ARCHITECTURES = ("GemmaForCausalLM",)
@@ -171,56 +168,15 @@ def plan(config: Mapping[str, Any], config_path: Path, names: set[str]) -> Conve
     return gemma_plan(config, config_path, names, ARCH)
 
 
-def _entry(entries: list[MetadataEntry], key: str) -> MetadataEntry | None:
-    return next((entry for entry in entries if entry.key == key), None)
-
-
-def apply_added_tokens_decoder(directory: Path, entries: list[MetadataEntry]) -> None:
-    """tokenizer_config.json's ``added_tokens_decoder`` over the SentencePiece tokens, as llama.cpp's
-    converter applies it: each listed id gets the listed text with score -1000, as a CONTROL token when
-    flagged special (or looking special), else USER_DEFINED (with "▁" written as a space)."""
-    path = directory / "tokenizer_config.json"
-    if not path.is_file():
-        return
-    tokenizer_config = read_json(path)
-    decoder = tokenizer_config.get("added_tokens_decoder") if isinstance(tokenizer_config, dict) else None
-    if decoder is None:
-        return
-    if not isinstance(decoder, dict):
-        raise file_error(path, f"'added_tokens_decoder' must be an object, got {describe_value(decoder)}")
-    tokens = _entry(entries, Keys.Tokenizer.LIST).value
-    scores = _entry(entries, Keys.Tokenizer.SCORES).value
-    types = _entry(entries, Keys.Tokenizer.TOKEN_TYPE).value
-    for key, data in decoder.items():
-        content = data.get("content") if isinstance(data, dict) else None
-        if not key.isdigit() or len(key) > 9 or not isinstance(content, str):
-            raise file_error(path, f"added_tokens_decoder entry {describe_value(key)}: expected a token id with "
-                                   f"{{\"content\": ...}}, got {describe_value(data)}")
-        token_id = int(key)
-        if token_id >= len(tokens):
-            continue  # as llama.cpp: beyond the vocabulary, ignored
-        try:
-            content.encode("utf-8")
-        except UnicodeEncodeError:
-            raise file_error(path, f"added token {describe_value(content)} is not valid Unicode") from None
-        if data.get("special") is True or looks_special(content):
-            types[token_id] = TokenType.CONTROL
-        else:
-            content = content.replace("\u2581", " ")
-            types[token_id] = TokenType.USER_DEFINED
-        tokens[token_id] = content
-        scores[token_id] = np.float32(-1000.0)
-
-
 def gemma_vocab(directory: Path, config: Mapping[str, Any], eot: bool) -> list[MetadataEntry]:
     """The SentencePiece vocabulary as llama.cpp writes it for Gemma (``eot``: the EOT id of
     ``<end_of_turn>``, Gemma 1) and Gemma 2."""
     entries = sentencepiece_vocab(directory, config)
-    apply_added_tokens_decoder(directory, entries)
+    apply_added_tokens(directory, entries, looks_special_too=True, spaces=True)
     entries = [entry for entry in entries if entry.key != Keys.Tokenizer.ADD_PREFIX]
     entries.append(boolean(Keys.Tokenizer.ADD_PREFIX, False))
-    tokens = _entry(entries, Keys.Tokenizer.LIST).value
-    if eot and _entry(entries, Keys.Tokenizer.EOT_ID) is None and "<end_of_turn>" in tokens:
+    tokens = metadata_entry(entries, Keys.Tokenizer.LIST).value
+    if eot and metadata_entry(entries, Keys.Tokenizer.EOT_ID) is None and "<end_of_turn>" in tokens:
         entries.append(u32(Keys.Tokenizer.EOT_ID, tokens.index("<end_of_turn>")))
     return entries
 

@@ -29,7 +29,7 @@ from converters.base import (
     tensor_name,
     u32,
 )
-from converters.vocab import sentencepiece_vocab
+from converters.vocab import apply_added_tokens, sentencepiece_vocab
 
 ARCH = "phi3"
 HF_ARCHITECTURES = ("Phi3ForCausalLM",)
@@ -123,4 +123,8 @@ def plan(config: Mapping[str, Any], config_path: Path, names: set[str]) -> Conve
 
 
 def vocab(directory: Path, config: Mapping[str, Any]) -> list:
-    return sentencepiece_vocab(directory, config)
+    # As llama.cpp's Phi-3 converter: the chat tokens (<|user|>, <|end|>, ...) listed as special in
+    # tokenizer_config.json / tokenizer.json become CONTROL tokens (so <|end|> ends a turn).
+    entries = sentencepiece_vocab(directory, config)
+    apply_added_tokens(directory, entries, looks_special_too=False, spaces=False, tokenizer_json=True)
+    return entries

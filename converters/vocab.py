@@ -261,11 +261,12 @@ def _vocab_size(directory: Path, config: Mapping[str, Any], n_tokens: int) -> in
 
 
 def _pad_vocab(tokens: list[str], types: list[int], vocab_size: int, scores: list[float] | None) -> None:
+    # As llama.cpp's SentencePiece path: ids past the model are "[PAD<id>]", UNUSED, score -10000.
     for i in range(len(tokens), vocab_size):
         tokens.append(f"[PAD{i}]")
         types.append(TokenType.UNUSED)
         if scores is not None:
-            scores.append(-1000.0)
+            scores.append(-10000.0)
 
 
 def sentencepiece_vocab(directory: Path, config: Mapping[str, Any]) -> list[MetadataEntry]:
@@ -445,3 +446,55 @@ def check_vocab_fits(entries: list[MetadataEntry], n_vocab_rows: int, where: Pat
             raise HalfbyteError(
                 f"{where}: tokenizer has {len(entry.value)} tokens but the embedding has {n_vocab_rows} rows"
             )
+
+
+def metadata_entry(entries: list[MetadataEntry], key: str) -> MetadataEntry | None:
+    return next((entry for entry in entries if entry.key == key), None)
+
+
+def apply_added_tokens(directory: Path, entries: list[MetadataEntry], *, looks_special_too: bool, spaces: bool,
+                       tokenizer_json: bool = False) -> None:
+    """The added tokens of tokenizer_config.json's ``added_tokens_decoder`` (and, with
+    ``tokenizer_json``, tokenizer.json's ``added_tokens``) over a SentencePiece vocabulary, as
+    llama.cpp's converters apply them: each listed id gets the listed text with score -1000, as a
+    CONTROL token when flagged special (``looks_special_too``: or when it looks special, as its
+    generic SentencePiece path does), else USER_DEFINED (``spaces``: with "▁" written as a space)."""
+    listed: list[tuple[Path, str, Any]] = []
+    config_path = directory / "tokenizer_config.json"
+    if config_path.is_file():
+        tokenizer_config = read_json(config_path)
+        decoder = tokenizer_config.get("added_tokens_decoder") if isinstance(tokenizer_config, dict) else None
+        if decoder is not None and not isinstance(decoder, dict):
+            raise file_error(config_path, f"'added_tokens_decoder' must be an object, got {describe_value(decoder)}")
+        listed += [(config_path, key, data) for key, data in (decoder or {}).items()]
+    json_path = directory / "tokenizer.json"
+    if tokenizer_json and json_path.is_file():
+        added = read_json(json_path).get("added_tokens") or []
+        if not isinstance(added, list):
+            raise file_error(json_path, f"'added_tokens' must be a list, got {describe_value(added)}")
+        listed += [(json_path, str(data.get("id")) if isinstance(data, dict) else "?", data) for data in added]
+    if not listed:
+        return
+    tokens = metadata_entry(entries, Keys.Tokenizer.LIST).value
+    scores = metadata_entry(entries, Keys.Tokenizer.SCORES).value
+    types = metadata_entry(entries, Keys.Tokenizer.TOKEN_TYPE).value
+    for path, key, data in listed:
+        content = data.get("content") if isinstance(data, dict) else None
+        if not key.isdigit() or len(key) > 9 or not isinstance(content, str):
+            raise file_error(path, f"added token {describe_value(key)}: expected a token id with "
+                                   f"{{\"content\": ...}}, got {describe_value(data)}")
+        token_id = int(key)
+        if token_id >= len(tokens):
+            continue  # as llama.cpp: beyond the vocabulary, ignored
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:
+            raise file_error(path, f"added token {describe_value(content)} is not valid Unicode") from None
+        if data.get("special") is True or (looks_special_too and looks_special(content)):
+            types[token_id] = TokenType.CONTROL
+        else:
+            if spaces:
+                content = content.replace("\u2581", " ")
+            types[token_id] = TokenType.USER_DEFINED
+        tokens[token_id] = content
+        scores[token_id] = np.float32(-1000.0)

@@ -284,3 +284,56 @@ def test_gpt2_refuses_positions_past_its_learned_ones(family):
     cache = KVCache(p.n_layer, 200, p.n_head_kv, p.head_dim, np.float32)
     with pytest.raises(HalfbyteError, match="past the 128 learned positions"):
         model.arch.forward(Batch.single([1, 2], 127, cache))
+
+
+PHI3_CHAT_TOKENS = {"<|endoftext|>": 32000, "<|assistant|>": 32001, "<|placeholder1|>": 32002,
+                    "<|placeholder2|>": 32003, "<|placeholder3|>": 32004, "<|placeholder4|>": 32005,
+                    "<|system|>": 32006, "<|end|>": 32007, "<|placeholder5|>": 32008, "<|placeholder6|>": 32009,
+                    "<|user|>": 32010}
+
+
+def phi3_with_chat_tokens(root: Path) -> Path:
+    """Phi-3-mini's added tokens: in added_tokens.json and, flagged special, in tokenizer_config.json."""
+    directory = checkpoint("phi3", root)
+    (directory / "added_tokens.json").write_text(json.dumps(PHI3_CHAT_TOKENS))
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    decoder = {str(i): {"content": text, "special": True, "lstrip": False,
+                        "normalized": False, "rstrip": True, "single_word": False}
+               for text, i in PHI3_CHAT_TOKENS.items()}
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "added_tokens_decoder": decoder,
+                                                                 "eos_token": "<|endoftext|>"}))
+    return directory
+
+
+def test_phi3_chat_tokens_are_control_tokens(tmp_path):
+    """As llama.cpp's Phi-3 converter: the special added tokens are CONTROL (so <|end|> ends a turn and is
+    not split as text), with score -1000."""
+    from gguf import TokenType
+
+    path = convert(str(phi3_with_chat_tokens(tmp_path)), tmp_path / "phi3.gguf", GGMLQuantizationType.F32,
+                   progress=False)
+    model = Model.load(path)
+    types = model.metadata["tokenizer.ggml.token_type"]
+    for text, i in PHI3_CHAT_TOKENS.items():
+        assert model.metadata["tokenizer.ggml.tokens"][i] == text and types[i] == TokenType.CONTROL, text
+        assert model.metadata["tokenizer.ggml.scores"][i] == -1000.0
+    assert model.tokenize("<|user|>hi<|end|>", add_bos=False, special=True)[0] == 32010
+    assert 32007 in model.tokenizer.eog_ids
+
+
+@pytest.mark.skipif(not os.environ.get("HALFBYTE_LLAMA_CPP"),
+                    reason="set HALFBYTE_LLAMA_CPP to a llama.cpp checkout to run")
+def test_phi3_chat_tokens_as_llama_cpp_writes_them(tmp_path):
+    directory = phi3_with_chat_tokens(tmp_path)
+    ours = convert(str(directory), tmp_path / "ours.gguf", GGMLQuantizationType.F32, vocab_only=True, progress=False)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "LlamaTokenizer"}))
+    theirs = tmp_path / "theirs.gguf"
+    root = Path(os.environ["HALFBYTE_LLAMA_CPP"])
+    subprocess.run([sys.executable, str(root / "convert_hf_to_gguf.py"), str(directory), "--outtype", "f32",
+                    "--vocab-only", "--outfile", str(theirs)], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(root / "gguf-py")})
+    with GGUFFile(ours) as a, GGUFFile(theirs) as b:
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):
+            assert list(a.metadata[key]) == list(b.metadata[key]), key
+        assert np.allclose(a.metadata["tokenizer.ggml.scores"], b.metadata["tokenizer.ggml.scores"])
