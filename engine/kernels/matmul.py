@@ -58,6 +58,7 @@ Q4_1 = int(GGMLQuantizationType.Q4_1)
 Q5_0 = int(GGMLQuantizationType.Q5_0)
 Q5_1 = int(GGMLQuantizationType.Q5_1)
 Q8_0 = int(GGMLQuantizationType.Q8_0)
+IQ4_NL = int(GGMLQuantizationType.IQ4_NL)
 
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 QUANT_TYPES = (
@@ -773,9 +774,12 @@ X8_MIN_TOKENS = 8
 
 def _simd_kernels(kind: int, n_tok: int = 1):
     """(matvec, matmul) SIMD drivers for this weight type and path, or None for the plain loops."""
-    if _kernel_path == "reference" or kind not in (Q4_0, Q8_0):
+    if _kernel_path == "reference" or kind not in (Q4_0, Q8_0, IQ4_NL):
         return None
     portable = _kernel_path == "portable"
+    if kind == IQ4_NL:  # integer products against Q8_0 activations (ggml_vec_dot_iq4_nl_q8_0)
+        return (simd.matvec_iq4_nl_generic, simd.matmul_iq4_nl_generic) if portable else (
+            simd.matvec_iq4_nl, simd.matmul_iq4_nl)
     if kind == Q4_0:
         if portable:
             return simd.matvec_q4_0_generic, simd.matmul_q4_0_generic

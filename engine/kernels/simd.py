@@ -1274,3 +1274,188 @@ def standalone_row_dot_ir(qtype: str, isa: str) -> str:
     [dot] = _Emitter(builder, isa, qtype).tile([w_row], [token], n_blocks)
     builder.ret(dot)
     return str(module)
+
+
+# --------------------------------------------------------------------------------------------
+# IQ4_NL x Q8_0 (ggml's ggml_vec_dot_iq4_nl_q8_0)
+# --------------------------------------------------------------------------------------------
+#
+# block_iq4_nl = fp16 d + 16 bytes, laid out like Q4_0 (byte j: element j in the low nibble,
+# element j + 16 in the high nibble), but the nibble indexes ggml's 16-entry non-linear table
+# kvalues_iq4nl: value = d * table[nibble]. The nibbles are mapped to the int8 table values in
+# registers (one pshufb on x86, two tbl on arm64, a 4-level select tree in the portable IR; the
+# IQ4_XS kernel's technique), and from there the block is a Q8_0 block: the same activations
+# (quantize_activations_q8_0, int8 in [-127, 127]), the same exact integer lanes (sign trick +
+# pmaddubsw / vpdpbusd, sdot, or widened products), the same float accumulation. |table| <= 127,
+# so every bound of the Q8_0 kernels holds.
+
+IQ4_NL_BLOCK_BYTES = 18
+KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+class _IQ4NLEmitter(_Emitter):
+    """_Emitter for IQ4_NL weight blocks: the Q8_0 block product on table-mapped nibbles."""
+
+    def __init__(self, builder: ir.IRBuilder, isa: str):
+        super().__init__(builder, isa, "q8_0")  # lane_dots / token_block: the Q8_0 paths
+        self.block_bytes = IQ4_NL_BLOCK_BYTES
+
+    def _lookup16(self, codes: ir.Value) -> ir.Value:
+        """<32 x i8> of KVALUES_IQ4NL[code] for codes 0..15."""
+        b = self.b
+        if self.x86:
+            pshufb = self._llvm_fn("llvm.x86.avx2.pshuf.b", _V32I8, [_V32I8, _V32I8])
+            return b.call(pshufb, [ir.Constant(_V32I8, list(KVALUES_IQ4NL) * 2), codes])
+        if self.sdot:
+            tbl = self._llvm_fn("llvm.aarch64.neon.tbl1.v16i8", _V16I8, [_V16I8, _V16I8])
+            halves = [b.call(tbl, [ir.Constant(_V16I8, list(KVALUES_IQ4NL)), b.shuffle_vector(codes, codes, _mask(p))])
+                      for p in (range(16), range(16, 32))]
+            return b.shuffle_vector(halves[0], halves[1], _mask(range(32)))
+        level = [ir.Constant(_V32I8, [v] * 32) for v in KVALUES_IQ4NL]
+        for bit in range(4):
+            set_ = b.icmp_unsigned("!=", b.and_(codes, _vconst(_V32I8, 1 << bit)), _vconst(_V32I8, 0))
+            level = [b.select(set_, level[i + 1], level[i]) for i in range(0, len(level), 2)]
+        return level[0]
+
+    def weight_block(self, block_ptr: ir.Value) -> tuple[ir.Value, tuple[ir.Value, ...]]:
+        scale = self._fp16_splat(block_ptr)
+        packed = self._load(self.b.gep(block_ptr, [ir.Constant(_I64, 2)]), _V16I8)
+        low = self.b.and_(packed, _vconst(_V16I8, 0x0F))
+        high = self.b.lshr(packed, _vconst(_V16I8, 4))
+        weights = self._lookup16(self.b.shuffle_vector(low, high, _mask(range(32))))
+        if self.sdot:
+            return scale, (weights,)
+        if self.x86:
+            abs_fn = self._llvm_fn("llvm.abs.v32i8", _V32I8, [_V32I8, _I1])
+            return scale, (self.b.call(abs_fn, [weights, ir.Constant(_I1, 0)]), weights)
+        return scale, (self.b.sext(weights, _V32I16),)
+
+
+def _make_iq4_nl_row_dot(isa_mode: str):
+    """Intrinsic ``(w_row, xq, xscales) -> float32`` over 1-D C-contiguous arrays (IQ4_NL weights)."""
+
+    def codegen(context, builder, sig, args):
+        isa = kernel_isa() if isa_mode == "host" else "generic"
+        w, xq, xs = [context.make_array(ty)(context, builder, val) for ty, val in zip(sig.args, args)]
+        n_blocks = _safe_block_count(builder, w, xq, xs, None, IQ4_NL_BLOCK_BYTES, 0)
+        token = (_as_i8_ptr(builder, xq.data), xs.data, None)
+        [dot] = _IQ4NLEmitter(builder, isa).tile([_as_i8_ptr(builder, w.data)], [token], n_blocks)
+        return dot
+
+    def typer(typingctx, w_row, xq, xscales):
+        _check_array(w_row, 1, types.uint8, "w_row")
+        _check_array(xq, 1, types.int8, "xq")
+        _check_array(xscales, 1, types.float32, "xscales")
+        return types.float32(w_row, xq, xscales), codegen
+
+    typer.__name__ = typer.__qualname__ = f"iq4_nl_row_dot_{isa_mode}"
+    return intrinsic(typer)
+
+
+def _make_iq4_nl_tile(isa_mode: str, n_tok: int):
+    """Intrinsic ``(w, row0, xq, xscales, tok0) -> UniTuple(float32, n_tok)``: one IQ4_NL row times
+    activation rows tok0..tok0+n_tok-1 (the caller guarantees the ranges are in bounds)."""
+    ret = types.UniTuple(types.float32, n_tok)
+
+    def codegen(context, builder, sig, args):
+        isa = kernel_isa() if isa_mode == "host" else "generic"
+        w = context.make_array(sig.args[0])(context, builder, args[0])
+        xq = context.make_array(sig.args[2])(context, builder, args[2])
+        xs = context.make_array(sig.args[3])(context, builder, args[3])
+        row0, tok0 = args[1], args[4]
+        n_blocks = _safe_block_count(builder, w, xq, xs, None, IQ4_NL_BLOCK_BYTES, 1)
+        rows = [_row_ptr(builder, w, row0, _I8)]
+        tokens = []
+        for t in range(n_tok):
+            tok = builder.add(tok0, ir.Constant(_I64, t))
+            tokens.append((_row_ptr(builder, xq, tok, _I8), _row_ptr(builder, xs, tok, _F32), None))
+        dots = _IQ4NLEmitter(builder, isa).tile(rows, tokens, n_blocks)
+        return context.make_tuple(builder, ret, dots)
+
+    def typer(typingctx, w, row0, xq, xscales, tok0):
+        _check_array(w, 2, types.uint8, "w")
+        _check_array(xq, 2, types.int8, "xq")
+        _check_array(xscales, 2, types.float32, "xscales")
+        return ret(w, types.intp, xq, xscales, types.intp), codegen
+
+    typer.__name__ = typer.__qualname__ = f"iq4_nl_tile_1x{n_tok}_{isa_mode}"
+    return intrinsic(typer)
+
+
+#: iq4_nl_row_dot(w_row: uint8[n/32*18], xq: int8[n], xscales: float32[n/32]) -> float32
+iq4_nl_row_dot = _make_iq4_nl_row_dot("host")
+iq4_nl_row_dot_generic = _make_iq4_nl_row_dot("generic")
+_iq4_nl_tile_1x4 = _make_iq4_nl_tile("host", _TILE_TOKENS)
+_iq4_nl_tile_1x4_generic = _make_iq4_nl_tile("generic", _TILE_TOKENS)
+
+
+@njit(parallel=True, cache=True)
+def matvec_iq4_nl(w_raw: np.ndarray, xq: np.ndarray, xscales: np.ndarray, out: np.ndarray) -> None:
+    """out[r] = dot(IQ4_NL row r of w_raw[n_out, n_in/32*18], Q8_0 activations); rows over threads."""
+    _check_shapes(w_raw, xq, xscales, out.shape[0], IQ4_NL_BLOCK_BYTES)
+    for r in prange(w_raw.shape[0]):
+        out[r] = iq4_nl_row_dot(w_raw[r], xq, xscales)
+
+
+@njit(parallel=True, cache=True)
+def matvec_iq4_nl_generic(w_raw: np.ndarray, xq: np.ndarray, xscales: np.ndarray, out: np.ndarray) -> None:
+    """matvec_iq4_nl with the portable IR."""
+    _check_shapes(w_raw, xq, xscales, out.shape[0], IQ4_NL_BLOCK_BYTES)
+    for r in prange(w_raw.shape[0]):
+        out[r] = iq4_nl_row_dot_generic(w_raw[r], xq, xscales)
+
+
+@njit(parallel=True, cache=True)
+def matmul_iq4_nl(w_raw: np.ndarray, xq: np.ndarray, xscales: np.ndarray, out: np.ndarray) -> None:
+    """out[t, r] = dot(IQ4_NL row r, Q8_0 activation row t) for xq[n_tok, n_in]; as matmul_q8_0
+    (16-row chunks in parallel, 1 row x 4 tokens tiles, then the remaining tokens one at a time)."""
+    _check_shapes(w_raw, xq, xscales, out.shape[1], IQ4_NL_BLOCK_BYTES)
+    if out.shape[0] != xq.shape[0]:
+        raise ValueError("out: shape does not match the activations")
+    n_tok = xq.shape[0]
+    n_tiled = n_tok - n_tok % _TILE_TOKENS
+    n_chunks = (w_raw.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK
+    for chunk in prange(n_chunks):
+        first = chunk * _ROW_CHUNK
+        last = min(first + _ROW_CHUNK, w_raw.shape[0])
+        for t in range(0, n_tiled, _TILE_TOKENS):
+            for r in range(first, last):
+                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = _iq4_nl_tile_1x4(w_raw, r, xq, xscales, t)
+        for t in range(n_tiled, n_tok):
+            for r in range(first, last):
+                out[t, r] = iq4_nl_row_dot(w_raw[r], xq[t], xscales[t])
+
+
+@njit(parallel=True, cache=True)
+def matmul_iq4_nl_generic(w_raw: np.ndarray, xq: np.ndarray, xscales: np.ndarray, out: np.ndarray) -> None:
+    """matmul_iq4_nl with the portable IR."""
+    _check_shapes(w_raw, xq, xscales, out.shape[1], IQ4_NL_BLOCK_BYTES)
+    if out.shape[0] != xq.shape[0]:
+        raise ValueError("out: shape does not match the activations")
+    n_tok = xq.shape[0]
+    n_tiled = n_tok - n_tok % _TILE_TOKENS
+    n_chunks = (w_raw.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK
+    for chunk in prange(n_chunks):
+        first = chunk * _ROW_CHUNK
+        last = min(first + _ROW_CHUNK, w_raw.shape[0])
+        for t in range(0, n_tiled, _TILE_TOKENS):
+            for r in range(first, last):
+                out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = _iq4_nl_tile_1x4_generic(
+                    w_raw, r, xq, xscales, t
+                )
+        for t in range(n_tiled, n_tok):
+            for r in range(first, last):
+                out[t, r] = iq4_nl_row_dot_generic(w_raw[r], xq[t], xscales[t])
+
+
+def standalone_iq4_nl_row_dot_ir(isa: str) -> str:
+    """LLVM IR text of a free-standing IQ4_NL row dot (see standalone_row_dot_ir):
+    ``float iq4_nl_row_dot(i8* w_row, i8* xq, float* xscales, i64 n_blocks)``."""
+    module = ir.Module(name=f"iq4_nl_{isa}")
+    fn_type = ir.FunctionType(_F32, [_I8.as_pointer(), _I8.as_pointer(), _F32.as_pointer(), _I64])
+    fn = ir.Function(module, fn_type, name="iq4_nl_row_dot")
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    w_row, xq, xscales, n_blocks = fn.args
+    [dot] = _IQ4NLEmitter(builder, isa).tile([w_row], [(xq, xscales, None)], n_blocks)
+    builder.ret(dot)
+    return str(module)
