@@ -750,7 +750,7 @@ _kernel_path = _initial_kernel_path()
 
 
 def set_kernel_path(path: str) -> str:
-    """Choose the Q4_0/Q8_0 kernels: "auto" (SIMD IR for this CPU), "portable" (target-independent
+    """Choose the Q4_0/Q8_0/IQ4_NL kernels: "auto" (SIMD IR for this CPU), "portable" (target-independent
     vector IR) or "reference" (plain Numba loops). Returns the previous choice. Also settable with
     the environment variable HALFBYTE_KERNELS."""
     global _kernel_path

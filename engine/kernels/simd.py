@@ -1,4 +1,4 @@
-"""Fast Q4_0 / Q8_0 matrix-vector and matrix-matrix products, written as explicit LLVM vector IR.
+"""Fast Q4_0 / Q8_0 / IQ4_NL matrix-vector and matrix-matrix products, written as explicit LLVM vector IR.
 
 Why IR and not plain Numba loops: LLVM does not auto-vectorize nibble unpacking followed by
 per-block reductions (plain ``@njit`` loops reach 1-2.5 GB/s of weights on the 2-vCPU Zen 3 dev
@@ -12,7 +12,9 @@ Data contract (identical to ggml):
 * weights are the raw ggml bytes of a row-major matrix, ``uint8[n_out, row_bytes]``:
   ``block_q4_0`` = fp16 ``d`` + 16 bytes, byte ``j`` holds element ``j`` in its low nibble and
   element ``j + 16`` in its high nibble, value = ``d * (nibble - 8)`` (18 bytes per 32 weights);
-  ``block_q8_0`` = fp16 ``d`` + 32 int8, value = ``d * q`` (34 bytes per 32 weights).
+  ``block_q8_0`` = fp16 ``d`` + 32 int8, value = ``d * q`` (34 bytes per 32 weights);
+  ``block_iq4_nl`` = Q4_0's layout with each nibble an index into ggml's 16 non-linear values
+  (``kvalues_iq4nl``), looked up in registers, then Q8_0's block product.
 * activations are quantized once per product by :func:`quantize_activations_q8_0`, bit-identical
   to ``gguf.quants.quantize(x, Q8_0)`` (ggml's ``quantize_row_q8_0_ref``): int8 values in
   [-127, 127], one float32 scale per 32-block whose value is exactly the fp16 scale ggml stores,
