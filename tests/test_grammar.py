@@ -6,6 +6,7 @@ it is complete; run --grammar / --grammar-file, library and server options; erro
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from engine.errors import HalfbyteError
 from engine.grammar import Grammar, GrammarError, allowed_tokens, as_grammar, grammar_for_request
 
 FIXTURES = Path(__file__).parent / "fixtures" / "grammars"
-LLAMA_CPP_GRAMMARS = Path("/tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp/grammars")
+LLAMA_CPP_GRAMMARS = Path(os.environ.get("HALFBYTE_LLAMA_CPP") or "/nonexistent") / "grammars"
 
 
 def fixture(name: str) -> str:

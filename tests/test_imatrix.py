@@ -46,7 +46,7 @@ HERE = Path(__file__).parent
 FIXTURES = HERE / "fixtures" / "imatrix"
 KQUANTS = HERE / "fixtures" / "kquants"
 DEMO = HERE.parent / "engine" / "data" / "demo-kjv-q8_0.gguf"
-LLAMA_IMATRIX = Path(os.environ.get("HALFBYTE_LLAMA_IMATRIX", "/tmp/lcp-imatrix/bin/llama-imatrix"))
+LLAMA_IMATRIX = Path(os.environ.get("HALFBYTE_LLAMA_IMATRIX") or "/nonexistent/llama-imatrix")
 sys.path.insert(0, str(FIXTURES))
 sys.path.insert(0, str(KQUANTS))
 

@@ -23,8 +23,9 @@ from engine.kernels import kquant_quantize as kqq
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kquants"
 TYPES = [QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS]
-LLAMA_QUANTIZE = Path(os.environ.get(
-    "HALFBYTE_LLAMA_QUANTIZE", "/tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-quantize"))
+# Checks against llama.cpp's own binaries run only where one is named: CI must not pick up whatever a
+# session left in /tmp.
+LLAMA_QUANTIZE = Path(os.environ.get("HALFBYTE_LLAMA_QUANTIZE") or "/nonexistent/llama-quantize")
 
 
 def _input() -> np.ndarray:
