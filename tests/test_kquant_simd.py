@@ -74,12 +74,13 @@ def test_q8_k_needs_whole_blocks() -> None:
         ks.quantize_activations_q8_k(np.zeros((1, 300), np.float32))
 
 
-def random_k_rows(qtype: GGMLQuantizationType, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
+def random_k_rows(qtype: GGMLQuantizationType, n_out: int, n_in: int, rng: np.random.Generator,
+                  scale: float = 1 / 64) -> np.ndarray:
     """Random K-quant bytes with finite fp16 super-block scales (gguf-py cannot quantize K-quants)."""
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (n_out, n_in // block_size * type_size), dtype=np.uint8)
     blocks = raw.reshape(n_out, -1, type_size)
-    halves = (rng.uniform(-1.0, 1.0, blocks.shape[:2] + (2,)) / 64).astype(np.float16).view(np.uint8)
+    halves = (rng.uniform(-1.0, 1.0, blocks.shape[:2] + (2,)) * scale).astype(np.float16).view(np.uint8)
     where = {T.Q6_K: slice(208, 210), T.Q3_K: slice(108, 110), T.Q2_K: slice(80, 84)}.get(qtype, slice(0, 4))
     blocks[..., where] = halves.reshape(*blocks.shape[:2], 4)[..., : where.stop - where.start]
     return raw
@@ -117,6 +118,48 @@ def test_products_match_dequantized_weights_and_activations(qtype, n_tok) -> Non
     bound = 1e-6 * (np.abs(x_used) @ np.abs(w).T) + 1e-30
     assert np.all(np.abs(host - reference) <= bound)
     np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
+def test_subnormal_fp16_scales(qtype) -> None:
+    """Super-block scales below 2**-14 are fp16 subnormals (llama-quantize writes them for tiny
+    weights): exact on every path, like normal ones."""
+    rng = np.random.default_rng(int(qtype))
+    raw = random_k_rows(qtype, 19, 512, rng, scale=2.0**-16)
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    xq, xd, host, portable = run_both(qtype, raw, x)
+    w = dequantize(raw, qtype).astype(np.float64)
+    x_used = (xq.reshape(3, -1, 256) * xd[:, :, None].astype(np.float64)).reshape(3, -1)
+    bound = 1e-6 * (np.abs(x_used) @ np.abs(w).T) + 1e-37
+    assert np.all(np.abs(host - x_used @ w.T) <= bound)
+    np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))
+
+
+def test_fp16_conversion_is_exact_for_every_finite_half() -> None:
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic
+
+    from engine.kernels.simd import emit_f16_bits_to_f32
+
+    @intrinsic
+    def convert(typingctx, bits):
+        def codegen(context, builder, signature, args):
+            return emit_f16_bits_to_f32(builder, builder.trunc(args[0], ir.IntType(16)))
+
+        return types.float32(bits), codegen
+
+    @njit
+    def convert_all(bits, out):
+        for i in range(bits.shape[0]):
+            out[i] = convert(bits[i])
+
+    bits = np.arange(1 << 16, dtype=np.int64)
+    halves = bits.astype(np.uint16).view(np.float16)
+    finite = np.isfinite(halves)
+    out = np.empty(bits.shape[0], np.float32)
+    convert_all(bits, out)
+    np.testing.assert_array_equal(out[finite].view(np.uint32), halves[finite].astype(np.float32).view(np.uint32))
 
 
 @pytest.mark.parametrize("qtype", K_TYPES[:3], ids=lambda t: t.name)

@@ -55,6 +55,7 @@ from engine.kernels.simd import (
     _mask,
     _row_ptr,
     _vconst,
+    emit_f16_bits_to_f32,
     emit_prefetch,
     kernel_isa,
 )
@@ -196,14 +197,9 @@ class _KEmitter:
         return vec
 
     def _fp16(self, block: ir.Value, offset: int) -> ir.Value:
-        """float32 value of the fp16 at block + offset, without F16C or a library call: sign to bit
-        31, exponent and mantissa to bits 13..27 give the value times 2**-112, then rescale (exact
-        for normal and subnormal halves; once per super-block, so the scalar form costs nothing)."""
-        b = self.b
-        wide = b.zext(self._load(block, offset, _I16), _I32)
-        sign = b.shl(b.and_(wide, ir.Constant(_I32, 0x8000)), ir.Constant(_I32, 16))
-        magnitude = b.shl(b.and_(wide, ir.Constant(_I32, 0x7FFF)), ir.Constant(_I32, 13))
-        return b.fmul(b.bitcast(b.or_(sign, magnitude), _F32), ir.Constant(_F32, 2.0**112))
+        """float32 value of the fp16 at block + offset (once per super-block: the scalar integer
+        form costs nothing, and never touches a float subnormal, see emit_f16_bits_to_f32)."""
+        return emit_f16_bits_to_f32(self.b, self._load(block, offset, _I16))
 
     def _sign_transfer(self, q: ir.Value, x: ir.Value) -> tuple[ir.Value, ir.Value]:
         """(|q|, x with q's sign): the same products, with the first factor unsigned for pmaddubsw
