@@ -69,7 +69,7 @@ _BSUM_TYPES = ("q6_k", "iq4_xs", "q2_k", "q3_k")
 
 # Software prefetch distance for the weight stream, bytes ahead of the super-block being read (as
 # simd.py's; rows are contiguous, so near a row's end this fetches the next row's start).
-_PREFETCH_BYTES = 1024
+_PREFETCH_BYTES = 4096
 _V4I32 = ir.VectorType(_I32, 4)
 _V16I32 = ir.VectorType(_I32, 16)
 
@@ -445,7 +445,8 @@ class _KEmitter:
         loop = _Loop(b, n_blocks, [_vconst(_V8F32, 0.0)] * len(tokens), "kdot")
         index, accs = loop.index, loop.values
         block = b.gep(w_row, [b.mul(index, ir.Constant(_I64, self.block_bytes))])
-        emit_prefetch(b, block, _PREFETCH_BYTES)
+        for line in range(0, self.block_bytes, 64):
+            emit_prefetch(b, block, _PREFETCH_BYTES + line)
         sums_per_block = 16 if self.qtype in _BSUM_TYPES else 8  # bsums of 16 values / scaled sums of 32
         here = [
             (b.gep(x, [b.mul(index, ir.Constant(_I64, QK_K))]), b.gep(d, [index]),
