@@ -67,9 +67,12 @@ KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69
 # types whose drivers take the int16 sums of 16 activations (Q6_K's offsets; IQ4_XS ignores them)
 _BSUM_TYPES = ("q6_k", "iq4_xs", "q2_k", "q3_k")
 
-# Software prefetch distance for the weight stream, bytes ahead of the super-block being read (as
-# simd.py's; rows are contiguous, so near a row's end this fetches the next row's start).
-_PREFETCH_BYTES = 4096
+# Software prefetch distance for the weight stream, bytes ahead of the super-block being read (rows
+# are contiguous, so near a row's end this fetches the next row's start). Every cache line of a
+# super-block is prefetched (144-210 bytes span 3-4 lines): with one prefetch per super-block at
+# 1024 bytes, the Q6_K file's generation measured 75 ms/token on the Intel Xeon; with every line,
+# 64 ms at 1024 bytes, 60 ms at 2048, 62 ms at 4096.
+_PREFETCH_BYTES = 2048
 _V4I32 = ir.VectorType(_I32, 4)
 _V16I32 = ir.VectorType(_I32, 16)
 
