@@ -186,3 +186,22 @@ def test_q8_0_cache_needs_whole_blocks_per_head() -> None:
         KVCache(1, 8, 2, 48, "q8_0")
     with pytest.raises(HalfbyteError, match="f16, f32, q8_0"):
         KVCache(1, 8, 2, 64, "q4_0")
+
+
+@pytest.mark.parametrize("type_k,type_v", [("f16", "f16"), ("q8_0", "q8_0")])
+def test_peaked_softmax_drops_only_negligible_weights(type_k: str, type_v: str) -> None:
+    """Scores tens of units apart (a trained model's peaked attention; synthetic weights make them
+    routinely): weights below exp(-44) are dropped, which must stay invisible next to the float64
+    reference, including values whose scales are fp16 subnormals."""
+    rng = np.random.default_rng(11)
+    n_head, n_kv_head, hd, n_keys = 4, 2, 64, 70
+    cache = KVCache(1, n_keys, n_kv_head, hd, type_k, type_v)
+    k = rng.standard_normal((n_keys, n_kv_head, hd)).astype(np.float32)
+    v = (rng.standard_normal((n_keys, n_kv_head, hd)) * 1e-6).astype(np.float32)  # Q8_0 scales ~1e-8
+    cache.store(0, k, v, 0)
+    q = (rng.standard_normal((n_keys, n_head, hd)) * 4).astype(np.float32)  # scores spread over ~+-100
+    got = attend(q, cache.keys(0), cache.values(0), 0, 0.5)
+    want = reference_attention(q, cache.dequantized("k", 0), cache.dequantized("v", 0), 0, 0.5)
+    scores = np.einsum("thd,jhd->htj", q, np.repeat(cache.dequantized("k", 0), 2, axis=1)) * 0.5
+    assert (scores.max(-1) - scores.min(-1)).min() > 44  # some weights are really dropped
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(v).max())
