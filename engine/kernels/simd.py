@@ -37,7 +37,6 @@ only target-independent LLVM vector ops that LLVM lowers to SSE/AVX/NEON). Every
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 from llvmlite import ir
@@ -670,45 +669,49 @@ _q8_0_tile_1x4_generic = _make_tile("q8_0", "generic", 1, _TILE_TOKENS)
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
-def _fp16_value(d: float) -> np.float32:
-    """The float32 value of float16(d) (round to nearest even, overflow to inf), as ggml stores d."""
-    mantissa, exponent = math.frexp(d)  # d = mantissa * 2**exponent, mantissa in [0.5, 1)
-    # fp16 keeps 11 significant bits; below 2**-14 (exponent < -13) it is subnormal with a fixed
-    # quantum of 2**-24. Scaling by a power of two and rint are exact, so this is one rounding.
-    quantum = math.ldexp(1.0, max(exponent, -13) - 11)
-    rounded = np.rint(d / quantum) * quantum
-    if rounded > 65504.0:
-        return np.float32(np.inf)
-    return np.float32(rounded)
+@intrinsic
+def _fp16_value(typingctx, d):
+    """The float32 value of float16(d) for a float32 d (IEEE round to nearest even, overflow to inf),
+    as ggml stores d: one vcvtps2ph + vcvtph2ps with F16C (fcvt on arm64). The frexp/ldexp form
+    this replaced cost ~50 ns per 32-value block, most of a batch's activation quantization."""
+    if d != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], _F16), _F32)
+
+    return types.float32(d), codegen
 
 
-@njit(cache=True)
+# nnan/nsz only let LLVM vectorize the max reduction (inputs are finite; a maximum is exact in
+# any order); every other operation is exact or done in the written order.
+@njit(cache=True, fastmath={"nnan", "nsz"})
 def _quantize_row_q8_0_into(x, qs, scales, sums) -> None:
+    # Written so LLVM vectorizes both loops (the branchy int() form ran at ~2.6 ns per value, 11%
+    # of a 512-token prompt): roundf as floor + a compare.
     n_blocks = x.shape[0] // QK
     for blk in range(n_blocks):
         base = blk * QK
         amax = np.float32(0.0)
         for j in range(QK):
-            a = abs(np.float32(x[base + j]))
-            if a > amax:
-                amax = a
+            amax = max(amax, abs(np.float32(x[base + j])))
         # float32 arithmetic throughout, as ggml: d = amax / 127, id = 1 / d (from the float32 d,
         # not from its fp16 rounding)
         d = amax / np.float32(127.0)
         inv = np.float32(1.0) / d if d != np.float32(0.0) else np.float32(0.0)
-        total = 0
+        total = np.int32(0)
         for j in range(QK):
             v = np.float32(x[base + j]) * inv
-            # roundf: half away from zero (ggml), not numpy's half-to-even
+            # roundf: half away from zero (ggml), not numpy's half-to-even; |v| <= 127, so floor
+            # and the subtraction are exact
             a = abs(v)
-            whole = int(a)
-            if a - np.float32(whole) >= np.float32(0.5):
-                whole += 1
-            q = -whole if v < 0 else whole
+            whole = np.floor(a)
+            if a - whole >= np.float32(0.5):
+                whole += np.float32(1.0)
+            q = np.int32(-whole if v < np.float32(0.0) else whole)
             qs[base + j] = q
             total += q
-        scales[blk] = _fp16_value(float(d))
+        scales[blk] = _fp16_value(d)
         sums[blk] = total
 
 
