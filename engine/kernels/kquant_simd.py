@@ -202,6 +202,17 @@ class _KEmitter:
             vec = b.add(self._slice(vec, range(0, n, 2)), self._slice(vec, range(1, n, 2)))
         return vec
 
+    def _weighted_bsums(self, weights: ir.Value, bsum_ptr: ir.Value) -> ir.Value:
+        """<8 x i32>, lane i = w[2i] * bsum[2i] + w[2i+1] * bsum[2i+1] for 16 int32 weights in int16
+        range (the sub-block scales or mins) and a token's 16 int16 bsums: one pmaddwd on x86
+        (exact: |w * bsum| <= 128 * 2032), else the products and their pair sums."""
+        b = self.b
+        bsums = self._load(bsum_ptr, 0, _V16I16)
+        if self.isa in X86_ISAS:
+            maddwd = self._fn("llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
+            return b.call(maddwd, [b.trunc(weights, _V16I16), bsums])
+        return self._quad_sums(b.mul(weights, b.sext(bsums, _V16I32)))
+
     def _fp16(self, block: ir.Value, offset: int) -> ir.Value:
         """float32 value of the fp16 at block + offset (once per super-block: the scalar integer
         form costs nothing, and never touches a float subnormal, see emit_f16_bits_to_f32)."""
@@ -336,9 +347,8 @@ class _KEmitter:
         isums = self._finish_dots(dots)
         out = []
         for t, (_, _, bsum_ptr) in enumerate(tokens):
-            bsums = b.sext(self._load(bsum_ptr, 0, _V16I16), _V16I32)
             # codes are q + 32: take 32 * sum_j scale_j * bsum_j off
-            bias = b.shl(self._quad_sums(b.mul(scales, bsums)), _vconst(_V8I32, 5))
+            bias = b.shl(self._weighted_bsums(scales, bsum_ptr), _vconst(_V8I32, 5))
             out.append(b.sub(isums[t], bias))
         return out
 
@@ -417,13 +427,12 @@ class _KEmitter:
         isums = self._finish_dots(dots)
         out, min_sums = [], []
         for t, (_, _, bsum_ptr) in enumerate(tokens):
-            bsums = b.sext(self._load(bsum_ptr, 0, _V16I16), _V16I32)
             if q3:  # values are codes - 4: take 4 * sum_j scale_j * bsum_j off
-                bias = b.shl(self._quad_sums(b.mul(scales, bsums)), _vconst(_V8I32, 2))
+                bias = b.shl(self._weighted_bsums(scales, bsum_ptr), _vconst(_V8I32, 2))
                 out.append(b.sub(isums[t], bias))
             else:
                 out.append(isums[t])
-                min_sums.append(self._quad_sums(b.mul(mins, bsums)))
+                min_sums.append(self._weighted_bsums(mins, bsum_ptr))
         return out, (None if q3 else min_sums)
 
     def _iq4_xs(self, block: ir.Value, tokens) -> list[ir.Value]:
