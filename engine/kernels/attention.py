@@ -268,16 +268,97 @@ def _accumulate_q8_0(acc, p, v):
             acc[blk * Q8_0_BLOCK + i] += pd * np.float32(np.int8(v[at + 2 + i]))
 
 
-def _accumulate(acc, p, v):  # pragma: no cover - only the overload below runs, inside jitted code
+def _accumulate_keys_codegen(context, builder, sig, args):
+    """``acc += p_j * v[j, kv_head]`` for j = j0 .. j1-1 in order, p_j = probs[j - p_off], skipping
+    p_j == 0; head size a multiple of 32. Per 32 output values, four <8 x float> accumulators stay
+    in registers across the keys (one FMA per element and key, as the element-wise loop does: the
+    same bits), instead of a load and a store of the output per key."""
+    b = builder
+    acc_a = context.make_array(sig.args[0])(context, b, args[0])
+    probs_a = context.make_array(sig.args[1])(context, b, args[1])
+    v_a = context.make_array(sig.args[3])(context, b, args[3])
+    p_off, kv_head, j0, j1 = args[2], args[4], args[5], args[6]
+    half_values = sig.args[3].dtype == types.uint16
+    n_kv = b.extract_value(v_a.shape, 1)
+    head_dim = b.extract_value(v_a.shape, 2)
+    row_stride = b.mul(n_kv, head_dim)
+    v_base = b.gep(v_a.data, [b.mul(kv_head, head_dim)])
+    fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(_V8F32, [_V8F32] * 3), "llvm.fma.v8f32")
+    n_keys = b.sub(j1, j0)
+    n_keys = b.select(b.icmp_signed("<", n_keys, ir.Constant(_I64, 0)), ir.Constant(_I64, 0), n_keys)
+    blocks = _Loop(b, b.sdiv(head_dim, ir.Constant(_I64, 32)), [], "acc_blocks")
+    d0 = b.mul(blocks.index, ir.Constant(_I64, 32))
+    acc_ptrs = [b.bitcast(b.gep(acc_a.data, [b.add(d0, ir.Constant(_I64, 8 * k))]), _V8F32.as_pointer())
+                for k in range(4)]
+    start = [b.load(ptr, align=4) for ptr in acc_ptrs]
+    keys = _Loop(b, n_keys, start, "acc_keys")
+    j = b.add(j0, keys.index)
+    p = b.load(b.gep(probs_a.data, [b.sub(j, p_off)]))
+    entry = b.basic_block
+    with b.if_then(b.fcmp_unordered("!=", p, ir.Constant(_F32, 0.0))):
+        p_vec = b.shuffle_vector(b.insert_element(ir.Constant(_V8F32, ir.Undefined), p, ir.Constant(ir.IntType(32), 0)),
+                                 ir.Constant(_V8F32, ir.Undefined), _mask([0] * 8))
+        row = b.gep(v_base, [b.add(b.mul(j, row_stride), d0)])
+        updated = []
+        for k, acc in enumerate(keys.values):
+            at = b.gep(row, [ir.Constant(_I64, 8 * k)])
+            if half_values:
+                bits = b.load(b.bitcast(at, _V8I16.as_pointer()), align=2)
+                values = b.fpext(b.bitcast(bits, ir.VectorType(_F16, 8)), _V8F32)
+            else:
+                values = b.load(b.bitcast(at, _V8F32.as_pointer()), align=4)
+            updated.append(b.call(fma, [p_vec, values, acc]))
+        done = b.basic_block
+    merged = []
+    for acc, new in zip(keys.values, updated):
+        phi = b.phi(_V8F32)
+        phi.add_incoming(new, done)
+        phi.add_incoming(acc, entry)
+        merged.append(phi)
+    finals = keys.close(merged)
+    for ptr, value in zip(acc_ptrs, finals):
+        b.store(value, ptr, align=4)
+    blocks.close([])
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _accumulate_keys(typingctx, acc, probs, p_off, v, kv_head, j0, j1):
+    ok = (isinstance(acc, types.Array) and acc.ndim == 1 and acc.layout == "C" and acc.dtype == types.float32
+          and isinstance(probs, types.Array) and probs.ndim == 1 and probs.layout == "C"
+          and probs.dtype == types.float32
+          and isinstance(v, types.Array) and v.ndim == 3 and v.layout == "C"
+          and v.dtype in (types.float32, types.uint16))
+    if not ok:
+        return None
+    return types.void(acc, probs, types.intp, v, types.intp, types.intp, types.intp), _accumulate_keys_codegen
+
+
+def _accumulate_run(acc, probs, p_off, v, kv_head, j0, j1):  # pragma: no cover - the overload runs
     raise NotImplementedError
 
 
-@overload(_accumulate, inline="always")
-def _accumulate_overload(acc, p, v):
-    # The value cache's storage picks the loop at compile time: uint8 rows are Q8_0 blocks.
+@overload(_accumulate_run, inline="always")
+def _accumulate_run_overload(acc, probs, p_off, v, kv_head, j0, j1):
+    """``acc += probs[j - p_off] * v[j, kv_head]`` for j in j0..j1-1, zero weights skipped: the
+    register-blocked intrinsic for float caches whose head size is a multiple of 32, else key by key."""
     if v.dtype == types.uint8:
-        return lambda acc, p, v: _accumulate_q8_0(acc, p, v)
-    return lambda acc, p, v: _accumulate_float(acc, p, v)
+        def by_key_q8(acc, probs, p_off, v, kv_head, j0, j1):
+            for j in range(j0, j1):
+                p = probs[j - p_off]
+                if p != 0.0:
+                    _accumulate_q8_0(acc, p, v[j, kv_head])
+        return by_key_q8
+
+    def float_values(acc, probs, p_off, v, kv_head, j0, j1):
+        if v.shape[2] % 32 == 0:
+            _accumulate_keys(acc, probs, p_off, v, kv_head, j0, j1)
+            return
+        for j in range(j0, j1):
+            p = probs[j - p_off]
+            if p != 0.0:
+                _accumulate_float(acc, p, v[j, kv_head])
+    return float_values
 
 
 # Query tokens per tile. A tile is one KV head's queries (its `group` query heads) for this many
@@ -354,11 +435,8 @@ def _attend_kernel(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, o
                 t = t0 + i // group
                 query_pos = n_past + t
                 first = max(c0, query_pos + 1 - window) if window > 0 else c0
-                acc = out[t, kv_head * group + i % group]
-                for j in range(first, min(c1, query_pos + 1)):
-                    p = scores[i, j - key_lo]
-                    if p != 0.0:
-                        _accumulate(acc, p, v[j, kv_head])
+                _accumulate_run(out[t, kv_head * group + i % group], scores[i], key_lo, v, kv_head, first,
+                                min(c1, query_pos + 1))
         for i in range(n_q):
             acc = out[t0 + i // group, kv_head * group + i % group]
             inv = np.float32(1.0 / totals[i])
