@@ -195,60 +195,109 @@ def _score(typingctx, q, k):
     half_keys = k.dtype == types.uint16
 
     def codegen(context, builder, sig, args):
-        b = builder
-        qa = context.make_array(sig.args[0])(context, b, args[0])
-        ka = context.make_array(sig.args[1])(context, b, args[1])
-        n = b.extract_value(qa.shape, 0)
-        n_k = b.extract_value(ka.shape, 0)
-        n = b.select(b.icmp_unsigned("<", n, n_k), n, n_k)
-        q_ptr, k_ptr = qa.data, ka.data
-        fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(_V8F32, [_V8F32] * 3), "llvm.fma.v8f32")
-
-        def load8(at: ir.Value) -> tuple[ir.Value, ir.Value]:
-            qv = b.load(b.bitcast(b.gep(q_ptr, [at]), _V8F32.as_pointer()), align=4)
-            if half_keys:
-                bits = b.load(b.bitcast(b.gep(k_ptr, [at]), _V8I16.as_pointer()), align=2)
-                kv = b.fpext(b.bitcast(bits, ir.VectorType(_F16, 8)), _V8F32)
-            else:
-                kv = b.load(b.bitcast(b.gep(k_ptr, [at]), _V8F32.as_pointer()), align=4)
-            return qv, kv
-
-        zero = _vconst(_V8F32, 0.0)
-        loop = _Loop(b, b.lshr(n, ir.Constant(_I64, 4)), [zero, zero], "score")
-        base = b.shl(loop.index, ir.Constant(_I64, 4))
-        acc_a, acc_b = loop.values
-        acc_a = b.call(fma, [*load8(base), acc_a])
-        acc_b = b.call(fma, [*load8(b.add(base, ir.Constant(_I64, 8))), acc_b])
-        acc_a, acc_b = loop.close([acc_a, acc_b])
-        # a last group of 8 (n % 16 >= 8) into A
-        done16 = b.shl(b.lshr(n, ir.Constant(_I64, 4)), ir.Constant(_I64, 4))
-        has8 = b.icmp_unsigned(">=", b.sub(n, done16), ir.Constant(_I64, 8))
-        skip_block = b.basic_block
-        with b.if_then(has8):
-            extra = b.call(fma, [*load8(done16), acc_a])
-            extra_block = b.basic_block
-        merged = b.phi(_V8F32)
-        merged.add_incoming(extra, extra_block)
-        merged.add_incoming(acc_a, skip_block)
-        acc_a = merged
-        total = b.fadd(acc_a, acc_b)
-        v4 = b.fadd(b.shuffle_vector(total, total, _mask(range(4))), b.shuffle_vector(total, total, _mask(range(4, 8))))
-        v2 = b.fadd(b.shuffle_vector(v4, v4, _mask(range(2))), b.shuffle_vector(v4, v4, _mask(range(2, 4))))
-        result = b.fadd(b.extract_element(v2, ir.Constant(ir.IntType(32), 0)),
-                        b.extract_element(v2, ir.Constant(ir.IntType(32), 1)))
-        # scalar tail: elements from (n // 8) * 8
-        start = b.shl(b.lshr(n, ir.Constant(_I64, 3)), ir.Constant(_I64, 3))
-        tail = _Loop(b, b.sub(n, start), [ir.Constant(_F32, 0.0)], "score_tail")
-        at = b.add(start, tail.index)
-        qs = b.load(b.gep(q_ptr, [at]))
-        ks = b.load(b.gep(k_ptr, [at]))
-        if half_keys:
-            ks = b.fpext(b.bitcast(ks, _F16), _F32)
-        f32_fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(_F32, [_F32] * 3), "llvm.fma.f32")
-        [tail_sum] = tail.close([b.call(f32_fma, [qs, ks, tail.values[0]])])
-        return b.fadd(result, tail_sum)
+        qa = context.make_array(sig.args[0])(context, builder, args[0])
+        ka = context.make_array(sig.args[1])(context, builder, args[1])
+        n = builder.extract_value(qa.shape, 0)
+        n_k = builder.extract_value(ka.shape, 0)
+        n = builder.select(builder.icmp_unsigned("<", n, n_k), n, n_k)
+        return _emit_scores(builder, [qa.data], ka.data, n, half_keys)[0]
 
     return types.float32(q, k), codegen
+
+
+def _emit_scores(b: ir.IRBuilder, q_ptrs: list, k_ptr: ir.Value, n: ir.Value, half_keys: bool) -> list:
+    """The fixed-order dot of _score for each query pointer against one key (float32 or half bits):
+    every query's operations are exactly the one-query ones; the key's loads and conversions are
+    shared."""
+    fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(_V8F32, [_V8F32] * 3), "llvm.fma.v8f32")
+
+    def key8(at: ir.Value) -> ir.Value:
+        if half_keys:
+            bits = b.load(b.bitcast(b.gep(k_ptr, [at]), _V8I16.as_pointer()), align=2)
+            return b.fpext(b.bitcast(bits, ir.VectorType(_F16, 8)), _V8F32)
+        return b.load(b.bitcast(b.gep(k_ptr, [at]), _V8F32.as_pointer()), align=4)
+
+    def query8(q_ptr: ir.Value, at: ir.Value) -> ir.Value:
+        return b.load(b.bitcast(b.gep(q_ptr, [at]), _V8F32.as_pointer()), align=4)
+
+    zero = _vconst(_V8F32, 0.0)
+    loop = _Loop(b, b.lshr(n, ir.Constant(_I64, 4)), [zero, zero] * len(q_ptrs), "score")
+    base = b.shl(loop.index, ir.Constant(_I64, 4))
+    k_a, k_b = key8(base), key8(b.add(base, ir.Constant(_I64, 8)))
+    updated = []
+    for i, q_ptr in enumerate(q_ptrs):
+        acc_a, acc_b = loop.values[2 * i], loop.values[2 * i + 1]
+        updated.append(b.call(fma, [query8(q_ptr, base), k_a, acc_a]))
+        updated.append(b.call(fma, [query8(q_ptr, b.add(base, ir.Constant(_I64, 8))), k_b, acc_b]))
+    accs = loop.close(updated)
+    # a last group of 8 (n % 16 >= 8) into A
+    done16 = b.shl(b.lshr(n, ir.Constant(_I64, 4)), ir.Constant(_I64, 4))
+    has8 = b.icmp_unsigned(">=", b.sub(n, done16), ir.Constant(_I64, 8))
+    skip_block = b.basic_block
+    with b.if_then(has8):
+        k_last = key8(done16)
+        extras = [b.call(fma, [query8(q_ptr, done16), k_last, accs[2 * i]]) for i, q_ptr in enumerate(q_ptrs)]
+        extra_block = b.basic_block
+    merged = []
+    for i in range(len(q_ptrs)):  # every phi first: LLVM wants them at the top of the block
+        phi = b.phi(_V8F32)
+        phi.add_incoming(extras[i], extra_block)
+        phi.add_incoming(accs[2 * i], skip_block)
+        merged.append(phi)
+    results = []
+    for i in range(len(q_ptrs)):
+        total = b.fadd(merged[i], accs[2 * i + 1])
+        v4 = b.fadd(b.shuffle_vector(total, total, _mask(range(4))), b.shuffle_vector(total, total, _mask(range(4, 8))))
+        v2 = b.fadd(b.shuffle_vector(v4, v4, _mask(range(2))), b.shuffle_vector(v4, v4, _mask(range(2, 4))))
+        results.append(b.fadd(b.extract_element(v2, ir.Constant(ir.IntType(32), 0)),
+                              b.extract_element(v2, ir.Constant(ir.IntType(32), 1))))
+    # scalar tail: elements from (n // 8) * 8
+    start = b.shl(b.lshr(n, ir.Constant(_I64, 3)), ir.Constant(_I64, 3))
+    tail = _Loop(b, b.sub(n, start), [ir.Constant(_F32, 0.0)] * len(q_ptrs), "score_tail")
+    at = b.add(start, tail.index)
+    ks = b.load(b.gep(k_ptr, [at]))
+    if half_keys:
+        ks = b.fpext(b.bitcast(ks, _F16), _F32)
+    f32_fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(_F32, [_F32] * 3), "llvm.fma.f32")
+    tails = tail.close([b.call(f32_fma, [b.load(b.gep(q_ptr, [at])), ks, tail.values[i]])
+                        for i, q_ptr in enumerate(q_ptrs)])
+    return [b.fadd(result, tail_sum) for result, tail_sum in zip(results, tails)]
+
+
+@intrinsic
+def _score4_float(typingctx, q, h0, k):
+    """(_score(q[h0], k), ..., _score(q[h0 + 3], k)) for float32 queries ``q`` (n_head, head_dim) and a
+    float32 or half-bits key: the same four numbers, with the key read once."""
+    ok = (isinstance(q, types.Array) and q.ndim == 2 and q.layout == "C" and q.dtype == types.float32
+          and isinstance(k, types.Array) and k.ndim == 1 and k.layout == "C"
+          and k.dtype in (types.float32, types.uint16))
+    if not ok:
+        return None
+    half_keys = k.dtype == types.uint16
+
+    def codegen(context, builder, sig, args):
+        qa = context.make_array(sig.args[0])(context, builder, args[0])
+        ka = context.make_array(sig.args[2])(context, builder, args[2])
+        head_dim = builder.extract_value(qa.shape, 1)
+        n_k = builder.extract_value(ka.shape, 0)
+        n = builder.select(builder.icmp_unsigned("<", head_dim, n_k), head_dim, n_k)
+        q_ptrs = [builder.gep(qa.data, [builder.mul(builder.add(args[1], ir.Constant(_I64, i)), head_dim)])
+                  for i in range(4)]
+        scores = _emit_scores(builder, q_ptrs, ka.data, n, half_keys)
+        return context.make_tuple(builder, sig.return_type, scores)
+
+    return types.UniTuple(types.float32, 4)(q, types.intp, k), codegen
+
+
+def _score4(q, h0, k):  # pragma: no cover - the overload runs
+    raise NotImplementedError
+
+
+@overload(_score4, inline="always")
+def _score4_overload(q, h0, k):
+    if k.dtype == types.uint8:  # Q8_0 keys: one query at a time
+        return lambda q, h0, k: (_score(q[h0], k), _score(q[h0 + 1], k), _score(q[h0 + 2], k), _score(q[h0 + 3], k))
+    return lambda q, h0, k: _score4_float(q, h0, k)
 
 
 @njit(cache=True, fastmath=_FLOAT_DOT)
@@ -396,22 +445,26 @@ def _attend_kernel(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, o
         # while every query of the tile reads it.
         for c0 in range(key_lo, key_hi, _KEY_CHUNK):
             c1 = min(key_hi, c0 + _KEY_CHUNK)
-            for i in range(n_q):
-                t = t0 + i // group
-                h = kv_head * group + i % group
+            # four query heads of a token at a time when the group allows: one key read, four dots
+            step = 4 if group % 4 == 0 else 1
+            for i0 in range(0, n_q, step):
+                t = t0 + i0 // group
+                h0 = kv_head * group + i0 % group
                 query_pos = n_past + t
                 first = max(c0, query_pos + 1 - window) if window > 0 else c0
-                qv = q[t, h]
-                peak = peaks[i]
                 for j in range(first, min(c1, query_pos + 1)):
-                    s = _score(qv, k[j, kv_head]) * scale
-                    if softcap > 0:
-                        s = softcap * np.tanh(s / softcap)
-                    if use_alibi:
-                        s += slopes[h] * np.float32(j - query_pos)
-                    scores[i, j - key_lo] = s
-                    peak = max(peak, s)
-                peaks[i] = peak
+                    if step == 4:
+                        dots = _score4(q[t], h0, k[j, kv_head])
+                    else:
+                        dots = (_score(q[t, h0], k[j, kv_head]), np.float32(0), np.float32(0), np.float32(0))
+                    for u in range(step):
+                        s = dots[u] * scale
+                        if softcap > 0:
+                            s = softcap * np.tanh(s / softcap)
+                        if use_alibi:
+                            s += slopes[h0 + u] * np.float32(j - query_pos)
+                        scores[i0 + u, j - key_lo] = s
+                        peaks[i0 + u] = max(peaks[i0 + u], s)
         for i in range(n_q):
             t = t0 + i // group
             query_pos = n_past + t
