@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 from test_gguf_file import assert_one_line_error, invoke_cli
-from test_kquant_quantize import LLAMA_QUANTIZE, RECIPE_MODELS, recipe_tensors, write_recipe_model
+from test_kquant_quantize import LLAMA_QUANTIZE, NO_LLAMA_QUANTIZE, RECIPE_MODELS, recipe_tensors, write_recipe_model
 
 from engine import quants
 from engine.errors import HalfbyteError
@@ -454,7 +454,7 @@ def test_cli_errors(demo_f32_path, tmp_path) -> None:
 
 # ---- with llama.cpp's binaries at hand: their output on the spot ----------------------------------------
 
-needs_llama_quantize = pytest.mark.skipif(not LLAMA_QUANTIZE.exists(), reason=f"no {LLAMA_QUANTIZE}")
+needs_llama_quantize = pytest.mark.skipif(not LLAMA_QUANTIZE.exists(), reason=NO_LLAMA_QUANTIZE)
 
 
 def _llama_quantize(*args: str, cwd: Path) -> None:
@@ -541,7 +541,8 @@ def write_gguf_wide(path: Path, data: np.ndarray) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not LLAMA_IMATRIX.exists(), reason=f"no {LLAMA_IMATRIX}")
+@pytest.mark.skipif(not LLAMA_IMATRIX.exists(),
+                    reason="set HALFBYTE_LLAMA_IMATRIX to llama.cpp's llama-imatrix binary to run")
 def test_llama_imatrix_fixture_is_what_it_writes(tmp_path, monkeypatch) -> None:
     """Remake llama-imatrix.gguf / .json with the binary (into tmp) and compare with the committed ones."""
     import make_imatrix_fixtures

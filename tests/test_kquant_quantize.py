@@ -26,6 +26,7 @@ TYPES = [QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS]
 # Checks against llama.cpp's own binaries run only where one is named: CI must not pick up whatever a
 # session left in /tmp.
 LLAMA_QUANTIZE = Path(os.environ.get("HALFBYTE_LLAMA_QUANTIZE") or "/nonexistent/llama-quantize")
+NO_LLAMA_QUANTIZE = "set HALFBYTE_LLAMA_QUANTIZE to llama.cpp's llama-quantize binary to run"
 
 
 def _input() -> np.ndarray:
@@ -136,7 +137,7 @@ def test_edge_values_are_deterministic() -> None:
         np.testing.assert_array_equal(quants.quantize(rows, qtype), kqq.reference_quantize(rows, qtype))
 
 
-@pytest.mark.skipif(not LLAMA_QUANTIZE.exists(), reason="llama-quantize not built here")
+@pytest.mark.skipif(not LLAMA_QUANTIZE.exists(), reason=NO_LLAMA_QUANTIZE)
 def test_fresh_data_equals_llama_quantize(tmp_path) -> None:
     """New data (not the fixtures) through the llama-quantize binary itself."""
     sys.path.insert(0, str(FIXTURES))
@@ -275,7 +276,7 @@ def make_recipes_fixture(binary: Path = LLAMA_QUANTIZE) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not LLAMA_QUANTIZE.exists(), reason="llama-quantize not built here")
+@pytest.mark.skipif(not LLAMA_QUANTIZE.exists(), reason=NO_LLAMA_QUANTIZE)
 def test_recipes_fixture_is_what_llama_quantize_writes(tmp_path, monkeypatch) -> None:
     """Regenerate the recipe fixture with the binary (into tmp) and compare with the committed one."""
     committed = _expected_recipes()

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
-from test_kquant_quantize import LLAMA_QUANTIZE, write_recipe_model
+from test_kquant_quantize import LLAMA_QUANTIZE, NO_LLAMA_QUANTIZE, write_recipe_model
 
 from engine import quants
 from engine.gguf_file import GGUFFile, GGUFWriter
@@ -27,7 +27,7 @@ from engine.kernels import matmul as mm
 from engine.kernels.matmul import WeightView, dequantize_weight, matmul, matvec
 
 needs_llama_quantize = pytest.mark.skipif(not LLAMA_QUANTIZE.exists(),
-                                          reason=f"llama-quantize not built here ({LLAMA_QUANTIZE})")
+                                          reason=NO_LLAMA_QUANTIZE)
 NATIVE = [T.Q2_K, T.Q3_K, T.IQ4_NL, T.IQ4_XS]
 GGUF_WRITTEN = [T.TQ1_0, T.TQ2_0, T.MXFP4]  # gguf.quants writes these
 # llama-quantize mix -> the type it stores (with --pure, every quantized tensor)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 from test_gguf_file import assert_one_line_error, invoke_cli
-from test_kquant_quantize import FIXTURES, LLAMA_QUANTIZE, RECIPE_MODELS, write_recipe_model
+from test_kquant_quantize import FIXTURES, LLAMA_QUANTIZE, NO_LLAMA_QUANTIZE, RECIPE_MODELS, write_recipe_model
 
 from engine import quants
 from engine.filetypes import QUANTIZE_MIXES
@@ -26,7 +26,7 @@ from engine.gguf_file import GGUFFile
 from engine.requantize import plan_types, quantize_gguf
 
 needs_llama_quantize = pytest.mark.skipif(not LLAMA_QUANTIZE.exists(),
-                                          reason=f"llama-quantize not built here ({LLAMA_QUANTIZE})")
+                                          reason=NO_LLAMA_QUANTIZE)
 # a smaller model than RECIPE_MODELS' 16 layers for the byte comparisons: 8 layers (use_more_bits varies),
 # GQA 4 (the q2_k / iq4 attn_v rules), ffn_down rows of 288 (the K-quant fallbacks)
 SMALL = {"gqa4_8": (8, 1, 288, True), "mha_tied": RECIPE_MODELS["mha_tied"]}
