@@ -103,7 +103,7 @@ def run_both(qtype: GGMLQuantizationType, raw: np.ndarray, x: np.ndarray) -> tup
     return xq, xd, *outs
 
 
-@pytest.mark.parametrize("n_tok", [1, 3, 8, 11])
+@pytest.mark.parametrize("n_tok", [1, 3, 8, 11, 27])  # 27: Q6_K's 16-token tile, an 8-token one, 3 singles
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
 def test_products_match_dequantized_weights_and_activations(qtype, n_tok) -> None:
     rng = np.random.default_rng(int(qtype) * 10 + n_tok)
