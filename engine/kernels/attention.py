@@ -197,12 +197,16 @@ def _score(typingctx, q, k):
     def codegen(context, builder, sig, args):
         qa = context.make_array(sig.args[0])(context, builder, args[0])
         ka = context.make_array(sig.args[1])(context, builder, args[1])
-        n = builder.extract_value(qa.shape, 0)
-        n_k = builder.extract_value(ka.shape, 0)
-        n = builder.select(builder.icmp_unsigned("<", n, n_k), n, n_k)
+        n = _shorter(builder, builder.extract_value(qa.shape, 0), ka)
         return _emit_scores(builder, [qa.data], ka.data, n, half_keys)[0]
 
     return types.float32(q, k), codegen
+
+
+def _shorter(b: ir.IRBuilder, n_q: ir.Value, key) -> ir.Value:
+    """Elements a dot reads: the query's length or the key array's, whichever is shorter."""
+    n_k = b.extract_value(key.shape, 0)
+    return b.select(b.icmp_unsigned("<", n_q, n_k), n_q, n_k)
 
 
 def _emit_scores(b: ir.IRBuilder, q_ptrs: list, k_ptr: ir.Value, n: ir.Value, half_keys: bool) -> list:
@@ -279,8 +283,7 @@ def _score4_float(typingctx, q, h0, k):
         qa = context.make_array(sig.args[0])(context, builder, args[0])
         ka = context.make_array(sig.args[2])(context, builder, args[2])
         head_dim = builder.extract_value(qa.shape, 1)
-        n_k = builder.extract_value(ka.shape, 0)
-        n = builder.select(builder.icmp_unsigned("<", head_dim, n_k), head_dim, n_k)
+        n = _shorter(builder, head_dim, ka)
         q_ptrs = [builder.gep(qa.data, [builder.mul(builder.add(args[1], ir.Constant(_I64, i)), head_dim)])
                   for i in range(4)]
         scores = _emit_scores(builder, q_ptrs, ka.data, n, half_keys)

@@ -590,8 +590,9 @@ _q4_k_1, _q4_k_n = _make_tile("q4_k", "host", 1), _make_tile("q4_k", "host", _TI
 _q5_k_1, _q5_k_n = _make_tile("q5_k", "host", 1), _make_tile("q5_k", "host", _TILE_TOKENS, interleaved=True)
 _q6_k_1, _q6_k_n = _make_tile("q6_k", "host", 1), _make_tile("q6_k", "host", _TILE_TOKENS, interleaved=True)
 # Q6_K's unpacking (two bit fields per code) is dearer than the other types', so its batches take
-# 16-token tiles first. Measured (1 thread, 32 tokens, tokens/s): Q6_K 32000x2048 995 with 8-token
-# tiles, 1,306 with 16; Q4_K lost 4-11% with 16, so the others keep 8.
+# 16-token tiles first. Measured (Intel Xeon, `bench/bench_kquants.py --threads 1`, tokens/s): Q6_K
+# 32000x2048 at 32 tokens 995 with 8-token tiles, 1,075-1,306 with 16 (1,239 at 128 tokens); Q4_K lost
+# 4-11% with 16, so the others keep 8. Whole Q6_K file, pp128 on 2 threads: 94.6 -> 125.4 t/s.
 _Q6_K_WIDE = 2 * _TILE_TOKENS
 _q6_k_wide = _make_tile("q6_k", "host", _Q6_K_WIDE, interleaved=True)
 _q4_k_1g, _q4_k_ng = _make_tile("q4_k", "generic", 1), _make_tile("q4_k", "generic", _TILE_TOKENS)
