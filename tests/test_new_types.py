@@ -1,6 +1,6 @@
 """Every ggml type llama-quantize writes loads and runs: Q2_K, Q3_K, IQ4_NL, IQ4_XS (halfbyte's
-dequantizers, integer kernels where they exist) and IQ2_*, IQ3_*, IQ1_*, TQ1_0, TQ2_0, MXFP4 (gguf's
-numpy dequantizers: slow but correct).
+dequantizers and integer kernels), IQ2_*, IQ3_*, IQ1_*, TQ1_0, TQ2_0 (integer kernels; gguf's numpy
+dequantizers on the "reference" path) and MXFP4 (gguf's dequantizer: slow but correct).
 
 References: the weights dequantized by ``gguf.quants`` times the activations in float64; files from
 llama-quantize itself where it is built (the IQ1/IQ2/IQ3 types need an importance matrix: a uniform
@@ -47,6 +47,20 @@ def check_product(weight: WeightView, x: np.ndarray, y: np.ndarray, tolerance: f
     reference = x.astype(np.float64) @ w.T
     scale = np.abs(x).astype(np.float64) @ np.abs(w).T
     assert np.all(np.abs(y - reference) <= tolerance * scale), (np.abs(y - reference) / scale).max()
+
+
+def check_q8_k_product(weight: WeightView, x: np.ndarray, y: np.ndarray) -> None:
+    """An integer product against Q8_K activations: the dequantized weights times the dequantized
+    activations to float rounding, and the float product within the activations' 8-bit rounding."""
+    from engine.kernels.kquant_simd import quantize_activations_q8_k
+
+    w = dequantize_weight(weight).astype(np.float64)
+    xq, xd, _ = quantize_activations_q8_k(x)
+    x_used = (xq.reshape(len(x), -1, 256) * xd[:, :, None].astype(np.float64)).reshape(len(x), -1)
+    scale = np.abs(x_used) @ np.abs(w).T
+    assert np.all(np.abs(y - x_used @ w.T) <= 1e-6 * scale)
+    step = np.abs(xd).max(axis=1, keepdims=True) / 2
+    assert np.all(np.abs(y - x.astype(np.float64) @ w.T) <= step * np.abs(w).sum(axis=1) + 1e-6 * scale)
 
 
 @pytest.mark.parametrize("qtype", NATIVE + GGUF_WRITTEN, ids=lambda t: t.name)
@@ -105,8 +119,8 @@ def test_llama_quantize_imatrix_types_multiply(recipe_model, tmp_path, mix) -> N
         assert info.ggml_type == IMATRIX_MIXES[mix]
         weight = WeightView.from_raw(info.ggml_type, list(info.ne), f.tensor_bytes(info.name))
         x = rng.standard_normal((3, weight.n_in), dtype=np.float32)
-        check_product(weight, x, matmul(weight, x))
-        check_product(weight, x[:1], matvec(weight, x[0])[None])
+        check_q8_k_product(weight, x, matmul(weight, x))
+        check_q8_k_product(weight, x[:1], matvec(weight, x[0])[None])
 
 
 # ---- whole models ---------------------------------------------------------------------------------------------
@@ -177,8 +191,8 @@ def test_quantized_models_run(f32_model, tmp_path, mix) -> None:
 @needs_llama_quantize
 @pytest.mark.parametrize("mix", ["iq2_xxs", "iq3_s", "tq1_0"])
 def test_llama_quantize_low_bit_models_run(f32_model, tmp_path, mix) -> None:
-    """llama-quantize's low-bit mixes (with a uniform imatrix): halfbyte runs them, and since these types
-    are multiplied in float, its logits are those of the dequantized model to float rounding."""
+    """llama-quantize's low-bit mixes (with a uniform imatrix): halfbyte runs them, its logits those of
+    the dequantized model up to the activations' 8-bit rounding (Q8_K, as llama.cpp's)."""
     from engine.model import Model
 
     quantized = tmp_path / f"{mix}.gguf"
@@ -194,18 +208,19 @@ def test_llama_quantize_low_bit_models_run(f32_model, tmp_path, mix) -> None:
     ids = model.tokenize(PROMPT)
     ours = model.eval(ids)
     exact = Model.load(dequantized_copy(quantized, tmp_path / "exact.gguf"), threads=2, kv_type="f32").eval(ids)
-    # other tensors of these mixes (Q2_K .. Q6_K) use Q8_K activations: a few % at most
-    assert np.abs(ours - exact).max() <= 0.05 * np.abs(exact).max()
+    # every quantized tensor of these mixes takes Q8_K activations (as in llama.cpp), a few % on this
+    # random model: measured tq1_0 3.8% of the norm (5.7% of the largest logit), q2_k 3.4% (3.8%); the
+    # "reference" path, which dequantizes, gives the exact logits to 2e-7
+    assert np.linalg.norm(ours - exact) <= 0.05 * np.linalg.norm(exact)
+    assert np.abs(ours - exact).max() <= 0.08 * np.abs(exact).max()
 
 
 @pytest.mark.parametrize("path", mm.KERNEL_PATHS)
-@pytest.mark.parametrize("qtype", [T.IQ4_XS, T.Q2_K, T.Q3_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [T.IQ4_XS, T.Q2_K, T.Q3_K, T.TQ1_0, T.TQ2_0], ids=lambda t: t.name)
 def test_integer_products(qtype, path) -> None:
-    """IQ4_XS, Q2_K, Q3_K run integer kernels against Q8_K activations (kquant_simd; the "reference" path
-    dequantizes): the dequantized weights times the dequantized activations to float rounding, and the
-    float product within the activations' 8-bit rounding; one token alone equals it in a batch."""
-    from engine.kernels.kquant_simd import quantize_activations_q8_k
-
+    """These types run integer kernels against Q8_K activations (kquant_simd, iquant_simd; the
+    "reference" path dequantizes); one token alone equals it in a batch. (The IQ1/IQ2/IQ3 types:
+    test_iquant_simd.py, and the llama-quantize files above.)"""
     rng = np.random.default_rng(11)
     weight = make_weight(qtype, 21, 512, rng)
     x = rng.standard_normal((9, 512), dtype=np.float32)
@@ -217,11 +232,5 @@ def test_integer_products(qtype, path) -> None:
     if path == "reference":
         check_product(weight, x, batch)
         return
-    w = dequantize_weight(weight).astype(np.float64)
-    xq, xd, _ = quantize_activations_q8_k(x)
-    x_used = (xq.reshape(9, -1, 256) * xd[:, :, None].astype(np.float64)).reshape(9, -1)
-    scale = np.abs(x_used) @ np.abs(w).T
-    assert np.all(np.abs(batch - x_used @ w.T) <= 1e-6 * scale)
-    step = np.abs(xd).max(axis=1, keepdims=True) / 2
-    assert np.all(np.abs(batch - x.astype(np.float64) @ w.T) <= step * np.abs(w).sum(axis=1) + 1e-6 * scale)
+    check_q8_k_product(weight, x, batch)
     np.testing.assert_array_equal(single, batch[0])

@@ -64,8 +64,9 @@ QK_K = 256
 BLOCK_BYTES = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210, "iq4_xs": 136}
 # IQ4_NL/IQ4_XS's 16 non-linear values (ggml's kvalues_iq4nl)
 KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-# types whose drivers take the int16 sums of 16 activations (Q6_K's offsets; IQ4_XS ignores them)
-_BSUM_TYPES = ("q6_k", "iq4_xs", "q2_k", "q3_k")
+# types whose drivers take float32 ``d * (sum of 32 activations)`` (their mins multiply it); every
+# other type takes the int16 sums of 16 activations (offsets such as Q6_K's -32; IQ4_XS ignores them)
+_SUMS32_TYPES = ("q4_k", "q5_k")
 
 # Software prefetch distance for the weight stream, bytes ahead of the super-block being read (rows
 # are contiguous, so near a row's end this fetches the next row's start). Every cache line of a
@@ -144,7 +145,7 @@ def activations_for(qtype: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     int16 sums of 16 values, for Q4_K/Q5_K the float32 ``d * (sum of 32 values)`` per 32-value
     sub-block (their mins multiply it: computed once per product instead of per row)."""
     qs, d, bsums = quantize_activations_q8_k(x)
-    if qtype in _BSUM_TYPES:
+    if qtype not in _SUMS32_TYPES:
         return qs, d, bsums
     sums32 = np.empty((qs.shape[0], qs.shape[1] // 32), np.float32)
     _scaled_sums32_into(d, bsums, sums32)
@@ -157,13 +158,16 @@ def activations_for(qtype: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 
 
 class _KEmitter:
-    """The super-block loop of one K-quant row against ``n_tok`` Q8_K activation rows."""
+    """The super-block loop of one K-quant row against ``n_tok`` Q8_K activation rows. Subclasses
+    add types through ``BLOCK_BYTES`` and :meth:`block_sums` (engine/kernels/iquant_simd.py)."""
+
+    BLOCK_BYTES = BLOCK_BYTES
 
     def __init__(self, builder: ir.IRBuilder, isa: str, qtype: str, interleaved: bool = False):
         self.b = builder
         self.isa = isa
         self.qtype = qtype
-        self.block_bytes = BLOCK_BYTES[qtype]
+        self.block_bytes = self.BLOCK_BYTES[qtype]
         self.paired = False  # set per super-block by _new_dots
         # interleaved: the activations of tokens 2p and 2p+1 alternate every 32 bytes in one row
         # (interleave_pairs), each token's pointer at its first group: every offset doubles.
@@ -284,11 +288,19 @@ class _KEmitter:
         return [[] for _ in range(len(tokens) // 2 if self.paired else len(tokens))]
 
     def _token_dots(self, dots, tokens, q: ir.Value, x_offset: int, s_lo: ir.Value, s_hi: ir.Value,
-                    signed: bool = False) -> None:
+                    signed: bool = False, sign_mask: ir.Value | None = None) -> None:
+        """Each token's group dot with ``q`` (codes, or with ``signed`` int8 values). ``sign_mask``
+        (<32 x i8>, -1 where the weight is negative) negates the products of unsigned magnitudes
+        ``q``: on x86 the activations are negated, ``(x ^ m) - m`` (two ops, and pmaddubsw keeps
+        its unsigned operand), elsewhere the weights, once for every token."""
         b = self.b
+        if sign_mask is not None and self.isa not in X86_ISAS:
+            q, signed, sign_mask = b.sub(b.xor(q, sign_mask), sign_mask), True, None
         if not self.paired:
             for t, (x_ptr, _, _) in enumerate(tokens):
                 x = self._load(x_ptr, self.x_stride * x_offset, _V32I8)
+                if sign_mask is not None:
+                    x = b.sub(b.xor(x, sign_mask), sign_mask)
                 dots[t].append(self.group_dot(q, x, s_lo, s_hi, signed))
             return
         # AVX-512BW: the codes twice in one zmm against two tokens' activations, so one
@@ -298,6 +310,7 @@ class _KEmitter:
         maddubs = self._fn("llvm.x86.avx512.pmaddubs.w.512", v32i16, [v64i8, v64i8])
         maddwd = self._fn("llvm.x86.avx512.pmaddw.d.512", v16i32, [v32i16, v32i16])
         q2 = b.shuffle_vector(q, q, _mask(list(range(32)) * 2))
+        mask2 = None if sign_mask is None else b.shuffle_vector(sign_mask, sign_mask, _mask(list(range(32)) * 2))
         half = b.shuffle_vector(self._splat(b.trunc(s_lo, _I16), _V16I16), self._splat(b.trunc(s_hi, _I16), _V16I16),
                                 _mask(list(range(8)) + list(range(24, 32))))
         scales = b.shuffle_vector(half, half, _mask(list(range(16)) * 2))
@@ -308,7 +321,9 @@ class _KEmitter:
                 x = b.shuffle_vector(self._load(tokens[2 * p][0], x_offset, _V32I8),
                                      self._load(tokens[2 * p + 1][0], x_offset, _V32I8), _mask(range(64)))
             q_used = q2
-            if signed:
+            if mask2 is not None:
+                x = b.sub(b.xor(x, mask2), mask2)
+            elif signed:
                 q_used, x = self._sign_transfer(q2, x)
             dots[p].append(b.call(maddwd, [b.call(maddubs, [q_used, x]), scales]))
 
@@ -468,7 +483,7 @@ class _KEmitter:
         # row reads it from memory, the others from L1: one prefetch per super-block.
         for line in range(0, self.block_bytes if len(tokens) == 1 else 1, 64):
             emit_prefetch(b, block, _PREFETCH_BYTES + line)
-        sums_per_block = 16 if self.qtype in _BSUM_TYPES else 8  # bsums of 16 values / scaled sums of 32
+        sums_per_block = 8 if self.qtype in _SUMS32_TYPES else 16  # bsums of 16 values / scaled sums of 32
         here = [
             (b.gep(x, [b.mul(index, ir.Constant(_I64, self.x_stride * QK_K))]), b.gep(d, [index]),
              b.gep(s, [b.mul(index, ir.Constant(_I64, sums_per_block))]))
@@ -494,10 +509,13 @@ class _KEmitter:
                     new_accs.append(acc)
                 loop.close(new_accs)
                 return [self._horizontal_sum(acc) for acc in accs]
-        else:
+        elif self.qtype in _SUMS32_TYPES:
             d_w, dmin_w = self._fp16(block, 0), self._fp16(block, 2)
             isums, mins = self._q4_5_k(block, here)
             mins_f = b.fmul(self._splat(dmin_w, _V8F32), b.uitofp(mins, _V8F32))  # once per row and block
+        else:
+            d_w, isums = self.block_sums(block, here)
+            mins_f = None
         new_accs = []
         for acc, (_, d_ptr, s_ptr), isum in zip(accs, here, isums):
             d_x = b.load(d_ptr, align=4)
@@ -509,6 +527,11 @@ class _KEmitter:
         loop.close(new_accs)
         return [self._horizontal_sum(acc) for acc in accs]
 
+    def block_sums(self, block: ir.Value, tokens) -> tuple[ir.Value, list[ir.Value]]:
+        """A subclass's type: (float32 factor, <8 x i32> per token) of one super-block, the
+        super-block's dot with a token being ``factor * d_x * (sum of the lanes)``."""
+        raise NotImplementedError(self.qtype)
+
     def _horizontal_sum(self, acc: ir.Value) -> ir.Value:
         # a fixed tree (8 -> 4 -> 2 -> 1): the result depends on nothing but the lanes
         b = self.b
@@ -518,15 +541,15 @@ class _KEmitter:
         return b.extract_element(acc, ir.Constant(_I32, 0))
 
 
-def _make_tile(qtype: str, isa_mode: str, n_tok: int, interleaved: bool = False):
+def make_tile(qtype: str, isa_mode: str, n_tok: int, interleaved: bool = False, emitter=_KEmitter):
     """Intrinsic ``(w, row, xq, xd, xs, tok0) -> UniTuple(float32, n_tok)``: row ``row`` of the
     2-D K-quant weights against activation rows tok0..tok0+n_tok-1 (the caller checks bounds);
     ``xs`` as :func:`activations_for` makes it (int16 bsums for Q6_K, float32 sums for Q4_K/Q5_K).
     ``interleaved``: ``xq`` is :func:`interleave_pairs` of the activations (tok0 even)."""
     ret = types.UniTuple(types.float32, n_tok)
-    block_bytes = BLOCK_BYTES[qtype]
+    block_bytes = emitter.BLOCK_BYTES[qtype]
     sums_type, sums_elem, sums_per_block = (
-        (types.int16, _I16, 16) if qtype in _BSUM_TYPES else (types.float32, _F32, 8))
+        (types.float32, _F32, 8) if qtype in _SUMS32_TYPES else (types.int16, _I16, 16))
 
     def codegen(context, builder, sig, args):
         isa = kernel_isa() if isa_mode == "host" else "generic"
@@ -553,7 +576,7 @@ def _make_tile(qtype: str, isa_mode: str, n_tok: int, interleaved: bool = False)
                 x_ptr = _row_ptr(builder, xq, tok, _I8)
             tokens.append((x_ptr, _row_ptr(builder, xd, tok, _F32), _row_ptr(builder, xs, tok, sums_elem)))
         w_row = _as_i8_ptr(builder, _row_ptr(builder, w, row, _I8))
-        dots = _KEmitter(builder, isa, qtype, interleaved).row(w_row, tokens, n_blocks)
+        dots = emitter(builder, isa, qtype, interleaved).row(w_row, tokens, n_blocks)
         return context.make_tuple(builder, ret, dots)
 
     def typer(typingctx, w, row, xq, xd, xs, tok0):
@@ -586,24 +609,24 @@ def interleave_pairs(xq: np.ndarray, n_tok: int) -> np.ndarray:
 _TILE_TOKENS = 8
 _ROW_CHUNK = 16  # rows per parallel work item of the batched drivers (as simd.py)
 
-_q4_k_1, _q4_k_n = _make_tile("q4_k", "host", 1), _make_tile("q4_k", "host", _TILE_TOKENS, interleaved=True)
-_q5_k_1, _q5_k_n = _make_tile("q5_k", "host", 1), _make_tile("q5_k", "host", _TILE_TOKENS, interleaved=True)
-_q6_k_1, _q6_k_n = _make_tile("q6_k", "host", 1), _make_tile("q6_k", "host", _TILE_TOKENS, interleaved=True)
+_q4_k_1, _q4_k_n = make_tile("q4_k", "host", 1), make_tile("q4_k", "host", _TILE_TOKENS, interleaved=True)
+_q5_k_1, _q5_k_n = make_tile("q5_k", "host", 1), make_tile("q5_k", "host", _TILE_TOKENS, interleaved=True)
+_q6_k_1, _q6_k_n = make_tile("q6_k", "host", 1), make_tile("q6_k", "host", _TILE_TOKENS, interleaved=True)
 # Q6_K's unpacking (two bit fields per code) is dearer than the other types', so its batches take
 # 16-token tiles first. Measured (Intel Xeon, `bench/bench_kquants.py --threads 1`, tokens/s): Q6_K
 # 32000x2048 at 32 tokens 995 with 8-token tiles, 1,075-1,306 with 16 (1,239 at 128 tokens); Q4_K lost
 # 4-11% with 16, so the others keep 8. Whole Q6_K file, pp128 on 2 threads: 94.6 -> 125.4 t/s.
 _Q6_K_WIDE = 2 * _TILE_TOKENS
-_q6_k_wide = _make_tile("q6_k", "host", _Q6_K_WIDE, interleaved=True)
-_q4_k_1g, _q4_k_ng = _make_tile("q4_k", "generic", 1), _make_tile("q4_k", "generic", _TILE_TOKENS)
-_q5_k_1g, _q5_k_ng = _make_tile("q5_k", "generic", 1), _make_tile("q5_k", "generic", _TILE_TOKENS)
-_q6_k_1g, _q6_k_ng = _make_tile("q6_k", "generic", 1), _make_tile("q6_k", "generic", _TILE_TOKENS)
-_q2_k_1, _q2_k_n = _make_tile("q2_k", "host", 1), _make_tile("q2_k", "host", _TILE_TOKENS, interleaved=True)
-_q2_k_1g, _q2_k_ng = _make_tile("q2_k", "generic", 1), _make_tile("q2_k", "generic", _TILE_TOKENS)
-_q3_k_1, _q3_k_n = _make_tile("q3_k", "host", 1), _make_tile("q3_k", "host", _TILE_TOKENS, interleaved=True)
-_q3_k_1g, _q3_k_ng = _make_tile("q3_k", "generic", 1), _make_tile("q3_k", "generic", _TILE_TOKENS)
-_iq4_xs_1, _iq4_xs_n = _make_tile("iq4_xs", "host", 1), _make_tile("iq4_xs", "host", _TILE_TOKENS, interleaved=True)
-_iq4_xs_1g, _iq4_xs_ng = _make_tile("iq4_xs", "generic", 1), _make_tile("iq4_xs", "generic", _TILE_TOKENS)
+_q6_k_wide = make_tile("q6_k", "host", _Q6_K_WIDE, interleaved=True)
+_q4_k_1g, _q4_k_ng = make_tile("q4_k", "generic", 1), make_tile("q4_k", "generic", _TILE_TOKENS)
+_q5_k_1g, _q5_k_ng = make_tile("q5_k", "generic", 1), make_tile("q5_k", "generic", _TILE_TOKENS)
+_q6_k_1g, _q6_k_ng = make_tile("q6_k", "generic", 1), make_tile("q6_k", "generic", _TILE_TOKENS)
+_q2_k_1, _q2_k_n = make_tile("q2_k", "host", 1), make_tile("q2_k", "host", _TILE_TOKENS, interleaved=True)
+_q2_k_1g, _q2_k_ng = make_tile("q2_k", "generic", 1), make_tile("q2_k", "generic", _TILE_TOKENS)
+_q3_k_1, _q3_k_n = make_tile("q3_k", "host", 1), make_tile("q3_k", "host", _TILE_TOKENS, interleaved=True)
+_q3_k_1g, _q3_k_ng = make_tile("q3_k", "generic", 1), make_tile("q3_k", "generic", _TILE_TOKENS)
+_iq4_xs_1, _iq4_xs_n = make_tile("iq4_xs", "host", 1), make_tile("iq4_xs", "host", _TILE_TOKENS, interleaved=True)
+_iq4_xs_1g, _iq4_xs_ng = make_tile("iq4_xs", "generic", 1), make_tile("iq4_xs", "generic", _TILE_TOKENS)
 
 
 # Drivers per type and path, written out: a factory's closures would share one on-disk cache
@@ -875,7 +898,7 @@ def matmul_q3_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.nd
                 out[t, r] = _q3_k_1g(w, r, xq, xd, xs, t)[0]
 
 
-def standalone_row_dot_ir(qtype: str, isa: str) -> str:
+def standalone_row_dot_ir(qtype: str, isa: str, emitter=_KEmitter) -> str:
     """LLVM IR text of a free-standing one-token row dot, for cross-target checks (e.g. compile
     for aarch64 on x86): ``float {qtype}_row_dot(i8* w_row, i8* xq, float* xd, i16* xs,
     i64 n_blocks)``, the same loop the intrinsics emit."""
@@ -884,6 +907,6 @@ def standalone_row_dot_ir(qtype: str, isa: str) -> str:
     fn = ir.Function(module, fn_type, name=f"{qtype}_row_dot")
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
     w_row, xq, xd, xs, n_blocks = fn.args
-    [dot] = _KEmitter(builder, isa, qtype).row(w_row, [(xq, xd, xs)], n_blocks)
+    [dot] = emitter(builder, isa, qtype).row(w_row, [(xq, xd, xs)], n_blocks)
     builder.ret(dot)
     return str(module)

@@ -45,7 +45,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from engine.errors import HalfbyteError
-from engine.kernels import dequant_any, kquant_simd, kquants, simd
+from engine.kernels import dequant_any, iquant_simd, kquant_simd, kquants, simd
 
 QK = 32  # elements per block of every type handled here (and of the Q8_0/Q8_1 activations)
 
@@ -75,7 +75,9 @@ K_QUANT_TYPES = (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q5_K, GGMLQuant
 # halfbyte's own dequantizers for these (engine.kernels.kquant_quantize) ...
 DEQUANT_TYPES = (GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K, GGMLQuantizationType.IQ4_NL,
                  GGMLQuantizationType.IQ4_XS)
-# ... and gguf.quants' numpy dequantizers for the types only llama.cpp writes (slow but correct).
+# ... and gguf.quants' numpy dequantizers for the types only llama.cpp writes (slow but correct): the
+# "reference" path of the grid and ternary types (integer products in engine/kernels/iquant_simd.py),
+# and the whole path of MXFP4/NVFP4.
 GGUF_DEQUANT_TYPES = tuple(
     t for t in (getattr(GGMLQuantizationType, name, None) for name in (
         "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0", "MXFP4", "NVFP4"))
@@ -814,11 +816,13 @@ def _k_drivers(name: str) -> tuple:
 # kind -> (name, host matvec, host matmul, portable matvec, portable matmul)
 _K_PRODUCTS = {int(GGMLQuantizationType[name.upper()]): (name, *_k_drivers(name))
                for name in ("q4_k", "q5_k", "q6_k", "iq4_xs", "q2_k", "q3_k")}
+_K_PRODUCTS.update({int(GGMLQuantizationType[name.upper()]): (name, *drivers)
+                    for name, drivers in iquant_simd.DRIVERS.items()})
 
 
 def _has_k_product(weight: WeightView) -> bool:
     """Integer products against Q8_K activations (Q4_K, Q5_K, Q6_K also have a float reference path;
-    IQ4_XS, Q2_K, Q3_K on the "reference" path are dequantized like the other types)."""
+    the other types on the "reference" path are dequantized like the rest)."""
     return weight.ggml_type in K_QUANT_TYPES or (int(weight.ggml_type) in _K_PRODUCTS and _kernel_path != "reference")
 
 
