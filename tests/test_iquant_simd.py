@@ -1,7 +1,7 @@
 """The integer kernels of the grid and ternary types (engine/kernels/iquant_simd.py).
 
 Every product (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M, TQ1_0, TQ2_0; host ISA and
-portable IR; one token and batches with 8-token tiles plus a remainder) equals the weights as
+portable IR; one token and batches of 16- and 8-token tiles plus a remainder) equals the weights as
 gguf-py dequantizes them times the dequantized Q8_K activations, to float rounding; host and
 portable paths agree bit for bit; extreme codes and scales stay exact (no 16-bit saturation).
 """
@@ -67,7 +67,7 @@ def reference(qtype: GGMLQuantizationType, raw: np.ndarray, xq: np.ndarray, xd: 
     return x_used @ w.T, 1e-6 * (np.abs(x_used) @ np.abs(w).T) + 1e-30
 
 
-@pytest.mark.parametrize("n_tok", [1, 11])  # 11: an 8-token tile and 3 single tokens
+@pytest.mark.parametrize("n_tok", [1, 27])  # 27: a 16-token tile (host), 8-token tiles, 3 single tokens
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_products_match_dequantized_weights_and_activations(qtype, n_tok) -> None:
     rng = np.random.default_rng(int(qtype) * 10 + n_tok)

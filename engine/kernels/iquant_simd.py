@@ -277,10 +277,17 @@ class _IQEmitter(_KEmitter):
         return d, 9, scales16
 
 
+# Host batches take 16-token tiles first (the grid lookups are dear, so they pay off over more
+# tokens), then one 8-token tile, then single tokens. Measured (Intel Xeon, 1 thread, IQ2_XXS
+# 5632x2048, 64 tokens): 18.2 ms with 8-token tiles, 15.6 with 16, 18.4 with 32.
+_WIDE = 2 * _TILE_TOKENS
+
+
 def _make_drivers(qtype: str) -> tuple:
     """(matvec, matmul, portable matvec, portable matmul) of ``qtype``, each its own compiled
     function under its own name (so its own on-disk cache entry), shaped as kquant_simd's."""
-    one, tile = (make_tile(qtype, "host", n, interleaved=n > 1, emitter=_IQEmitter) for n in (1, _TILE_TOKENS))
+    one, tile, wide = (make_tile(qtype, "host", n, interleaved=n > 1, emitter=_IQEmitter)
+                       for n in (1, _TILE_TOKENS, _WIDE))
     one_p, tile_p = (make_tile(qtype, "generic", n, emitter=_IQEmitter) for n in (1, _TILE_TOKENS))
 
     def matvec(w, xq, xd, xs, out):
@@ -288,11 +295,16 @@ def _make_drivers(qtype: str) -> tuple:
             out[0, r] = one(w, r, xq, xd, xs, 0)[0]
 
     def matmul(w, xq, xd, xs, out):
+        n_wide = xq.shape[0] - xq.shape[0] % _WIDE
         n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
         pairs = interleave_pairs(xq, n_tiled)
         for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
             for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
-                for t in range(0, n_tiled, _TILE_TOKENS):
+                for t in range(0, n_wide, _WIDE):
+                    dots16 = wide(w, r, pairs, xd, xs, t)
+                    for i in range(_WIDE):
+                        out[t + i, r] = dots16[i]
+                for t in range(n_wide, n_tiled, _TILE_TOKENS):
                     dots = tile(w, r, pairs, xd, xs, t)
                     for i in range(_TILE_TOKENS):
                         out[t + i, r] = dots[i]
