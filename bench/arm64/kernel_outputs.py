@@ -7,13 +7,17 @@ The emulated arm64 check runs the first form on x86 and under qemu (Cortex-A76 w
 dot-product extension, Cortex-A72 without) and the second on the results: the arm64 ``sdot``
 Q4_0/Q8_0 kernels are built to give x86's bits exactly (engine/kernels/simd.py); the portable ones
 sum floats in another order, so for them the relative difference is reported, not required to be
-0. The K-quant products must give x86's bits on every path (engine/kernels/kquant_simd.py).
-The data is made with numpy's seeded generator, identical on every platform.
+0. The K-quant products must give x86's bits on every path (engine/kernels/kquant_simd.py), and
+with KERNEL_OUTPUTS_ALL=1 (the full emulated check; the CI smoke form leaves it out, since every
+type compiles for minutes under qemu) so must those of Q2_K, Q3_K, IQ4_XS and the grid and
+ternary types (engine/kernels/iquant_simd.py). The data is made with numpy's seeded generator,
+identical on every platform.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -23,6 +27,13 @@ N_OUT, N_IN = 72, 1024
 # the one-token remainder). x86's 8-row interleaved prompt kernels are not compared: they exist
 # only on x86 and sum in another order than the row-major tiles (on x86 too).
 TOKEN_COUNTS = (1, 3, 12)
+K_TYPES = ("q4_k", "q5_k", "q6_k")
+MORE_K_TYPES = ("q2_k", "q3_k", "iq4_xs", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq1_s", "iq1_m",
+                "tq1_0", "tq2_0")
+# where each type keeps its fp16 super-block scale(s) (IQ1_M spreads d over its scale words: left random,
+# the nibbles below keep it finite)
+_SCALE_BYTES = {"q6_k": slice(208, 210), "q3_k": slice(108, 110), "q2_k": slice(80, 84), "tq1_0": slice(52, 54),
+                "tq2_0": slice(64, 66), "q4_k": slice(0, 4), "q5_k": slice(0, 4)}
 
 
 def _random_rows(rng: np.random.Generator, qtype: str) -> np.ndarray:
@@ -60,20 +71,25 @@ def outputs() -> dict[str, np.ndarray]:
     # give the same bits.
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    from engine.kernels import kquant_simd
+    from engine.kernels import iquant_simd, kquant_simd
 
-    for qtype in ("q4_k", "q5_k", "q6_k"):
+    every = os.environ.get("KERNEL_OUTPUTS_ALL") == "1"
+    for qtype in K_TYPES + (MORE_K_TYPES if every else ()):
         block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype.upper()]]
         raw = rng.integers(0, 256, (N_OUT, N_IN // block_size * type_size), dtype=np.uint8)
         blocks = raw.reshape(N_OUT, -1, type_size)
         halves = (rng.uniform(-1, 1, blocks.shape[:2] + (2,)) / 64).astype(np.float16).view(np.uint8)
-        where = slice(208, 210) if qtype == "q6_k" else slice(0, 4)
-        blocks[..., where] = halves.reshape(*blocks.shape[:2], 4)[..., : where.stop - where.start]
+        where = _SCALE_BYTES.get(qtype, slice(0, 2))
+        if qtype == "iq1_m":
+            blocks[..., 49:56:2] &= 0x3F  # d's top nibbles: exponent < 16, finite
+        else:
+            blocks[..., where] = halves.reshape(*blocks.shape[:2], 4)[..., : where.stop - where.start]
+        drivers = iquant_simd.DRIVERS.get(qtype) or (getattr(kquant_simd, f"matvec_{qtype}"),
+                                                      getattr(kquant_simd, f"matmul_{qtype}"))
         for n_tok in TOKEN_COUNTS:
             x = rng.standard_normal((n_tok, N_IN)).astype(np.float32)
             out = np.zeros((n_tok, N_OUT), np.float32)
-            driver = getattr(kquant_simd, f"{'matvec' if n_tok == 1 else 'matmul'}_{qtype}")
-            driver(raw, *kquant_simd.activations_for(qtype, x), out)
+            drivers[0 if n_tok == 1 else 1](raw, *kquant_simd.activations_for(qtype, x), out)
             result[f"{qtype}_t{n_tok}"] = out
     return result
 
@@ -87,7 +103,7 @@ def compare(path_a: str, path_b: str) -> dict:
         if key == "kernels":
             continue
         same = key in b.files and a[key].tobytes() == b[key].tobytes()
-        if key.startswith(("q4_k", "q5_k", "q6_k")):
+        if key.split("_t")[0] in K_TYPES + MORE_K_TYPES:
             report["k_identical"] &= same
             continue
         rel = float(np.max(np.abs(a[key] - b[key])) / max(1e-30, float(np.max(np.abs(a[key])))))

@@ -35,6 +35,7 @@ OUT=$WORK/results
 NICE=${NICE:-nice -n 19}
 N_TOKENS=${N_TOKENS:-16}
 SMOKE=${ARM64_SMOKE:-0}
+export KERNEL_OUTPUTS_ALL=$((1 - SMOKE))  # kernel_outputs.py: every integer type in the full check
 
 # Torch-free tests that finish in minutes under qemu (tests/tiny_models.py and the files that
 # import it need torch/transformers). Override with ARM64_TESTS="tests/test_x.py ...".

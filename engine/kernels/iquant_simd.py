@@ -35,6 +35,8 @@ Layouts (ggml-common.h; d is an fp16 super-block scale)::
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
@@ -283,55 +285,64 @@ class _IQEmitter(_KEmitter):
 _WIDE = 2 * _TILE_TOKENS
 
 
+# Driver templates: each type's drivers are these functions with its own tiles bound to ``_one``
+# (1 token), ``_tile`` (8) and ``_wide`` (16) as globals, under its own name. Globals, not a
+# closure: Numba's on-disk cache keys a closure by its pickled cells, and an intrinsic pickles
+# differently in every process (a cache miss on every start).
+_one = _tile = _wide = None
+
+
+def _matvec(w, xq, xd, xs, out):
+    for r in prange(w.shape[0]):
+        out[0, r] = _one(w, r, xq, xd, xs, 0)[0]
+
+
+def _matmul(w, xq, xd, xs, out):
+    n_wide = xq.shape[0] - xq.shape[0] % _WIDE
+    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
+    pairs = interleave_pairs(xq, n_tiled)
+    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
+            for t in range(0, n_wide, _WIDE):
+                dots16 = _wide(w, r, pairs, xd, xs, t)
+                for i in range(_WIDE):
+                    out[t + i, r] = dots16[i]
+            for t in range(n_wide, n_tiled, _TILE_TOKENS):
+                dots = _tile(w, r, pairs, xd, xs, t)
+                for i in range(_TILE_TOKENS):
+                    out[t + i, r] = dots[i]
+            for t in range(n_tiled, xq.shape[0]):
+                out[t, r] = _one(w, r, xq, xd, xs, t)[0]
+
+
+def _matmul_portable(w, xq, xd, xs, out):
+    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
+    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
+            for t in range(0, n_tiled, _TILE_TOKENS):
+                dots = _tile(w, r, xq, xd, xs, t)
+                for i in range(_TILE_TOKENS):
+                    out[t + i, r] = dots[i]
+            for t in range(n_tiled, xq.shape[0]):
+                out[t, r] = _one(w, r, xq, xd, xs, t)[0]
+
+
+def _bind(template, name: str, **tiles):
+    """``template`` compiled as its own function ``name`` with ``tiles`` as its globals."""
+    function = types.FunctionType(template.__code__, dict(template.__globals__, **tiles), name)
+    function.__qualname__ = name
+    return njit(parallel=True, cache=True)(function)
+
+
 def _make_drivers(qtype: str) -> tuple:
-    """(matvec, matmul, portable matvec, portable matmul) of ``qtype``, each its own compiled
-    function under its own name (so its own on-disk cache entry), shaped as kquant_simd's."""
+    """(matvec, matmul, portable matvec, portable matmul) of ``qtype``, shaped as kquant_simd's."""
     one, tile, wide = (make_tile(qtype, "host", n, interleaved=n > 1, emitter=_IQEmitter)
                        for n in (1, _TILE_TOKENS, _WIDE))
     one_p, tile_p = (make_tile(qtype, "generic", n, emitter=_IQEmitter) for n in (1, _TILE_TOKENS))
-
-    def matvec(w, xq, xd, xs, out):
-        for r in prange(w.shape[0]):
-            out[0, r] = one(w, r, xq, xd, xs, 0)[0]
-
-    def matmul(w, xq, xd, xs, out):
-        n_wide = xq.shape[0] - xq.shape[0] % _WIDE
-        n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
-        pairs = interleave_pairs(xq, n_tiled)
-        for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
-            for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
-                for t in range(0, n_wide, _WIDE):
-                    dots16 = wide(w, r, pairs, xd, xs, t)
-                    for i in range(_WIDE):
-                        out[t + i, r] = dots16[i]
-                for t in range(n_wide, n_tiled, _TILE_TOKENS):
-                    dots = tile(w, r, pairs, xd, xs, t)
-                    for i in range(_TILE_TOKENS):
-                        out[t + i, r] = dots[i]
-                for t in range(n_tiled, xq.shape[0]):
-                    out[t, r] = one(w, r, xq, xd, xs, t)[0]
-
-    def matvec_generic(w, xq, xd, xs, out):
-        for r in prange(w.shape[0]):
-            out[0, r] = one_p(w, r, xq, xd, xs, 0)[0]
-
-    def matmul_generic(w, xq, xd, xs, out):
-        n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
-        for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
-            for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
-                for t in range(0, n_tiled, _TILE_TOKENS):
-                    dots = tile_p(w, r, xq, xd, xs, t)
-                    for i in range(_TILE_TOKENS):
-                        out[t + i, r] = dots[i]
-                for t in range(n_tiled, xq.shape[0]):
-                    out[t, r] = one_p(w, r, xq, xd, xs, t)[0]
-
-    drivers = []
-    for fn, name in ((matvec, "matvec_{}"), (matmul, "matmul_{}"), (matvec_generic, "matvec_{}_generic"),
-                     (matmul_generic, "matmul_{}_generic")):
-        fn.__name__ = fn.__qualname__ = name.format(qtype)
-        drivers.append(njit(parallel=True, cache=True)(fn))
-    return tuple(drivers)
+    return (_bind(_matvec, f"matvec_{qtype}", _one=one),
+            _bind(_matmul, f"matmul_{qtype}", _one=one, _tile=tile, _wide=wide),
+            _bind(_matvec, f"matvec_{qtype}_generic", _one=one_p),
+            _bind(_matmul_portable, f"matmul_{qtype}_generic", _one=one_p, _tile=tile_p))
 
 
 # qtype -> (matvec, matmul, portable matvec, portable matmul); each ``(w, xq, xd, xs, out)`` with the
