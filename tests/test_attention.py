@@ -205,3 +205,21 @@ def test_peaked_softmax_drops_only_negligible_weights(type_k: str, type_v: str) 
     scores = np.einsum("thd,jhd->htj", q, np.repeat(cache.dequantized("k", 0), 2, axis=1)) * 0.5
     assert (scores.max(-1) - scores.min(-1)).min() > 44  # some weights are really dropped
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(v).max())
+
+
+def test_softmax_exp_is_within_one_ulp_of_libm() -> None:
+    """The attention's own float64 exp (vectorizable, no libm call) on [-44, 0]: within 1 ulp of
+    numpy's exp, and the same float32 weights, on a grid and on random points (measured: 0 of 2e6
+    differ in float32); below the floor, 0."""
+    from engine.kernels.attention import _exp_weights
+
+    x = np.concatenate([np.linspace(-44, 0, 200_001), -np.random.default_rng(0).uniform(0, 44, 200_000),
+                        [0.0, -44.0, -1e-30]]).astype(np.float32)
+    weights = np.empty(x.size)
+    _exp_weights(x, 0.0, weights)
+    reference = np.exp(x.astype(np.float64))
+    assert np.all(np.abs(weights - reference) <= np.spacing(reference))
+    np.testing.assert_array_equal(weights.astype(np.float32), reference.astype(np.float32))
+    below = np.empty(3)
+    _exp_weights(np.float32([-44.01, -100.0, -np.inf]), 0.0, below)
+    assert not below.any()
