@@ -196,6 +196,22 @@ class _KEmitter:
                       for i in range(0, len(values), 2)]
         return values[0]
 
+    def _two_chains(self, values: list[ir.Value]) -> ir.Value:
+        """Sum as two chains (even and odd items) and one add: each chain's adds of a pmaddwd
+        become vpdpwssd on AVX512-VNNI (LLVM fuses an add into the pmaddwd before it; a tree's
+        adds of two pmaddwd results it does not), and a batch tile's token pairs are chains enough
+        to hide their latency. Measured (Intel Xeon, 1 thread, 5632x2048, 64 tokens): Q4_K 12.8 ->
+        9.9 ms, Q6_K 11.8 -> 10.5 ms. Integers: the same sum in any order."""
+        b = self.b
+        chains = []
+        for chain in (values[0::2], values[1::2]):
+            if chain:
+                total = chain[0]
+                for v in chain[1:]:
+                    total = b.add(total, v)
+                chains.append(total)
+        return chains[0] if len(chains) == 1 else b.add(chains[0], chains[1])
+
     def _quad_sums(self, vec: ir.Value) -> ir.Value:
         """<8 x i32> from <32 x i32> or <16 x i32>: lane i = the sum of the adjacent inputs that
         belong to it (4i..4i+3, or 2i, 2i+1). Every ISA's lanes hold the same products this way
@@ -329,9 +345,9 @@ class _KEmitter:
 
     def _finish_dots(self, dots) -> list[ir.Value]:
         """<8 x i32> per token: the tree sums, pairs split back into their two tokens."""
-        sums = [self._tree_sum(d) for d in dots]
         if not self.paired:
-            return sums
+            return [self._tree_sum(d) for d in dots]
+        sums = [self._two_chains(d) for d in dots]
         return [self._slice(v, part) for v in sums for part in (range(8), range(8, 16))]
 
     # ---- one super-block: the weights' (codes, scales) once, then every token ----------------
