@@ -1,6 +1,7 @@
 """Throughput of the K-quant products (Q4_K, Q5_K, Q6_K: llama-quantize's types), and of the types
-added for llama-quantize's other mixes (IQ4_XS, IQ4_NL, Q3_K, Q2_K) and its low-bit types (IQ2_XXS,
-TQ2_0: gguf's numpy dequantizer, so a small shape).
+added for llama-quantize's other mixes (IQ4_XS, IQ4_NL, Q3_K, Q2_K) and two of its low-bit types (IQ2_XXS,
+TQ2_0: integer kernels in engine/kernels/iquant_simd.py; their "float" path is gguf's numpy dequantizer, so
+a small shape).
 
 Three paths per shape: "float" (engine/kernels/kquants.py: the weights dequantized and dotted with
 float activations, the reference path), "portable" and "host" (engine/kernels/kquant_simd.py:
@@ -16,7 +17,7 @@ Shapes (n_out x n_in): 32000x2048 is TinyLlama's output layer (Q6_K in llama-qua
 
 The other types go through the public products (engine.kernels.matmul) on weights quantized by
 halfbyte's writers: "float" is the ``HALFBYTE_KERNELS=reference`` path (rows dequantized in chunks, float
-dots), "portable"/"host" the integer kernels where the type has them (IQ4_XS), else the same float path.
+dots), "portable"/"host" the integer kernels (every type here has them).
 
     python bench/bench_kquants.py --types iq4_xs iq4_nl q3_k q2_k --threads 1
 """
