@@ -65,8 +65,7 @@ def product(qtype: str, path: str, raw: np.ndarray, x: np.ndarray, y: np.ndarray
     if path == "float":
         kind = int(GGMLQuantizationType[qtype.upper()])
         return lambda: _call(kquants.matmul, kind, raw, x, y)
-    kind = "matvec" if x.shape[0] == 1 else "matmul"
-    fn = getattr(kquant_simd, f"{kind}_{qtype}" + ("_generic" if path == "portable" else ""))
+    fn = kquant_simd.DRIVERS[qtype][(0 if x.shape[0] == 1 else 1) + (2 if path == "portable" else 0)]
     return lambda: _call(fn, raw, *kquant_simd.activations_for(qtype, x), y)
 
 

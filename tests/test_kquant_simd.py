@@ -23,11 +23,7 @@ from engine.kernels import kquant_simd as ks
 T = GGMLQuantizationType
 K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.Q2_K, T.Q3_K)
 # (matvec, matmul) drivers, host ISA then portable IR
-PRODUCTS = {
-    qtype: tuple(getattr(ks, f"{kind}_{qtype.name.lower()}{suffix}") for suffix in ("", "_generic")
-                 for kind in ("matvec", "matmul"))
-    for qtype in K_TYPES
-}
+PRODUCTS = {qtype: ks.DRIVERS[qtype.name.lower()] for qtype in K_TYPES}
 
 
 def q8_k_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -235,10 +231,10 @@ def test_short_operands_bound_the_super_blocks() -> None:
     x = rng.standard_normal((1, 512)).astype(np.float32)
     xq, xd, xbsums = ks.quantize_activations_q8_k(x)
     out = np.empty((1, 4), np.float32)
-    ks.matmul_q6_k(raw, xq, xd, xbsums, out)
+    ks.DRIVERS["q6_k"][1](raw, xq, xd, xbsums, out)
     truncated = np.ascontiguousarray(raw[:, : 2 * 210])
     expected = np.empty((1, 4), np.float32)
-    ks.matmul_q6_k(truncated, xq, xd, xbsums, expected)
+    ks.DRIVERS["q6_k"][1](truncated, xq, xd, xbsums, expected)
     np.testing.assert_array_equal(out, expected)
 
 

@@ -410,8 +410,8 @@ OTHER_ISA_SCRIPT = textwrap.dedent(
         w.reshape(19, 2, size)[..., where] = halves[: where.stop - where.start]
         act = kquant_simd.activations_for(qtype, rng.standard_normal((11, 512)).astype(np.float32))
         outs = [np.empty((11, 19), np.float32) for _ in range(2)]
-        getattr(kquant_simd, "matmul_" + qtype)(w, *act, outs[0])
-        getattr(kquant_simd, "matmul_" + qtype + "_generic")(w, *act, outs[1])
+        kquant_simd.DRIVERS[qtype][1](w, *act, outs[0])
+        kquant_simd.DRIVERS[qtype][3](w, *act, outs[1])
         np.testing.assert_array_equal(outs[0], outs[1])
     print("ok")
     """

@@ -84,8 +84,7 @@ def outputs() -> dict[str, np.ndarray]:
             blocks[..., 49:56:2] &= 0x3F  # d's top nibbles: exponent < 16, finite
         else:
             blocks[..., where] = halves.reshape(*blocks.shape[:2], 4)[..., : where.stop - where.start]
-        drivers = iquant_simd.DRIVERS.get(qtype) or (getattr(kquant_simd, f"matvec_{qtype}"),
-                                                      getattr(kquant_simd, f"matmul_{qtype}"))
+        drivers = (kquant_simd.DRIVERS | iquant_simd.DRIVERS)[qtype]
         for n_tok in TOKEN_COUNTS:
             x = rng.standard_normal((n_tok, N_IN)).astype(np.float32)
             out = np.zeros((n_tok, N_OUT), np.float32)

@@ -35,21 +35,12 @@ Layouts (ggml-common.h; d is an fp16 super-block scale)::
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 from llvmlite import ir
-from numba import njit, prange
 
-from engine.kernels.kquant_simd import (
-    _ROW_CHUNK,
-    _TILE_TOKENS,
-    _KEmitter,
-    interleave_pairs,
-    make_tile,
-)
+from engine.kernels.kquant_simd import _KEmitter, make_drivers
 from engine.kernels.simd import _F32, _I8, _I16, _I32, _I64, _V16I8, _V32I8, _mask, emit_f16_bits_to_f32
 
 TYPES = ("iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq1_s", "iq1_m", "tq1_0", "tq2_0")
@@ -282,69 +273,6 @@ class _IQEmitter(_KEmitter):
 # Host batches take 16-token tiles first (the grid lookups are dear, so they pay off over more
 # tokens), then one 8-token tile, then single tokens. Measured (Intel Xeon, 1 thread, IQ2_XXS
 # 5632x2048, 64 tokens): 18.2 ms with 8-token tiles, 15.6 with 16, 18.4 with 32.
-_WIDE = 2 * _TILE_TOKENS
-
-
-# Driver templates: each type's drivers are these functions with its own tiles bound to ``_one``
-# (1 token), ``_tile`` (8) and ``_wide`` (16) as globals, under its own name. Globals, not a
-# closure: Numba's on-disk cache keys a closure by its pickled cells, and an intrinsic pickles
-# differently in every process (a cache miss on every start).
-_one = _tile = _wide = None
-
-
-def _matvec(w, xq, xd, xs, out):
-    for r in prange(w.shape[0]):
-        out[0, r] = _one(w, r, xq, xd, xs, 0)[0]
-
-
-def _matmul(w, xq, xd, xs, out):
-    n_wide = xq.shape[0] - xq.shape[0] % _WIDE
-    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
-    pairs = interleave_pairs(xq, n_tiled)
-    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
-        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
-            for t in range(0, n_wide, _WIDE):
-                dots16 = _wide(w, r, pairs, xd, xs, t)
-                for i in range(_WIDE):
-                    out[t + i, r] = dots16[i]
-            for t in range(n_wide, n_tiled, _TILE_TOKENS):
-                dots = _tile(w, r, pairs, xd, xs, t)
-                for i in range(_TILE_TOKENS):
-                    out[t + i, r] = dots[i]
-            for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _one(w, r, xq, xd, xs, t)[0]
-
-
-def _matmul_portable(w, xq, xd, xs, out):
-    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
-    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
-        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
-            for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _tile(w, r, xq, xd, xs, t)
-                for i in range(_TILE_TOKENS):
-                    out[t + i, r] = dots[i]
-            for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _one(w, r, xq, xd, xs, t)[0]
-
-
-def _bind(template, name: str, **tiles):
-    """``template`` compiled as its own function ``name`` with ``tiles`` as its globals."""
-    function = types.FunctionType(template.__code__, dict(template.__globals__, **tiles), name)
-    function.__qualname__ = name
-    return njit(parallel=True, cache=True)(function)
-
-
-def _make_drivers(qtype: str) -> tuple:
-    """(matvec, matmul, portable matvec, portable matmul) of ``qtype``, shaped as kquant_simd's."""
-    one, tile, wide = (make_tile(qtype, "host", n, interleaved=n > 1, emitter=_IQEmitter)
-                       for n in (1, _TILE_TOKENS, _WIDE))
-    one_p, tile_p = (make_tile(qtype, "generic", n, emitter=_IQEmitter) for n in (1, _TILE_TOKENS))
-    return (_bind(_matvec, f"matvec_{qtype}", _one=one),
-            _bind(_matmul, f"matmul_{qtype}", _one=one, _tile=tile, _wide=wide),
-            _bind(_matvec, f"matvec_{qtype}_generic", _one=one_p),
-            _bind(_matmul_portable, f"matmul_{qtype}_generic", _one=one_p, _tile=tile_p))
-
-
 # qtype -> (matvec, matmul, portable matvec, portable matmul); each ``(w, xq, xd, xs, out)`` with the
 # activations from kquant_simd.activations_for (int16 sums of 16)
-DRIVERS = {qtype: _make_drivers(qtype) for qtype in TYPES}
+DRIVERS = {qtype: make_drivers(qtype, _IQEmitter, wide=True) for qtype in TYPES}

@@ -30,6 +30,8 @@ Weight layouts (ggml-quants.c, ``block_q*_K``; all little-endian, read in place)
 
 from __future__ import annotations
 
+import types as types_module
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -624,294 +626,101 @@ def interleave_pairs(xq: np.ndarray, n_tok: int) -> np.ndarray:
 # 128 tokens, tokens/s): Q4_K 5632x2048 5,007 with 4-token tiles, 5,551 with 8.
 _TILE_TOKENS = 8
 _ROW_CHUNK = 16  # rows per parallel work item of the batched drivers (as simd.py)
-
-_q4_k_1, _q4_k_n = make_tile("q4_k", "host", 1), make_tile("q4_k", "host", _TILE_TOKENS, interleaved=True)
-_q5_k_1, _q5_k_n = make_tile("q5_k", "host", 1), make_tile("q5_k", "host", _TILE_TOKENS, interleaved=True)
-_q6_k_1, _q6_k_n = make_tile("q6_k", "host", 1), make_tile("q6_k", "host", _TILE_TOKENS, interleaved=True)
-# Q6_K's unpacking (two bit fields per code) is dearer than the other types', so its batches take
+# Q6_K's unpacking (two bit fields per code) is dearer than the other K-quants', so its batches take
 # 16-token tiles first. Measured (Intel Xeon, `bench/bench_kquants.py --threads 1`, tokens/s): Q6_K
 # 32000x2048 at 32 tokens 995 with 8-token tiles, 1,075-1,306 with 16 (1,239 at 128 tokens); Q4_K lost
 # 4-11% with 16, so the others keep 8. Whole Q6_K file, pp128 on 2 threads: 94.6 -> 125.4 t/s.
-_Q6_K_WIDE = 2 * _TILE_TOKENS
-_q6_k_wide = make_tile("q6_k", "host", _Q6_K_WIDE, interleaved=True)
-_q4_k_1g, _q4_k_ng = make_tile("q4_k", "generic", 1), make_tile("q4_k", "generic", _TILE_TOKENS)
-_q5_k_1g, _q5_k_ng = make_tile("q5_k", "generic", 1), make_tile("q5_k", "generic", _TILE_TOKENS)
-_q6_k_1g, _q6_k_ng = make_tile("q6_k", "generic", 1), make_tile("q6_k", "generic", _TILE_TOKENS)
-_q2_k_1, _q2_k_n = make_tile("q2_k", "host", 1), make_tile("q2_k", "host", _TILE_TOKENS, interleaved=True)
-_q2_k_1g, _q2_k_ng = make_tile("q2_k", "generic", 1), make_tile("q2_k", "generic", _TILE_TOKENS)
-_q3_k_1, _q3_k_n = make_tile("q3_k", "host", 1), make_tile("q3_k", "host", _TILE_TOKENS, interleaved=True)
-_q3_k_1g, _q3_k_ng = make_tile("q3_k", "generic", 1), make_tile("q3_k", "generic", _TILE_TOKENS)
-_iq4_xs_1, _iq4_xs_n = make_tile("iq4_xs", "host", 1), make_tile("iq4_xs", "host", _TILE_TOKENS, interleaved=True)
-_iq4_xs_1g, _iq4_xs_ng = make_tile("iq4_xs", "generic", 1), make_tile("iq4_xs", "generic", _TILE_TOKENS)
+_WIDE_TOKENS = 2 * _TILE_TOKENS
+
+# Driver templates. Each type's drivers are these functions compiled under their own names with that
+# type's tiles as the globals ``_one`` (1 token), ``_tile`` (8) and ``_wide`` (16). Not closures:
+# Numba keys a closure's disk cache by its pickled cells, and an intrinsic pickles differently in
+# every process (a miss on every start). Not one driver with a type flag: that compiles every
+# type's IR into each specialization (simd.py measured 2-4 s per driver). The matrix-vector driver
+# is its own function: with the one-token tile in the same function as the 8-token loop, the Q6_K
+# matvec ran at 22 GB/s instead of 43 (1 thread, 4096x4096: LLVM optimizes the shared one worse).
+_one = _tile = _wide = None
 
 
-# Drivers per type and path, written out: a factory's closures would share one on-disk cache
-# entry (Numba keys it by source location), and a runtime type flag would compile every type's IR
-# into each specialization (simd.py measured 2-4 s per driver). The matrix-vector driver is its own
-# function: with the one-token tile in the same function as the 8-token loop, the Q6_K matvec ran
-# at 22 GB/s instead of 43 (1 thread, 4096x4096: LLVM optimizes the shared function worse).
-@njit(parallel=True, cache=True)
-def matvec_q4_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """out[0, r] = dot(Q4_K row r of w, the activation row as activations_for makes it); rows over threads."""
+def _matvec(w, xq, xd, xs, out):
+    """out[0, r] = dot(row r of w, the activation row as activations_for makes it); rows over threads."""
     for r in prange(w.shape[0]):
-        out[0, r] = _q4_k_1(w, r, xq, xd, xs, 0)[0]
+        out[0, r] = _one(w, r, xq, xd, xs, 0)[0]
 
 
-@njit(parallel=True, cache=True)
-def matmul_q4_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """out[t, r] = dot(Q4_K row r, Q8_K activation row t): 16-row chunks, 8-token tiles."""
+def _matmul(w, xq, xd, xs, out):
+    """out[t, r] = dot(row r, activation row t): 16-row chunks over threads, 8-token tiles on the
+    activations' interleaved pairs, then single tokens."""
     n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
     pairs = interleave_pairs(xq, n_tiled)
     for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
         for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
             for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q4_k_n(w, r, pairs, xd, xs, t)
+                dots = _tile(w, r, pairs, xd, xs, t)
                 for i in range(_TILE_TOKENS):
                     out[t + i, r] = dots[i]
             for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _q4_k_1(w, r, xq, xd, xs, t)[0]
+                out[t, r] = _one(w, r, xq, xd, xs, t)[0]
 
 
-@njit(parallel=True, cache=True)
-def matvec_q4_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """matvec_q4_k with the portable IR."""
-    for r in prange(w.shape[0]):
-        out[0, r] = _q4_k_1g(w, r, xq, xd, xs, 0)[0]
-
-
-@njit(parallel=True, cache=True)
-def matmul_q4_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """matmul_q4_k with the portable IR."""
-    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
-    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
-        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
-            for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q4_k_ng(w, r, xq, xd, xs, t)
-                for i in range(_TILE_TOKENS):
-                    out[t + i, r] = dots[i]
-            for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _q4_k_1g(w, r, xq, xd, xs, t)[0]
-
-
-@njit(parallel=True, cache=True)
-def matvec_q5_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """out[0, r] = dot(Q5_K row r of w, the activation row as activations_for makes it); rows over threads."""
-    for r in prange(w.shape[0]):
-        out[0, r] = _q5_k_1(w, r, xq, xd, xs, 0)[0]
-
-
-@njit(parallel=True, cache=True)
-def matmul_q5_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """out[t, r] = dot(Q5_K row r, Q8_K activation row t): 16-row chunks, 8-token tiles."""
+def _matmul_wide(w, xq, xd, xs, out):
+    """_matmul with 16-token tiles first, then one 8-token tile, then single tokens."""
+    n_wide = xq.shape[0] - xq.shape[0] % _WIDE_TOKENS
     n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
     pairs = interleave_pairs(xq, n_tiled)
     for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
         for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
-            for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q5_k_n(w, r, pairs, xd, xs, t)
-                for i in range(_TILE_TOKENS):
-                    out[t + i, r] = dots[i]
-            for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _q5_k_1(w, r, xq, xd, xs, t)[0]
-
-
-@njit(parallel=True, cache=True)
-def matvec_q5_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """matvec_q5_k with the portable IR."""
-    for r in prange(w.shape[0]):
-        out[0, r] = _q5_k_1g(w, r, xq, xd, xs, 0)[0]
-
-
-@njit(parallel=True, cache=True)
-def matmul_q5_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """matmul_q5_k with the portable IR."""
-    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
-    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
-        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
-            for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q5_k_ng(w, r, xq, xd, xs, t)
-                for i in range(_TILE_TOKENS):
-                    out[t + i, r] = dots[i]
-            for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _q5_k_1g(w, r, xq, xd, xs, t)[0]
-
-
-@njit(parallel=True, cache=True)
-def matvec_q6_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """out[0, r] = dot(Q6_K row r of w, the activation row as activations_for makes it); rows over threads."""
-    for r in prange(w.shape[0]):
-        out[0, r] = _q6_k_1(w, r, xq, xd, xs, 0)[0]
-
-
-@njit(parallel=True, cache=True)
-def matmul_q6_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """out[t, r] = dot(Q6_K row r, Q8_K activation row t): 16-row chunks, 16-token tiles, then one
-    8-token tile, then single tokens."""
-    n_wide = xq.shape[0] - xq.shape[0] % _Q6_K_WIDE
-    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
-    pairs = interleave_pairs(xq, n_tiled)
-    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
-        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
-            for t in range(0, n_wide, _Q6_K_WIDE):
-                wide = _q6_k_wide(w, r, pairs, xd, xs, t)
-                for i in range(_Q6_K_WIDE):
+            for t in range(0, n_wide, _WIDE_TOKENS):
+                wide = _wide(w, r, pairs, xd, xs, t)
+                for i in range(_WIDE_TOKENS):
                     out[t + i, r] = wide[i]
             for t in range(n_wide, n_tiled, _TILE_TOKENS):
-                dots = _q6_k_n(w, r, pairs, xd, xs, t)
+                dots = _tile(w, r, pairs, xd, xs, t)
                 for i in range(_TILE_TOKENS):
                     out[t + i, r] = dots[i]
             for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _q6_k_1(w, r, xq, xd, xs, t)[0]
+                out[t, r] = _one(w, r, xq, xd, xs, t)[0]
 
 
-@njit(parallel=True, cache=True)
-def matvec_q6_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """matvec_q6_k with the portable IR."""
-    for r in prange(w.shape[0]):
-        out[0, r] = _q6_k_1g(w, r, xq, xd, xs, 0)[0]
-
-
-@njit(parallel=True, cache=True)
-def matmul_q6_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """matmul_q6_k with the portable IR."""
+def _matmul_portable(w, xq, xd, xs, out):
+    """_matmul with the portable IR's tiles (plain activation rows, no pairs)."""
     n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
     for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
         for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
             for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q6_k_ng(w, r, xq, xd, xs, t)
+                dots = _tile(w, r, xq, xd, xs, t)
                 for i in range(_TILE_TOKENS):
                     out[t + i, r] = dots[i]
             for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _q6_k_1g(w, r, xq, xd, xs, t)[0]
+                out[t, r] = _one(w, r, xq, xd, xs, t)[0]
 
 
-@njit(parallel=True, cache=True)
-def matvec_iq4_xs(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """out[0, r] = dot(IQ4_XS row r of w, the Q8_K activation row); rows over threads."""
-    for r in prange(w.shape[0]):
-        out[0, r] = _iq4_xs_1(w, r, xq, xd, xs, 0)[0]
+def _bind(template, name: str, **tiles):
+    """``template`` compiled as its own function ``name``, with ``tiles`` as its globals."""
+    function = types_module.FunctionType(template.__code__, dict(template.__globals__, **tiles), name)
+    function.__qualname__ = name
+    function.__doc__ = template.__doc__
+    return njit(parallel=True, cache=True)(function)
 
 
-@njit(parallel=True, cache=True)
-def matmul_iq4_xs(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """out[t, r] = dot(IQ4_XS row r, Q8_K activation row t): 16-row chunks, 8-token tiles."""
-    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
-    pairs = interleave_pairs(xq, n_tiled)
-    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
-        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
-            for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _iq4_xs_n(w, r, pairs, xd, xs, t)
-                for i in range(_TILE_TOKENS):
-                    out[t + i, r] = dots[i]
-            for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _iq4_xs_1(w, r, xq, xd, xs, t)[0]
+def make_drivers(qtype: str, emitter=_KEmitter, wide: bool = False) -> tuple:
+    """(matvec, matmul, portable matvec, portable matmul) of ``qtype``, each ``(w, xq, xd, xs, out)``
+    with the activations of :func:`activations_for`; ``wide``: host batches take 16-token tiles first."""
+    one, tile = (make_tile(qtype, "host", n, interleaved=n > 1, emitter=emitter) for n in (1, _TILE_TOKENS))
+    one_p, tile_p = (make_tile(qtype, "generic", n, emitter=emitter) for n in (1, _TILE_TOKENS))
+    if wide:
+        matmul = _bind(_matmul_wide, f"matmul_{qtype}", _one=one, _tile=tile,
+                       _wide=make_tile(qtype, "host", _WIDE_TOKENS, interleaved=True, emitter=emitter))
+    else:
+        matmul = _bind(_matmul, f"matmul_{qtype}", _one=one, _tile=tile)
+    return (_bind(_matvec, f"matvec_{qtype}", _one=one), matmul,
+            _bind(_matvec, f"matvec_{qtype}_generic", _one=one_p),
+            _bind(_matmul_portable, f"matmul_{qtype}_generic", _one=one_p, _tile=tile_p))
 
 
-@njit(parallel=True, cache=True)
-def matvec_iq4_xs_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """matvec_iq4_xs with the portable IR."""
-    for r in prange(w.shape[0]):
-        out[0, r] = _iq4_xs_1g(w, r, xq, xd, xs, 0)[0]
-
-
-@njit(parallel=True, cache=True)
-def matmul_iq4_xs_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """matmul_iq4_xs with the portable IR."""
-    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
-    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
-        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
-            for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _iq4_xs_ng(w, r, xq, xd, xs, t)
-                for i in range(_TILE_TOKENS):
-                    out[t + i, r] = dots[i]
-            for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _iq4_xs_1g(w, r, xq, xd, xs, t)[0]
-
-
-@njit(parallel=True, cache=True)
-def matvec_q2_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """out[0, r] = dot(Q2_K row r of w, the Q8_K activation row); rows over threads."""
-    for r in prange(w.shape[0]):
-        out[0, r] = _q2_k_1(w, r, xq, xd, xs, 0)[0]
-
-
-@njit(parallel=True, cache=True)
-def matmul_q2_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """out[t, r] = dot(Q2_K row r, Q8_K activation row t): 16-row chunks, 8-token tiles."""
-    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
-    pairs = interleave_pairs(xq, n_tiled)
-    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
-        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
-            for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q2_k_n(w, r, pairs, xd, xs, t)
-                for i in range(_TILE_TOKENS):
-                    out[t + i, r] = dots[i]
-            for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _q2_k_1(w, r, xq, xd, xs, t)[0]
-
-
-@njit(parallel=True, cache=True)
-def matvec_q2_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """matvec_q2_k with the portable IR."""
-    for r in prange(w.shape[0]):
-        out[0, r] = _q2_k_1g(w, r, xq, xd, xs, 0)[0]
-
-
-@njit(parallel=True, cache=True)
-def matmul_q2_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """matmul_q2_k with the portable IR."""
-    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
-    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
-        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
-            for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q2_k_ng(w, r, xq, xd, xs, t)
-                for i in range(_TILE_TOKENS):
-                    out[t + i, r] = dots[i]
-            for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _q2_k_1g(w, r, xq, xd, xs, t)[0]
-
-
-@njit(parallel=True, cache=True)
-def matvec_q3_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """out[0, r] = dot(Q3_K row r of w, the Q8_K activation row); rows over threads."""
-    for r in prange(w.shape[0]):
-        out[0, r] = _q3_k_1(w, r, xq, xd, xs, 0)[0]
-
-
-@njit(parallel=True, cache=True)
-def matmul_q3_k(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """out[t, r] = dot(Q3_K row r, Q8_K activation row t): 16-row chunks, 8-token tiles."""
-    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
-    pairs = interleave_pairs(xq, n_tiled)
-    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
-        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
-            for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q3_k_n(w, r, pairs, xd, xs, t)
-                for i in range(_TILE_TOKENS):
-                    out[t + i, r] = dots[i]
-            for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _q3_k_1(w, r, xq, xd, xs, t)[0]
-
-
-@njit(parallel=True, cache=True)
-def matvec_q3_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """matvec_q3_k with the portable IR."""
-    for r in prange(w.shape[0]):
-        out[0, r] = _q3_k_1g(w, r, xq, xd, xs, 0)[0]
-
-
-@njit(parallel=True, cache=True)
-def matmul_q3_k_generic(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
-    """matmul_q3_k with the portable IR."""
-    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
-    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
-        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
-            for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _q3_k_ng(w, r, xq, xd, xs, t)
-                for i in range(_TILE_TOKENS):
-                    out[t + i, r] = dots[i]
-            for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _q3_k_1g(w, r, xq, xd, xs, t)[0]
+# qtype -> (matvec, matmul, portable matvec, portable matmul)
+TYPES = ("q4_k", "q5_k", "q6_k", "iq4_xs", "q2_k", "q3_k")
+DRIVERS = {qtype: make_drivers(qtype, wide=qtype == "q6_k") for qtype in TYPES}
 
 
 def standalone_row_dot_ir(qtype: str, isa: str, emitter=_KEmitter) -> str:

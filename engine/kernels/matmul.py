@@ -807,17 +807,9 @@ def _simd_product(kind: int, drivers, raw: np.ndarray, x: np.ndarray, y: np.ndar
         _call(driver, raw, xq, scales, y)
 
 
-def _k_drivers(name: str) -> tuple:
-    """(matvec, matmul) for the host ISA, then the same with the portable IR."""
-    return tuple(getattr(kquant_simd, f"{kind}_{name}{suffix}") for suffix in ("", "_generic")
-                 for kind in ("matvec", "matmul"))
-
-
 # kind -> (name, host matvec, host matmul, portable matvec, portable matmul)
-_K_PRODUCTS = {int(GGMLQuantizationType[name.upper()]): (name, *_k_drivers(name))
-               for name in ("q4_k", "q5_k", "q6_k", "iq4_xs", "q2_k", "q3_k")}
-_K_PRODUCTS.update({int(GGMLQuantizationType[name.upper()]): (name, *drivers)
-                    for name, drivers in iquant_simd.DRIVERS.items()})
+_K_PRODUCTS = {int(GGMLQuantizationType[name.upper()]): (name, *drivers)
+               for name, drivers in (kquant_simd.DRIVERS | iquant_simd.DRIVERS).items()}
 
 
 def _has_k_product(weight: WeightView) -> bool:
