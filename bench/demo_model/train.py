@@ -11,6 +11,11 @@ Steps (each cached in --work, so a rerun resumes where it stopped):
     apt-get install bible-kjv            # provides /usr/bin/bible and the text
     python bench/demo_model/train.py --work /tmp/demo --minutes 75
 
+`--shape k256` trains a second model, every row a multiple of 256 wide so K-quants apply (the README's
+K-quant perplexity table), with the same corpus and tokenizer, written to --work instead of engine/data:
+
+    python bench/demo_model/train.py --work /tmp/k256 --shape k256 --steps 1200 --threads 1 --type f32
+
 Needs the test extra (torch, transformers). Not run by CI: the result is committed.
 """
 
@@ -43,6 +48,7 @@ MODEL_SHAPE = {
     "rope_theta": 10000.0,
     "tie_word_embeddings": False,
 }
+SHAPES = {"demo": MODEL_SHAPE, "k256": {**MODEL_SHAPE, "hidden_size": 256, "num_attention_heads": 4}}
 
 
 def kjv_chapters() -> list[str]:
@@ -109,7 +115,8 @@ def train_tokenizer(work: Path, train_path: Path) -> Path:
 
 
 def train_model(work: Path, train_path: Path, tokenizer_path: Path, minutes: float, seed: int,
-                init_from: Path | None = None, out_name: str = "hf", peak_lr: float = 1e-3) -> Path:
+                init_from: Path | None = None, out_name: str = "hf", peak_lr: float = 1e-3,
+                shape: dict = MODEL_SHAPE, steps: int = 0) -> Path:
     import numpy as np
     import sentencepiece as spm
     import torch
@@ -130,7 +137,7 @@ def train_model(work: Path, train_path: Path, tokenizer_path: Path, minutes: flo
     if init_from is not None:  # a second stage: continue from an earlier run's weights
         model = LlamaForCausalLM.from_pretrained(init_from, dtype=torch.float32)
     else:
-        config = LlamaConfig(**MODEL_SHAPE, bos_token_id=1, eos_token_id=2)
+        config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2)
         model = LlamaForCausalLM(config)
     print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
     seq_len, batch = 256, 16
@@ -142,9 +149,9 @@ def train_model(work: Path, train_path: Path, tokenizer_path: Path, minutes: flo
     model.train()
     while True:
         elapsed = time.monotonic() - start
-        if elapsed > budget:
+        if (steps and step >= steps) or (not steps and elapsed > budget):
             break
-        progress = elapsed / budget  # the schedule follows wall time so the run ends on time
+        progress = step / steps if steps else elapsed / budget  # the schedule follows wall time (or the step count)
         lr = peak_lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -165,7 +172,7 @@ def train_model(work: Path, train_path: Path, tokenizer_path: Path, minutes: flo
     (out_dir / "tokenizer_config.json").write_text(
         json.dumps({"add_bos_token": True, "add_eos_token": False, "tokenizer_class": "LlamaTokenizer"})
     )
-    print(f"saved {out_dir} after {step} steps")
+    print(f"saved {out_dir} after {step} steps, {(time.monotonic() - start) / 60:.1f} minutes")
     return out_dir
 
 
@@ -178,6 +185,9 @@ def main() -> None:
     parser.add_argument("--type", default="q8_0", help="output type of the shipped file")
     parser.add_argument("--continue-minutes", type=float, default=0.0,
                         help="a second stage: continue from the first run's weights this long (peak lr 4e-4)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="demo",
+                        help="k256: 256 wide (4 heads of 64), for K-quants; written to --work, not engine/data")
+    parser.add_argument("--steps", type=int, default=0, help="train this many steps instead (0: --minutes)")
     args = parser.parse_args()
 
     import torch
@@ -186,16 +196,21 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     train_path, heldout_path = prepare_corpus(args.work)
     tokenizer_path = train_tokenizer(args.work, train_path)
-    hf_dir = train_model(args.work, train_path, tokenizer_path, args.minutes, args.seed)
+    hf_dir = train_model(args.work, train_path, tokenizer_path, args.minutes, args.seed,
+                         shape=SHAPES[args.shape], steps=args.steps)
     if args.continue_minutes > 0:
         hf_dir = train_model(args.work, train_path, tokenizer_path, args.continue_minutes, args.seed + 1,
                              init_from=hf_dir, out_name="hf-stage2", peak_lr=4e-4)
-    target = REPO / "engine" / "data" / f"demo-kjv-{args.type}.gguf"
+    if args.shape != "demo":
+        target = args.work / f"{args.shape}-{args.type}.gguf"
+    else:
+        target = REPO / "engine" / "data" / f"demo-kjv-{args.type}.gguf"
     target.parent.mkdir(exist_ok=True)
     subprocess.run(
         [sys.executable, "-m", "engine", "convert", str(hf_dir), f"--{args.type}", "-o", str(target)], check=True
     )
-    shutil.copy(heldout_path, REPO / "bench" / "demo_model" / "heldout.txt")
+    if args.shape == "demo":
+        shutil.copy(heldout_path, REPO / "bench" / "demo_model" / "heldout.txt")
     print(f"wrote {target}")
 
 
