@@ -228,7 +228,11 @@ def test_full_queue_is_503_with_retry_after(deployed):
             with ThreadPoolExecutor(48) as pool:
                 futures = [pool.submit(post, i) for i in range(48)]
                 # Those beyond the queue are refused at once; the queued ones wait for the held slots.
-                deadline = time.monotonic() + TIMEOUT
+                # On a loaded machine (tests in parallel, other jobs) every request was served and
+                # none refused, twice: most likely the burst took Ray's proxy and ingress over a minute
+                # to queue, so the holders were let go first. Wait for the refusals for up to
+                # 3 x TIMEOUT; unloaded, they come within a second or two.
+                deadline = time.monotonic() + 3 * TIMEOUT
                 while sum(f.done() for f in futures) < 16 and time.monotonic() < deadline:
                     time.sleep(0.1)
                 for stream in holders:
