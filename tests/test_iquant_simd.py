@@ -13,6 +13,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 from llvm_targets import CALLS, instructions_for
+from test_kquant_simd import run_both
 
 from engine.kernels import iquant_simd as iq
 from engine.kernels import kquant_simd as ks
@@ -41,22 +42,6 @@ def random_rows(qtype: GGMLQuantizationType, n_out: int, n_in: int, rng: np.rand
     blocks = raw.reshape(n_out, -1, size)
     set_d(blocks, qtype, rng.uniform(-1.0, 1.0, blocks.shape[:2]) / 64)
     return raw
-
-
-def run_both(qtype: GGMLQuantizationType, raw: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(xq, xd, host result, portable result); matvec checked against matmul on every token."""
-    xq, xd, xs = ks.activations_for(qtype.name.lower(), x)
-    matvec, matmul, matvec_portable, matmul_portable = iq.DRIVERS[qtype.name.lower()]
-    outs = []
-    for mv, mm in ((matvec, matmul), (matvec_portable, matmul_portable)):
-        out = np.full((x.shape[0], raw.shape[0]), np.nan, np.float32)
-        mm(raw, xq, xd, xs, out)
-        for t in range(x.shape[0]):
-            single = np.full((1, raw.shape[0]), np.nan, np.float32)
-            mv(raw, xq[t : t + 1], xd[t : t + 1], xs[t : t + 1], single)
-            np.testing.assert_array_equal(single[0].view(np.uint32), out[t].view(np.uint32))
-        outs.append(out)
-    return xq, xd, *outs
 
 
 def reference(qtype: GGMLQuantizationType, raw: np.ndarray, xq: np.ndarray, xd: np.ndarray):

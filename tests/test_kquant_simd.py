@@ -18,12 +18,11 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 from llvm_targets import CALLS, instructions_for
 
+from engine.kernels import iquant_simd as iq
 from engine.kernels import kquant_simd as ks
 
 T = GGMLQuantizationType
 K_TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.Q2_K, T.Q3_K)
-# (matvec, matmul) drivers, host ISA then portable IR
-PRODUCTS = {qtype: ks.DRIVERS[qtype.name.lower()] for qtype in K_TYPES}
 
 
 def q8_k_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -83,10 +82,11 @@ def random_k_rows(qtype: GGMLQuantizationType, n_out: int, n_in: int, rng: np.ra
 
 
 def run_both(qtype: GGMLQuantizationType, raw: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(xq, xd, host result, portable result); each path's matvec driver is checked against its
-    matmul driver on every token (the same integers, so the same floats)."""
+    """(xq, xd, host result, portable result) of any Q8_K-activation type (kquant_simd, iquant_simd);
+    each path's matvec driver is checked against its matmul driver on every token (the same
+    integers, so the same floats)."""
     xq, xd, xs = ks.activations_for(qtype.name.lower(), x)
-    matvec, matmul, matvec_portable, matmul_portable = PRODUCTS[qtype]
+    matvec, matmul, matvec_portable, matmul_portable = (ks.DRIVERS | iq.DRIVERS)[qtype.name.lower()]
     outs = []
     for mv, mm in ((matvec, matmul), (matvec_portable, matmul_portable)):
         out = np.full((x.shape[0], raw.shape[0]), np.nan, np.float32)
