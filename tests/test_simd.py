@@ -402,7 +402,7 @@ OTHER_ISA_SCRIPT = textwrap.dedent(
             for out in outs[:2]:
                 np.testing.assert_allclose(out, outs[2], rtol=2e-6, atol=2e-6 * np.abs(outs[2]).max())
     # K-quants: this ISA's (unpaired on AVX2) tiles give the portable IR's bits
-    from engine.kernels import kquant_simd
+    from engine.kernels import kquant_gemm, kquant_simd
     for qtype, size in (("q4_k", 144), ("q5_k", 176), ("q6_k", 210)):
         w = rng.integers(0, 256, (19, 2 * size), dtype=np.uint8)
         where = slice(208, 210) if qtype == "q6_k" else slice(0, 4)
@@ -412,6 +412,12 @@ OTHER_ISA_SCRIPT = textwrap.dedent(
         outs = [np.empty((11, 19), np.float32) for _ in range(2)]
         kquant_simd.DRIVERS[qtype][1](w, *act, outs[0])
         kquant_simd.DRIVERS[qtype][3](w, *act, outs[1])
+        np.testing.assert_array_equal(outs[0], outs[1])
+        # the prompt products with tokens in the lanes (4-, 2- and 1-vector tiles)
+        lanes = kquant_gemm.activations_for_lanes(qtype, rng.standard_normal((100, 512)).astype(np.float32))
+        outs = [np.empty((100, 19), np.float32) for _ in range(2)]
+        for driver, out in zip(kquant_gemm.DRIVERS[qtype], outs):
+            driver(w, *lanes, 100, out)
         np.testing.assert_array_equal(outs[0], outs[1])
     print("ok")
     """

@@ -385,10 +385,10 @@ class _KEmitter:
             out.append(b.sub(isums[t], bias))
         return out
 
-    def _q4_5_k(self, block: ir.Value, tokens) -> tuple[list[ir.Value], ir.Value]:
-        """(<8 x i32> scaled code sums per token, the 8 mins as <8 x i32>) of one super-block."""
+    def q4_5_k_scales(self, block: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """A Q4_K/Q5_K super-block's 8 sub-block scales and 8 mins (6 bits each) as two <8 x i32>."""
         b = self.b
-        # 8 scales and 8 mins of 6 bits from 12 bytes (ggml's kmask shuffle, on three u32 words)
+        # ggml's kmask shuffle of the 12 bytes, on three u32 words
         u0, u1, u2 = (self._load(block, 4 + 4 * i, _I32) for i in range(3))
 
         def c(v: int) -> ir.Constant:
@@ -403,8 +403,16 @@ class _KEmitter:
         for i, w in enumerate((sc_lo, sc_hi, mn_lo, mn_hi)):
             words = b.insert_element(words, w, c(i))
         packed = b.bitcast(words, _V16I8)  # bytes 0-7 scales, 8-15 mins, all 0..63
-        scales = b.zext(self._slice(packed, range(8)), ir.VectorType(_I32, 8))
-        mins = b.zext(self._slice(packed, range(8, 16)), _V8I32)
+        return b.zext(self._slice(packed, range(8)), _V8I32), b.zext(self._slice(packed, range(8, 16)), _V8I32)
+
+    def _q4_5_k(self, block: ir.Value, tokens) -> tuple[list[ir.Value], ir.Value]:
+        """(<8 x i32> scaled code sums per token, the 8 mins as <8 x i32>) of one super-block."""
+        b = self.b
+
+        def c(v: int) -> ir.Constant:
+            return ir.Constant(_I32, v)
+
+        scales, mins = self.q4_5_k_scales(block)
         qs_offset = 16 if self.qtype == "q4_k" else 48
         qh = self._load(block, 16, _V32I8) if self.qtype == "q5_k" else None
         dots = self._new_dots(tokens)

@@ -45,7 +45,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from engine.errors import HalfbyteError
-from engine.kernels import dequant_any, iquant_simd, kquant_simd, kquants, simd
+from engine.kernels import dequant_any, iquant_simd, kquant_gemm, kquant_simd, kquants, simd
 
 QK = 32  # elements per block of every type handled here (and of the Q8_0/Q8_1 activations)
 
@@ -825,6 +825,10 @@ def _k_product(kind: int, raw: np.ndarray, x: np.ndarray, y: np.ndarray) -> None
         _call(kquants.matmul, kind, raw, x, y)
         return
     name, *drivers = _K_PRODUCTS[kind]
+    if name in kquant_gemm.DRIVERS and x.shape[0] >= kquant_gemm.MIN_TOKENS:
+        lanes = kquant_gemm.DRIVERS[name][_kernel_path == "portable"]
+        _call(lanes, raw, *_call(kquant_gemm.activations_for_lanes, name, x), x.shape[0], y)
+        return
     drivers = drivers[2:] if _kernel_path == "portable" else drivers[:2]
     xq, xd, xs = _call(kquant_simd.activations_for, name, x)
     _call(drivers[0] if x.shape[0] == 1 else drivers[1], raw, xq, xd, xs, y)

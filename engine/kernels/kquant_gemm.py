@@ -1,0 +1,385 @@
+"""Prompt products of the K-quants (Q4_K, Q5_K, Q6_K) with the tokens in the vector lanes.
+
+kquant_simd.py's tiles put a 32-weight group of one row in a vector and multiply it with each
+token's activations: every sub-block scale then needs its own multiply (``pmaddubsw`` + ``pmaddwd``
+with the scales: two multiply instructions per 64 products). On Intel cores those run on one port,
+so the tiles stopped at ~30 int8 products per cycle (Intel Xeon, 1 thread: 65-72 G/s).
+
+Here 16 tokens share a vector instead. Four weight codes are broadcast to all 16 lanes and one
+``vpdpbusd`` adds their products with 16 tokens' four activations (u8 codes x s8 activations, 64
+products, exact in i32); a sub-block's quads chain into one i32 per token, so its scale is applied
+once per sub-block and token vector, in floats: ``f += (d_w * scale_j) * float(dot_j)``. The weights
+stay in the file's layout, decoded four codes at a time in scalar registers; the activations are
+repacked once per product (:func:`activations_for_lanes`): for each 16 tokens, each 4 values, the 16
+tokens' 4 int8 side by side.
+
+Per token and 256-weight super-block the float result is, in this order::
+
+    f   = sum over sub-blocks j of (d_w * scale_j) * float(dot_j)       # dot_j exact in integers
+    acc = acc + d_x * f
+    acc = acc - sum over j of (dmin_w * min_j) * (d_x * bsum32_j)        # Q4_K / Q5_K only
+
+(Q6_K's ``-32`` offsets start each ``dot_j`` at ``-32 * bsum16_j``.) This is ggml's own order
+(``sumf += d * sumi - dmin * summs``) with the sub-block sums in floats. It is not the matrix-vector
+kernels' order (those keep 8 float lanes per row), so a prompt row and a generated token differ in
+the last bits, as in llama.cpp; the portable IR computes the same integers and floats as every ISA,
+so this product is bit-identical on every CPU and tested so.
+
+Blocking: one call computes one row's super-blocks ``sb0 .. sb0 + n_sb`` for 32 tokens (2 vectors),
+the accumulators living in a small array between calls, so the drivers can keep a panel of
+activations in L1 while they walk 16 rows (each 64-byte activation vector is read once per row; from
+L2 that is more bytes per cycle than L2 gives).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from engine.kernels.kquant_simd import QK_K, _bind, _KEmitter, _scaled_sums32_into, quantize_activations_q8_k
+from engine.kernels.simd import (
+    _F32,
+    _I8,
+    _I32,
+    _I64,
+    _as_i8_ptr,
+    _check_array,
+    _Loop,
+    _mask,
+    _row_ptr,
+    _vconst,
+    kernel_isa,
+)
+
+LANES = 16  # tokens per vector
+TYPES = ("q4_k", "q5_k", "q6_k")
+BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
+# per super-block: sub-blocks, and the per-token "sums" values the activations carry for it
+SUB_BLOCKS = {"q4_k": 8, "q5_k": 8, "q6_k": 16}
+
+_V16I32 = ir.VectorType(_I32, 16)
+_V16F32 = ir.VectorType(_F32, 16)
+_V64I8 = ir.VectorType(_I8, 64)
+
+
+# --------------------------------------------------------------------------------------------
+# Activations: Q8_K, repacked with the tokens in the lanes
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _pack_values(xq, n_vec):
+    """int8 ``(n_vec, 16 * n)``: vector v, values 4q..4q+3 of tokens 16v..16v+15 at 64q + 4t (zeros past
+    the last token)."""
+    n_tok, n = xq.shape
+    out = np.zeros((n_vec, LANES * n), np.int8)
+    for t in range(n_tok):
+        v, lane = t // LANES, t % LANES
+        for q in range(n // 4):
+            for i in range(4):
+                out[v, 64 * q + 4 * lane + i] = xq[t, 4 * q + i]
+    return out
+
+
+@njit(cache=True)
+def _pack_lanes(a, n_vec):
+    """``(n_vec, 16 * m)`` from ``(n_tok, m)``: item i of tokens 16v..16v+15 side by side (zeros past the
+    last token)."""
+    n_tok, m = a.shape
+    out = np.zeros((n_vec, LANES * m), a.dtype)
+    for t in range(n_tok):
+        v, lane = t // LANES, t % LANES
+        for i in range(m):
+            out[v, LANES * i + lane] = a[t, i]
+    return out
+
+
+def activations_for_lanes(qtype: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 ``(n_tok, n)`` -> (values, scales, sums), each ``(n_vec, ...)`` with 16 tokens per vector:
+    the Q8_K values and scales of ``quantize_activations_q8_k``, and for Q4_K/Q5_K the float32
+    ``d_x * (sum of 32 values)`` per sub-block, for Q6_K the int32 ``-32 * (sum of 16 values)``."""
+    qs, d, bsums = quantize_activations_q8_k(x)
+    n_vec = -(-qs.shape[0] // LANES)
+    if qtype == "q6_k":
+        sums = -32 * bsums.astype(np.int32)
+    else:
+        sums = np.empty((qs.shape[0], qs.shape[1] // 32), np.float32)
+        _scaled_sums32_into(d, bsums, sums)
+    return _pack_values(qs, n_vec), _pack_lanes(d, n_vec), _pack_lanes(sums, n_vec)
+
+
+# --------------------------------------------------------------------------------------------
+# IR emission
+# --------------------------------------------------------------------------------------------
+
+
+class _LaneEmitter(_KEmitter):
+    """One row's super-blocks against token vectors; the weights' helpers are _KEmitter's."""
+
+    def quad_dot(self, acc: ir.Value, codes: ir.Value, x: ir.Value) -> ir.Value:
+        """acc (<16 x i32>) + per lane the 4 products of ``codes`` (<64 x i8>, 0..63) and ``x``
+        (<64 x i8>, int8), exactly: vpdpbusd on AVX512-VNNI, two 256-bit ones on AVX-VNNI, pmaddubsw +
+        pmaddwd with ones on AVX2 (pairs <= 2 * 63 * 127: no saturation), sdot on arm64, else the
+        products in i32 summed by fours."""
+        b = self.b
+        if self.isa == "avx512-vnni":
+            fn = self._fn("llvm.x86.avx512.vpdpbusd.512", _V16I32, [_V16I32] * 3)
+            return b.call(fn, [acc, b.bitcast(codes, _V16I32), b.bitcast(x, _V16I32)])
+        v8i32 = ir.VectorType(_I32, 8)
+        halves = []
+        for part in (range(8), range(8, 16)):
+            a = self._slice(acc, part)
+            c = b.bitcast(self._slice(b.bitcast(codes, _V16I32), part), ir.VectorType(_I8, 32))
+            v = b.bitcast(self._slice(b.bitcast(x, _V16I32), part), ir.VectorType(_I8, 32))
+            if self.isa == "avx2-vnni":
+                fn = self._fn("llvm.x86.avx512.vpdpbusd.256", v8i32, [v8i32] * 3)
+                halves.append(b.call(fn, [a, b.bitcast(c, v8i32), b.bitcast(v, v8i32)]))
+            elif self.isa == "avx2":
+                v16i16 = ir.VectorType(ir.IntType(16), 16)
+                maddubs = self._fn("llvm.x86.avx2.pmadd.ub.sw", v16i16, [c.type, v.type])
+                maddwd = self._fn("llvm.x86.avx2.pmadd.wd", v8i32, [v16i16, v16i16])
+                pairs = b.call(maddubs, [c, v])
+                halves.append(b.add(a, b.call(maddwd, [pairs, _vconst(v16i16, 1)])))
+            elif self.isa == "neon-dotprod":
+                v4i32, v16i8 = ir.VectorType(_I32, 4), ir.VectorType(_I8, 16)
+                sdot = self._fn("llvm.aarch64.neon.sdot.v4i32.v16i8", v4i32, [v4i32, v16i8, v16i8])
+                quarters = [b.call(sdot, [self._slice(a, range(4 * k, 4 * k + 4)),
+                                          self._slice(c, range(16 * k, 16 * k + 16)),
+                                          self._slice(v, range(16 * k, 16 * k + 16))]) for k in range(2)]
+                halves.append(b.shuffle_vector(quarters[0], quarters[1], _mask(range(8))))
+            else:
+                products = b.mul(b.zext(c, ir.VectorType(_I32, 32)), b.sext(v, ir.VectorType(_I32, 32)))
+                sums = [self._slice(products, range(k, 32, 4)) for k in range(4)]
+                halves.append(b.add(a, b.add(b.add(sums[0], sums[1]), b.add(sums[2], sums[3]))))
+        return b.shuffle_vector(halves[0], halves[1], _mask(range(16)))
+
+    def decode(self, block: ir.Value, codes: ir.Value, params: ir.Value) -> None:
+        """One super-block, unpacked: its 256 codes (0..63) as bytes in element order at ``codes``; at
+        ``params`` the float32 sub-block scales ``d_w * scale_j`` (8, or 16 for Q6_K), and for Q4_K/Q5_K
+        from float 16 on the 8 ``dmin_w * min_j``."""
+        b = self.b
+        v32i8, v8f32 = ir.VectorType(_I8, 32), ir.VectorType(_F32, 8)
+
+        def store(value: ir.Value, base: ir.Value, offset: int) -> None:
+            ptr = b.gep(base, [ir.Constant(_I64, offset)]) if offset else base
+            b.store(value, b.bitcast(ptr, value.type.as_pointer()), align=1)
+
+        def shifted(v: ir.Value, bits: int) -> ir.Value:
+            return b.lshr(v, _vconst(v.type, bits)) if bits else v
+
+        low4 = _vconst(v32i8, 0x0F)
+        if self.qtype == "q6_k":
+            d_w = self._fp16(block, 208)
+            for half in range(2):
+                ql = [self._load(block, 64 * half + 32 * i, v32i8) for i in range(2)]
+                qh = self._load(block, 128 + 32 * half, v32i8)
+                for k in range(4):  # elements 128 * half + 32k .. +31
+                    low = b.and_(ql[k % 2], low4) if k < 2 else b.lshr(ql[k % 2], _vconst(v32i8, 4))
+                    high = b.shl(b.and_(shifted(qh, 2 * k), _vconst(v32i8, 3)), _vconst(v32i8, 4))
+                    store(b.or_(low, high), codes, 128 * half + 32 * k)
+            scales = b.sitofp(self._load(block, 192, ir.VectorType(_I8, 16)), _V16F32)
+            store(b.fmul(self._splat(d_w, _V16F32), scales), params, 0)
+            return
+        d_w, dmin_w = self._fp16(block, 0), self._fp16(block, 2)
+        scales, mins = self.q4_5_k_scales(block)
+        qs = 16 if self.qtype == "q4_k" else 48
+        qh = self._load(block, 16, v32i8) if self.qtype == "q5_k" else None
+        for j in range(4):  # 32 bytes of qs: sub-block 2j in the low nibbles, 2j + 1 in the high ones
+            packed = self._load(block, qs + 32 * j, v32i8)
+            for i in range(2):
+                code = b.and_(packed, low4) if i == 0 else b.lshr(packed, _vconst(v32i8, 4))
+                if qh is not None:
+                    bit = b.and_(shifted(qh, 2 * j + i), _vconst(v32i8, 1))
+                    code = b.or_(code, b.shl(bit, _vconst(v32i8, 4)))
+                store(code, codes, 64 * j + 32 * i)
+        store(b.fmul(self._splat(d_w, v8f32), b.uitofp(scales, v8f32)), params, 0)
+        store(b.fmul(self._splat(dmin_w, v8f32), b.uitofp(mins, v8f32)), params, 64)
+
+    def dots(self, codes: ir.Value, params: ir.Value, vecs, accs: list[ir.Value]) -> list[ir.Value]:
+        """One unpacked super-block (``codes``, ``params`` as :meth:`decode` writes them) against token
+        vectors ``vecs`` (per vector: i8* values, float* scale, i8* sums, at this super-block): the
+        <16 x float> ``accs`` updated."""
+        b = self.b
+        n_sub = SUB_BLOCKS[self.qtype]
+        quads_per_sub = QK_K // 4 // n_sub
+        # A loop over the sub-blocks, not straight-line code: in one basic block LLVM hoisted the
+        # activation loads of all sub-blocks and spilled them to the stack (Q4_K 16 ms -> 10 ms).
+        loop = _Loop(b, ir.Constant(_I64, n_sub), [_vconst(_V16F32, 0.0)] * len(vecs), "sub")
+        j = loop.index
+        scale = self._splat(self._load(b.gep(params, [b.mul(j, ir.Constant(_I64, 4))]), 0, _F32), _V16F32)
+        sub_codes = b.gep(codes, [b.mul(j, ir.Constant(_I64, 4 * quads_per_sub))])
+        words = [self._splat(self._load(sub_codes, 4 * m, _I32), _V16I32) for m in range(quads_per_sub)]
+        if self.qtype == "q6_k":  # the -32 offsets: start at -32 * (sum of the 16 activations)
+            dots = [self._load(b.gep(s, [b.mul(j, ir.Constant(_I64, 4 * LANES))]), 0, _V16I32) for _, _, s in vecs]
+        else:
+            dots = [_vconst(_V16I32, 0)] * len(vecs)
+        x_sub = [b.gep(x, [b.mul(j, ir.Constant(_I64, 64 * quads_per_sub))]) for x, _, _ in vecs]
+        for m, word in enumerate(words):  # the vectors' chains interleaved: independent vpdpbusd in a row
+            dots = [self.quad_dot(dot, b.bitcast(word, _V64I8), self._load(x, 64 * m, _V64I8))
+                    for dot, x in zip(dots, x_sub)]
+        f = loop.close([b.fadd(f, b.fmul(scale, b.sitofp(dot, _V16F32))) for f, dot in zip(loop.values, dots)])
+        new = []
+        for v, (acc, (_, d, s)) in enumerate(zip(accs, vecs)):
+            acc = b.fadd(acc, b.fmul(self._load(d, 0, _V16F32), f[v]))
+            if self.qtype != "q6_k":
+                for j in range(8):
+                    mins_f = self._splat(self._load(params, 64 + 4 * j, _F32), _V16F32)
+                    acc = b.fsub(acc, b.fmul(mins_f, self._load(s, 4 * LANES * j, _V16F32)))
+            new.append(acc)
+        return new
+
+
+PARAMS = 24  # float32 per unpacked super-block: 16 scales (Q4_K/Q5_K: 8), then 8 mins
+
+
+def make_decode(qtype: str, isa_mode: str):
+    """Intrinsic ``(w, row, sb, codes, params, slot) -> none``: super-block ``sb`` of row ``row`` unpacked
+    into ``codes[slot, :256]`` (uint8) and ``params[slot, :24]`` (float32), see ``_LaneEmitter.decode``.
+    The caller checks the bounds."""
+    block_bytes = BLOCK_BYTES[qtype]
+
+    def codegen(context, builder, sig, args):
+        isa = kernel_isa() if isa_mode == "host" else "generic"
+        w, codes, params = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 3, 4))
+        row, sb, slot = args[1], args[2], args[5]
+        block = builder.gep(_as_i8_ptr(builder, _row_ptr(builder, w, row, _I8)),
+                            [builder.mul(sb, ir.Constant(_I64, block_bytes))])
+        _LaneEmitter(builder, isa, qtype).decode(
+            block, _as_i8_ptr(builder, _row_ptr(builder, codes, slot, _I8)),
+            _as_i8_ptr(builder, _row_ptr(builder, params, slot, _F32)))
+        return context.get_dummy_value()
+
+    def typer(typingctx, w, row, sb, codes, params, slot):
+        _check_array(w, 2, types.uint8, "w")
+        _check_array(codes, 2, types.uint8, "codes")
+        _check_array(params, 2, types.float32, "params")
+        return types.none(w, types.intp, types.intp, codes, params, types.intp), codegen
+
+    typer.__name__ = typer.__qualname__ = f"{qtype}_decode_{isa_mode}"
+    return intrinsic(typer)
+
+
+def make_lane_tile(qtype: str, isa_mode: str, n_vec: int):
+    """Intrinsic ``(codes, params, slot, xt, dt, st, vec0, sb, acc, acc_row, acc_col) -> none``: the
+    unpacked super-block in ``codes[slot]``/``params[slot]`` against super-block ``sb`` of token vectors
+    vec0 .. vec0 + n_vec - 1 of :func:`activations_for_lanes`'s arrays, added to
+    ``acc[acc_row, acc_col : acc_col + 16 * n_vec]`` in place. The caller checks the bounds."""
+    n_sub = SUB_BLOCKS[qtype]
+    sums_dtype, sums_elem = (types.int32, _I32) if qtype == "q6_k" else (types.float32, _F32)
+
+    def codegen(context, builder, sig, args):
+        isa = kernel_isa() if isa_mode == "host" else "generic"
+        codes, params, xt, dt, st, acc = (context.make_array(sig.args[i])(context, builder, args[i])
+                                          for i in (0, 1, 3, 4, 5, 8))
+        slot, vec0, sb, acc_row, acc_col = args[2], args[6], args[7], args[9], args[10]
+        vecs = []
+        for v in range(n_vec):
+            vec = builder.add(vec0, ir.Constant(_I64, v))
+            x = builder.gep(_row_ptr(builder, xt, vec, _I8), [builder.mul(sb, ir.Constant(_I64, LANES * QK_K))])
+            d = builder.gep(_row_ptr(builder, dt, vec, _F32), [builder.mul(sb, ir.Constant(_I64, LANES))])
+            s = builder.gep(_row_ptr(builder, st, vec, sums_elem), [builder.mul(sb, ir.Constant(_I64, LANES * n_sub))])
+            vecs.append((x, d, _as_i8_ptr(builder, s)))
+        acc_ptr = builder.gep(_row_ptr(builder, acc, acc_row, _F32), [acc_col])
+        emitter = _LaneEmitter(builder, isa, qtype)
+        starts = [emitter._load(_as_i8_ptr(builder, acc_ptr), 64 * v, _V16F32) for v in range(n_vec)]
+        finals = emitter.dots(_as_i8_ptr(builder, _row_ptr(builder, codes, slot, _I8)),
+                              _as_i8_ptr(builder, _row_ptr(builder, params, slot, _F32)), vecs, starts)
+        for v, value in enumerate(finals):
+            ptr = builder.gep(_as_i8_ptr(builder, acc_ptr), [ir.Constant(_I64, 64 * v)])
+            builder.store(value, builder.bitcast(ptr, _V16F32.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    def typer(typingctx, codes, params, slot, xt, dt, st, vec0, sb, acc, acc_row, acc_col):
+        _check_array(codes, 2, types.uint8, "codes")
+        _check_array(params, 2, types.float32, "params")
+        _check_array(xt, 2, types.int8, "xt")
+        _check_array(dt, 2, types.float32, "dt")
+        _check_array(st, 2, sums_dtype, "st")
+        _check_array(acc, 2, types.float32, "acc")
+        sig = types.none(codes, params, types.intp, xt, dt, st, types.intp, types.intp, acc, types.intp, types.intp)
+        return sig, codegen
+
+    typer.__name__ = typer.__qualname__ = f"{qtype}_lanes_{n_vec}x{LANES}_{isa_mode}"
+    return intrinsic(typer)
+
+
+# Token vectors per tile call: one broadcast of four codes feeds VECS vpdpbusd. Measured (Intel Xeon,
+# 1 thread, 5632x2048, 128 tokens, codes decoded in the call): Q4_K 83 / 105 / 115 G products/s with
+# 1 / 2 / 4 vectors, Q6_K 58 / 73 / 97.
+_ROW_CHUNK = 16  # rows per parallel work item
+# Fewer tokens take kquant_simd's tiles: 16 lanes of padding cost more than they give. Measured (Intel
+# Xeon, 1 thread, 5632x2048, ms, those tiles / these): 8 tokens Q4_K 1.14 / 1.77, Q6_K 1.44 / 2.17;
+# 16 tokens Q4_K 2.40 / 1.84, Q6_K 2.45 / 2.02 (16 lanes cost the same for 8 tokens as for 16).
+MIN_TOKENS = 12
+_decode = _tile4 = _tile2 = _tile1 = None
+_BLOCK_BYTES = _SUB_BLOCKS = 0
+
+
+def _matmul_lanes(w, xt, dt, st, n_tok, out):
+    """out[t, r] = dot(row r of w, token t) for t < n_tok: 16-row chunks over threads; per chunk and
+    super-block, the 16 rows unpacked once, then every token vector (4 at a time) against them, the
+    accumulators in a (16, tokens) array."""
+    n_vec = xt.shape[0]
+    n_rows = w.shape[0]
+    n_sb = min(w.shape[1] // _BLOCK_BYTES, xt.shape[1] // (LANES * QK_K), dt.shape[1] // LANES)
+    n_sb = min(n_sb, st.shape[1] // (LANES * _SUB_BLOCKS))
+    if xt.shape[0] > dt.shape[0] or xt.shape[0] > st.shape[0] or out.shape[1] < n_rows or out.shape[0] < n_tok:
+        raise ValueError("lane product: operand shapes disagree")
+    for chunk in prange((n_rows + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        r0 = chunk * _ROW_CHUNK
+        rows = min(n_rows, r0 + _ROW_CHUNK) - r0
+        acc = np.zeros((_ROW_CHUNK, n_vec * LANES), np.float32)
+        codes = np.empty((_ROW_CHUNK, QK_K), np.uint8)
+        params = np.empty((_ROW_CHUNK, PARAMS), np.float32)
+        for sb in range(n_sb):
+            for i in range(rows):
+                _decode(w, r0 + i, sb, codes, params, i)
+            v = 0
+            while v + 4 <= n_vec:
+                for i in range(rows):
+                    _tile4(codes, params, i, xt, dt, st, v, sb, acc, i, v * LANES)
+                v += 4
+            if v + 2 <= n_vec:
+                for i in range(rows):
+                    _tile2(codes, params, i, xt, dt, st, v, sb, acc, i, v * LANES)
+                v += 2
+            if v < n_vec:
+                for i in range(rows):
+                    _tile1(codes, params, i, xt, dt, st, v, sb, acc, i, v * LANES)
+        for i in range(rows):
+            for t in range(n_tok):
+                out[t, r0 + i] = acc[i, t]
+
+
+def make_driver(qtype: str, isa_mode: str):
+    """``(w, xt, dt, st, n_tok, out)``: the product of ``qtype`` rows ``w`` with :func:`activations_for_lanes`'s
+    arrays of ``n_tok`` tokens into ``out`` (n_tok, n_rows); ``isa_mode`` "host" or "generic"."""
+    suffix = "" if isa_mode == "host" else "_generic"
+    tiles = {f"_tile{n}": make_lane_tile(qtype, isa_mode, n) for n in (1, 2, 4)}
+    return _bind(_matmul_lanes, f"matmul_lanes_{qtype}{suffix}", _BLOCK_BYTES=BLOCK_BYTES[qtype],
+                 _SUB_BLOCKS=SUB_BLOCKS[qtype], _decode=make_decode(qtype, isa_mode), **tiles)
+
+
+# qtype -> (host driver, portable driver)
+DRIVERS = {qtype: (make_driver(qtype, "host"), make_driver(qtype, "generic")) for qtype in TYPES}
+
+
+def standalone_lanes_ir(qtype: str, isa: str) -> str:
+    """LLVM IR text of a free-standing ``void {qtype}_lanes(i8* block, i8* codes, i8* params, i8* x,
+    float* d, i8* sums, float* acc)``: one super-block unpacked, then its dots with one token vector
+    added to ``acc``, the code the intrinsics emit, for cross-target checks (e.g. aarch64 on x86)."""
+    module = ir.Module(name=f"{qtype}_lanes_{isa}")
+    i8p = _I8.as_pointer()
+    fn_type = ir.FunctionType(ir.VoidType(), [i8p, i8p, i8p, i8p, _F32.as_pointer(), i8p, _F32.as_pointer()])
+    fn = ir.Function(module, fn_type, name=f"{qtype}_lanes")
+    builder = ir.IRBuilder(fn.append_basic_block("entry"))
+    block, codes, params, x, d, sums, acc = fn.args
+    emitter = _LaneEmitter(builder, isa, qtype)
+    emitter.decode(block, codes, params)
+    acc_vec = builder.bitcast(acc, _V16F32.as_pointer())
+    [total] = emitter.dots(codes, params, [(x, d, sums)], [builder.load(acc_vec, align=4)])
+    builder.store(total, acc_vec, align=4)
+    builder.ret_void()
+    return str(module)

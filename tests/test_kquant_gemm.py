@@ -1,0 +1,128 @@
+"""The K-quant prompt products with the tokens in the vector lanes (engine/kernels/kquant_gemm.py).
+
+* Every product (Q4_K, Q5_K, Q6_K; 12 to 100 tokens, so the 4-, 2- and 1-vector tiles and a padded
+  last vector; a partial 16-row chunk) equals the dequantized weights (gguf-py) times the dequantized
+  activations to float rounding, and the host and portable paths agree bit for bit (the lesser x86
+  ISAs are checked in test_simd.py's child processes, arm64 under qemu by bench/arm64).
+* Extreme codes and scales stay exact (no 16-bit saturation on AVX2's pmaddubsw).
+* The public ``matmul`` takes these products from 12 tokens on, and they agree with the
+  kquant_simd tiles to float rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
+from llvm_targets import CALLS, instructions_for
+from test_kquant_simd import random_k_rows
+
+from engine.kernels import kquant_gemm as kg
+from engine.kernels import kquant_simd as ks
+from engine.kernels import matmul as mm
+
+T = GGMLQuantizationType
+TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
+
+
+def run_lanes(qtype: GGMLQuantizationType, raw: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(host result, portable result) of the lane products."""
+    name = qtype.name.lower()
+    acts = kg.activations_for_lanes(name, x)
+    outs = []
+    for driver in kg.DRIVERS[name]:
+        out = np.full((x.shape[0], raw.shape[0]), np.nan, np.float32)
+        driver(raw, *acts, x.shape[0], out)
+        outs.append(out)
+    return outs[0], outs[1]
+
+
+def used_activations(qtype: GGMLQuantizationType, x: np.ndarray) -> np.ndarray:
+    """The activations the integer products see: Q8_K values times their scales, float64."""
+    xq, xd, _ = ks.quantize_activations_q8_k(x)
+    return (xq.reshape(x.shape[0], -1, 256) * xd[:, :, None].astype(np.float64)).reshape(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("n_tok", [12, 16, 27, 40, 100])  # 100: 7 vectors = a 4-, a 2- and a 1-vector tile
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_lane_products_match_dequantized_weights_and_activations(qtype, n_tok) -> None:
+    rng = np.random.default_rng(int(qtype) * 100 + n_tok)
+    n_out, n_in = 37, 1024  # two whole 16-row chunks and a partial one
+    raw = random_k_rows(qtype, n_out, n_in, rng)
+    x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+    host, portable = run_lanes(qtype, raw, x)
+    w = dequantize(raw, qtype).astype(np.float64)
+    x_used = used_activations(qtype, x)
+    # float32 rounding of the sub-block sums, the scale and the mins per super-block (4 here), on
+    # top of exact integers: at most ~40 roundings of 2**-24 of the magnitudes
+    bound = 3e-6 * (np.abs(x_used) @ np.abs(w).T) + 1e-30
+    assert np.all(np.abs(host - x_used @ w.T) <= bound)
+    np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_extreme_codes_and_scales_are_exact(qtype) -> None:
+    # every byte 0xFF: Q6_K codes 63 with int8 scales -1, Q4_K/Q5_K codes 15/31 with scales and mins 63;
+    # then Q6_K scales -128. Activations +-127.
+    n_in, size = 512, GGML_QUANT_SIZES[qtype][1]
+    raw = np.full((3, n_in // 256 * size), 0xFF, np.uint8)
+    blocks = raw.reshape(3, -1, size)
+    one = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
+    if qtype == T.Q6_K:
+        blocks[..., 208:210] = one
+        blocks[1, :, 192:208] = 0x80
+    else:
+        blocks[..., 0:2] = one
+        blocks[..., 2:4] = one
+    x = np.ones((20, n_in), np.float32)
+    x[1::2, ::2] = -1.0
+    host, portable = run_lanes(qtype, raw, x)
+    w = dequantize(raw, qtype).astype(np.float64)
+    np.testing.assert_allclose(host, used_activations(qtype, x) @ w.T, rtol=1e-6)
+    np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))
+
+
+@pytest.mark.parametrize("n_tok", [11, 12, 33])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_matmul_takes_the_lanes_from_12_tokens(qtype, n_tok) -> None:
+    rng = np.random.default_rng(n_tok)
+    raw = random_k_rows(qtype, 24, 512, rng)
+    x = rng.standard_normal((n_tok, 512)).astype(np.float32)
+    weight = mm.WeightView(qtype, 512, 24, raw)
+    out = mm.matmul(weight, x)
+    lanes, _ = run_lanes(qtype, raw, x)
+    tiles = np.empty_like(out)
+    ks.DRIVERS[qtype.name.lower()][1](raw, *ks.activations_for(qtype.name.lower(), x), tiles)
+    expected = lanes if n_tok >= kg.MIN_TOKENS else tiles
+    np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
+    np.testing.assert_allclose(lanes, tiles, rtol=1e-5, atol=1e-5 * np.abs(tiles).max())
+
+
+def test_short_operands_bound_the_super_blocks() -> None:
+    # activations one super-block shorter than the rows: only the blocks both have are read
+    rng = np.random.default_rng(9)
+    raw = random_k_rows(T.Q4_K, 4, 768, rng)
+    x = rng.standard_normal((16, 512)).astype(np.float32)
+    out = np.empty((16, 4), np.float32)
+    kg.DRIVERS["q4_k"][0](raw, *kg.activations_for_lanes("q4_k", x), 16, out)
+    expected, _ = run_lanes(T.Q4_K, np.ascontiguousarray(raw[:, : 2 * 144]), x)
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize(
+    "triple, cpu, isa, expect",
+    [
+        ("aarch64-unknown-linux-gnu", "cortex-a76", "neon-dotprod", "sdot"),
+        ("aarch64-unknown-linux-gnu", "cortex-a72", "generic", "smull"),
+        ("x86_64-unknown-linux-gnu", "haswell", "avx2", "vpmaddubsw"),
+        ("x86_64-unknown-linux-gnu", "alderlake", "avx2-vnni", "vpdpbusd"),
+        ("x86_64-unknown-linux-gnu", "sapphirerapids", "avx512-vnni", "vpdpbusd"),
+        ("x86_64-unknown-linux-gnu", "x86-64", "generic", "pmaddwd"),  # SSE2 only
+    ],
+)
+@pytest.mark.parametrize("qtype", kg.TYPES)
+def test_ir_compiles_for_each_target_without_library_calls(qtype, triple, cpu, isa, expect) -> None:
+    instructions, asm = instructions_for(kg.standalone_lanes_ir(qtype, isa), triple, cpu)
+    assert not [i for i in instructions if i in CALLS], asm
+    assert expect in asm.split(), asm  # AVX-VNNI's is "{vex} vpdpbusd"
