@@ -12,6 +12,8 @@ of a streaming generation is refused (it would corrupt that generation's state).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import signal
 import threading
@@ -191,6 +193,26 @@ def _set_kernel_threads(n: int) -> None:
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
+@functools.cache
+def _keep_freed_heap_pages() -> None:
+    """Let glibc's malloc keep and reuse freed blocks up to 32 MiB instead of unmapping them.
+
+    A prompt's layer allocates a few MB per activation (128 tokens x 5632 floats is 2.9 MB) and frees
+    them again; above glibc's mmap threshold each one was a fresh mapping whose every page faulted
+    in on first touch. Measured (Intel Xeon, 1.1B-shape Q6_K file, pp128 on 2 threads): 0.91 s ->
+    0.84 s per prompt, SwiGLU 2.1 -> 0.8 ms per call. The pages stay with the process up to the
+    peak it used (llama.cpp keeps its compute buffers too). Linux glibc only; elsewhere nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, 256 << 20)
+
+
 class Model:
     """A GGUF model ready to run: weights memory-mapped, tokenizer and KV cache built."""
 
@@ -209,6 +231,7 @@ class Model:
         type_k = cache_type_name(kv_type if type_k is None else type_k)
         type_v = cache_type_name(kv_type if type_v is None else type_v)
         self.path = Path(path)
+        _keep_freed_heap_pages()
         self.file = GGUFFile(self.path)
         try:
             self.metadata = self.file.metadata

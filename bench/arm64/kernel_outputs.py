@@ -10,7 +10,8 @@ sum floats in another order, so for them the relative difference is reported, no
 0. The K-quant products must give x86's bits on every path (engine/kernels/kquant_simd.py), and
 with KERNEL_OUTPUTS_ALL=1 (the full emulated check; the CI smoke form leaves it out, since every
 type compiles for minutes under qemu) so must those of Q2_K, Q3_K, IQ4_XS and the grid and
-ternary types (engine/kernels/iquant_simd.py). The data is made with numpy's seeded generator,
+ternary types (engine/kernels/iquant_simd.py) and the K-quant prompt products with the tokens in the
+vector lanes (engine/kernels/kquant_gemm.py). The data is made with numpy's seeded generator,
 identical on every platform.
 """
 
@@ -27,6 +28,7 @@ N_OUT, N_IN = 72, 1024
 # the one-token remainder). x86's 8-row interleaved prompt kernels are not compared: they exist
 # only on x86 and sum in another order than the row-major tiles (on x86 too).
 TOKEN_COUNTS = (1, 3, 12)
+LANE_TOKENS = 100  # engine/kernels/kquant_gemm.py's prompt products: 4-, 2- and 1-vector tiles
 K_TYPES = ("q4_k", "q5_k", "q6_k")
 MORE_K_TYPES = ("q2_k", "q3_k", "iq4_xs", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq1_s", "iq1_m",
                 "tq1_0", "tq2_0")
@@ -71,7 +73,7 @@ def outputs() -> dict[str, np.ndarray]:
     # give the same bits.
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    from engine.kernels import iquant_simd, kquant_simd
+    from engine.kernels import iquant_simd, kquant_gemm, kquant_simd
 
     every = os.environ.get("KERNEL_OUTPUTS_ALL") == "1"
     for qtype in K_TYPES + (MORE_K_TYPES if every else ()):
@@ -90,6 +92,11 @@ def outputs() -> dict[str, np.ndarray]:
             out = np.zeros((n_tok, N_OUT), np.float32)
             drivers[0 if n_tok == 1 else 1](raw, *kquant_simd.activations_for(qtype, x), out)
             result[f"{qtype}_t{n_tok}"] = out
+        if every and qtype in kquant_gemm.DRIVERS:  # the prompt products with tokens in the lanes
+            x = rng.standard_normal((LANE_TOKENS, N_IN)).astype(np.float32)
+            out = np.zeros((LANE_TOKENS, N_OUT), np.float32)
+            kquant_gemm.DRIVERS[qtype][0](raw, *kquant_gemm.activations_for_lanes(qtype, x), LANE_TOKENS, out)
+            result[f"{qtype}_lanes_t{LANE_TOKENS}"] = out
     return result
 
 
@@ -102,7 +109,7 @@ def compare(path_a: str, path_b: str) -> dict:
         if key == "kernels":
             continue
         same = key in b.files and a[key].tobytes() == b[key].tobytes()
-        if key.split("_t")[0] in K_TYPES + MORE_K_TYPES:
+        if key.split("_t")[0].removesuffix("_lanes") in K_TYPES + MORE_K_TYPES:
             report["k_identical"] &= same
             continue
         rel = float(np.max(np.abs(a[key] - b[key])) / max(1e-30, float(np.max(np.abs(a[key])))))

@@ -69,17 +69,18 @@ _V64I8 = ir.VectorType(_I8, 64)
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _pack_values(xq, n_vec):
     """int8 ``(n_vec, 16 * n)``: vector v, values 4q..4q+3 of tokens 16v..16v+15 at 64q + 4t (zeros past
     the last token)."""
     n_tok, n = xq.shape
     out = np.zeros((n_vec, LANES * n), np.int8)
-    for t in range(n_tok):
-        v, lane = t // LANES, t % LANES
-        for q in range(n // 4):
-            for i in range(4):
-                out[v, 64 * q + 4 * lane + i] = xq[t, 4 * q + i]
+    words = xq.view(np.int32)  # 4 values at a time
+    packed = out.view(np.int32)
+    for v in prange(n_vec):
+        for t in range(v * LANES, min(n_tok, (v + 1) * LANES)):
+            for q in range(n // 4):
+                packed[v, LANES * q + t - v * LANES] = words[t, q]
     return out
 
 
@@ -197,37 +198,49 @@ class _LaneEmitter(_KEmitter):
         store(b.fmul(self._splat(d_w, v8f32), b.uitofp(scales, v8f32)), params, 0)
         store(b.fmul(self._splat(dmin_w, v8f32), b.uitofp(mins, v8f32)), params, 64)
 
-    def dots(self, codes: ir.Value, params: ir.Value, vecs, accs: list[ir.Value]) -> list[ir.Value]:
-        """One unpacked super-block (``codes``, ``params`` as :meth:`decode` writes them) against token
-        vectors ``vecs`` (per vector: i8* values, float* scale, i8* sums, at this super-block): the
-        <16 x float> ``accs`` updated."""
+    def dots(self, rows, vecs, accs: list[list[ir.Value]]) -> list[list[ir.Value]]:
+        """Unpacked super-blocks of ``rows`` (per row: i8* codes, i8* params as :meth:`decode` writes
+        them) against token vectors ``vecs`` (per vector: i8* values, float* scales, i8* sums, at this
+        super-block): the <16 x float> ``accs[row][vector]`` updated. Every activation load feeds one
+        vpdpbusd per row, every broadcast of codes one per vector."""
         b = self.b
         n_sub = SUB_BLOCKS[self.qtype]
         quads_per_sub = QK_K // 4 // n_sub
         # A loop over the sub-blocks, not straight-line code: in one basic block LLVM hoisted the
         # activation loads of all sub-blocks and spilled them to the stack (Q4_K 16 ms -> 10 ms).
-        loop = _Loop(b, ir.Constant(_I64, n_sub), [_vconst(_V16F32, 0.0)] * len(vecs), "sub")
+        loop = _Loop(b, ir.Constant(_I64, n_sub), [_vconst(_V16F32, 0.0)] * (len(rows) * len(vecs)), "sub")
         j = loop.index
-        scale = self._splat(self._load(b.gep(params, [b.mul(j, ir.Constant(_I64, 4))]), 0, _F32), _V16F32)
-        sub_codes = b.gep(codes, [b.mul(j, ir.Constant(_I64, 4 * quads_per_sub))])
-        words = [self._splat(self._load(sub_codes, 4 * m, _I32), _V16I32) for m in range(quads_per_sub)]
+
+        def at(ptr: ir.Value, step: int) -> ir.Value:
+            return b.gep(ptr, [b.mul(j, ir.Constant(_I64, step))])
+
+        scales = [self._splat(self._load(at(params, 4), 0, _F32), _V16F32) for _, params in rows]
+        words = [[b.bitcast(self._splat(self._load(at(codes, 4 * quads_per_sub), 4 * m, _I32), _V16I32), _V64I8)
+                  for m in range(quads_per_sub)] for codes, _ in rows]
         if self.qtype == "q6_k":  # the -32 offsets: start at -32 * (sum of the 16 activations)
-            dots = [self._load(b.gep(s, [b.mul(j, ir.Constant(_I64, 4 * LANES))]), 0, _V16I32) for _, _, s in vecs]
+            starts = [self._load(at(s, 4 * LANES), 0, _V16I32) for _, _, s in vecs]
         else:
-            dots = [_vconst(_V16I32, 0)] * len(vecs)
-        x_sub = [b.gep(x, [b.mul(j, ir.Constant(_I64, 64 * quads_per_sub))]) for x, _, _ in vecs]
-        for m, word in enumerate(words):  # the vectors' chains interleaved: independent vpdpbusd in a row
-            dots = [self.quad_dot(dot, b.bitcast(word, _V64I8), self._load(x, 64 * m, _V64I8))
-                    for dot, x in zip(dots, x_sub)]
-        f = loop.close([b.fadd(f, b.fmul(scale, b.sitofp(dot, _V16F32))) for f, dot in zip(loop.values, dots)])
+            starts = [_vconst(_V16I32, 0)] * len(vecs)
+        dots = [list(starts) for _ in rows]
+        x_sub = [at(x, 64 * quads_per_sub) for x, _, _ in vecs]
+        for m in range(quads_per_sub):
+            for v, x in enumerate(x_sub):
+                xv = self._load(x, 64 * m, _V64I8)
+                for r in range(len(rows)):
+                    dots[r][v] = self.quad_dot(dots[r][v], words[r][m], xv)
+        f = loop.close([b.fadd(loop.values[r * len(vecs) + v], b.fmul(scales[r], b.sitofp(dots[r][v], _V16F32)))
+                        for r in range(len(rows)) for v in range(len(vecs))])
         new = []
-        for v, (acc, (_, d, s)) in enumerate(zip(accs, vecs)):
-            acc = b.fadd(acc, b.fmul(self._load(d, 0, _V16F32), f[v]))
-            if self.qtype != "q6_k":
-                for j in range(8):
-                    mins_f = self._splat(self._load(params, 64 + 4 * j, _F32), _V16F32)
-                    acc = b.fsub(acc, b.fmul(mins_f, self._load(s, 4 * LANES * j, _V16F32)))
-            new.append(acc)
+        for r, (_, params) in enumerate(rows):
+            row_accs = []
+            for v, (_, d, s) in enumerate(vecs):
+                acc = b.fadd(accs[r][v], b.fmul(self._load(d, 0, _V16F32), f[r * len(vecs) + v]))
+                if self.qtype != "q6_k":
+                    for k in range(8):
+                        mins_f = self._splat(self._load(params, 64 + 4 * k, _F32), _V16F32)
+                        acc = b.fsub(acc, b.fmul(mins_f, self._load(s, 4 * LANES * k, _V16F32)))
+                row_accs.append(acc)
+            new.append(row_accs)
         return new
 
 
@@ -261,11 +274,11 @@ def make_decode(qtype: str, isa_mode: str):
     return intrinsic(typer)
 
 
-def make_lane_tile(qtype: str, isa_mode: str, n_vec: int):
+def make_lane_tile(qtype: str, isa_mode: str, n_vec: int, n_rows: int = 1):
     """Intrinsic ``(codes, params, slot, xt, dt, st, vec0, sb, acc, acc_row, acc_col) -> none``: the
-    unpacked super-block in ``codes[slot]``/``params[slot]`` against super-block ``sb`` of token vectors
-    vec0 .. vec0 + n_vec - 1 of :func:`activations_for_lanes`'s arrays, added to
-    ``acc[acc_row, acc_col : acc_col + 16 * n_vec]`` in place. The caller checks the bounds."""
+    unpacked super-blocks in ``codes[slot + i]``/``params[slot + i]`` (i < n_rows) against super-block
+    ``sb`` of token vectors vec0 .. vec0 + n_vec - 1 of :func:`activations_for_lanes`'s arrays, added to
+    ``acc[acc_row + i, acc_col : acc_col + 16 * n_vec]`` in place. The caller checks the bounds."""
     n_sub = SUB_BLOCKS[qtype]
     sums_dtype, sums_elem = (types.int32, _I32) if qtype == "q6_k" else (types.float32, _F32)
 
@@ -281,14 +294,20 @@ def make_lane_tile(qtype: str, isa_mode: str, n_vec: int):
             d = builder.gep(_row_ptr(builder, dt, vec, _F32), [builder.mul(sb, ir.Constant(_I64, LANES))])
             s = builder.gep(_row_ptr(builder, st, vec, sums_elem), [builder.mul(sb, ir.Constant(_I64, LANES * n_sub))])
             vecs.append((x, d, _as_i8_ptr(builder, s)))
-        acc_ptr = builder.gep(_row_ptr(builder, acc, acc_row, _F32), [acc_col])
+        rows, acc_ptrs = [], []
+        for r in range(n_rows):
+            at = builder.add(slot, ir.Constant(_I64, r))
+            rows.append((_as_i8_ptr(builder, _row_ptr(builder, codes, at, _I8)),
+                         _as_i8_ptr(builder, _row_ptr(builder, params, at, _F32))))
+            row = _row_ptr(builder, acc, builder.add(acc_row, ir.Constant(_I64, r)), _F32)
+            acc_ptrs.append(_as_i8_ptr(builder, builder.gep(row, [acc_col])))
         emitter = _LaneEmitter(builder, isa, qtype)
-        starts = [emitter._load(_as_i8_ptr(builder, acc_ptr), 64 * v, _V16F32) for v in range(n_vec)]
-        finals = emitter.dots(_as_i8_ptr(builder, _row_ptr(builder, codes, slot, _I8)),
-                              _as_i8_ptr(builder, _row_ptr(builder, params, slot, _F32)), vecs, starts)
-        for v, value in enumerate(finals):
-            ptr = builder.gep(_as_i8_ptr(builder, acc_ptr), [ir.Constant(_I64, 64 * v)])
-            builder.store(value, builder.bitcast(ptr, _V16F32.as_pointer()), align=4)
+        starts = [[emitter._load(ptr, 64 * v, _V16F32) for v in range(n_vec)] for ptr in acc_ptrs]
+        finals = emitter.dots(rows, vecs, starts)
+        for ptr, row_finals in zip(acc_ptrs, finals):
+            for v, value in enumerate(row_finals):
+                where = builder.gep(ptr, [ir.Constant(_I64, 64 * v)])
+                builder.store(value, builder.bitcast(where, _V16F32.as_pointer()), align=4)
         return context.get_dummy_value()
 
     def typer(typingctx, codes, params, slot, xt, dt, st, vec0, sb, acc, acc_row, acc_col):
@@ -301,26 +320,28 @@ def make_lane_tile(qtype: str, isa_mode: str, n_vec: int):
         sig = types.none(codes, params, types.intp, xt, dt, st, types.intp, types.intp, acc, types.intp, types.intp)
         return sig, codegen
 
-    typer.__name__ = typer.__qualname__ = f"{qtype}_lanes_{n_vec}x{LANES}_{isa_mode}"
+    typer.__name__ = typer.__qualname__ = f"{qtype}_lanes_{n_rows}x{n_vec}x{LANES}_{isa_mode}"
     return intrinsic(typer)
 
 
-# Token vectors per tile call: one broadcast of four codes feeds VECS vpdpbusd. Measured (Intel Xeon,
-# 1 thread, 5632x2048, 128 tokens, codes decoded in the call): Q4_K 83 / 105 / 115 G products/s with
-# 1 / 2 / 4 vectors, Q6_K 58 / 73 / 97.
+# A call's block: 4 rows x 2 token vectors, 8 vpdpbusd per activation vector and code broadcast
+# loaded. Measured (Intel Xeon, 1 thread, 5632x2048, 128 tokens, G products/s; Q4_K / Q6_K):
+# 1 row x 4 vectors 96 / 91, 2 x 4 116 / 122, 3 x 4 116 / 128, 4 x 2 129 / 134, 8 x 1 138 / 142
+# (another run: 4 x 2 159 / 151, 8 x 1 138 / 142, 6 x 2 139 / 132, 8 x 2 145 / 138).
+TILE_ROWS, TILE_VECS = 4, 2
 _ROW_CHUNK = 16  # rows per parallel work item
-# Fewer tokens take kquant_simd's tiles: 16 lanes of padding cost more than they give. Measured (Intel
-# Xeon, 1 thread, 5632x2048, ms, those tiles / these): 8 tokens Q4_K 1.14 / 1.77, Q6_K 1.44 / 2.17;
-# 16 tokens Q4_K 2.40 / 1.84, Q6_K 2.45 / 2.02 (16 lanes cost the same for 8 tokens as for 16).
-MIN_TOKENS = 12
-_decode = _tile4 = _tile2 = _tile1 = None
+# Fewer tokens take kquant_simd's tiles (16 lanes cost the same for 1 token as for 16). Measured (Intel
+# Xeon, 1 thread, 5632x2048, ms, those tiles / these): 4 tokens Q4_K 1.46 / 1.52, Q6_K 2.40 / 1.56;
+# 8 tokens Q4_K 1.40 / 1.49, Q6_K 1.67 / 1.63; 16 tokens Q4_K 2.54 / 1.51, Q6_K 2.69 / 1.69.
+MIN_TOKENS = 8
+_decode = _tile_rows_vecs = _tile_rows_vec = _tile_row_vecs = _tile_row_vec = None
 _BLOCK_BYTES = _SUB_BLOCKS = 0
 
 
 def _matmul_lanes(w, xt, dt, st, n_tok, out):
     """out[t, r] = dot(row r of w, token t) for t < n_tok: 16-row chunks over threads; per chunk and
-    super-block, the 16 rows unpacked once, then every token vector (4 at a time) against them, the
-    accumulators in a (16, tokens) array."""
+    super-block, the 16 rows unpacked once, then every token vector against them (4 rows x 2
+    vectors per call), the accumulators in a (16, tokens) array."""
     n_vec = xt.shape[0]
     n_rows = w.shape[0]
     n_sb = min(w.shape[1] // _BLOCK_BYTES, xt.shape[1] // (LANES * QK_K), dt.shape[1] // LANES)
@@ -330,24 +351,23 @@ def _matmul_lanes(w, xt, dt, st, n_tok, out):
     for chunk in prange((n_rows + _ROW_CHUNK - 1) // _ROW_CHUNK):
         r0 = chunk * _ROW_CHUNK
         rows = min(n_rows, r0 + _ROW_CHUNK) - r0
+        whole = rows - rows % TILE_ROWS
         acc = np.zeros((_ROW_CHUNK, n_vec * LANES), np.float32)
         codes = np.empty((_ROW_CHUNK, QK_K), np.uint8)
         params = np.empty((_ROW_CHUNK, PARAMS), np.float32)
         for sb in range(n_sb):
             for i in range(rows):
                 _decode(w, r0 + i, sb, codes, params, i)
-            v = 0
-            while v + 4 <= n_vec:
-                for i in range(rows):
-                    _tile4(codes, params, i, xt, dt, st, v, sb, acc, i, v * LANES)
-                v += 4
-            if v + 2 <= n_vec:
-                for i in range(rows):
-                    _tile2(codes, params, i, xt, dt, st, v, sb, acc, i, v * LANES)
-                v += 2
-            if v < n_vec:
-                for i in range(rows):
-                    _tile1(codes, params, i, xt, dt, st, v, sb, acc, i, v * LANES)
+            for v in range(0, n_vec - n_vec % TILE_VECS, TILE_VECS):
+                for i in range(0, whole, TILE_ROWS):
+                    _tile_rows_vecs(codes, params, i, xt, dt, st, v, sb, acc, i, v * LANES)
+                for i in range(whole, rows):
+                    _tile_row_vecs(codes, params, i, xt, dt, st, v, sb, acc, i, v * LANES)
+            for v in range(n_vec - n_vec % TILE_VECS, n_vec):
+                for i in range(0, whole, TILE_ROWS):
+                    _tile_rows_vec(codes, params, i, xt, dt, st, v, sb, acc, i, v * LANES)
+                for i in range(whole, rows):
+                    _tile_row_vec(codes, params, i, xt, dt, st, v, sb, acc, i, v * LANES)
         for i in range(rows):
             for t in range(n_tok):
                 out[t, r0 + i] = acc[i, t]
@@ -357,7 +377,10 @@ def make_driver(qtype: str, isa_mode: str):
     """``(w, xt, dt, st, n_tok, out)``: the product of ``qtype`` rows ``w`` with :func:`activations_for_lanes`'s
     arrays of ``n_tok`` tokens into ``out`` (n_tok, n_rows); ``isa_mode`` "host" or "generic"."""
     suffix = "" if isa_mode == "host" else "_generic"
-    tiles = {f"_tile{n}": make_lane_tile(qtype, isa_mode, n) for n in (1, 2, 4)}
+    tiles = {"_tile_rows_vecs": make_lane_tile(qtype, isa_mode, TILE_VECS, TILE_ROWS),
+             "_tile_rows_vec": make_lane_tile(qtype, isa_mode, 1, TILE_ROWS),
+             "_tile_row_vecs": make_lane_tile(qtype, isa_mode, TILE_VECS),
+             "_tile_row_vec": make_lane_tile(qtype, isa_mode, 1)}
     return _bind(_matmul_lanes, f"matmul_lanes_{qtype}{suffix}", _BLOCK_BYTES=BLOCK_BYTES[qtype],
                  _SUB_BLOCKS=SUB_BLOCKS[qtype], _decode=make_decode(qtype, isa_mode), **tiles)
 
@@ -379,7 +402,7 @@ def standalone_lanes_ir(qtype: str, isa: str) -> str:
     emitter = _LaneEmitter(builder, isa, qtype)
     emitter.decode(block, codes, params)
     acc_vec = builder.bitcast(acc, _V16F32.as_pointer())
-    [total] = emitter.dots(codes, params, [(x, d, sums)], [builder.load(acc_vec, align=4)])
+    [[total]] = emitter.dots([(codes, params)], [(x, d, sums)], [[builder.load(acc_vec, align=4)]])
     builder.store(total, acc_vec, align=4)
     builder.ret_void()
     return str(module)

@@ -85,39 +85,57 @@ _V16I32 = ir.VectorType(_I32, 16)
 # --------------------------------------------------------------------------------------------
 
 
+@njit(cache=True, fastmath=True)
+def _abs_max(x) -> np.float32:
+    # fastmath lets LLVM vectorize the max reduction (its order does not matter for a max)
+    amax = np.float32(0.0)
+    for j in range(x.shape[0]):
+        amax = max(amax, abs(x[j]))
+    return amax
+
+
 @njit(cache=True)
-def _quantize_q8_k_into(x, qs, d, bsums) -> None:
+def _quantize_q8_k_into(x, qs, d, bsums, scratch) -> None:
+    # ``scratch``: 256 float32. Written so that LLVM vectorizes every loop but the search for the
+    # first value of largest magnitude (2.2x the plain loops on the Intel Xeon, same bits).
+    rounded = scratch.view(np.int32)
     for blk in range(x.shape[0] // QK_K):
         base = blk * QK_K
-        amax = np.float32(0.0)
-        vmax = np.float32(0.0)  # the value of largest magnitude, sign kept (first one on ties)
-        for j in range(QK_K):
-            ax = abs(x[base + j])
-            if ax > amax:
-                amax = ax
-                vmax = x[base + j]
+        xb = x[base : base + QK_K]
+        amax = _abs_max(xb)
         if amax == 0:
             d[blk] = 0.0
             qs[base : base + QK_K] = 0
             bsums[blk * 16 : blk * 16 + 16] = 0
             continue
-        iscale = np.float32(-127.0) / vmax
+        vmax = np.float32(0.0)  # the first value of largest magnitude, sign kept
         for j in range(QK_K):
-            # nearest_int: round half to even, like ggml's float + 1.5 * 2**23 trick
-            v = int(np.rint(iscale * x[base + j]))
-            qs[base + j] = min(127, v)
+            if abs(xb[j]) == amax:
+                vmax = xb[j]
+                break
+        iscale = np.float32(-127.0) / vmax
+        # ggml's nearest_int: adding 1.5 * 2**23 rounds to an integer, half to even, in the low bits
+        for j in range(QK_K):
+            scratch[j] = iscale * xb[j] + np.float32(12582912.0)
+        for j in range(QK_K):
+            qs[base + j] = min(127, rounded[j] - 0x4B400000)
         for g in range(16):
-            s = 0
+            total = np.int32(0)
             for j in range(16):
-                s += qs[base + 16 * g + j]
-            bsums[blk * 16 + g] = s
+                total += np.int32(qs[base + 16 * g + j])
+            bsums[blk * 16 + g] = total
         d[blk] = np.float32(1.0) / iscale
 
 
 @njit(cache=True)
+def _quantize_q8_k_row(x, qs, d, bsums) -> None:
+    _quantize_q8_k_into(x[0], qs[0], d[0], bsums[0], np.empty(QK_K, np.float32))
+
+
+@njit(cache=True, parallel=True)
 def _quantize_q8_k_rows(x, qs, d, bsums) -> None:
-    for t in range(x.shape[0]):
-        _quantize_q8_k_into(x[t], qs[t], d[t], bsums[t])
+    for t in prange(x.shape[0]):
+        _quantize_q8_k_into(x[t], qs[t], d[t], bsums[t], np.empty(QK_K, np.float32))
 
 
 def quantize_activations_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -130,7 +148,8 @@ def quantize_activations_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     qs = np.empty((n_tok, n), np.int8)
     d = np.empty((n_tok, n // QK_K), np.float32)
     bsums = np.empty((n_tok, n // 16), np.int16)
-    _quantize_q8_k_rows(x, qs, d, bsums)
+    # one token (generation: every product of every step) without a parallel launch
+    (_quantize_q8_k_row if n_tok == 1 else _quantize_q8_k_rows)(x, qs, d, bsums)
     return qs, d, bsums
 
 
