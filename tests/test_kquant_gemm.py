@@ -1,10 +1,12 @@
 """The K-quant prompt products with the tokens in the vector lanes (engine/kernels/kquant_gemm.py).
 
-* Every product (Q4_K, Q5_K, Q6_K; 12 to 100 tokens, so 4- and 1-row tiles of 2 and 1 vectors and a padded
-  last vector; a partial 16-row chunk) equals the dequantized weights (gguf-py) times the dequantized
-  activations to float rounding, and the host and portable paths agree bit for bit (the lesser x86
-  ISAs are checked in test_simd.py's child processes, arm64 under qemu by bench/arm64).
-* Extreme codes and scales stay exact (no 16-bit saturation on AVX2's pmaddubsw).
+* Every product (Q4_K, Q5_K, Q6_K, IQ4_XS, Q3_K, Q2_K; 12 to 100 tokens, so the 4- and 1-row tiles of
+  2 and 1 token vectors and a padded last vector; a partial 16-row chunk) equals the dequantized
+  weights (gguf-py) times the dequantized activations to float rounding, and the host and portable
+  paths agree bit for bit (the lesser x86 ISAs are checked in test_simd.py's child processes, arm64
+  under qemu by bench/arm64).
+* Extreme codes and scales stay exact (no 16-bit saturation on AVX2's pmaddubsw, IQ4_XS's codes up
+  to 241 included).
 * The public ``matmul`` takes these products from 8 tokens on, and they agree with the
   kquant_simd tiles to float rounding.
 """
@@ -23,7 +25,7 @@ from engine.kernels import kquant_simd as ks
 from engine.kernels import matmul as mm
 
 T = GGMLQuantizationType
-TYPES = (T.Q4_K, T.Q5_K, T.Q6_K)
+TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.Q3_K, T.Q2_K)
 
 
 def run_lanes(qtype: GGMLQuantizationType, raw: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -61,25 +63,31 @@ def test_lane_products_match_dequantized_weights_and_activations(qtype, n_tok) -
     np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_extreme_codes_and_scales_are_exact(qtype) -> None:
-    # every byte 0xFF: Q6_K codes 63 with int8 scales -1, Q4_K/Q5_K codes 15/31 with scales and mins 63;
-    # then Q6_K scales -128. Activations +-127.
-    n_in, size = 512, GGML_QUANT_SIZES[qtype][1]
+def extreme_rows(qtype: GGMLQuantizationType, n_in: int = 512) -> np.ndarray:
+    """Three rows of every byte 0xFF (the largest codes, scales and mins) with fp16 scales 1; row 1 of
+    Q6_K takes scales -128, row 1 of Q3_K and IQ4_XS every byte 0 (their most negative values)."""
+    size = GGML_QUANT_SIZES[qtype][1]
     raw = np.full((3, n_in // 256 * size), 0xFF, np.uint8)
     blocks = raw.reshape(3, -1, size)
     one = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
+    if qtype in (T.Q3_K, T.IQ4_XS):
+        blocks[1] = 0
     if qtype == T.Q6_K:
-        blocks[..., 208:210] = one
         blocks[1, :, 192:208] = 0x80
-    else:
-        blocks[..., 0:2] = one
-        blocks[..., 2:4] = one
-    x = np.ones((20, n_in), np.float32)
+    for offset in {T.Q6_K: (208,), T.Q3_K: (108,), T.Q2_K: (80, 82), T.IQ4_XS: (0,)}.get(qtype, (0, 2)):
+        blocks[..., offset : offset + 2] = one
+    return raw
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_extreme_codes_and_scales_are_exact(qtype) -> None:
+    raw = extreme_rows(qtype)
+    x = np.ones((20, raw.shape[1] // GGML_QUANT_SIZES[qtype][1] * 256), np.float32)  # activations +-127
     x[1::2, ::2] = -1.0
     host, portable = run_lanes(qtype, raw, x)
     w = dequantize(raw, qtype).astype(np.float64)
-    np.testing.assert_allclose(host, used_activations(qtype, x) @ w.T, rtol=1e-6)
+    reference = used_activations(qtype, x) @ w.T
+    np.testing.assert_allclose(host, reference, rtol=1e-6, atol=1e-6 * np.abs(reference).max())
     np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))
 
 
@@ -123,6 +131,8 @@ def test_short_operands_bound_the_super_blocks() -> None:
 )
 @pytest.mark.parametrize("qtype", kg.TYPES)
 def test_ir_compiles_for_each_target_without_library_calls(qtype, triple, cpu, isa, expect) -> None:
+    if qtype == "iq4_xs" and isa in ("avx2", "neon-dotprod"):  # codes to 241: exact products, not these
+        expect = {"avx2": "vpmaddwd", "neon-dotprod": "smull"}[isa]
     instructions, asm = instructions_for(kg.standalone_lanes_ir(qtype, isa), triple, cpu)
     assert not [i for i in instructions if i in CALLS], asm
     assert expect in asm.split(), asm  # AVX-VNNI's is "{vex} vpdpbusd"

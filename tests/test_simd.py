@@ -413,10 +413,21 @@ OTHER_ISA_SCRIPT = textwrap.dedent(
         kquant_simd.DRIVERS[qtype][1](w, *act, outs[0])
         kquant_simd.DRIVERS[qtype][3](w, *act, outs[1])
         np.testing.assert_array_equal(outs[0], outs[1])
-        # the prompt products with tokens in the lanes (4-, 2- and 1-vector tiles)
-        lanes = kquant_gemm.activations_for_lanes(qtype, rng.standard_normal((100, 512)).astype(np.float32))
+    # the prompt products with tokens in the lanes, random rows and IQ4_XS's largest codes (241 x 127)
+    for qtype in kquant_gemm.TYPES + ("iq4_xs_max",):
+        size = kquant_gemm.BLOCK_BYTES[qtype[:6]]
+        w = rng.integers(0, 256, (19, 2 * size), dtype=np.uint8)
+        if qtype == "iq4_xs_max":
+            w[:] = 0xFF
+        for offset in kquant_simd.FP16_OFFSETS[qtype[:6]]:  # finite fp16 scales
+            if offset is not None:
+                w.reshape(19, 2, size)[..., offset : offset + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+        x = rng.standard_normal((100, 512)).astype(np.float32)
+        if qtype == "iq4_xs_max":
+            x[:] = 1.0
+        lanes = kquant_gemm.activations_for_lanes(qtype[:6], x)
         outs = [np.empty((100, 19), np.float32) for _ in range(2)]
-        for driver, out in zip(kquant_gemm.DRIVERS[qtype], outs):
+        for driver, out in zip(kquant_gemm.DRIVERS[qtype[:6]], outs):
             driver(w, *lanes, 100, out)
         np.testing.assert_array_equal(outs[0], outs[1])
     print("ok")

@@ -38,7 +38,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from engine.kernels.kquant_simd import QK_K, _bind, _KEmitter, _scaled_sums32_into, quantize_activations_q8_k
+from engine.kernels.kquant_simd import BLOCK_BYTES as _BLOCK_BYTES_ALL
+from engine.kernels.kquant_simd import FP16_OFFSETS, QK_K, _bind, _KEmitter, quantize_activations_q8_k
 from engine.kernels.simd import (
     _F32,
     _I8,
@@ -54,10 +55,16 @@ from engine.kernels.simd import (
 )
 
 LANES = 16  # tokens per vector
-TYPES = ("q4_k", "q5_k", "q6_k")
-BLOCK_BYTES = {"q4_k": 144, "q5_k": 176, "q6_k": 210}
-# per super-block: sub-blocks, and the per-token "sums" values the activations carry for it
-SUB_BLOCKS = {"q4_k": 8, "q5_k": 8, "q6_k": 16}
+TYPES = ("q4_k", "q5_k", "q6_k", "iq4_xs", "q3_k", "q2_k")
+BLOCK_BYTES = {qtype: _BLOCK_BYTES_ALL[qtype] for qtype in TYPES}
+# sub-blocks per super-block (one scale each)
+SUB_BLOCKS = {"q4_k": 8, "q5_k": 8, "q6_k": 16, "iq4_xs": 8, "q3_k": 16, "q2_k": 16}
+# What the per-token sums are for. Codes stored as value + offset (Q6_K 32, Q3_K 4, IQ4_XS 128: its
+# signed values made unsigned for vpdpbusd) start each sub-block's dot at -offset * (sum of its
+# activations), int32; the types with mins (Q4_K/Q5_K per 32 values, Q2_K per 16) take the float32
+# d_x * (sum of the activations under each min).
+OFFSETS = {"q6_k": 32, "q3_k": 4, "iq4_xs": 128}
+MINS = {"q4_k": 8, "q5_k": 8, "q2_k": 16}
 
 _V16I32 = ir.VectorType(_I32, 16)
 _V16F32 = ir.VectorType(_F32, 16)
@@ -99,16 +106,18 @@ def _pack_lanes(a, n_vec):
 
 def activations_for_lanes(qtype: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float32 ``(n_tok, n)`` -> (values, scales, sums), each ``(n_vec, ...)`` with 16 tokens per vector:
-    the Q8_K values and scales of ``quantize_activations_q8_k``, and for Q4_K/Q5_K the float32
-    ``d_x * (sum of 32 values)`` per sub-block, for Q6_K the int32 ``-32 * (sum of 16 values)``."""
+    the Q8_K values and scales of ``quantize_activations_q8_k``, and per sub-block (or min) the sums
+    ``qtype`` takes (see OFFSETS and MINS)."""
     qs, d, bsums = quantize_activations_q8_k(x)
     n_vec = -(-qs.shape[0] // LANES)
-    if qtype == "q6_k":
-        sums = -32 * bsums.astype(np.int32)
+    n_tok = qs.shape[0]
+    per = SUB_BLOCKS[qtype] if qtype in OFFSETS else MINS[qtype]  # sums per super-block
+    grouped = bsums.reshape(n_tok, -1, per, 16 // per).sum(axis=3, dtype=np.int32)  # bsums: 16 values each
+    if qtype in OFFSETS:
+        sums = (-OFFSETS[qtype] * grouped).reshape(n_tok, -1)
     else:
-        sums = np.empty((qs.shape[0], qs.shape[1] // 32), np.float32)
-        _scaled_sums32_into(d, bsums, sums)
-    return _pack_values(qs, n_vec), _pack_lanes(d, n_vec), _pack_lanes(sums, n_vec)
+        sums = (d[:, :, None] * grouped.astype(np.float32)).reshape(n_tok, -1)
+    return _pack_values(qs, n_vec), _pack_lanes(d, n_vec), _pack_lanes(np.ascontiguousarray(sums), n_vec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,11 +129,14 @@ class _LaneEmitter(_KEmitter):
     """One row's super-blocks against token vectors; the weights' helpers are _KEmitter's."""
 
     def quad_dot(self, acc: ir.Value, codes: ir.Value, x: ir.Value) -> ir.Value:
-        """acc (<16 x i32>) + per lane the 4 products of ``codes`` (<64 x i8>, 0..63) and ``x``
+        """acc (<16 x i32>) + per lane the 4 products of ``codes`` (<64 x i8>, unsigned) and ``x``
         (<64 x i8>, int8), exactly: vpdpbusd on AVX512-VNNI, two 256-bit ones on AVX-VNNI, pmaddubsw +
         pmaddwd with ones on AVX2 (pairs <= 2 * 63 * 127: no saturation), sdot on arm64, else the
         products in i32 summed by fours."""
         b = self.b
+        # IQ4_XS's codes reach 241: pmaddubsw's pairs would saturate (241 * 127 * 2 > 2**15) and sdot
+        # multiplies signed bytes, so those ISAs take the exact products below for it
+        exact = self.qtype == "iq4_xs" and self.isa in ("avx2", "neon-dotprod")
         if self.isa == "avx512-vnni":
             fn = self._fn("llvm.x86.avx512.vpdpbusd.512", _V16I32, [_V16I32] * 3)
             return b.call(fn, [acc, b.bitcast(codes, _V16I32), b.bitcast(x, _V16I32)])
@@ -137,13 +149,13 @@ class _LaneEmitter(_KEmitter):
             if self.isa == "avx2-vnni":
                 fn = self._fn("llvm.x86.avx512.vpdpbusd.256", v8i32, [v8i32] * 3)
                 halves.append(b.call(fn, [a, b.bitcast(c, v8i32), b.bitcast(v, v8i32)]))
-            elif self.isa == "avx2":
+            elif self.isa == "avx2" and not exact:
                 v16i16 = ir.VectorType(ir.IntType(16), 16)
                 maddubs = self._fn("llvm.x86.avx2.pmadd.ub.sw", v16i16, [c.type, v.type])
                 maddwd = self._fn("llvm.x86.avx2.pmadd.wd", v8i32, [v16i16, v16i16])
                 pairs = b.call(maddubs, [c, v])
                 halves.append(b.add(a, b.call(maddwd, [pairs, _vconst(v16i16, 1)])))
-            elif self.isa == "neon-dotprod":
+            elif self.isa == "neon-dotprod" and not exact:
                 v4i32, v16i8 = ir.VectorType(_I32, 4), ir.VectorType(_I8, 16)
                 sdot = self._fn("llvm.aarch64.neon.sdot.v4i32.v16i8", v4i32, [v4i32, v16i8, v16i8])
                 quarters = [b.call(sdot, [self._slice(a, range(4 * k, 4 * k + 4)),
@@ -157,46 +169,28 @@ class _LaneEmitter(_KEmitter):
         return b.shuffle_vector(halves[0], halves[1], _mask(range(16)))
 
     def decode(self, block: ir.Value, codes: ir.Value, params: ir.Value) -> None:
-        """One super-block, unpacked: its 256 codes (0..63) as bytes in element order at ``codes``; at
-        ``params`` the float32 sub-block scales ``d_w * scale_j`` (8, or 16 for Q6_K), and for Q4_K/Q5_K
-        from float 16 on the 8 ``dmin_w * min_j``."""
+        """One super-block, unpacked: its 256 codes as unsigned bytes in element order at ``codes``
+        (value + OFFSETS[qtype]); at ``params`` the float32 sub-block scales ``d_w * scale_j`` (8 or
+        16), then from float 16 on the ``dmin_w * min_j`` (8 or 16)."""
         b = self.b
-        v32i8, v8f32 = ir.VectorType(_I8, 32), ir.VectorType(_F32, 8)
-
-        def store(value: ir.Value, base: ir.Value, offset: int) -> None:
-            ptr = b.gep(base, [ir.Constant(_I64, offset)]) if offset else base
-            b.store(value, b.bitcast(ptr, value.type.as_pointer()), align=1)
-
-        def shifted(v: ir.Value, bits: int) -> ir.Value:
-            return b.lshr(v, _vconst(v.type, bits)) if bits else v
-
-        low4 = _vconst(v32i8, 0x0F)
-        if self.qtype == "q6_k":
-            d_w = self._fp16(block, 208)
-            for half in range(2):
-                ql = [self._load(block, 64 * half + 32 * i, v32i8) for i in range(2)]
-                qh = self._load(block, 128 + 32 * half, v32i8)
-                for k in range(4):  # elements 128 * half + 32k .. +31
-                    low = b.and_(ql[k % 2], low4) if k < 2 else b.lshr(ql[k % 2], _vconst(v32i8, 4))
-                    high = b.shl(b.and_(shifted(qh, 2 * k), _vconst(v32i8, 3)), _vconst(v32i8, 4))
-                    store(b.or_(low, high), codes, 128 * half + 32 * k)
-            scales = b.sitofp(self._load(block, 192, ir.VectorType(_I8, 16)), _V16F32)
-            store(b.fmul(self._splat(d_w, _V16F32), scales), params, 0)
-            return
-        d_w, dmin_w = self._fp16(block, 0), self._fp16(block, 2)
-        scales, mins = self.q4_5_k_scales(block)
-        qs = 16 if self.qtype == "q4_k" else 48
-        qh = self._load(block, 16, v32i8) if self.qtype == "q5_k" else None
-        for j in range(4):  # 32 bytes of qs: sub-block 2j in the low nibbles, 2j + 1 in the high ones
-            packed = self._load(block, qs + 32 * j, v32i8)
-            for i in range(2):
-                code = b.and_(packed, low4) if i == 0 else b.lshr(packed, _vconst(v32i8, 4))
-                if qh is not None:
-                    bit = b.and_(shifted(qh, 2 * j + i), _vconst(v32i8, 1))
-                    code = b.or_(code, b.shl(bit, _vconst(v32i8, 4)))
-                store(code, codes, 64 * j + 32 * i)
-        store(b.fmul(self._splat(d_w, v8f32), b.uitofp(scales, v8f32)), params, 0)
-        store(b.fmul(self._splat(dmin_w, v8f32), b.uitofp(mins, v8f32)), params, 64)
+        groups, _, mins = self.unpack(block)
+        d_offset, dmin_offset = FP16_OFFSETS[self.qtype]
+        d_w = self._fp16(block, d_offset)
+        n_sub = SUB_BLOCKS[self.qtype]
+        scales = []
+        for g, (code, s_lo, s_hi) in enumerate(groups):
+            if self.qtype == "iq4_xs":  # signed values -> value + 128
+                code = b.xor(code, _vconst(code.type, 0x80))
+            ptr = b.gep(codes, [ir.Constant(_I64, 32 * g)]) if g else codes
+            b.store(code, b.bitcast(ptr, code.type.as_pointer()), align=1)
+            scales += [s_lo, s_hi] if n_sub == 16 else [s_lo]
+        for j, scale in enumerate(scales):
+            ptr = b.gep(params, [ir.Constant(_I64, 4 * j)]) if j else params
+            b.store(b.fmul(d_w, b.sitofp(scale, _F32)), b.bitcast(ptr, _F32.as_pointer()), align=4)
+        if mins is not None:
+            vec = ir.VectorType(_F32, mins.type.count)
+            mins_f = b.fmul(self._splat(self._fp16(block, dmin_offset), vec), b.uitofp(mins, vec))
+            b.store(mins_f, b.bitcast(b.gep(params, [ir.Constant(_I64, 64)]), vec.as_pointer()), align=4)
 
     def dots(self, rows, vecs, accs: list[list[ir.Value]]) -> list[list[ir.Value]]:
         """Unpacked super-blocks of ``rows`` (per row: i8* codes, i8* params as :meth:`decode` writes
@@ -217,7 +211,7 @@ class _LaneEmitter(_KEmitter):
         scales = [self._splat(self._load(at(params, 4), 0, _F32), _V16F32) for _, params in rows]
         words = [[b.bitcast(self._splat(self._load(at(codes, 4 * quads_per_sub), 4 * m, _I32), _V16I32), _V64I8)
                   for m in range(quads_per_sub)] for codes, _ in rows]
-        if self.qtype == "q6_k":  # the -32 offsets: start at -32 * (sum of the 16 activations)
+        if self.qtype in OFFSETS:  # codes are value + offset: start at -offset * (sum of the activations)
             starts = [self._load(at(s, 4 * LANES), 0, _V16I32) for _, _, s in vecs]
         else:
             starts = [_vconst(_V16I32, 0)] * len(vecs)
@@ -235,16 +229,15 @@ class _LaneEmitter(_KEmitter):
             row_accs = []
             for v, (_, d, s) in enumerate(vecs):
                 acc = b.fadd(accs[r][v], b.fmul(self._load(d, 0, _V16F32), f[r * len(vecs) + v]))
-                if self.qtype != "q6_k":
-                    for k in range(8):
-                        mins_f = self._splat(self._load(params, 64 + 4 * k, _F32), _V16F32)
-                        acc = b.fsub(acc, b.fmul(mins_f, self._load(s, 4 * LANES * k, _V16F32)))
+                for k in range(MINS.get(self.qtype, 0)):
+                    mins_f = self._splat(self._load(params, 64 + 4 * k, _F32), _V16F32)
+                    acc = b.fsub(acc, b.fmul(mins_f, self._load(s, 4 * LANES * k, _V16F32)))
                 row_accs.append(acc)
             new.append(row_accs)
         return new
 
 
-PARAMS = 24  # float32 per unpacked super-block: 16 scales (Q4_K/Q5_K: 8), then 8 mins
+PARAMS = 32  # float32 per unpacked super-block: 16 scales (or 8), then 16 mins (or 8, or none)
 
 
 def make_decode(qtype: str, isa_mode: str):
@@ -279,8 +272,8 @@ def make_lane_tile(qtype: str, isa_mode: str, n_vec: int, n_rows: int = 1):
     unpacked super-blocks in ``codes[slot + i]``/``params[slot + i]`` (i < n_rows) against super-block
     ``sb`` of token vectors vec0 .. vec0 + n_vec - 1 of :func:`activations_for_lanes`'s arrays, added to
     ``acc[acc_row + i, acc_col : acc_col + 16 * n_vec]`` in place. The caller checks the bounds."""
-    n_sub = SUB_BLOCKS[qtype]
-    sums_dtype, sums_elem = (types.int32, _I32) if qtype == "q6_k" else (types.float32, _F32)
+    n_sums = SUB_BLOCKS[qtype] if qtype in OFFSETS else MINS[qtype]
+    sums_dtype, sums_elem = (types.int32, _I32) if qtype in OFFSETS else (types.float32, _F32)
 
     def codegen(context, builder, sig, args):
         isa = kernel_isa() if isa_mode == "host" else "generic"
@@ -292,7 +285,7 @@ def make_lane_tile(qtype: str, isa_mode: str, n_vec: int, n_rows: int = 1):
             vec = builder.add(vec0, ir.Constant(_I64, v))
             x = builder.gep(_row_ptr(builder, xt, vec, _I8), [builder.mul(sb, ir.Constant(_I64, LANES * QK_K))])
             d = builder.gep(_row_ptr(builder, dt, vec, _F32), [builder.mul(sb, ir.Constant(_I64, LANES))])
-            s = builder.gep(_row_ptr(builder, st, vec, sums_elem), [builder.mul(sb, ir.Constant(_I64, LANES * n_sub))])
+            s = builder.gep(_row_ptr(builder, st, vec, sums_elem), [builder.mul(sb, ir.Constant(_I64, LANES * n_sums))])
             vecs.append((x, d, _as_i8_ptr(builder, s)))
         rows, acc_ptrs = [], []
         for r in range(n_rows):
@@ -335,7 +328,7 @@ _ROW_CHUNK = 16  # rows per parallel work item
 # 8 tokens Q4_K 1.40 / 1.49, Q6_K 1.67 / 1.63; 16 tokens Q4_K 2.54 / 1.51, Q6_K 2.69 / 1.69.
 MIN_TOKENS = 8
 _decode = _tile_rows_vecs = _tile_rows_vec = _tile_row_vecs = _tile_row_vec = None
-_BLOCK_BYTES = _SUB_BLOCKS = 0
+_BLOCK_BYTES = _SUMS = 0
 
 
 def _matmul_lanes(w, xt, dt, st, n_tok, out):
@@ -345,7 +338,7 @@ def _matmul_lanes(w, xt, dt, st, n_tok, out):
     n_vec = xt.shape[0]
     n_rows = w.shape[0]
     n_sb = min(w.shape[1] // _BLOCK_BYTES, xt.shape[1] // (LANES * QK_K), dt.shape[1] // LANES)
-    n_sb = min(n_sb, st.shape[1] // (LANES * _SUB_BLOCKS))
+    n_sb = min(n_sb, st.shape[1] // (LANES * _SUMS))
     if xt.shape[0] > dt.shape[0] or xt.shape[0] > st.shape[0] or out.shape[1] < n_rows or out.shape[0] < n_tok:
         raise ValueError("lane product: operand shapes disagree")
     for chunk in prange((n_rows + _ROW_CHUNK - 1) // _ROW_CHUNK):
@@ -382,7 +375,8 @@ def make_driver(qtype: str, isa_mode: str):
              "_tile_row_vecs": make_lane_tile(qtype, isa_mode, TILE_VECS),
              "_tile_row_vec": make_lane_tile(qtype, isa_mode, 1)}
     return _bind(_matmul_lanes, f"matmul_lanes_{qtype}{suffix}", _BLOCK_BYTES=BLOCK_BYTES[qtype],
-                 _SUB_BLOCKS=SUB_BLOCKS[qtype], _decode=make_decode(qtype, isa_mode), **tiles)
+                 _SUMS=SUB_BLOCKS[qtype] if qtype in OFFSETS else MINS[qtype], _decode=make_decode(qtype, isa_mode),
+                 **tiles)
 
 
 # qtype -> (host driver, portable driver)

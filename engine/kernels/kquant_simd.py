@@ -69,6 +69,9 @@ KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69
 # types whose drivers take float32 ``d * (sum of 32 activations)`` (their mins multiply it); every
 # other type takes the int16 sums of 16 activations (offsets such as Q6_K's -32; IQ4_XS ignores them)
 _SUMS32_TYPES = ("q4_k", "q5_k")
+# where each type keeps its fp16 super-block scale d and, with mins, dmin
+FP16_OFFSETS = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208, None), "iq4_xs": (0, None), "q2_k": (80, 82),
+                "q3_k": (108, None)}
 
 # Software prefetch distance for the weight stream, bytes ahead of the super-block being read (rows
 # are contiguous, so near a row's end this fetches the next row's start). Every cache line of a
@@ -373,37 +376,6 @@ class _KEmitter:
 
     # ---- one super-block: the weights' (codes, scales) once, then every token ----------------
 
-    def _q6_k(self, block: ir.Value, tokens) -> list[ir.Value]:
-        """<8 x i32> per token: the scaled code sums with the -32 offsets taken off."""
-        b = self.b
-        scales = b.sext(self._load(block, 192, _V16I8), _V16I32)
-        dots = self._new_dots(tokens)
-        for half in range(2):
-            ql0 = self._load(block, 64 * half, _V32I8)
-            ql1 = self._load(block, 64 * half + 32, _V32I8)
-            qh = self._load(block, 128 + 32 * half, _V32I8)
-            low4 = _vconst(_V32I8, 0x0F)
-            # bits 4-5 of code k are bits 2k, 2k+1 of qh
-            high2 = [b.shl(b.and_(b.lshr(qh, _vconst(_V32I8, 2 * k)) if k else qh, _vconst(_V32I8, 3)),
-                           _vconst(_V32I8, 4)) for k in range(4)]
-            codes = [
-                b.or_(b.and_(ql0, low4), high2[0]),
-                b.or_(b.and_(ql1, low4), high2[1]),
-                b.or_(b.lshr(ql0, _vconst(_V32I8, 4)), high2[2]),
-                b.or_(b.lshr(ql1, _vconst(_V32I8, 4)), high2[3]),
-            ]
-            for k, q in enumerate(codes):  # elements 128*half + 32k .. +31, scales 8*half + 2k (+1)
-                s_lo = b.extract_element(scales, ir.Constant(_I32, 8 * half + 2 * k))
-                s_hi = b.extract_element(scales, ir.Constant(_I32, 8 * half + 2 * k + 1))
-                self._token_dots(dots, tokens, q, 128 * half + 32 * k, s_lo, s_hi)
-        isums = self._finish_dots(dots)
-        out = []
-        for t, (_, _, bsum_ptr) in enumerate(tokens):
-            # codes are q + 32: take 32 * sum_j scale_j * bsum_j off
-            bias = b.shl(self._weighted_bsums(scales, bsum_ptr), _vconst(_V8I32, 5))
-            out.append(b.sub(isums[t], bias))
-        return out
-
     def q4_5_k_scales(self, block: ir.Value) -> tuple[ir.Value, ir.Value]:
         """A Q4_K/Q5_K super-block's 8 sub-block scales and 8 mins (6 bits each) as two <8 x i32>."""
         b = self.b
@@ -424,98 +396,106 @@ class _KEmitter:
         packed = b.bitcast(words, _V16I8)  # bytes 0-7 scales, 8-15 mins, all 0..63
         return b.zext(self._slice(packed, range(8)), _V8I32), b.zext(self._slice(packed, range(8, 16)), _V8I32)
 
-    def _q4_5_k(self, block: ir.Value, tokens) -> tuple[list[ir.Value], ir.Value]:
-        """(<8 x i32> scaled code sums per token, the 8 mins as <8 x i32>) of one super-block."""
+    def unpack(self, block: ir.Value) -> tuple[list[tuple[ir.Value, ir.Value, ir.Value]], ir.Value | None,
+                                               ir.Value | None]:
+        """One super-block's weights: (groups, scales, mins). ``groups``: per 32 weights in element order,
+        (<32 x i8> codes, i32 scale of the first 16, i32 scale of the last 16); codes are unsigned
+        (Q6_K 0..63 = value + 32, Q3_K 0..7 = value + 4, Q4_K/Q5_K/Q2_K the value) except IQ4_XS's,
+        which are its signed values. ``scales``: the per-16 scales as <16 x i32> (Q6_K, Q3_K, Q2_K: the
+        activation sums weight them) or None; ``mins``: Q4_K/Q5_K's 8 or Q2_K's 16 as i32 vector, or None."""
         b = self.b
 
         def c(v: int) -> ir.Constant:
             return ir.Constant(_I32, v)
 
-        scales, mins = self.q4_5_k_scales(block)
-        qs_offset = 16 if self.qtype == "q4_k" else 48
-        qh = self._load(block, 16, _V32I8) if self.qtype == "q5_k" else None
-        dots = self._new_dots(tokens)
-        for j in range(4):  # 64 weights: low nibbles (sub-block 2j), then high nibbles (2j + 1)
-            packed_q = self._load(block, qs_offset + 32 * j, _V32I8)
-            codes = [b.and_(packed_q, _vconst(_V32I8, 0x0F)), b.lshr(packed_q, _vconst(_V32I8, 4))]
-            if qh is not None:
-                for i in range(2):
-                    bit = b.and_(b.lshr(qh, _vconst(_V32I8, 2 * j + i)) if 2 * j + i else qh, _vconst(_V32I8, 1))
-                    codes[i] = b.or_(codes[i], b.shl(bit, _vconst(_V32I8, 4)))
-            for i, q in enumerate(codes):
-                scale = b.extract_element(scales, c(2 * j + i))
-                self._token_dots(dots, tokens, q, 64 * j + 32 * i, scale, scale)
-        return self._finish_dots(dots), mins
+        def bits(v: ir.Value, shift: int, mask: int) -> ir.Value:
+            return b.and_(b.lshr(v, _vconst(v.type, shift)) if shift else v, _vconst(v.type, mask))
 
-    def _q2_3_k(self, block: ir.Value, tokens) -> tuple[list[ir.Value], list[ir.Value] | None]:
-        """Q3_K: (<8 x i32> per token of the scaled code sums with the -4 offsets taken off, None);
-        Q2_K: (<8 x i32> scaled code sums, <8 x i32> per token of the sums min_j * bsum_j). Both: 2-bit
-        fields of 32 contiguous bytes per group of 32 values (Q3_K adds a third bit from hmask), one
-        scale per 16 values."""
-        b = self.b
-        q3 = self.qtype == "q3_k"
-        if q3:
-            # 16 scales of 6 bits: low 4 from bytes 96-103 (j < 8: low nibble of byte j, else high
-            # nibble of byte j - 8), high 2 from bytes 104-107 (byte 104 + j % 4, bits 2 * (j // 4))
-            low8 = self._load(block, 96, ir.VectorType(_I8, 8))
-            lows = b.shuffle_vector(b.and_(low8, ir.Constant(low8.type, [0xF] * 8)),
-                                    b.lshr(low8, ir.Constant(low8.type, [4] * 8)), _mask(range(16)))
-            high4 = self._load(block, 104, ir.VectorType(_I8, 4))
-            highs = b.shuffle_vector(high4, high4, _mask([j % 4 for j in range(16)]))
-            highs = b.and_(b.lshr(highs, ir.Constant(_V16I8, [2 * (j // 4) for j in range(16)])), _vconst(_V16I8, 3))
-            packed = b.or_(lows, b.shl(highs, _vconst(_V16I8, 4)))
-            scales = b.sub(b.zext(packed, _V16I32), ir.Constant(_V16I32, [32] * 16))
-            hmask = self._load(block, 0, _V32I8)
-            qs_base, mins = 32, None
-        else:
-            raw = self._load(block, 0, _V16I8)
-            scales = b.zext(b.and_(raw, _vconst(_V16I8, 0xF)), _V16I32)
-            mins = b.zext(b.lshr(raw, _vconst(_V16I8, 4)), _V16I32)
-            qs_base = 16
-        dots = self._new_dots(tokens)
-        for g in range(8):  # values 32g .. 32g + 31: sub-blocks 2g, 2g + 1
-            packed_q = self._load(block, qs_base + 32 * (g // 4), _V32I8)
-            shift = 2 * (g % 4)
-            codes = b.and_(b.lshr(packed_q, _vconst(_V32I8, shift)) if shift else packed_q, _vconst(_V32I8, 3))
-            if q3:  # the hmask bit set means +4 (code 4..7 = value + 4)
-                bit = 4 * (g // 4) + g % 4
-                high = b.and_(b.lshr(hmask, _vconst(_V32I8, bit)) if bit else hmask, _vconst(_V32I8, 1))
-                codes = b.or_(codes, b.shl(high, _vconst(_V32I8, 2)))
-            s_lo = b.extract_element(scales, ir.Constant(_I32, 2 * g))
-            s_hi = b.extract_element(scales, ir.Constant(_I32, 2 * g + 1))
-            self._token_dots(dots, tokens, codes, 32 * g, s_lo, s_hi)
-        isums = self._finish_dots(dots)
-        out, min_sums = [], []
-        for t, (_, _, bsum_ptr) in enumerate(tokens):
-            if q3:  # values are codes - 4: take 4 * sum_j scale_j * bsum_j off
-                bias = b.shl(self._weighted_bsums(scales, bsum_ptr), _vconst(_V8I32, 2))
-                out.append(b.sub(isums[t], bias))
+        groups = []
+        if self.qtype == "q6_k":
+            scales = b.sext(self._load(block, 192, _V16I8), _V16I32)
+            for half in range(2):
+                ql = [self._load(block, 64 * half + 32 * i, _V32I8) for i in range(2)]
+                qh = self._load(block, 128 + 32 * half, _V32I8)
+                for k in range(4):  # elements 128 * half + 32k .. +31: bits 4-5 are qh's bits 2k, 2k+1
+                    low = b.and_(ql[k % 2], _vconst(_V32I8, 0x0F)) if k < 2 else b.lshr(ql[k % 2], _vconst(_V32I8, 4))
+                    code = b.or_(low, b.shl(bits(qh, 2 * k, 3), _vconst(_V32I8, 4)))
+                    groups.append((code, b.extract_element(scales, c(8 * half + 2 * k)),
+                                   b.extract_element(scales, c(8 * half + 2 * k + 1))))
+            return groups, scales, None
+        if self.qtype in _SUMS32_TYPES:
+            scales, mins = self.q4_5_k_scales(block)
+            qs_offset = 16 if self.qtype == "q4_k" else 48
+            qh = self._load(block, 16, _V32I8) if self.qtype == "q5_k" else None
+            for j in range(4):  # 64 weights: low nibbles (sub-block 2j), then high nibbles (2j + 1)
+                packed_q = self._load(block, qs_offset + 32 * j, _V32I8)
+                nibbles = (b.and_(packed_q, _vconst(_V32I8, 0x0F)), b.lshr(packed_q, _vconst(_V32I8, 4)))
+                for i, code in enumerate(nibbles):
+                    if qh is not None:
+                        code = b.or_(code, b.shl(bits(qh, 2 * j + i, 1), _vconst(_V32I8, 4)))
+                    scale = b.extract_element(scales, c(2 * j + i))
+                    groups.append((code, scale, scale))
+            return groups, None, mins
+        if self.qtype in ("q2_k", "q3_k"):
+            q3 = self.qtype == "q3_k"
+            if q3:
+                # 16 scales of 6 bits: low 4 from bytes 96-103 (j < 8: low nibble of byte j, else high
+                # nibble of byte j - 8), high 2 from bytes 104-107 (byte 104 + j % 4, bits 2 * (j // 4))
+                low8 = self._load(block, 96, ir.VectorType(_I8, 8))
+                lows = b.shuffle_vector(b.and_(low8, ir.Constant(low8.type, [0xF] * 8)),
+                                        b.lshr(low8, ir.Constant(low8.type, [4] * 8)), _mask(range(16)))
+                high4 = self._load(block, 104, ir.VectorType(_I8, 4))
+                highs = b.shuffle_vector(high4, high4, _mask([j % 4 for j in range(16)]))
+                shifts = ir.Constant(_V16I8, [2 * (j // 4) for j in range(16)])
+                highs = b.and_(b.lshr(highs, shifts), _vconst(_V16I8, 3))
+                packed = b.or_(lows, b.shl(highs, _vconst(_V16I8, 4)))
+                scales = b.sub(b.zext(packed, _V16I32), ir.Constant(_V16I32, [32] * 16))
+                hmask = self._load(block, 0, _V32I8)
+                qs_base, mins = 32, None
             else:
-                out.append(isums[t])
-                min_sums.append(self._weighted_bsums(mins, bsum_ptr))
-        return out, (None if q3 else min_sums)
+                raw = self._load(block, 0, _V16I8)
+                scales = b.zext(b.and_(raw, _vconst(_V16I8, 0xF)), _V16I32)
+                mins = b.zext(b.lshr(raw, _vconst(_V16I8, 4)), _V16I32)
+                qs_base = 16
+            for g in range(8):  # values 32g .. 32g + 31: sub-blocks 2g, 2g + 1
+                packed_q = self._load(block, qs_base + 32 * (g // 4), _V32I8)
+                code = bits(packed_q, 2 * (g % 4), 3)
+                if q3:  # the hmask bit set means +4 (code 4..7 = value + 4)
+                    code = b.or_(code, b.shl(bits(hmask, 4 * (g // 4) + g % 4, 1), _vconst(_V32I8, 2)))
+                groups.append((code, b.extract_element(scales, c(2 * g)), b.extract_element(scales, c(2 * g + 1))))
+            return groups, scales, mins
+        if self.qtype == "iq4_xs":
+            scales_h = b.zext(self._load(block, 2, _I16), _I32)
+            scales_l = self._load(block, 4, _I32)  # 4 bytes, two 4-bit fields each: sub-block ib at bits 4ib
+            for ib in range(8):
+                low = b.and_(b.lshr(scales_l, c(4 * ib)) if ib else scales_l, c(0xF))
+                high = b.and_(b.lshr(scales_h, c(2 * ib)) if ib else scales_h, c(3))
+                scale = b.sub(b.or_(low, b.shl(high, c(4))), c(32))
+                packed = self._load(block, 8 + 16 * ib, _V16I8)
+                # elements 0-15 are the low nibbles of the 16 bytes, 16-31 their high nibbles
+                nibbles = b.shuffle_vector(b.and_(packed, _vconst(_V16I8, 0xF)),
+                                           b.lshr(packed, _vconst(_V16I8, 4)), _mask(range(32)))
+                groups.append((self.lookup16(nibbles, KVALUES_IQ4NL), scale, scale))
+            return groups, None, None
+        raise NotImplementedError(self.qtype)
 
-    def _iq4_xs(self, block: ir.Value, tokens) -> list[ir.Value]:
-        """<8 x i32> per token: sub-block scale (ls - 32) times the dot of the looked-up values."""
+    def _scaled_code_sums(self, block: ir.Value, tokens) -> tuple[list[ir.Value], ir.Value | None, list | None]:
+        """(<8 x i32> scaled code sums per token with the code offsets taken off, Q4_K/Q5_K's mins,
+        Q2_K's <8 x i32> per token of the sums min_j * bsum_j) of one super-block."""
         b = self.b
-
-        def c(v: int) -> ir.Constant:
-            return ir.Constant(_I32, v)
-
-        scales_h = b.zext(self._load(block, 2, _I16), _I32)
-        scales_l = self._load(block, 4, _I32)  # 4 bytes, two 4-bit fields each: sub-block ib at bits 4ib
+        groups, scales, mins = self.unpack(block)
         dots = self._new_dots(tokens)
-        for ib in range(8):
-            low = b.and_(b.lshr(scales_l, c(4 * ib)) if ib else scales_l, c(0xF))
-            high = b.and_(b.lshr(scales_h, c(2 * ib)) if ib else scales_h, c(3))
-            scale = b.sub(b.or_(low, b.shl(high, c(4))), c(32))
-            packed = self._load(block, 8 + 16 * ib, _V16I8)
-            # elements 0-15 are the low nibbles of the 16 bytes, 16-31 their high nibbles
-            nibbles = b.shuffle_vector(b.and_(packed, _vconst(_V16I8, 0xF)),
-                                       b.lshr(packed, _vconst(_V16I8, 4)), _mask(range(32)))
-            values = self.lookup16(nibbles, KVALUES_IQ4NL)
-            self._token_dots(dots, tokens, values, 32 * ib, scale, scale, signed=True)
-        return self._finish_dots(dots)
+        for g, (code, s_lo, s_hi) in enumerate(groups):
+            self._token_dots(dots, tokens, code, 32 * g, s_lo, s_hi, signed=self.qtype == "iq4_xs")
+        isums = self._finish_dots(dots)
+        offset_bits = {"q6_k": 5, "q3_k": 2}.get(self.qtype)  # codes are value + 32 / value + 4
+        if offset_bits is not None:
+            # take 2**offset_bits * sum_j scale_j * bsum_j off
+            isums = [b.sub(isum, b.shl(self._weighted_bsums(scales, bsum_ptr), _vconst(_V8I32, offset_bits)))
+                     for isum, (_, _, bsum_ptr) in zip(isums, tokens)]
+        if self.qtype == "q2_k":
+            return isums, None, [self._weighted_bsums(mins, bsum_ptr) for _, _, bsum_ptr in tokens]
+        return isums, mins, None
 
     def row(self, w_row: ir.Value, tokens, n_blocks: ir.Value) -> list[ir.Value]:
         """The loop over super-blocks; tokens: (i8* values, float* scales, i16* bsums) per token.
@@ -534,17 +514,15 @@ class _KEmitter:
              b.gep(s, [b.mul(index, ir.Constant(_I64, sums_per_block))]))
             for x, d, s in tokens
         ]
-        if self.qtype == "q6_k":
-            d_w, mins_f = self._fp16(block, 208), None
-            isums = self._q6_k(block, here)
-        elif self.qtype == "iq4_xs":
-            d_w, mins_f = self._fp16(block, 0), None
-            isums = self._iq4_xs(block, here)
-        elif self.qtype in ("q2_k", "q3_k"):
-            isums, min_sums = self._q2_3_k(block, here)
-            d_w, mins_f = self._fp16(block, 80 if self.qtype == "q2_k" else 108), None
-            if min_sums is not None:
-                dmin_w = self._fp16(block, 82)
+        if self.qtype in FP16_OFFSETS:
+            d_offset, dmin_offset = FP16_OFFSETS[self.qtype]
+            isums, mins, min_sums = self._scaled_code_sums(block, here)
+            d_w = self._fp16(block, d_offset)
+            mins_f = None
+            if mins is not None:  # Q4_K/Q5_K, once per row and block
+                mins_f = b.fmul(self._splat(self._fp16(block, dmin_offset), _V8F32), b.uitofp(mins, _V8F32))
+            if min_sums is not None:  # Q2_K
+                dmin_w = self._fp16(block, dmin_offset)
                 new_accs = []
                 for acc, (_, d_ptr, _), isum, msum in zip(accs, here, isums, min_sums):
                     d_x = b.load(d_ptr, align=4)
@@ -554,10 +532,6 @@ class _KEmitter:
                     new_accs.append(acc)
                 loop.close(new_accs)
                 return [self._horizontal_sum(acc) for acc in accs]
-        elif self.qtype in _SUMS32_TYPES:
-            d_w, dmin_w = self._fp16(block, 0), self._fp16(block, 2)
-            isums, mins = self._q4_5_k(block, here)
-            mins_f = b.fmul(self._splat(dmin_w, _V8F32), b.uitofp(mins, _V8F32))  # once per row and block
         else:
             d_w, isums = self.block_sums(block, here)
             mins_f = None
