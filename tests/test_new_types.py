@@ -219,18 +219,21 @@ def test_llama_quantize_low_bit_models_run(f32_model, tmp_path, mix) -> None:
 @pytest.mark.parametrize("qtype", [T.IQ4_XS, T.Q2_K, T.Q3_K, T.TQ1_0, T.TQ2_0], ids=lambda t: t.name)
 def test_integer_products(qtype, path) -> None:
     """These types run integer kernels against Q8_K activations (kquant_simd, iquant_simd; the
-    "reference" path dequantizes); one token alone equals it in a batch. (The IQ1/IQ2/IQ3 types:
-    test_iquant_simd.py, and the llama-quantize files above.)"""
+    "reference" path dequantizes); one token alone equals it in a small batch (row tiles), and to
+    float rounding in a batch of 9 (from 8 tokens, the K-quants take kquant_gemm's lane products,
+    which sum their floats in another order). (The IQ1/IQ2/IQ3 types: test_iquant_simd.py, and the
+    llama-quantize files above.)"""
     rng = np.random.default_rng(11)
     weight = make_weight(qtype, 21, 512, rng)
     x = rng.standard_normal((9, 512), dtype=np.float32)
     previous = mm.set_kernel_path(path)
     try:
-        batch, single = matmul(weight, x), matvec(weight, x[0])
+        batch, small, single = matmul(weight, x), matmul(weight, x[:5]), matvec(weight, x[0])
     finally:
         mm.set_kernel_path(previous)
     if path == "reference":
         check_product(weight, x, batch)
         return
     check_q8_k_product(weight, x, batch)
-    np.testing.assert_array_equal(single, batch[0])
+    np.testing.assert_array_equal(single, small[0])
+    np.testing.assert_allclose(batch[0], single, rtol=1e-5, atol=1e-5 * np.abs(single).max())
