@@ -3,8 +3,9 @@
 * The Q8_K activation quantizer equals a plain numpy transcription of ggml's
   ``quantize_row_q8_K_ref`` bit for bit (and, checked by hand against libggml's own function,
   ggml itself: see the module doc).
-* Every product (Q4_K, Q5_K, Q6_K; host ISA and portable IR; matrix-vector and batched with 1 to
-  9 tokens, so both the 8-token tiles and the remainder) equals the dequantized weights (gguf-py) times the dequantized
+* Every product (Q4_K, Q5_K, Q6_K, IQ4_XS, Q2_K, Q3_K; host ISA and portable IR; matrix-vector and
+  batched, one token at a time; kquant_gemm's lane products take batches of 8 and more in the
+  engine, tests/test_kquant_gemm.py) equals the dequantized weights (gguf-py) times the dequantized
   activations to float rounding, and the host and portable paths agree bit for bit.
 * Extreme codes and scales (every code at its maximum, scales -128, activations +-127) stay exact:
   no 16-bit saturation in the x86 multiply-adds.
@@ -99,7 +100,7 @@ def run_both(qtype: GGMLQuantizationType, raw: np.ndarray, x: np.ndarray) -> tup
     return xq, xd, *outs
 
 
-@pytest.mark.parametrize("n_tok", [1, 3, 8, 11, 27])  # 27: Q6_K's 16-token tile, an 8-token one, 3 singles
+@pytest.mark.parametrize("n_tok", [1, 3, 8, 11])  # batches one token at a time (kquant_gemm: 8 and more)
 @pytest.mark.parametrize("qtype", K_TYPES, ids=lambda t: t.name)
 def test_products_match_dequantized_weights_and_activations(qtype, n_tok) -> None:
     rng = np.random.default_rng(int(qtype) * 10 + n_tok)

@@ -76,32 +76,39 @@ _V64I8 = ir.VectorType(_I8, 64)
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, parallel=True)
-def _pack_values(xq, n_vec):
-    """int8 ``(n_vec, 16 * n)``: vector v, values 4q..4q+3 of tokens 16v..16v+15 at 64q + 4t (zeros past
-    the last token)."""
-    n_tok, n = xq.shape
-    out = np.zeros((n_vec, LANES * n), np.int8)
-    words = xq.view(np.int32)  # 4 values at a time
-    packed = out.view(np.int32)
-    for v in prange(n_vec):
-        for t in range(v * LANES, min(n_tok, (v + 1) * LANES)):
-            for q in range(n // 4):
-                packed[v, LANES * q + t - v * LANES] = words[t, q]
-    return out
-
-
 @njit(cache=True)
-def _pack_lanes(a, n_vec):
-    """``(n_vec, 16 * m)`` from ``(n_tok, m)``: item i of tokens 16v..16v+15 side by side (zeros past the
-    last token)."""
-    n_tok, m = a.shape
-    out = np.zeros((n_vec, LANES * m), a.dtype)
+def _lanes(qs, d, bsums, per, offset):
+    """(values, scales, offset sums, min sums), 16 tokens side by side per vector (zeros past the last
+    token): int8 ``(n_vec, 16 * n)`` with values 4q..4q+3 of token t at 64q + 4t; float32 scales; per
+    super-block ``per`` sums of the activations (each over 256 / per values): ``offset`` given (not 0),
+    int32 ``-offset * sum``, else float32 ``d_x * sum``; the other sums array is empty. One function,
+    not four: each compiled one cost ~0.2 s on a type's first use."""
+    n_tok, n = qs.shape
+    n_vec = (n_tok + LANES - 1) // LANES
+    n_sb = d.shape[1]
+    group = 16 // per  # bsums (of 16 values) per sum
+    values = np.zeros((n_vec, LANES * n), np.int8)
+    scales = np.zeros((n_vec, LANES * n_sb), np.float32)
+    n_sums = n_sb * per
+    offset_sums = np.zeros((n_vec, LANES * n_sums if offset else 0), np.int32)
+    min_sums = np.zeros((n_vec, 0 if offset else LANES * n_sums), np.float32)
+    words = qs.view(np.int32)  # 4 values at a time
+    packed = values.view(np.int32)
     for t in range(n_tok):
         v, lane = t // LANES, t % LANES
-        for i in range(m):
-            out[v, LANES * i + lane] = a[t, i]
-    return out
+        for q in range(n // 4):
+            packed[v, LANES * q + lane] = words[t, q]
+        for i in range(n_sb):
+            scales[v, LANES * i + lane] = d[t, i]
+        for i in range(n_sums):
+            total = np.int32(0)
+            for k in range(group):
+                total += np.int32(bsums[t, group * i + k])
+            if offset:
+                offset_sums[v, LANES * i + lane] = -offset * total
+            else:
+                min_sums[v, LANES * i + lane] = d[t, i // per] * np.float32(total)
+    return values, scales, offset_sums, min_sums
 
 
 def activations_for_lanes(qtype: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -109,15 +116,9 @@ def activations_for_lanes(qtype: str, x: np.ndarray) -> tuple[np.ndarray, np.nda
     the Q8_K values and scales of ``quantize_activations_q8_k``, and per sub-block (or min) the sums
     ``qtype`` takes (see OFFSETS and MINS)."""
     qs, d, bsums = quantize_activations_q8_k(x)
-    n_vec = -(-qs.shape[0] // LANES)
-    n_tok = qs.shape[0]
-    per = SUB_BLOCKS[qtype] if qtype in OFFSETS else MINS[qtype]  # sums per super-block
-    grouped = bsums.reshape(n_tok, -1, per, 16 // per).sum(axis=3, dtype=np.int32)  # bsums: 16 values each
-    if qtype in OFFSETS:
-        sums = (-OFFSETS[qtype] * grouped).reshape(n_tok, -1)
-    else:
-        sums = (d[:, :, None] * grouped.astype(np.float32)).reshape(n_tok, -1)
-    return _pack_values(qs, n_vec), _pack_lanes(d, n_vec), _pack_lanes(np.ascontiguousarray(sums), n_vec)
+    per = SUB_BLOCKS[qtype] if qtype in OFFSETS else MINS[qtype]
+    values, scales, offset_sums, min_sums = _lanes(qs, d, bsums, per, OFFSETS.get(qtype, 0))
+    return values, scales, offset_sums if qtype in OFFSETS else min_sums
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,12 +323,12 @@ def make_lane_tile(qtype: str, isa_mode: str, n_vec: int, n_rows: int = 1):
 # 1 row x 4 vectors 96 / 91, 2 x 4 116 / 122, 3 x 4 116 / 128, 4 x 2 129 / 134, 8 x 1 138 / 142
 # (another run: 4 x 2 159 / 151, 8 x 1 138 / 142, 6 x 2 139 / 132, 8 x 2 145 / 138).
 TILE_ROWS, TILE_VECS = 4, 2
-_ROW_CHUNK = 16  # rows per parallel work item
+_ROW_CHUNK = 16  # rows per parallel work item (a multiple of TILE_ROWS)
 # Fewer tokens take kquant_simd's tiles (16 lanes cost the same for 1 token as for 16). Measured (Intel
 # Xeon, 1 thread, 5632x2048, ms, those tiles / these): 4 tokens Q4_K 1.46 / 1.52, Q6_K 2.40 / 1.56;
 # 8 tokens Q4_K 1.40 / 1.49, Q6_K 1.67 / 1.63; 16 tokens Q4_K 2.54 / 1.51, Q6_K 2.69 / 1.69.
 MIN_TOKENS = 8
-_decode = _tile_rows_vecs = _tile_rows_vec = _tile_row_vecs = _tile_row_vec = None
+_decode = _tile_vecs = _tile_vec = None
 _BLOCK_BYTES = _SUMS = 0
 
 
@@ -344,23 +345,20 @@ def _matmul_lanes(w, xt, dt, st, n_tok, out):
     for chunk in prange((n_rows + _ROW_CHUNK - 1) // _ROW_CHUNK):
         r0 = chunk * _ROW_CHUNK
         rows = min(n_rows, r0 + _ROW_CHUNK) - r0
-        whole = rows - rows % TILE_ROWS
         acc = np.zeros((_ROW_CHUNK, n_vec * LANES), np.float32)
-        codes = np.empty((_ROW_CHUNK, QK_K), np.uint8)
-        params = np.empty((_ROW_CHUNK, PARAMS), np.float32)
+        # rows past the matrix's last stay zero codes and scales: the 4-row tiles run over them (one
+        # tile shape compiled, not two) and their results are not written out
+        codes = np.zeros((_ROW_CHUNK, QK_K), np.uint8)
+        params = np.zeros((_ROW_CHUNK, PARAMS), np.float32)
         for sb in range(n_sb):
             for i in range(rows):
                 _decode(w, r0 + i, sb, codes, params, i)
             for v in range(0, n_vec - n_vec % TILE_VECS, TILE_VECS):
-                for i in range(0, whole, TILE_ROWS):
-                    _tile_rows_vecs(codes, params, i, xt, dt, st, v, sb, acc, i, v * LANES)
-                for i in range(whole, rows):
-                    _tile_row_vecs(codes, params, i, xt, dt, st, v, sb, acc, i, v * LANES)
+                for i in range(0, rows, TILE_ROWS):
+                    _tile_vecs(codes, params, i, xt, dt, st, v, sb, acc, i, v * LANES)
             for v in range(n_vec - n_vec % TILE_VECS, n_vec):
-                for i in range(0, whole, TILE_ROWS):
-                    _tile_rows_vec(codes, params, i, xt, dt, st, v, sb, acc, i, v * LANES)
-                for i in range(whole, rows):
-                    _tile_row_vec(codes, params, i, xt, dt, st, v, sb, acc, i, v * LANES)
+                for i in range(0, rows, TILE_ROWS):
+                    _tile_vec(codes, params, i, xt, dt, st, v, sb, acc, i, v * LANES)
         for i in range(rows):
             for t in range(n_tok):
                 out[t, r0 + i] = acc[i, t]
@@ -370,10 +368,8 @@ def make_driver(qtype: str, isa_mode: str):
     """``(w, xt, dt, st, n_tok, out)``: the product of ``qtype`` rows ``w`` with :func:`activations_for_lanes`'s
     arrays of ``n_tok`` tokens into ``out`` (n_tok, n_rows); ``isa_mode`` "host" or "generic"."""
     suffix = "" if isa_mode == "host" else "_generic"
-    tiles = {"_tile_rows_vecs": make_lane_tile(qtype, isa_mode, TILE_VECS, TILE_ROWS),
-             "_tile_rows_vec": make_lane_tile(qtype, isa_mode, 1, TILE_ROWS),
-             "_tile_row_vecs": make_lane_tile(qtype, isa_mode, TILE_VECS),
-             "_tile_row_vec": make_lane_tile(qtype, isa_mode, 1)}
+    tiles = {"_tile_vecs": make_lane_tile(qtype, isa_mode, TILE_VECS, TILE_ROWS),
+             "_tile_vec": make_lane_tile(qtype, isa_mode, 1, TILE_ROWS)}
     return _bind(_matmul_lanes, f"matmul_lanes_{qtype}{suffix}", _BLOCK_BYTES=BLOCK_BYTES[qtype],
                  _SUMS=SUB_BLOCKS[qtype] if qtype in OFFSETS else MINS[qtype], _decode=make_decode(qtype, isa_mode),
                  **tiles)

@@ -88,38 +88,58 @@ _V16I32 = ir.VectorType(_I32, 16)
 # --------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, fastmath=True)
-def _abs_max(x) -> np.float32:
-    # fastmath lets LLVM vectorize the max reduction (its order does not matter for a max)
-    amax = np.float32(0.0)
-    for j in range(x.shape[0]):
-        amax = max(amax, abs(x[j]))
-    return amax
+@intrinsic
+def _largest_magnitude(typingctx, x, base):
+    """The first of x[base : base + 256] (float32, contiguous) whose magnitude is the largest, sign
+    kept (0 if all are 0), as vector IR: 16 loads, a maxnum tree, then the first lane equal to the
+    maximum. Plain loops ran a scalar chain, ~40% of the Q8_K quantizer's time."""
+    v16f = ir.VectorType(_F32, 16)
+
+    def codegen(context, b, sig, args):
+        row = context.make_array(sig.args[0])(context, b, args[0])
+        ptr = b.gep(row.data, [args[1]])
+        fabs = cgutils.get_or_insert_function(b.module, ir.FunctionType(v16f, [v16f]), "llvm.fabs.v16f32")
+        vmax = cgutils.get_or_insert_function(b.module, ir.FunctionType(v16f, [v16f, v16f]), "llvm.maxnum.v16f32")
+        chunks = [b.load(b.bitcast(b.gep(ptr, [ir.Constant(_I64, 16 * i)]), v16f.as_pointer()), align=4)
+                  for i in range(QK_K // 16)]
+        mags = [b.call(fabs, [c]) for c in chunks]
+        level = mags
+        while len(level) > 1:
+            level = [b.call(vmax, [level[i], level[i + 1]]) for i in range(0, len(level), 2)]
+        top = level[0]
+        for n in (8, 4, 2, 1):
+            top = b.call(vmax, [top, b.shuffle_vector(top, top, _mask(list(range(n, 2 * n)) + [0] * (16 - n)))])
+        amax = b.extract_element(top, ir.Constant(_I32, 0))
+        splat = b.shuffle_vector(top, top, _mask([0] * 16))
+        i16 = ir.IntType(16)
+        cttz = cgutils.get_or_insert_function(b.module, ir.FunctionType(i16, [i16, ir.IntType(1)]), "llvm.cttz.i16")
+        index = ir.Constant(_I64, 0)
+        for i in reversed(range(QK_K // 16)):  # the first chunk holding it wins
+            hits = b.bitcast(b.fcmp_ordered("==", mags[i], splat), i16)
+            here = b.add(ir.Constant(_I64, 16 * i), b.zext(b.call(cttz, [hits, ir.Constant(ir.IntType(1), 1)]), _I64))
+            index = b.select(b.icmp_unsigned("!=", hits, ir.Constant(i16, 0)), here, index)
+        value = b.load(b.gep(ptr, [index]))
+        return b.select(b.fcmp_ordered("==", amax, ir.Constant(_F32, 0.0)), ir.Constant(_F32, 0.0), value)
+
+    return types.float32(x, types.intp), codegen
 
 
 @njit(cache=True)
 def _quantize_q8_k_into(x, qs, d, bsums, scratch) -> None:
-    # ``scratch``: 256 float32. Written so that LLVM vectorizes every loop but the search for the
-    # first value of largest magnitude (2.2x the plain loops on the Intel Xeon, same bits).
+    # ``scratch``: 256 float32. Every loop but the search vectorizes (the search is vector IR).
     rounded = scratch.view(np.int32)
     for blk in range(x.shape[0] // QK_K):
         base = blk * QK_K
-        xb = x[base : base + QK_K]
-        amax = _abs_max(xb)
-        if amax == 0:
+        vmax = _largest_magnitude(x, base)
+        if vmax == 0:
             d[blk] = 0.0
             qs[base : base + QK_K] = 0
             bsums[blk * 16 : blk * 16 + 16] = 0
             continue
-        vmax = np.float32(0.0)  # the first value of largest magnitude, sign kept
-        for j in range(QK_K):
-            if abs(xb[j]) == amax:
-                vmax = xb[j]
-                break
         iscale = np.float32(-127.0) / vmax
         # ggml's nearest_int: adding 1.5 * 2**23 rounds to an integer, half to even, in the low bits
         for j in range(QK_K):
-            scratch[j] = iscale * xb[j] + np.float32(12582912.0)
+            scratch[j] = iscale * x[base + j] + np.float32(12582912.0)
         for j in range(QK_K):
             qs[base + j] = min(127, rounded[j] - 0x4B400000)
         for g in range(16):
@@ -131,14 +151,12 @@ def _quantize_q8_k_into(x, qs, d, bsums, scratch) -> None:
 
 
 @njit(cache=True)
-def _quantize_q8_k_row(x, qs, d, bsums) -> None:
-    _quantize_q8_k_into(x[0], qs[0], d[0], bsums[0], np.empty(QK_K, np.float32))
-
-
-@njit(cache=True, parallel=True)
 def _quantize_q8_k_rows(x, qs, d, bsums) -> None:
-    for t in prange(x.shape[0]):
-        _quantize_q8_k_into(x[t], qs[t], d[t], bsums[t], np.empty(QK_K, np.float32))
+    # One thread: a parallel version halved the time (0.5 -> 0.2 ms for 128 x 2048) but compiled 1 s
+    # longer on first use.
+    scratch = np.empty(QK_K, np.float32)
+    for t in range(x.shape[0]):
+        _quantize_q8_k_into(x[t], qs[t], d[t], bsums[t], scratch)
 
 
 def quantize_activations_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -151,8 +169,7 @@ def quantize_activations_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     qs = np.empty((n_tok, n), np.int8)
     d = np.empty((n_tok, n // QK_K), np.float32)
     bsums = np.empty((n_tok, n // 16), np.int16)
-    # one token (generation: every product of every step) without a parallel launch
-    (_quantize_q8_k_row if n_tok == 1 else _quantize_q8_k_rows)(x, qs, d, bsums)
+    _quantize_q8_k_rows(x, qs, d, bsums)
     return qs, d, bsums
 
 
@@ -627,10 +644,9 @@ def interleave_pairs(xq: np.ndarray, n_tok: int) -> np.ndarray:
 # 128 tokens, tokens/s): Q4_K 5632x2048 5,007 with 4-token tiles, 5,551 with 8.
 _TILE_TOKENS = 8
 _ROW_CHUNK = 16  # rows per parallel work item of the batched drivers (as simd.py)
-# Q6_K's unpacking (two bit fields per code) is dearer than the other K-quants', so its batches take
-# 16-token tiles first. Measured (Intel Xeon, `bench/bench_kquants.py --threads 1`, tokens/s): Q6_K
-# 32000x2048 at 32 tokens 995 with 8-token tiles, 1,075-1,306 with 16 (1,239 at 128 tokens); Q4_K lost
-# 4-11% with 16, so the others keep 8. Whole Q6_K file, pp128 on 2 threads: 94.6 -> 125.4 t/s.
+# Types whose unpacking is dear take 16-token tiles first ("wide", iquant_simd's grid types). Measured
+# when Q6_K still used these tiles (Intel Xeon, `bench/bench_kquants.py --threads 1`, tokens/s): Q6_K
+# 32000x2048 at 32 tokens 995 with 8-token tiles, 1,075-1,306 with 16; Q4_K lost 4-11% with 16.
 _WIDE_TOKENS = 2 * _TILE_TOKENS
 
 # Driver templates. Each type's drivers are these functions compiled under their own names with that
@@ -696,6 +712,16 @@ def _matmul_portable(w, xq, xd, xs, out):
                 out[t, r] = _one(w, r, xq, xd, xs, t)[0]
 
 
+def _matmul_rows(w, xq, xd, xs, out):
+    """out[t, r] = dot(row r, activation row t), one token at a time: 16-row chunks over threads, so a
+    row is read from memory once for every token (the small batches of the types whose larger ones
+    take engine/kernels/kquant_gemm.py's lane products)."""
+    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
+        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
+            for t in range(xq.shape[0]):
+                out[t, r] = _one(w, r, xq, xd, xs, t)[0]
+
+
 def _bind(template, name: str, **tiles):
     """``template`` compiled as its own function ``name``, with ``tiles`` as its globals."""
     function = types_module.FunctionType(template.__code__, dict(template.__globals__, **tiles), name)
@@ -704,24 +730,32 @@ def _bind(template, name: str, **tiles):
     return njit(parallel=True, cache=True)(function)
 
 
-def make_drivers(qtype: str, emitter=_KEmitter, wide: bool = False) -> tuple:
+def make_drivers(qtype: str, emitter=_KEmitter, tiles: str | None = "narrow") -> tuple:
     """(matvec, matmul, portable matvec, portable matmul) of ``qtype``, each ``(w, xq, xd, xs, out)``
-    with the activations of :func:`activations_for`; ``wide``: host batches take 16-token tiles first."""
-    one, tile = (make_tile(qtype, "host", n, interleaved=n > 1, emitter=emitter) for n in (1, _TILE_TOKENS))
-    one_p, tile_p = (make_tile(qtype, "generic", n, emitter=emitter) for n in (1, _TILE_TOKENS))
-    if wide:
-        matmul = _bind(_matmul_wide, f"matmul_{qtype}", _one=one, _tile=tile,
-                       _wide=make_tile(qtype, "host", _WIDE_TOKENS, interleaved=True, emitter=emitter))
+    with the activations of :func:`activations_for`. Batches: ``tiles`` "narrow" 8-token tiles, "wide"
+    16-token tiles first, None one token at a time (the types whose batches of 8 and more take
+    kquant_gemm's lane products: no tile compiled that would never run)."""
+    one, one_p = make_tile(qtype, "host", 1, emitter=emitter), make_tile(qtype, "generic", 1, emitter=emitter)
+    if tiles is None:
+        matmul = _bind(_matmul_rows, f"matmul_{qtype}", _one=one)
+        matmul_p = _bind(_matmul_rows, f"matmul_{qtype}_generic", _one=one_p)
     else:
-        matmul = _bind(_matmul, f"matmul_{qtype}", _one=one, _tile=tile)
+        tile = make_tile(qtype, "host", _TILE_TOKENS, interleaved=True, emitter=emitter)
+        if tiles == "wide":
+            matmul = _bind(_matmul_wide, f"matmul_{qtype}", _one=one, _tile=tile,
+                           _wide=make_tile(qtype, "host", _WIDE_TOKENS, interleaved=True, emitter=emitter))
+        else:
+            matmul = _bind(_matmul, f"matmul_{qtype}", _one=one, _tile=tile)
+        matmul_p = _bind(_matmul_portable, f"matmul_{qtype}_generic", _one=one_p,
+                         _tile=make_tile(qtype, "generic", _TILE_TOKENS, emitter=emitter))
     return (_bind(_matvec, f"matvec_{qtype}", _one=one), matmul,
-            _bind(_matvec, f"matvec_{qtype}_generic", _one=one_p),
-            _bind(_matmul_portable, f"matmul_{qtype}_generic", _one=one_p, _tile=tile_p))
+            _bind(_matvec, f"matvec_{qtype}_generic", _one=one_p), matmul_p)
 
 
 # qtype -> (matvec, matmul, portable matvec, portable matmul)
 TYPES = ("q4_k", "q5_k", "q6_k", "iq4_xs", "q2_k", "q3_k")
-DRIVERS = {qtype: make_drivers(qtype, wide=qtype == "q6_k") for qtype in TYPES}
+# every one of them has lane products for batches of 8 and more (engine/kernels/kquant_gemm.py)
+DRIVERS = {qtype: make_drivers(qtype, tiles=None) for qtype in TYPES}
 
 
 def standalone_row_dot_ir(qtype: str, isa: str, emitter=_KEmitter) -> str:
