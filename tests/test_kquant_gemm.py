@@ -1,4 +1,4 @@
-"""The K-quant prompt products with the tokens in the vector lanes (engine/kernels/kquant_gemm.py).
+"""The prompt products with the tokens in the vector lanes (engine/kernels/kquant_gemm.py).
 
 * Every product (Q4_K, Q5_K, Q6_K, IQ4_XS, Q3_K, Q2_K; 12 to 100 tokens, so the 4- and 1-row tiles of
   2 and 1 token vectors and a padded last vector; a partial 16-row chunk) equals the dequantized
@@ -7,8 +7,10 @@
   under qemu by bench/arm64).
 * Extreme codes and scales stay exact (no 16-bit saturation on AVX2's pmaddubsw, IQ4_XS's codes up
   to 241 included).
-* The public ``matmul`` takes these products from 8 tokens on, and they agree with the
-  kquant_simd tiles to float rounding.
+* The public ``matmul`` takes these products from 8 tokens on (Q8_0, Q4_0, IQ4_NL: on VNNI hosts), and
+  they agree with the kquant_simd tiles to float rounding.
+* Q8_0, Q4_0 and IQ4_NL (8 blocks of 32 as one super-block, Q8_0 activations) likewise, Q8_0's
+  value 127 (code 255) and IQ4_NL's 113 included.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from test_kquant_simd import random_k_rows
 from engine.kernels import kquant_gemm as kg
 from engine.kernels import kquant_simd as ks
 from engine.kernels import matmul as mm
+from engine.kernels import simd
 
 T = GGMLQuantizationType
 TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.Q3_K, T.Q2_K)
@@ -131,8 +134,64 @@ def test_short_operands_bound_the_super_blocks() -> None:
 )
 @pytest.mark.parametrize("qtype", kg.TYPES)
 def test_ir_compiles_for_each_target_without_library_calls(qtype, triple, cpu, isa, expect) -> None:
-    if qtype == "iq4_xs" and isa in ("avx2", "neon-dotprod"):  # codes to 241: exact products, not these
+    if qtype in kg.WIDE_CODES and isa in ("avx2", "neon-dotprod"):  # codes to 255: exact products, not these
         expect = {"avx2": "vpmaddwd", "neon-dotprod": "smull"}[isa]
     instructions, asm = instructions_for(kg.standalone_lanes_ir(qtype, isa), triple, cpu)
     assert not [i for i in instructions if i in CALLS], asm
     assert expect in asm.split(), asm  # AVX-VNNI's is "{vex} vpdpbusd"
+
+
+def random_block32_rows(qtype: GGMLQuantizationType, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
+    """Random Q8_0 / Q4_0 / IQ4_NL bytes with finite fp16 block scales."""
+    size = GGML_QUANT_SIZES[qtype][1]
+    raw = rng.integers(0, 256, (n_out, n_in // 32 * size), dtype=np.uint8)
+    scales = (rng.uniform(-1.0, 1.0, (n_out, n_in // 32)) / 64).astype(np.float16)
+    raw.reshape(n_out, -1, size)[..., 0:2] = scales.view(np.uint8).reshape(n_out, -1, 2)
+    return raw
+
+
+def q8_0_activations(x: np.ndarray) -> np.ndarray:
+    """The activations the block products see: Q8_0 values times their block scales, float64."""
+    xq, xs, _ = simd.quantize_activations_q8_0_batch(x)
+    return (xq.reshape(x.shape[0], -1, 32) * xs[:, :, None].astype(np.float64)).reshape(x.shape[0], -1)
+
+
+@pytest.mark.parametrize("n_tok", [8, 27, 100])
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.IQ4_NL], ids=lambda t: t.name)
+def test_block32_lane_products_match_dequantized_weights_and_activations(qtype, n_tok) -> None:
+    rng = np.random.default_rng(int(qtype) * 100 + n_tok)
+    raw = random_block32_rows(qtype, 37, 768, rng)
+    x = rng.standard_normal((n_tok, 768)).astype(np.float32)
+    host, portable = run_lanes(qtype, raw, x)
+    w = dequantize(raw, qtype).astype(np.float64)
+    x_used = q8_0_activations(x)
+    # one float32 multiply-add per block (24 here) on exact integer block dots
+    bound = 3e-6 * (np.abs(x_used) @ np.abs(w).T) + 1e-30
+    assert np.all(np.abs(host - x_used @ w.T) <= bound)
+    np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.IQ4_NL], ids=lambda t: t.name)
+def test_block32_largest_codes_are_exact(qtype) -> None:
+    # Q8_0 values 127 (code 255), IQ4_NL values 113 (code 241), times activations +-127
+    size = GGML_QUANT_SIZES[qtype][1]
+    raw = np.full((4, 512 // 32 * size), 0x7F if qtype == T.Q8_0 else 0xFF, np.uint8)
+    raw.reshape(4, -1, size)[..., 0:2] = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
+    x = np.ones((16, 512), np.float32)
+    x[1::2, ::2] = -1.0
+    host, portable = run_lanes(qtype, raw, x)
+    reference = q8_0_activations(x) @ dequantize(raw, qtype).astype(np.float64).T
+    np.testing.assert_allclose(host, reference, rtol=1e-6, atol=1e-6 * np.abs(reference).max())
+    np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.IQ4_NL], ids=lambda t: t.name)
+def test_matmul_takes_block32_lanes_on_vnni_hosts(qtype) -> None:
+    rng = np.random.default_rng(5)
+    raw = random_block32_rows(qtype, 24, 512, rng)
+    x = rng.standard_normal((20, 512)).astype(np.float32)
+    out = mm.matmul(mm.WeightView(qtype, 512, 24, raw), x)
+    lanes, _ = run_lanes(qtype, raw, x)
+    if simd.kernel_isa() in ("avx512-vnni", "avx2-vnni"):
+        np.testing.assert_array_equal(out.view(np.uint32), lanes.view(np.uint32))
+    np.testing.assert_allclose(out, lanes, rtol=1e-5, atol=1e-5 * np.abs(lanes).max())

@@ -413,21 +413,25 @@ OTHER_ISA_SCRIPT = textwrap.dedent(
         kquant_simd.DRIVERS[qtype][1](w, *act, outs[0])
         kquant_simd.DRIVERS[qtype][3](w, *act, outs[1])
         np.testing.assert_array_equal(outs[0], outs[1])
-    # the prompt products with tokens in the lanes, random rows and IQ4_XS's largest codes (241 x 127)
-    for qtype in kquant_gemm.TYPES + ("iq4_xs_max",):
-        size = kquant_gemm.BLOCK_BYTES[qtype[:6]]
+    # the prompt products with tokens in the lanes, random rows and the largest codes (IQ4_XS 241, Q8_0 255)
+    scale = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    for qtype in kquant_gemm.TYPES + ("iq4_xs_max", "q8_0_max"):
+        name = qtype.removesuffix("_max")
+        size = kquant_gemm.BLOCK_BYTES[name]
         w = rng.integers(0, 256, (19, 2 * size), dtype=np.uint8)
-        if qtype == "iq4_xs_max":
-            w[:] = 0xFF
-        for offset in kquant_simd.FP16_OFFSETS[qtype[:6]]:  # finite fp16 scales
+        if qtype.endswith("_max"):
+            w[:] = 0x7F if name == "q8_0" else 0xFF
+        if name in kquant_gemm.BLOCK32_TYPES:  # 8 blocks of 32 per 256 values, each its fp16 d first
+            w.reshape(19, 16, size // 8)[..., 0:2] = scale
+        for offset in kquant_simd.FP16_OFFSETS.get(name, ()):  # finite fp16 scales
             if offset is not None:
-                w.reshape(19, 2, size)[..., offset : offset + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+                w.reshape(19, 2, size)[..., offset : offset + 2] = scale
         x = rng.standard_normal((100, 512)).astype(np.float32)
-        if qtype == "iq4_xs_max":
+        if qtype.endswith("_max"):
             x[:] = 1.0
-        lanes = kquant_gemm.activations_for_lanes(qtype[:6], x)
+        lanes = kquant_gemm.activations_for_lanes(name, x)
         outs = [np.empty((100, 19), np.float32) for _ in range(2)]
-        for driver, out in zip(kquant_gemm.DRIVERS[qtype[:6]], outs):
+        for driver, out in zip(kquant_gemm.DRIVERS[name], outs):
             driver(w, *lanes, 100, out)
         np.testing.assert_array_equal(outs[0], outs[1])
     print("ok")

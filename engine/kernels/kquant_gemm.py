@@ -1,34 +1,33 @@
-"""Prompt products of the K-quants (Q4_K, Q5_K, Q6_K) with the tokens in the vector lanes.
+"""Prompt products with the tokens in the vector lanes: the K-quants (Q4_K, Q5_K, Q6_K, IQ4_XS, Q3_K,
+Q2_K) against Q8_K activations, and Q8_0, Q4_0, IQ4_NL against Q8_0 activations.
 
-kquant_simd.py's tiles put a 32-weight group of one row in a vector and multiply it with each
-token's activations: every sub-block scale then needs its own multiply (``pmaddubsw`` + ``pmaddwd``
-with the scales: two multiply instructions per 64 products). On Intel cores those run on one port,
-so the tiles stopped at ~30 int8 products per cycle (Intel Xeon, 1 thread: 65-72 G/s).
+The row tiles (kquant_simd.py, simd.py) put 32 weights of one row in a vector and multiply them with
+each token's activations: every sub-block scale then needs its own multiply (``pmaddubsw`` +
+``pmaddwd`` with the scales: two multiply instructions per 64 products), and each activation load
+feeds one row. They stopped at ~30 int8 products per cycle (Intel Xeon, 1 thread: 65-72 G/s), where
+this core retires two ``vpdpbusd`` (128 products) per cycle.
 
-Here 16 tokens share a vector instead. Four weight codes are broadcast to all 16 lanes and one
-``vpdpbusd`` adds their products with 16 tokens' four activations (u8 codes x s8 activations, 64
-products, exact in i32); a sub-block's quads chain into one i32 per token, so its scale is applied
-once per sub-block and token vector, in floats: ``f += (d_w * scale_j) * float(dot_j)``. The weights
-stay in the file's layout, decoded four codes at a time in scalar registers; the activations are
-repacked once per product (:func:`activations_for_lanes`): for each 16 tokens, each 4 values, the 16
-tokens' 4 int8 side by side.
+Here 16 tokens share a vector. Four weight codes are broadcast to all 16 lanes and one ``vpdpbusd``
+adds their products with 16 tokens' four activations (u8 codes x s8 activations, 64 products, exact in
+i32); a sub-block's quads chain into one i32 per token, so its scale is applied once per sub-block and
+token vector, in floats. Codes are unsigned: types with signed values store value + offset and start
+each sub-block's dot at ``-offset * (sum of its activations)``. A chunk of 16 rows is unpacked once
+per super-block into a small array of codes and float scales (:meth:`_LaneEmitter.decode`), then every
+token vector runs against it, 4 rows x 2 vectors per call: each activation load and each code
+broadcast feeds 8 ``vpdpbusd``. The activations are repacked once per product
+(:func:`activations_for_lanes`): per 16 tokens and 4 values, the 16 tokens' 4 int8 side by side.
 
 Per token and 256-weight super-block the float result is, in this order::
 
     f   = sum over sub-blocks j of (d_w * scale_j) * float(dot_j)       # dot_j exact in integers
     acc = acc + d_x * f
-    acc = acc - sum over j of (dmin_w * min_j) * (d_x * bsum32_j)        # Q4_K / Q5_K only
+    acc = acc - sum over mins j of (dmin_w * min_j) * (d_x * bsum_j)     # Q4_K, Q5_K, Q2_K
 
-(Q6_K's ``-32`` offsets start each ``dot_j`` at ``-32 * bsum16_j``.) This is ggml's own order
-(``sumf += d * sumi - dmin * summs``) with the sub-block sums in floats. It is not the matrix-vector
-kernels' order (those keep 8 float lanes per row), so a prompt row and a generated token differ in
-the last bits, as in llama.cpp; the portable IR computes the same integers and floats as every ISA,
-so this product is bit-identical on every CPU and tested so.
-
-Blocking: one call computes one row's super-blocks ``sb0 .. sb0 + n_sb`` for 32 tokens (2 vectors),
-the accumulators living in a small array between calls, so the drivers can keep a panel of
-activations in L1 while they walk 16 rows (each 64-byte activation vector is read once per row; from
-L2 that is more bytes per cycle than L2 gives).
+(for the 32-blocks, each block its own activation scale: ``f += (d_w * d_x) * float(dot)``, then
+``acc += f``). This is ggml's order (``sumf += d * sumi - dmin * summs``) with the sub-block sums in
+floats. It is not the matrix-vector kernels' order (those keep 8 float lanes per row), so a prompt row
+and a generated token differ in the last bits, as in llama.cpp; the portable IR computes the same
+integers and floats as every ISA, so this product is bit-identical on every CPU and tested so.
 """
 
 from __future__ import annotations
@@ -39,7 +38,14 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from engine.kernels.kquant_simd import BLOCK_BYTES as _BLOCK_BYTES_ALL
-from engine.kernels.kquant_simd import FP16_OFFSETS, QK_K, _bind, _KEmitter, quantize_activations_q8_k
+from engine.kernels.kquant_simd import (
+    FP16_OFFSETS,
+    KVALUES_IQ4NL,
+    QK_K,
+    _bind,
+    _KEmitter,
+    quantize_activations_q8_k,
+)
 from engine.kernels.simd import (
     _F32,
     _I8,
@@ -52,18 +58,27 @@ from engine.kernels.simd import (
     _row_ptr,
     _vconst,
     kernel_isa,
+    quantize_activations_q8_0_batch,
 )
 
 LANES = 16  # tokens per vector
-TYPES = ("q4_k", "q5_k", "q6_k", "iq4_xs", "q3_k", "q2_k")
-BLOCK_BYTES = {qtype: _BLOCK_BYTES_ALL[qtype] for qtype in TYPES}
+K_TYPES = ("q4_k", "q5_k", "q6_k", "iq4_xs", "q3_k", "q2_k")
+# ggml's 32-value blocks against Q8_0 activations (each block's own activation scale), 8 blocks taken
+# as one 256-value "super-block"
+BLOCK32_TYPES = ("q8_0", "q4_0", "iq4_nl")
+TYPES = K_TYPES + BLOCK32_TYPES
+BLOCK_BYTES = {qtype: _BLOCK_BYTES_ALL[qtype] for qtype in K_TYPES} | {"q8_0": 8 * 34, "q4_0": 8 * 18, "iq4_nl": 8 * 18}
 # sub-blocks per super-block (one scale each)
-SUB_BLOCKS = {"q4_k": 8, "q5_k": 8, "q6_k": 16, "iq4_xs": 8, "q3_k": 16, "q2_k": 16}
+SUB_BLOCKS = {"q4_k": 8, "q5_k": 8, "q6_k": 16, "iq4_xs": 8, "q3_k": 16, "q2_k": 16, "q8_0": 8, "q4_0": 8, "iq4_nl": 8}
 # What the per-token sums are for. Codes stored as value + offset (Q6_K 32, Q3_K 4, IQ4_XS 128: its
 # signed values made unsigned for vpdpbusd) start each sub-block's dot at -offset * (sum of its
 # activations), int32; the types with mins (Q4_K/Q5_K per 32 values, Q2_K per 16) take the float32
 # d_x * (sum of the activations under each min).
-OFFSETS = {"q6_k": 32, "q3_k": 4, "iq4_xs": 128}
+OFFSETS = {"q6_k": 32, "q3_k": 4, "iq4_xs": 128, "q8_0": 128, "q4_0": 8, "iq4_nl": 128}
+# codes above 127 (value + 128): no pmaddubsw (its pairs would saturate) and no sdot (signed bytes)
+WIDE_CODES = ("iq4_xs", "q8_0", "iq4_nl")
+# activation scales per super-block: one (Q8_K), or one per block (Q8_0)
+TOKEN_SCALES = {qtype: 8 if qtype in BLOCK32_TYPES else 1 for qtype in TYPES}
 MINS = {"q4_k": 8, "q5_k": 8, "q2_k": 16}
 
 _V16I32 = ir.VectorType(_I32, 16)
@@ -77,16 +92,15 @@ _V64I8 = ir.VectorType(_I8, 64)
 
 
 @njit(cache=True)
-def _lanes(qs, d, bsums, per, offset):
+def _lanes(qs, d, bsums, per, group, offset):
     """(values, scales, offset sums, min sums), 16 tokens side by side per vector (zeros past the last
     token): int8 ``(n_vec, 16 * n)`` with values 4q..4q+3 of token t at 64q + 4t; float32 scales; per
-    super-block ``per`` sums of the activations (each over 256 / per values): ``offset`` given (not 0),
+    scale ``per`` sums of the activations, each of ``group`` items of ``bsums``: ``offset`` given (not 0),
     int32 ``-offset * sum``, else float32 ``d_x * sum``; the other sums array is empty. One function,
     not four: each compiled one cost ~0.2 s on a type's first use."""
     n_tok, n = qs.shape
     n_vec = (n_tok + LANES - 1) // LANES
     n_sb = d.shape[1]
-    group = 16 // per  # bsums (of 16 values) per sum
     values = np.zeros((n_vec, LANES * n), np.int8)
     scales = np.zeros((n_vec, LANES * n_sb), np.float32)
     n_sums = n_sb * per
@@ -114,10 +128,15 @@ def _lanes(qs, d, bsums, per, offset):
 def activations_for_lanes(qtype: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float32 ``(n_tok, n)`` -> (values, scales, sums), each ``(n_vec, ...)`` with 16 tokens per vector:
     the Q8_K values and scales of ``quantize_activations_q8_k``, and per sub-block (or min) the sums
-    ``qtype`` takes (see OFFSETS and MINS)."""
+    ``qtype`` takes (see OFFSETS and MINS); for BLOCK32_TYPES the Q8_0 values, a scale and an offset sum
+    per 32 values."""
+    if qtype in BLOCK32_TYPES:  # per block: a scale, the sum of its 32 values
+        qs, d, block_sums = quantize_activations_q8_0_batch(np.ascontiguousarray(x, dtype=np.float32))
+        values, scales, offset_sums, _ = _lanes(qs, d, block_sums.astype(np.int16), 1, 1, OFFSETS[qtype])
+        return values, scales, offset_sums
     qs, d, bsums = quantize_activations_q8_k(x)
-    per = SUB_BLOCKS[qtype] if qtype in OFFSETS else MINS[qtype]
-    values, scales, offset_sums, min_sums = _lanes(qs, d, bsums, per, OFFSETS.get(qtype, 0))
+    per = SUB_BLOCKS[qtype] if qtype in OFFSETS else MINS[qtype]  # sums per super-block, of 16 // per bsums
+    values, scales, offset_sums, min_sums = _lanes(qs, d, bsums, per, 16 // per, OFFSETS.get(qtype, 0))
     return values, scales, offset_sums if qtype in OFFSETS else min_sums
 
 
@@ -129,15 +148,17 @@ def activations_for_lanes(qtype: str, x: np.ndarray) -> tuple[np.ndarray, np.nda
 class _LaneEmitter(_KEmitter):
     """One row's super-blocks against token vectors; the weights' helpers are _KEmitter's."""
 
+    BLOCK_BYTES = BLOCK_BYTES
+
     def quad_dot(self, acc: ir.Value, codes: ir.Value, x: ir.Value) -> ir.Value:
         """acc (<16 x i32>) + per lane the 4 products of ``codes`` (<64 x i8>, unsigned) and ``x``
         (<64 x i8>, int8), exactly: vpdpbusd on AVX512-VNNI, two 256-bit ones on AVX-VNNI, pmaddubsw +
         pmaddwd with ones on AVX2 (pairs <= 2 * 63 * 127: no saturation), sdot on arm64, else the
         products in i32 summed by fours."""
         b = self.b
-        # IQ4_XS's codes reach 241: pmaddubsw's pairs would saturate (241 * 127 * 2 > 2**15) and sdot
+        # WIDE_CODES reach 255: pmaddubsw's pairs would saturate (255 * 127 * 2 > 2**15) and sdot
         # multiplies signed bytes, so those ISAs take the exact products below for it
-        exact = self.qtype == "iq4_xs" and self.isa in ("avx2", "neon-dotprod")
+        exact = self.qtype in WIDE_CODES and self.isa in ("avx2", "neon-dotprod")
         if self.isa == "avx512-vnni":
             fn = self._fn("llvm.x86.avx512.vpdpbusd.512", _V16I32, [_V16I32] * 3)
             return b.call(fn, [acc, b.bitcast(codes, _V16I32), b.bitcast(x, _V16I32)])
@@ -174,6 +195,9 @@ class _LaneEmitter(_KEmitter):
         (value + OFFSETS[qtype]); at ``params`` the float32 sub-block scales ``d_w * scale_j`` (8 or
         16), then from float 16 on the ``dmin_w * min_j`` (8 or 16)."""
         b = self.b
+        if self.qtype in BLOCK32_TYPES:
+            self._decode_blocks32(block, codes, params)
+            return
         groups, _, mins = self.unpack(block)
         d_offset, dmin_offset = FP16_OFFSETS[self.qtype]
         d_w = self._fp16(block, d_offset)
@@ -192,6 +216,26 @@ class _LaneEmitter(_KEmitter):
             vec = ir.VectorType(_F32, mins.type.count)
             mins_f = b.fmul(self._splat(self._fp16(block, dmin_offset), vec), b.uitofp(mins, vec))
             b.store(mins_f, b.bitcast(b.gep(params, [ir.Constant(_I64, 64)]), vec.as_pointer()), align=4)
+
+    def _decode_blocks32(self, block: ir.Value, codes: ir.Value, params: ir.Value) -> None:
+        """8 ggml blocks of 32 (fp16 d, then 32 int8, or 16 bytes of nibbles: element j low, j + 16 high):
+        codes value + offset in element order, params the 8 d."""
+        b = self.b
+        size = BLOCK_BYTES[self.qtype] // 8
+        v16i8, v32i8 = ir.VectorType(_I8, 16), ir.VectorType(_I8, 32)
+        for g in range(8):
+            if self.qtype == "q8_0":
+                code = b.xor(self._load(block, 34 * g + 2, v32i8), _vconst(v32i8, 0x80))
+            else:
+                packed = self._load(block, size * g + 2, v16i8)
+                code = b.shuffle_vector(b.and_(packed, _vconst(v16i8, 0xF)), b.lshr(packed, _vconst(v16i8, 4)),
+                                        _mask(range(32)))
+                if self.qtype == "iq4_nl":
+                    code = b.xor(self.lookup16(code, KVALUES_IQ4NL), _vconst(v32i8, 0x80))
+            ptr = b.gep(codes, [ir.Constant(_I64, 32 * g)]) if g else codes
+            b.store(code, b.bitcast(ptr, v32i8.as_pointer()), align=1)
+            ptr = b.gep(params, [ir.Constant(_I64, 4 * g)]) if g else params
+            b.store(self._fp16(block, size * g), b.bitcast(ptr, _F32.as_pointer()), align=4)
 
     def dots(self, rows, vecs, accs: list[list[ir.Value]]) -> list[list[ir.Value]]:
         """Unpacked super-blocks of ``rows`` (per row: i8* codes, i8* params as :meth:`decode` writes
@@ -223,13 +267,21 @@ class _LaneEmitter(_KEmitter):
                 xv = self._load(x, 64 * m, _V64I8)
                 for r in range(len(rows)):
                     dots[r][v] = self.quad_dot(dots[r][v], words[r][m], xv)
-        f = loop.close([b.fadd(loop.values[r * len(vecs) + v], b.fmul(scales[r], b.sitofp(dots[r][v], _V16F32)))
+        if self.qtype in BLOCK32_TYPES:  # each block its own activation scale: (d_w * d_x) * dot, as ggml
+            token_scales = [self._load(at(d, LANES), 0, _V16F32) for _, d, _ in vecs]  # d: float*
+            factors = [[b.fmul(scale, ts) for ts in token_scales] for scale in scales]
+        else:
+            factors = [[scale] * len(vecs) for scale in scales]
+        f = loop.close([b.fadd(loop.values[r * len(vecs) + v], b.fmul(factors[r][v], b.sitofp(dots[r][v], _V16F32)))
                         for r in range(len(rows)) for v in range(len(vecs))])
         new = []
         for r, (_, params) in enumerate(rows):
             row_accs = []
             for v, (_, d, s) in enumerate(vecs):
-                acc = b.fadd(accs[r][v], b.fmul(self._load(d, 0, _V16F32), f[r * len(vecs) + v]))
+                if self.qtype in BLOCK32_TYPES:
+                    acc = b.fadd(accs[r][v], f[r * len(vecs) + v])
+                else:
+                    acc = b.fadd(accs[r][v], b.fmul(self._load(d, 0, _V16F32), f[r * len(vecs) + v]))
                 for k in range(MINS.get(self.qtype, 0)):
                     mins_f = self._splat(self._load(params, 64 + 4 * k, _F32), _V16F32)
                     acc = b.fsub(acc, b.fmul(mins_f, self._load(s, 4 * LANES * k, _V16F32)))
@@ -274,6 +326,7 @@ def make_lane_tile(qtype: str, isa_mode: str, n_vec: int, n_rows: int = 1):
     ``sb`` of token vectors vec0 .. vec0 + n_vec - 1 of :func:`activations_for_lanes`'s arrays, added to
     ``acc[acc_row + i, acc_col : acc_col + 16 * n_vec]`` in place. The caller checks the bounds."""
     n_sums = SUB_BLOCKS[qtype] if qtype in OFFSETS else MINS[qtype]
+    n_scales = TOKEN_SCALES[qtype]
     sums_dtype, sums_elem = (types.int32, _I32) if qtype in OFFSETS else (types.float32, _F32)
 
     def codegen(context, builder, sig, args):
@@ -285,7 +338,7 @@ def make_lane_tile(qtype: str, isa_mode: str, n_vec: int, n_rows: int = 1):
         for v in range(n_vec):
             vec = builder.add(vec0, ir.Constant(_I64, v))
             x = builder.gep(_row_ptr(builder, xt, vec, _I8), [builder.mul(sb, ir.Constant(_I64, LANES * QK_K))])
-            d = builder.gep(_row_ptr(builder, dt, vec, _F32), [builder.mul(sb, ir.Constant(_I64, LANES))])
+            d = builder.gep(_row_ptr(builder, dt, vec, _F32), [builder.mul(sb, ir.Constant(_I64, LANES * n_scales))])
             s = builder.gep(_row_ptr(builder, st, vec, sums_elem), [builder.mul(sb, ir.Constant(_I64, LANES * n_sums))])
             vecs.append((x, d, _as_i8_ptr(builder, s)))
         rows, acc_ptrs = [], []
@@ -329,7 +382,7 @@ _ROW_CHUNK = 16  # rows per parallel work item (a multiple of TILE_ROWS)
 # 8 tokens Q4_K 1.40 / 1.49, Q6_K 1.67 / 1.63; 16 tokens Q4_K 2.54 / 1.51, Q6_K 2.69 / 1.69.
 MIN_TOKENS = 8
 _decode = _tile_vecs = _tile_vec = None
-_BLOCK_BYTES = _SUMS = 0
+_BLOCK_BYTES = _SUMS = _SCALES = 0
 
 
 def _matmul_lanes(w, xt, dt, st, n_tok, out):
@@ -338,7 +391,7 @@ def _matmul_lanes(w, xt, dt, st, n_tok, out):
     vectors per call), the accumulators in a (16, tokens) array."""
     n_vec = xt.shape[0]
     n_rows = w.shape[0]
-    n_sb = min(w.shape[1] // _BLOCK_BYTES, xt.shape[1] // (LANES * QK_K), dt.shape[1] // LANES)
+    n_sb = min(w.shape[1] // _BLOCK_BYTES, xt.shape[1] // (LANES * QK_K), dt.shape[1] // (LANES * _SCALES))
     n_sb = min(n_sb, st.shape[1] // (LANES * _SUMS))
     if xt.shape[0] > dt.shape[0] or xt.shape[0] > st.shape[0] or out.shape[1] < n_rows or out.shape[0] < n_tok:
         raise ValueError("lane product: operand shapes disagree")
@@ -371,7 +424,8 @@ def make_driver(qtype: str, isa_mode: str):
     tiles = {"_tile_vecs": make_lane_tile(qtype, isa_mode, TILE_VECS, TILE_ROWS),
              "_tile_vec": make_lane_tile(qtype, isa_mode, 1, TILE_ROWS)}
     return _bind(_matmul_lanes, f"matmul_lanes_{qtype}{suffix}", _BLOCK_BYTES=BLOCK_BYTES[qtype],
-                 _SUMS=SUB_BLOCKS[qtype] if qtype in OFFSETS else MINS[qtype], _decode=make_decode(qtype, isa_mode),
+                 _SUMS=SUB_BLOCKS[qtype] if qtype in OFFSETS else MINS[qtype], _SCALES=TOKEN_SCALES[qtype],
+                 _decode=make_decode(qtype, isa_mode),
                  **tiles)
 
 

@@ -812,6 +812,27 @@ _K_PRODUCTS = {int(GGMLQuantizationType[name.upper()]): (name, *drivers)
                for name, drivers in (kquant_simd.DRIVERS | iquant_simd.DRIVERS).items()}
 
 
+_LANE_TYPES = {int(GGMLQuantizationType[name.upper()]): name for name in kquant_gemm.TYPES}
+_VNNI_ISAS = ("avx512-vnni", "avx2-vnni")
+
+
+def _lane_driver(weight: WeightView, n_tok: int):
+    """The lane-product driver (engine/kernels/kquant_gemm.py) for a batch of ``n_tok``, or None. The
+    K-quants take it from kquant_gemm.MIN_TOKENS tokens on every path but "reference"; Q8_0, Q4_0 and
+    IQ4_NL on VNNI hosts ("auto" path, rows of whole 256-value super-blocks), where it was measured
+    faster than their x8 kernels (Intel Xeon, 1 thread, 5632x2048, 128 tokens: Q8_0 23.3 -> 10.9 ms,
+    Q4_0 14.2 -> 9.8, IQ4_NL 34.9 -> 8.9); elsewhere their own kernels stay."""
+    name = _LANE_TYPES.get(int(weight.ggml_type))
+    if name is None or n_tok < kquant_gemm.MIN_TOKENS or _kernel_path == "reference":
+        return None
+    host, portable = kquant_gemm.DRIVERS[name]
+    if name in kquant_gemm.K_TYPES:
+        return portable if _kernel_path == "portable" else host
+    if _kernel_path == "auto" and weight.n_in % kquant_gemm.QK_K == 0 and simd.kernel_isa() in _VNNI_ISAS:
+        return host
+    return None
+
+
 def _has_k_product(weight: WeightView) -> bool:
     """Integer products against Q8_K activations (Q4_K, Q5_K, Q6_K also have a float reference path;
     the other types on the "reference" path are dequantized like the rest)."""
@@ -825,10 +846,6 @@ def _k_product(kind: int, raw: np.ndarray, x: np.ndarray, y: np.ndarray) -> None
         _call(kquants.matmul, kind, raw, x, y)
         return
     name, *drivers = _K_PRODUCTS[kind]
-    if name in kquant_gemm.DRIVERS and x.shape[0] >= kquant_gemm.MIN_TOKENS:
-        lanes = kquant_gemm.DRIVERS[name][_kernel_path == "portable"]
-        _call(lanes, raw, *_call(kquant_gemm.activations_for_lanes, name, x), x.shape[0], y)
-        return
     drivers = drivers[2:] if _kernel_path == "portable" else drivers[:2]
     xq, xd, xs = _call(kquant_simd.activations_for, name, x)
     _call(drivers[0] if x.shape[0] == 1 else drivers[1], raw, xq, xd, xs, y)
@@ -905,6 +922,11 @@ def matmul(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> 
             _matvec_into(weight, x[0], y[0])
         return y
     kind = int(weight.ggml_type)
+    lanes = _lane_driver(weight, x.shape[0])
+    if lanes is not None:
+        name = GGMLQuantizationType(kind).name.lower()
+        _call(lanes, weight.data, *_call(kquant_gemm.activations_for_lanes, name, x), x.shape[0], y)
+        return y
     drivers = _simd_kernels(kind, x.shape[0])
     if drivers is not None:
         _simd_product(kind, drivers, weight.data, x, y, batch=True)
