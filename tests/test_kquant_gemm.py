@@ -10,7 +10,7 @@
 * The public ``matmul`` takes these products from 8 tokens on (Q8_0, Q4_0, IQ4_NL: on VNNI hosts), and
   they agree with the kquant_simd tiles to float rounding.
 * Q8_0, Q4_0 and IQ4_NL (8 blocks of 32 as one super-block, Q8_0 activations) likewise, Q8_0's
-  value 127 (code 255) and IQ4_NL's 113 included.
+  value 127 (code 255) and IQ4_NL's 113 included; and the grid and ternary types (IQ1/IQ2/IQ3, TQ).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 from llvm_targets import CALLS, instructions_for
+from test_iquant_simd import random_rows as random_iq_rows
 from test_kquant_simd import random_k_rows
 
 from engine.kernels import kquant_gemm as kg
@@ -195,3 +196,18 @@ def test_matmul_takes_block32_lanes_on_vnni_hosts(qtype) -> None:
     if simd.kernel_isa() in ("avx512-vnni", "avx2-vnni"):
         np.testing.assert_array_equal(out.view(np.uint32), lanes.view(np.uint32))
     np.testing.assert_allclose(out, lanes, rtol=1e-5, atol=1e-5 * np.abs(lanes).max())
+
+
+@pytest.mark.parametrize("qtype", [T[name.upper()] for name in kg.IQ_TYPES], ids=lambda t: t.name)
+def test_grid_and_ternary_lane_products_match_dequantized_weights(qtype) -> None:
+    """iquant_simd's decoders feed the lanes (their groups recorded, values + 128 or codes with their
+    offset): the dequantized weights (gguf-py) times the Q8_K activations, host = portable."""
+    rng = np.random.default_rng(int(qtype))
+    raw = random_iq_rows(qtype, 21, 512, rng)
+    x = rng.standard_normal((27, 512)).astype(np.float32)
+    host, portable = run_lanes(qtype, raw, x)
+    w = dequantize(raw, qtype).astype(np.float64)
+    x_used = used_activations(qtype, x)
+    bound = 3e-6 * (np.abs(x_used) @ np.abs(w).T) + 1e-30
+    assert np.all(np.abs(host - x_used @ w.T) <= bound)
+    np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))

@@ -168,13 +168,17 @@ class _IQEmitter(_KEmitter):
             for isum, (_, _, bsum_ptr) in zip(isums, tokens):
                 bias = self._weighted_bsums(weights, bsum_ptr)
                 out.append(b.sub(isum, b.mul(bias, ir.Constant(bias.type, [offset] * 8))))
-            factor = 0.125 if q.startswith("iq1") else 1.0
         else:
             self._signed_groups(block, tokens, dots)
             out = self._finish_dots(dots)
             d = self._fp16(block, 0)
-            factor = {"iq3_xxs": 0.25, "iq3_s": 1.0}.get(q, 0.125)
-        return (d if factor == 1.0 else b.fmul(d, ir.Constant(_F32, factor))), out
+        return self.scaled_d(d), out
+
+    def scaled_d(self, d: ir.Value) -> ir.Value:
+        """The super-block's d times the type's constant factor (the integer scales are 2 * ls + 1 of
+        ggml's 0.5 + ls, and IQ1's codes 8 * (grid + delta))."""
+        factor = {"iq3_xxs": 0.25, "iq3_s": 1.0, "tq1_0": 1.0, "tq2_0": 1.0}.get(self.qtype, 0.125)
+        return d if factor == 1.0 else self.b.fmul(d, ir.Constant(_F32, factor))
 
     def _signed_groups(self, block: ir.Value, tokens, dots) -> None:
         """The grid types: magnitudes, sign masks and scales of the 8 groups of 32 weights."""

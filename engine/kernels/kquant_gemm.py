@@ -37,6 +37,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from engine.kernels.iquant_simd import _IQEmitter
 from engine.kernels.kquant_simd import BLOCK_BYTES as _BLOCK_BYTES_ALL
 from engine.kernels.kquant_simd import (
     FP16_OFFSETS,
@@ -66,17 +67,24 @@ K_TYPES = ("q4_k", "q5_k", "q6_k", "iq4_xs", "q3_k", "q2_k")
 # ggml's 32-value blocks against Q8_0 activations (each block's own activation scale), 8 blocks taken
 # as one 256-value "super-block"
 BLOCK32_TYPES = ("q8_0", "q4_0", "iq4_nl")
-TYPES = K_TYPES + BLOCK32_TYPES
-BLOCK_BYTES = {qtype: _BLOCK_BYTES_ALL[qtype] for qtype in K_TYPES} | {"q8_0": 8 * 34, "q4_0": 8 * 18, "iq4_nl": 8 * 18}
+# iquant_simd's grid and ternary types (Q8_K activations): signed values (grid magnitudes with sign
+# bits), or unsigned codes with an offset (IQ1: 8 * grid + delta - 9; TQ: trit + 1 - 1)
+IQ_SIGNED = ("iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s")
+IQ_TYPES = IQ_SIGNED + ("iq1_s", "iq1_m", "tq1_0", "tq2_0")
+TYPES = K_TYPES + BLOCK32_TYPES + IQ_TYPES
+BLOCK_BYTES = ({qtype: _BLOCK_BYTES_ALL[qtype] for qtype in K_TYPES}
+               | {"q8_0": 8 * 34, "q4_0": 8 * 18, "iq4_nl": 8 * 18} | _IQEmitter.BLOCK_BYTES)
 # sub-blocks per super-block (one scale each)
-SUB_BLOCKS = {"q4_k": 8, "q5_k": 8, "q6_k": 16, "iq4_xs": 8, "q3_k": 16, "q2_k": 16, "q8_0": 8, "q4_0": 8, "iq4_nl": 8}
+SUB_BLOCKS = {"q4_k": 8, "q5_k": 8, "q6_k": 16, "iq4_xs": 8, "q3_k": 16, "q2_k": 16, "q8_0": 8, "q4_0": 8, "iq4_nl": 8,
+              **{qtype: 16 for qtype in IQ_TYPES}}
 # What the per-token sums are for. Codes stored as value + offset (Q6_K 32, Q3_K 4, IQ4_XS 128: its
 # signed values made unsigned for vpdpbusd) start each sub-block's dot at -offset * (sum of its
 # activations), int32; the types with mins (Q4_K/Q5_K per 32 values, Q2_K per 16) take the float32
 # d_x * (sum of the activations under each min).
-OFFSETS = {"q6_k": 32, "q3_k": 4, "iq4_xs": 128, "q8_0": 128, "q4_0": 8, "iq4_nl": 128}
+OFFSETS = {"q6_k": 32, "q3_k": 4, "iq4_xs": 128, "q8_0": 128, "q4_0": 8, "iq4_nl": 128,
+           **{qtype: 128 for qtype in IQ_SIGNED}, "iq1_s": 9, "iq1_m": 9, "tq1_0": 1, "tq2_0": 1}
 # codes above 127 (value + 128): no pmaddubsw (its pairs would saturate) and no sdot (signed bytes)
-WIDE_CODES = ("iq4_xs", "q8_0", "iq4_nl")
+WIDE_CODES = ("iq4_xs", "q8_0", "iq4_nl") + IQ_SIGNED
 # activation scales per super-block: one (Q8_K), or one per block (Q8_0)
 TOKEN_SCALES = {qtype: 8 if qtype in BLOCK32_TYPES else 1 for qtype in TYPES}
 MINS = {"q4_k": 8, "q5_k": 8, "q2_k": 16}
@@ -290,6 +298,34 @@ class _LaneEmitter(_KEmitter):
         return new
 
 
+class _IQLaneEmitter(_LaneEmitter, _IQEmitter):
+    """_LaneEmitter with iquant_simd's decoders: their per-group products are recorded, not emitted."""
+
+    def _token_dots(self, dots, tokens, q, x_offset, s_lo, s_hi, signed=False, sign_mask=None) -> None:
+        self._groups.append((q, s_lo, s_hi, sign_mask))
+
+    def decode(self, block: ir.Value, codes: ir.Value, params: ir.Value) -> None:
+        b = self.b
+        self._groups = []
+        if self.qtype in IQ_SIGNED:
+            self._signed_groups(block, [], [])
+            d = self.scaled_d(self._fp16(block, 0))
+        else:
+            d = self.scaled_d(self._offset_groups(block, [], [])[0])
+        for g, (q, s_lo, s_hi, sign_mask) in enumerate(self._groups):
+            if sign_mask is not None:  # value = +-magnitude, stored + 128
+                q = b.xor(b.sub(b.xor(q, sign_mask), sign_mask), _vconst(q.type, 0x80))
+            ptr = b.gep(codes, [ir.Constant(_I64, 32 * g)]) if g else codes
+            b.store(q, b.bitcast(ptr, q.type.as_pointer()), align=1)
+            for k, scale in enumerate((s_lo, s_hi)):
+                ptr = b.gep(params, [ir.Constant(_I64, 8 * g + 4 * k)])
+                b.store(b.fmul(d, b.sitofp(scale, _F32)), b.bitcast(ptr, _F32.as_pointer()), align=4)
+
+
+def _emitter(builder: ir.IRBuilder, isa: str, qtype: str) -> _LaneEmitter:
+    return (_IQLaneEmitter if qtype in IQ_TYPES else _LaneEmitter)(builder, isa, qtype)
+
+
 PARAMS = 32  # float32 per unpacked super-block: 16 scales (or 8), then 16 mins (or 8, or none)
 
 
@@ -305,7 +341,7 @@ def make_decode(qtype: str, isa_mode: str):
         row, sb, slot = args[1], args[2], args[5]
         block = builder.gep(_as_i8_ptr(builder, _row_ptr(builder, w, row, _I8)),
                             [builder.mul(sb, ir.Constant(_I64, block_bytes))])
-        _LaneEmitter(builder, isa, qtype).decode(
+        _emitter(builder, isa, qtype).decode(
             block, _as_i8_ptr(builder, _row_ptr(builder, codes, slot, _I8)),
             _as_i8_ptr(builder, _row_ptr(builder, params, slot, _F32)))
         return context.get_dummy_value()
@@ -348,7 +384,7 @@ def make_lane_tile(qtype: str, isa_mode: str, n_vec: int, n_rows: int = 1):
                          _as_i8_ptr(builder, _row_ptr(builder, params, at, _F32))))
             row = _row_ptr(builder, acc, builder.add(acc_row, ir.Constant(_I64, r)), _F32)
             acc_ptrs.append(_as_i8_ptr(builder, builder.gep(row, [acc_col])))
-        emitter = _LaneEmitter(builder, isa, qtype)
+        emitter = _emitter(builder, isa, qtype)
         starts = [[emitter._load(ptr, 64 * v, _V16F32) for v in range(n_vec)] for ptr in acc_ptrs]
         finals = emitter.dots(rows, vecs, starts)
         for ptr, row_finals in zip(acc_ptrs, finals):
@@ -443,7 +479,7 @@ def standalone_lanes_ir(qtype: str, isa: str) -> str:
     fn = ir.Function(module, fn_type, name=f"{qtype}_lanes")
     builder = ir.IRBuilder(fn.append_basic_block("entry"))
     block, codes, params, x, d, sums, acc = fn.args
-    emitter = _LaneEmitter(builder, isa, qtype)
+    emitter = _emitter(builder, isa, qtype)
     emitter.decode(block, codes, params)
     acc_vec = builder.bitcast(acc, _V16F32.as_pointer())
     [[total]] = emitter.dots([(codes, params)], [(x, d, sums)], [[builder.load(acc_vec, align=4)]])

@@ -818,10 +818,11 @@ _VNNI_ISAS = ("avx512-vnni", "avx2-vnni")
 
 def _lane_driver(weight: WeightView, n_tok: int):
     """The lane-product driver (engine/kernels/kquant_gemm.py) for a batch of ``n_tok``, or None. The
-    K-quants take it from kquant_gemm.MIN_TOKENS tokens on every path but "reference"; Q8_0, Q4_0 and
-    IQ4_NL on VNNI hosts ("auto" path, rows of whole 256-value super-blocks), where it was measured
-    faster than their x8 kernels (Intel Xeon, 1 thread, 5632x2048, 128 tokens: Q8_0 23.3 -> 10.9 ms,
-    Q4_0 14.2 -> 9.8, IQ4_NL 34.9 -> 8.9); elsewhere their own kernels stay."""
+    K-quants take it from kquant_gemm.MIN_TOKENS tokens on every path but "reference" (their row
+    drivers have no batch tiles); Q8_0, Q4_0, IQ4_NL and the grid and ternary types on VNNI hosts
+    ("auto" path; Q8_0/Q4_0/IQ4_NL rows of whole 256-value super-blocks), where it was measured
+    faster than their own batch kernels (Intel Xeon, 1 thread, 5632x2048, 128 tokens: Q8_0 23.3 ->
+    10.9 ms, Q4_0 14.2 -> 9.8, IQ4_NL 34.9 -> 8.9); elsewhere those stay."""
     name = _LANE_TYPES.get(int(weight.ggml_type))
     if name is None or n_tok < kquant_gemm.MIN_TOKENS or _kernel_path == "reference":
         return None
