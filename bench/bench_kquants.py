@@ -4,8 +4,9 @@ TQ2_0: integer kernels in engine/kernels/iquant_simd.py; their "float" path is g
 a small shape).
 
 Three paths per shape: "float" (engine/kernels/kquants.py: the weights dequantized and dotted with
-float activations, the reference path), "portable" and "host" (engine/kernels/kquant_simd.py:
-integer products against Q8_K activations, portable IR / this CPU's ISA). Matrix-vector figures are
+float activations, the reference path), "portable" and "host" (integer products against Q8_K activations,
+portable IR / this CPU's ISA: engine/kernels/kquant_simd.py for one token, kquant_gemm.py's lane products
+for batches). Matrix-vector figures are
 GB/s of weight bytes, batched ones tokens/s; the activation quantization is included in the time.
 Each figure is the best of several runs (the machine is shared: best-of is the least noisy).
 
@@ -32,7 +33,7 @@ import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from engine.kernels import kquant_simd, kquants
+from engine.kernels import kquant_gemm, kquant_simd, kquants
 from engine.kernels.matmul import _call
 
 SHAPES = [("q6_k", 32000, 2048), ("q4_k", 5632, 2048), ("q5_k", 5632, 2048), ("q4_k", 4096, 4096)]
@@ -65,6 +66,9 @@ def product(qtype: str, path: str, raw: np.ndarray, x: np.ndarray, y: np.ndarray
     if path == "float":
         kind = int(GGMLQuantizationType[qtype.upper()])
         return lambda: _call(kquants.matmul, kind, raw, x, y)
+    if x.shape[0] >= kquant_gemm.MIN_TOKENS:  # batches: the lane products (engine/kernels/kquant_gemm.py)
+        lanes = kquant_gemm.DRIVERS[qtype][path == "portable"]
+        return lambda: _call(lanes, raw, *kquant_gemm.activations_for_lanes(qtype, x), x.shape[0], y)
     fn = kquant_simd.DRIVERS[qtype][(0 if x.shape[0] == 1 else 1) + (2 if path == "portable" else 0)]
     return lambda: _call(fn, raw, *kquant_simd.activations_for(qtype, x), y)
 

@@ -193,9 +193,16 @@ class _LaneEmitter(_KEmitter):
                                           self._slice(v, range(16 * k, 16 * k + 16))]) for k in range(2)]
                 halves.append(b.shuffle_vector(quarters[0], quarters[1], _mask(range(8))))
             else:
-                products = b.mul(b.zext(c, ir.VectorType(_I32, 32)), b.sext(v, ir.VectorType(_I32, 32)))
-                sums = [self._slice(products, range(k, 32, 4)) for k in range(4)]
-                halves.append(b.add(a, b.add(b.add(sums[0], sums[1]), b.add(sums[2], sums[3]))))
+                # products in i16 (|255 * 127| < 2**15), pairs in i16 where codes stay below 64
+                # (2 * 63 * 127 < 2**15), else in i32; then the quads in i32
+                v32i16, v16i32 = ir.VectorType(ir.IntType(16), 32), ir.VectorType(_I32, 16)
+                products = b.mul(b.zext(c, v32i16), b.sext(v, v32i16))
+                even, odd = self._slice(products, range(0, 32, 2)), self._slice(products, range(1, 32, 2))
+                if self.qtype in WIDE_CODES:
+                    pairs = b.add(b.sext(even, v16i32), b.sext(odd, v16i32))
+                else:
+                    pairs = b.sext(b.add(even, odd), v16i32)
+                halves.append(b.add(a, b.add(self._slice(pairs, range(0, 16, 2)), self._slice(pairs, range(1, 16, 2)))))
         return b.shuffle_vector(halves[0], halves[1], _mask(range(16)))
 
     def decode(self, block: ir.Value, codes: ir.Value, params: ir.Value) -> None:
