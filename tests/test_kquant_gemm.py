@@ -50,6 +50,17 @@ def used_activations(qtype: GGMLQuantizationType, x: np.ndarray) -> np.ndarray:
     return (xq.reshape(x.shape[0], -1, 256) * xd[:, :, None].astype(np.float64)).reshape(x.shape[0], -1)
 
 
+def assert_lanes_match(qtype: GGMLQuantizationType, raw: np.ndarray, x: np.ndarray, x_used: np.ndarray) -> None:
+    """Host and portable lane products bit for bit equal, and within float rounding of the dequantized
+    weights (gguf-py) times ``x_used``: float32 roundings of the sub-block sums, scales and mins per
+    super-block on top of exact integers, at most ~40 of 2**-24 of the magnitudes."""
+    host, portable = run_lanes(qtype, raw, x)
+    w = dequantize(raw, qtype).astype(np.float64)
+    bound = 3e-6 * (np.abs(x_used) @ np.abs(w).T) + 1e-30
+    assert np.all(np.abs(host - x_used @ w.T) <= bound)
+    np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))
+
+
 @pytest.mark.parametrize("n_tok", [12, 16, 27, 40, 100])  # 100: 7 vectors, the last one padded
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_lane_products_match_dequantized_weights_and_activations(qtype, n_tok) -> None:
@@ -57,14 +68,7 @@ def test_lane_products_match_dequantized_weights_and_activations(qtype, n_tok) -
     n_out, n_in = 37, 1024  # two whole 16-row chunks and a partial one
     raw = random_k_rows(qtype, n_out, n_in, rng)
     x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
-    host, portable = run_lanes(qtype, raw, x)
-    w = dequantize(raw, qtype).astype(np.float64)
-    x_used = used_activations(qtype, x)
-    # float32 rounding of the sub-block sums, the scale and the mins per super-block (4 here), on
-    # top of exact integers: at most ~40 roundings of 2**-24 of the magnitudes
-    bound = 3e-6 * (np.abs(x_used) @ np.abs(w).T) + 1e-30
-    assert np.all(np.abs(host - x_used @ w.T) <= bound)
-    np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))
+    assert_lanes_match(qtype, raw, x, used_activations(qtype, x))
 
 
 def extreme_rows(qtype: GGMLQuantizationType, n_in: int = 512) -> np.ndarray:
@@ -163,13 +167,7 @@ def test_block32_lane_products_match_dequantized_weights_and_activations(qtype, 
     rng = np.random.default_rng(int(qtype) * 100 + n_tok)
     raw = random_block32_rows(qtype, 37, 768, rng)
     x = rng.standard_normal((n_tok, 768)).astype(np.float32)
-    host, portable = run_lanes(qtype, raw, x)
-    w = dequantize(raw, qtype).astype(np.float64)
-    x_used = q8_0_activations(x)
-    # one float32 multiply-add per block (24 here) on exact integer block dots
-    bound = 3e-6 * (np.abs(x_used) @ np.abs(w).T) + 1e-30
-    assert np.all(np.abs(host - x_used @ w.T) <= bound)
-    np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))
+    assert_lanes_match(qtype, raw, x, q8_0_activations(x))  # one float multiply-add per block
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.IQ4_NL], ids=lambda t: t.name)
@@ -205,9 +203,4 @@ def test_grid_and_ternary_lane_products_match_dequantized_weights(qtype) -> None
     rng = np.random.default_rng(int(qtype))
     raw = random_iq_rows(qtype, 21, 512, rng)
     x = rng.standard_normal((27, 512)).astype(np.float32)
-    host, portable = run_lanes(qtype, raw, x)
-    w = dequantize(raw, qtype).astype(np.float64)
-    x_used = used_activations(qtype, x)
-    bound = 3e-6 * (np.abs(x_used) @ np.abs(w).T) + 1e-30
-    assert np.all(np.abs(host - x_used @ w.T) <= bound)
-    np.testing.assert_array_equal(host.view(np.uint32), portable.view(np.uint32))
+    assert_lanes_match(qtype, raw, x, used_activations(qtype, x))

@@ -279,4 +279,4 @@ class _IQEmitter(_KEmitter):
 # 5632x2048, 64 tokens): 18.2 ms with 8-token tiles, 15.6 with 16, 18.4 with 32.
 # qtype -> (matvec, matmul, portable matvec, portable matmul); each ``(w, xq, xd, xs, out)`` with the
 # activations from kquant_simd.activations_for (int16 sums of 16)
-DRIVERS = {qtype: make_drivers(qtype, _IQEmitter, tiles="wide") for qtype in TYPES}
+DRIVERS = {qtype: make_drivers(qtype, _IQEmitter, tiles=True) for qtype in TYPES}

@@ -213,24 +213,27 @@ class _LaneEmitter(_KEmitter):
         if self.qtype in BLOCK32_TYPES:
             self._decode_blocks32(block, codes, params)
             return
-        groups, _, mins = self.unpack(block)
-        d_offset, dmin_offset = FP16_OFFSETS[self.qtype]
-        d_w = self._fp16(block, d_offset)
-        n_sub = SUB_BLOCKS[self.qtype]
+        d_w, groups, mins = self._unsigned_groups(block)
         scales = []
         for g, (code, s_lo, s_hi) in enumerate(groups):
-            if self.qtype == "iq4_xs":  # signed values -> value + 128
-                code = b.xor(code, _vconst(code.type, 0x80))
             ptr = b.gep(codes, [ir.Constant(_I64, 32 * g)]) if g else codes
             b.store(code, b.bitcast(ptr, code.type.as_pointer()), align=1)
-            scales += [s_lo, s_hi] if n_sub == 16 else [s_lo]
+            scales += [s_lo, s_hi] if SUB_BLOCKS[self.qtype] == 16 else [s_lo]
         for j, scale in enumerate(scales):
             ptr = b.gep(params, [ir.Constant(_I64, 4 * j)]) if j else params
             b.store(b.fmul(d_w, b.sitofp(scale, _F32)), b.bitcast(ptr, _F32.as_pointer()), align=4)
         if mins is not None:
             vec = ir.VectorType(_F32, mins.type.count)
-            mins_f = b.fmul(self._splat(self._fp16(block, dmin_offset), vec), b.uitofp(mins, vec))
+            mins_f = b.fmul(self._splat(self._fp16(block, FP16_OFFSETS[self.qtype][1]), vec), b.uitofp(mins, vec))
             b.store(mins_f, b.bitcast(b.gep(params, [ir.Constant(_I64, 64)]), vec.as_pointer()), align=4)
+
+    def _unsigned_groups(self, block: ir.Value) -> tuple[ir.Value, list, ir.Value | None]:
+        """(float32 d, per 32 weights (<32 x i8> unsigned codes, i32 scale of the first 16, of the last
+        16), the mins or None) of one super-block, from ``_KEmitter.unpack``."""
+        groups, _, mins = self.unpack(block)
+        if self.qtype == "iq4_xs":  # signed values -> value + 128
+            groups = [(self.b.xor(code, _vconst(code.type, 0x80)), s_lo, s_hi) for code, s_lo, s_hi in groups]
+        return self._fp16(block, FP16_OFFSETS[self.qtype][0]), groups, mins
 
     def _decode_blocks32(self, block: ir.Value, codes: ir.Value, params: ir.Value) -> None:
         """8 ggml blocks of 32 (fp16 d, then 32 int8, or 16 bytes of nibbles: element j low, j + 16 high):
@@ -311,7 +314,7 @@ class _IQLaneEmitter(_LaneEmitter, _IQEmitter):
     def _token_dots(self, dots, tokens, q, x_offset, s_lo, s_hi, signed=False, sign_mask=None) -> None:
         self._groups.append((q, s_lo, s_hi, sign_mask))
 
-    def decode(self, block: ir.Value, codes: ir.Value, params: ir.Value) -> None:
+    def _unsigned_groups(self, block: ir.Value) -> tuple[ir.Value, list, None]:
         b = self.b
         self._groups = []
         if self.qtype in IQ_SIGNED:
@@ -319,14 +322,12 @@ class _IQLaneEmitter(_LaneEmitter, _IQEmitter):
             d = self.scaled_d(self._fp16(block, 0))
         else:
             d = self.scaled_d(self._offset_groups(block, [], [])[0])
-        for g, (q, s_lo, s_hi, sign_mask) in enumerate(self._groups):
+        groups = []
+        for q, s_lo, s_hi, sign_mask in self._groups:
             if sign_mask is not None:  # value = +-magnitude, stored + 128
                 q = b.xor(b.sub(b.xor(q, sign_mask), sign_mask), _vconst(q.type, 0x80))
-            ptr = b.gep(codes, [ir.Constant(_I64, 32 * g)]) if g else codes
-            b.store(q, b.bitcast(ptr, q.type.as_pointer()), align=1)
-            for k, scale in enumerate((s_lo, s_hi)):
-                ptr = b.gep(params, [ir.Constant(_I64, 8 * g + 4 * k)])
-                b.store(b.fmul(d, b.sitofp(scale, _F32)), b.bitcast(ptr, _F32.as_pointer()), align=4)
+            groups.append((q, s_lo, s_hi))
+        return d, groups, None
 
 
 def _emitter(builder: ir.IRBuilder, isa: str, qtype: str) -> _LaneEmitter:

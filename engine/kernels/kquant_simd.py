@@ -665,23 +665,9 @@ def _matvec(w, xq, xd, xs, out):
         out[0, r] = _one(w, r, xq, xd, xs, 0)[0]
 
 
-def _matmul(w, xq, xd, xs, out):
-    """out[t, r] = dot(row r, activation row t): 16-row chunks over threads, 8-token tiles on the
-    activations' interleaved pairs, then single tokens."""
-    n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
-    pairs = interleave_pairs(xq, n_tiled)
-    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
-        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
-            for t in range(0, n_tiled, _TILE_TOKENS):
-                dots = _tile(w, r, pairs, xd, xs, t)
-                for i in range(_TILE_TOKENS):
-                    out[t + i, r] = dots[i]
-            for t in range(n_tiled, xq.shape[0]):
-                out[t, r] = _one(w, r, xq, xd, xs, t)[0]
-
-
 def _matmul_wide(w, xq, xd, xs, out):
-    """_matmul with 16-token tiles first, then one 8-token tile, then single tokens."""
+    """out[t, r] = dot(row r, activation row t): 16-row chunks over threads, 16-token tiles on the
+    activations' interleaved pairs first, then one 8-token tile, then single tokens."""
     n_wide = xq.shape[0] - xq.shape[0] % _WIDE_TOKENS
     n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
     pairs = interleave_pairs(xq, n_tiled)
@@ -700,7 +686,7 @@ def _matmul_wide(w, xq, xd, xs, out):
 
 
 def _matmul_portable(w, xq, xd, xs, out):
-    """_matmul with the portable IR's tiles (plain activation rows, no pairs)."""
+    """_matmul_wide with the portable IR's 8-token tiles (plain activation rows, no pairs)."""
     n_tiled = xq.shape[0] - xq.shape[0] % _TILE_TOKENS
     for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
         for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
@@ -730,24 +716,21 @@ def _bind(template, name: str, **tiles):
     return njit(parallel=True, cache=True)(function)
 
 
-def make_drivers(qtype: str, emitter=_KEmitter, tiles: str | None = "narrow") -> tuple:
+def make_drivers(qtype: str, emitter=_KEmitter, tiles: bool = False) -> tuple:
     """(matvec, matmul, portable matvec, portable matmul) of ``qtype``, each ``(w, xq, xd, xs, out)``
-    with the activations of :func:`activations_for`. Batches: ``tiles`` "narrow" 8-token tiles, "wide"
-    16-token tiles first, None one token at a time (the types whose batches of 8 and more take
-    kquant_gemm's lane products: no tile compiled that would never run)."""
+    with the activations of :func:`activations_for`. Batches: with ``tiles`` 16-token tiles first (the
+    grid types), else one token at a time (the types whose batches of 8 and more take kquant_gemm's lane
+    products: no tile compiled that would never run)."""
     one, one_p = make_tile(qtype, "host", 1, emitter=emitter), make_tile(qtype, "generic", 1, emitter=emitter)
-    if tiles is None:
-        matmul = _bind(_matmul_rows, f"matmul_{qtype}", _one=one)
-        matmul_p = _bind(_matmul_rows, f"matmul_{qtype}_generic", _one=one_p)
-    else:
-        tile = make_tile(qtype, "host", _TILE_TOKENS, interleaved=True, emitter=emitter)
-        if tiles == "wide":
-            matmul = _bind(_matmul_wide, f"matmul_{qtype}", _one=one, _tile=tile,
-                           _wide=make_tile(qtype, "host", _WIDE_TOKENS, interleaved=True, emitter=emitter))
-        else:
-            matmul = _bind(_matmul, f"matmul_{qtype}", _one=one, _tile=tile)
+    if tiles:
+        matmul = _bind(_matmul_wide, f"matmul_{qtype}", _one=one,
+                       _tile=make_tile(qtype, "host", _TILE_TOKENS, interleaved=True, emitter=emitter),
+                       _wide=make_tile(qtype, "host", _WIDE_TOKENS, interleaved=True, emitter=emitter))
         matmul_p = _bind(_matmul_portable, f"matmul_{qtype}_generic", _one=one_p,
                          _tile=make_tile(qtype, "generic", _TILE_TOKENS, emitter=emitter))
+    else:
+        matmul = _bind(_matmul_rows, f"matmul_{qtype}", _one=one)
+        matmul_p = _bind(_matmul_rows, f"matmul_{qtype}_generic", _one=one_p)
     return (_bind(_matvec, f"matvec_{qtype}", _one=one), matmul,
             _bind(_matvec, f"matvec_{qtype}_generic", _one=one_p), matmul_p)
 
@@ -755,7 +738,7 @@ def make_drivers(qtype: str, emitter=_KEmitter, tiles: str | None = "narrow") ->
 # qtype -> (matvec, matmul, portable matvec, portable matmul)
 TYPES = ("q4_k", "q5_k", "q6_k", "iq4_xs", "q2_k", "q3_k")
 # every one of them has lane products for batches of 8 and more (engine/kernels/kquant_gemm.py)
-DRIVERS = {qtype: make_drivers(qtype, tiles=None) for qtype in TYPES}
+DRIVERS = {qtype: make_drivers(qtype) for qtype in TYPES}
 
 
 def standalone_row_dot_ir(qtype: str, isa: str, emitter=_KEmitter) -> str:

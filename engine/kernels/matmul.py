@@ -925,8 +925,7 @@ def matmul(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> 
     kind = int(weight.ggml_type)
     lanes = _lane_driver(weight, x.shape[0])
     if lanes is not None:
-        name = GGMLQuantizationType(kind).name.lower()
-        _call(lanes, weight.data, *_call(kquant_gemm.activations_for_lanes, name, x), x.shape[0], y)
+        _call(lanes, weight.data, *_call(kquant_gemm.activations_for_lanes, _LANE_TYPES[kind], x), x.shape[0], y)
         return y
     drivers = _simd_kernels(kind, x.shape[0])
     if drivers is not None:
