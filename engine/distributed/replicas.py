@@ -17,8 +17,11 @@ One Serve application of two deployments:
 
 Routing: a model replica takes at most ``--parallel`` requests at once (``max_ongoing_requests``), so
 Serve's router sends a request only to a replica with a free slot; the others wait in the ingress's
-router (at most ``--queue-size`` per replica; past that, 503 with ``Retry-After``) and go to the first
-replica where a slot frees.
+router and go to the first replica where a slot frees. The ingress bounds that waiting line itself:
+at most ``(--parallel + --queue-size)`` calls per replica in flight; past that, 503 with
+``Retry-After``, as the single server answers a full queue. (Serve's own ``max_queued_requests``
+is not used: its count is taken before the request is queued, and a burst through the proxy was
+seen to pass it entirely.)
 
 A replica that dies (its process killed, its node lost) is replaced by Serve. Its requests in
 flight fail cleanly with a retryable error: 503, ``Retry-After: 1`` and OpenAI's error body
@@ -237,12 +240,45 @@ def _scope(call: dict[str, Any]) -> dict[str, Any]:
 # -- the ingress -------------------------------------------------------------------------------------
 
 
+class Places:
+    """The ingress's calls to the model in flight, at most ``limit``: ``take()`` gives a ``Place``
+    or None when full. Counted on the ingress's one event loop, so a burst is counted exactly."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+
+    def take(self) -> Place | None:
+        if self.taken >= self.limit:
+            return None
+        self.taken += 1
+        return Place(self)
+
+
+class Place:
+    """One call's place; ``release()`` is idempotent and also runs when the place is collected, so
+    a response Starlette drops unstarted (its client gone) cannot keep a place."""
+
+    def __init__(self, places: Places) -> None:
+        self.places: Places | None = places
+
+    def release(self) -> None:
+        if self.places is not None:
+            self.places.taken -= 1
+            self.places = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+
 class Ingress:
     """Every HTTP request: forwarded to the ``model`` deployment as a streaming call."""
 
-    def __init__(self, model: Any, max_body: int) -> None:
+    def __init__(self, model: Any, max_body: int, max_in_flight: int) -> None:
         self.call_model = model.options(stream=True, method_name="asgi")
         self.max_body = max_body
+        self.places = Places(max_in_flight)
 
     async def _body(self, request: Any) -> bytes:
         """The body, cut at max_body + 1 bytes: enough for the app's own 413, without holding more."""
@@ -266,14 +302,22 @@ class Ingress:
             status, message, kind, headers = classify_failure(exc)
             return JSONResponse(_error_json(status, message, kind), status_code=status, headers=headers)
 
+        place = self.places.take()
+        if place is None:
+            waiting = self.places.limit
+            return JSONResponse(_error_json(503, f"server busy: every slot of every replica is busy and the "
+                                                 f"{waiting} places for requests in flight are taken; retry later",
+                                            "unavailable_error"), status_code=503, headers={"Retry-After": "1"})
         stream = None
         try:
             stream = self.call_model.remote(call)
             head = await stream.__anext__()
         except asyncio.CancelledError:
+            place.release()
             _cancel(stream)
             raise
-        except Exception as exc:  # a full queue, a replica gone, ...
+        except Exception as exc:  # a replica gone, ...
+            place.release()
             _cancel(stream)
             return failure(exc)
         headers = [(bytes(k), bytes(v)) for k, v in head["headers"]]
@@ -287,6 +331,8 @@ class Ingress:
             except Exception as exc:
                 _cancel(stream)
                 return failure(exc)
+            finally:
+                place.release()
             response = Response(body, status_code=head["status"])
             response.raw_headers = headers
             return response
@@ -303,6 +349,7 @@ class Ingress:
                 status, message, kind, _ = classify_failure(exc)
                 yield f"data: {json.dumps(_error_json(status, message, kind))}\n\n".encode()
             finally:
+                place.release()
                 if not finished:
                     _cancel(stream)  # the client went away, or the replica did: stop the replica's call
 
@@ -498,12 +545,11 @@ def deploy(model_path: str, replicas: int | None = 1, autoscale: tuple[int, int]
         # Serve's router sends a request only to a replica with a free slot; the rest wait in the
         # ingress's router and go to whichever replica frees a slot first (with `parallel +
         # queue_size` they would queue inside one replica's scheduler while another may sit idle).
-        # The waiting line is bounded like the single server's: --queue-size per replica, past
-        # that 503 + Retry-After (Serve's BackPressureError, turned into OpenAI's error by the
-        # ingress). /health and /v1/models take one of those places for the moment they run.
+        # The waiting line is bounded like the single server's: the ingress lets (parallel +
+        # --queue-size) calls per replica be in flight, past that 503 + Retry-After (Places).
+        # /health and /v1/models take one of those places for the moment they run.
         options: dict[str, Any] = {
             "name": MODEL_DEPLOYMENT, "max_ongoing_requests": parallel,
-            "max_queued_requests": max(1, queue_size * most),
             "ray_actor_options": {"num_cpus": cpus}, "health_check_period_s": HEALTH_CHECK_PERIOD_S,
             "graceful_shutdown_timeout_s": 5.0, "max_constructor_retry_count": 3,
         }
@@ -520,7 +566,8 @@ def deploy(model_path: str, replicas: int | None = 1, autoscale: tuple[int, int]
             max_body, tuple(lora), lora_applied)
         ingress = serve.deployment(Ingress).options(
             name=INGRESS_DEPLOYMENT, num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING,
-            ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=5.0).bind(model, max_body)
+            ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=5.0).bind(
+                model, max_body, (parallel + queue_size) * most)
         try:
             handle = serve.run(ingress, name=APP_NAME, route_prefix="/", logging_config=serve_log)
         except RuntimeError as exc:
