@@ -464,81 +464,87 @@ def _exp_weights(scores, peak, weights):
 
 @njit(cache=True, parallel=True)
 def _attend_kernel(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out):
-    n_tok, n_head, head_dim = q.shape
-    group = n_head // k.shape[1]
-    n_tiles = (n_tok + _TILE_TOKENS - 1) // _TILE_TOKENS
+    n_tiles = (q.shape[0] + _TILE_TOKENS - 1) // _TILE_TOKENS
     # KV-head-major task order, and within a head the tiles from both ends of the prompt in turn
     # (first, last, second, second to last...): a static split over threads then gives each
-    # thread a fair share of the causal triangle.
+    # thread a fair share of the causal triangle. The tile's work is a function of its own: the
+    # parallel loop stays small, which more than halves the first use's compile time.
     for task in prange(k.shape[1] * n_tiles):
-        kv_head = task // n_tiles
         turn = task % n_tiles
         tile = turn // 2 if turn % 2 == 0 else n_tiles - 1 - turn // 2
-        t0 = tile * _TILE_TOKENS
-        n_t = min(_TILE_TOKENS, n_tok - t0)
-        n_q = n_t * group  # query i: token t0 + i // group, head kv_head * group + i % group
-        # keys of the tile: from the first query's window start to the last query's position
-        key_lo = max(0, n_past + t0 + 1 - window) if window > 0 else 0
-        key_hi = n_past + t0 + n_t  # exclusive
-        scores = np.empty((n_q, key_hi - key_lo), np.float32)
-        peaks = np.full(n_q, -np.inf)  # float64: the softmax's differences and exps are float64
-        totals = np.zeros(n_q)  # float64, like ggml's softmax sum
-        weights = np.empty(key_hi - key_lo)  # one query's float64 softmax weights
-        # Per query, every number below is computed exactly as a query-at-a-time loop would: the
-        # same fixed-order dot per key, the keys in order for the float64 sum and for each output
-        # element. Only the loops are blocked, so that a chunk of keys (or values) stays in L1
-        # while every query of the tile reads it.
-        for c0 in range(key_lo, key_hi, _KEY_CHUNK):
-            c1 = min(key_hi, c0 + _KEY_CHUNK)
-            # four query heads of a token at a time when the group allows: one key read, four dots
-            step = 4 if group % 4 == 0 else 1
-            for i0 in range(0, n_q, step):
-                t = t0 + i0 // group
-                h0 = kv_head * group + i0 % group
-                query_pos = n_past + t
-                first = max(c0, query_pos + 1 - window) if window > 0 else c0
-                for j in range(first, min(c1, query_pos + 1)):
-                    if step == 4:
-                        dots = _score4(q[t], h0, k[j, kv_head])
-                    else:
-                        dots = (_score(q[t, h0], k[j, kv_head]), np.float32(0), np.float32(0), np.float32(0))
-                    for u in range(step):
-                        s = dots[u] * scale
-                        if softcap > 0:
-                            s = softcap * np.tanh(s / softcap)
-                        if use_alibi:
-                            s += slopes[h0 + u] * np.float32(j - query_pos)
-                        scores[i0 + u, j - key_lo] = s
-                        peaks[i0 + u] = max(peaks[i0 + u], s)
+        _attend_tile(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out, task // n_tiles, tile)
+
+
+@njit(cache=True)
+def _attend_tile(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out, kv_head, tile):
+    """Queries of tokens ``tile * _TILE_TOKENS ...`` sharing KV head ``kv_head``, over their keys."""
+    n_tok, n_head, head_dim = q.shape
+    group = n_head // k.shape[1]
+    t0 = tile * _TILE_TOKENS
+    n_t = min(_TILE_TOKENS, n_tok - t0)
+    n_q = n_t * group  # query i: token t0 + i // group, head kv_head * group + i % group
+    # keys of the tile: from the first query's window start to the last query's position
+    key_lo = max(0, n_past + t0 + 1 - window) if window > 0 else 0
+    key_hi = n_past + t0 + n_t  # exclusive
+    scores = np.empty((n_q, key_hi - key_lo), np.float32)
+    peaks = np.full(n_q, -np.inf)  # float64: the softmax's differences and exps are float64
+    totals = np.zeros(n_q)  # float64, like ggml's softmax sum
+    weights = np.empty(key_hi - key_lo)  # one query's float64 softmax weights
+    # Per query, every number below is computed exactly as a query-at-a-time loop would: the
+    # same fixed-order dot per key, the keys in order for the float64 sum and for each output
+    # element. Only the loops are blocked, so that a chunk of keys (or values) stays in L1
+    # while every query of the tile reads it.
+    for c0 in range(key_lo, key_hi, _KEY_CHUNK):
+        c1 = min(key_hi, c0 + _KEY_CHUNK)
+        # four query heads of a token at a time when the group allows: one key read, four dots
+        step = 4 if group % 4 == 0 else 1
+        for i0 in range(0, n_q, step):
+            t = t0 + i0 // group
+            h0 = kv_head * group + i0 % group
+            query_pos = n_past + t
+            first = max(c0, query_pos + 1 - window) if window > 0 else c0
+            for j in range(first, min(c1, query_pos + 1)):
+                if step == 4:
+                    dots = _score4(q[t], h0, k[j, kv_head])
+                else:
+                    dots = (_score(q[t, h0], k[j, kv_head]), np.float32(0), np.float32(0), np.float32(0))
+                for u in range(step):
+                    s = dots[u] * scale
+                    if softcap > 0:
+                        s = softcap * np.tanh(s / softcap)
+                    if use_alibi:
+                        s += slopes[h0 + u] * np.float32(j - query_pos)
+                    scores[i0 + u, j - key_lo] = s
+                    peaks[i0 + u] = max(peaks[i0 + u], s)
+    for i in range(n_q):
+        t = t0 + i // group
+        query_pos = n_past + t
+        first = max(0, query_pos + 1 - window) if window > 0 else 0
+        # Weights below exp(-44) (~2**-63, of the largest weight's 1) are 0 and their values
+        # skipped: otherwise peaked softmaxes give subnormal weights (or weight * Q8_0 scale
+        # products), each costing a microcode assist per multiply on Intel cores (the prompt
+        # ran 2-7x slower), for a share of the output far below float32's 2**-24 resolution.
+        # The weights first (a loop LLVM vectorizes), then their float64 sum in key order.
+        _exp_weights(scores[i, first - key_lo : query_pos + 1 - key_lo], peaks[i], weights)
+        total = 0.0
+        for j in range(first, query_pos + 1):
+            total += weights[j - first]
+            scores[i, j - key_lo] = weights[j - first]
+        totals[i] = total
+        out[t, kv_head * group + i % group, :] = 0.0
+    for c0 in range(key_lo, key_hi, _KEY_CHUNK):
+        c1 = min(key_hi, c0 + _KEY_CHUNK)
         for i in range(n_q):
             t = t0 + i // group
             query_pos = n_past + t
-            first = max(0, query_pos + 1 - window) if window > 0 else 0
-            # Weights below exp(-44) (~2**-63, of the largest weight's 1) are 0 and their values
-            # skipped: otherwise peaked softmaxes give subnormal weights (or weight * Q8_0 scale
-            # products), each costing a microcode assist per multiply on Intel cores (the prompt
-            # ran 2-7x slower), for a share of the output far below float32's 2**-24 resolution.
-            # The weights first (a loop LLVM vectorizes), then their float64 sum in key order.
-            _exp_weights(scores[i, first - key_lo : query_pos + 1 - key_lo], peaks[i], weights)
-            total = 0.0
-            for j in range(first, query_pos + 1):
-                total += weights[j - first]
-                scores[i, j - key_lo] = weights[j - first]
-            totals[i] = total
-            out[t, kv_head * group + i % group, :] = 0.0
-        for c0 in range(key_lo, key_hi, _KEY_CHUNK):
-            c1 = min(key_hi, c0 + _KEY_CHUNK)
-            for i in range(n_q):
-                t = t0 + i // group
-                query_pos = n_past + t
-                first = max(c0, query_pos + 1 - window) if window > 0 else c0
-                _accumulate_run(out[t, kv_head * group + i % group], scores[i], key_lo, v, kv_head, first,
-                                min(c1, query_pos + 1))
-        for i in range(n_q):
-            acc = out[t0 + i // group, kv_head * group + i % group]
-            inv = np.float32(1.0 / totals[i])
-            for d in range(head_dim):
-                acc[d] *= inv
+            first = max(c0, query_pos + 1 - window) if window > 0 else c0
+            _accumulate_run(out[t, kv_head * group + i % group], scores[i], key_lo, v, kv_head, first,
+                            min(c1, query_pos + 1))
+    for i in range(n_q):
+        acc = out[t0 + i // group, kv_head * group + i % group]
+        inv = np.float32(1.0 / totals[i])
+        for d in range(head_dim):
+            acc[d] *= inv
 
 
 def _cache_array(cache: np.ndarray, name: str) -> np.ndarray:
