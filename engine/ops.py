@@ -34,7 +34,17 @@ def linear(x: np.ndarray, weight: Weight) -> np.ndarray:
     """``x W^T``: (n_tok, n_in) -> (n_tok, n_out); plus ``s (x A^T) B^T`` per run-time LoRA adapter
     (``s`` = its scale in effect times alpha / r, engine/lora.py)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    y = _matmul.matmul(weight, x)
+    return _add_lora(x, weight, _matmul.matmul(weight, x))
+
+
+def linears(x: np.ndarray, *weights: Weight) -> list[np.ndarray]:
+    """``[linear(x, w) for w in weights]``, bit for bit, quantizing ``x`` once for them all where
+    their kernels take the same activations (a layer's q, k, v; gate and up)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return [_add_lora(x, w, y) for w, y in zip(weights, _matmul.matmul_many(weights, x))]
+
+
+def _add_lora(x: np.ndarray, weight: Weight, y: np.ndarray) -> np.ndarray:
     terms = getattr(weight, "lora", ())
     if terms:
         from engine.lora import active_scale

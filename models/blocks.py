@@ -197,9 +197,7 @@ class PreNormDecoder(Decoder):
             n_q, n_kv = p.n_head * p.head_dim, p.n_head_kv * p.head_dim
             q, k, v = qkv[:, :n_q], qkv[:, n_q : n_q + n_kv], qkv[:, n_q + n_kv :]
         else:
-            q = ops.linear(h, layer.wq)
-            k = ops.linear(h, layer.wk)
-            v = ops.linear(h, layer.wv)
+            q, k, v = ops.linears(h, layer.wq, layer.wk, layer.wv)
         if layer.bq is not None:
             q += layer.bq
         if layer.bk is not None:
@@ -220,7 +218,7 @@ class PreNormDecoder(Decoder):
         x += ops.linear(attn.reshape(n, p.n_head * p.head_dim), layer.wo)
         h = ops.rms_norm(x, layer.ffn_norm, p.rms_eps)
         if layer.w_gate is not None:
-            gate, up = ops.linear(h, layer.w_gate), ops.linear(h, layer.w_up)
+            gate, up = ops.linears(h, layer.w_gate, layer.w_up)
         else:
             gate_up = ops.linear(h, layer.w_up)
             gate, up = gate_up[:, : p.n_ff], gate_up[:, p.n_ff :]

@@ -92,7 +92,7 @@ class Gemma(PreNormDecoder):
             n_q, n_kv = p.n_head * p.head_dim, p.n_head_kv * p.head_dim
             q, k, v = qkv[:, :n_q], qkv[:, n_q : n_q + n_kv], qkv[:, n_q + n_kv :]
         else:
-            q, k, v = ops.linear(h, layer.wq), ops.linear(h, layer.wk), ops.linear(h, layer.wv)
+            q, k, v = ops.linears(h, layer.wq, layer.wk, layer.wv)
         for values, bias in ((q, layer.bq), (k, layer.bk), (v, layer.bv)):
             if bias is not None:
                 values += bias

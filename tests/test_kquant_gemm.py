@@ -115,6 +115,21 @@ def test_matmul_takes_the_lanes_from_8_tokens(qtype, n_tok) -> None:
     np.testing.assert_allclose(lanes, tiles, rtol=1e-5, atol=1e-5 * np.abs(tiles).max())
 
 
+@pytest.mark.parametrize("n_tok", [3, 20])
+def test_products_of_one_input_quantize_it_once_and_match_bit_for_bit(n_tok) -> None:
+    """matmul_many (a layer's q, k, v; gate, up): the same bits as one matmul per weight, with
+    K-quants of two layouts, a repeated type, a 32-block type and a float weight in one call."""
+    rng = np.random.default_rng(11)
+    weights = [mm.WeightView(T.Q5_K, 512, 24, random_k_rows(T.Q5_K, 24, 512, rng)),
+               mm.WeightView(T.Q6_K, 512, 16, random_k_rows(T.Q6_K, 16, 512, rng)),
+               mm.WeightView(T.Q5_K, 512, 8, random_k_rows(T.Q5_K, 8, 512, rng)),
+               mm.WeightView(T.Q8_0, 512, 8, random_block32_rows(T.Q8_0, 8, 512, rng)),
+               mm.WeightView(T.F32, 512, 4, rng.standard_normal((4, 512)).astype(np.float32))]
+    x = rng.standard_normal((n_tok, 512)).astype(np.float32)
+    for weight, shared in zip(weights, mm.matmul_many(weights, x)):
+        np.testing.assert_array_equal(shared.view(np.uint32), mm.matmul(weight, x).view(np.uint32))
+
+
 def test_short_operands_bound_the_super_blocks() -> None:
     # activations one super-block shorter than the rows: only the blocks both have are read
     rng = np.random.default_rng(9)

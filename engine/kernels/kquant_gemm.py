@@ -133,16 +133,23 @@ def _lanes(qs, d, bsums, per, group, offset):
     return values, scales, offset_sums, min_sums
 
 
-def activations_for_lanes(qtype: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def activations_for_lanes(qtype: str, x: np.ndarray, quantized: dict | None = None
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float32 ``(n_tok, n)`` -> (values, scales, sums), each ``(n_vec, ...)`` with 16 tokens per vector:
     the Q8_K values and scales of ``quantize_activations_q8_k``, and per sub-block (or min) the sums
     ``qtype`` takes (see OFFSETS and MINS); for BLOCK32_TYPES the Q8_0 values, a scale and an offset sum
-    per 32 values."""
+    per 32 values. ``quantized``, a dict kept across calls on the same ``x``, keeps x's Q8_K or Q8_0
+    quantization for the next type (products of one input, e.g. q, k and v, quantize it once)."""
+    quantized = {} if quantized is None else quantized
     if qtype in BLOCK32_TYPES:  # per block: a scale, the sum of its 32 values
-        qs, d, block_sums = quantize_activations_q8_0_batch(np.ascontiguousarray(x, dtype=np.float32))
+        if "q8_0" not in quantized:
+            quantized["q8_0"] = quantize_activations_q8_0_batch(np.ascontiguousarray(x, dtype=np.float32))
+        qs, d, block_sums = quantized["q8_0"]
         values, scales, offset_sums, _ = _lanes(qs, d, block_sums.astype(np.int16), 1, 1, OFFSETS[qtype])
         return values, scales, offset_sums
-    qs, d, bsums = quantize_activations_q8_k(x)
+    if "q8_k" not in quantized:
+        quantized["q8_k"] = quantize_activations_q8_k(x)
+    qs, d, bsums = quantized["q8_k"]
     per = SUB_BLOCKS[qtype] if qtype in OFFSETS else MINS[qtype]  # sums per super-block, of 16 // per bsums
     values, scales, offset_sums, min_sums = _lanes(qs, d, bsums, per, 16 // per, OFFSETS.get(qtype, 0))
     return values, scales, offset_sums if qtype in OFFSETS else min_sums

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -942,6 +942,29 @@ def matmul(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> 
         act = quantize_activations(x)
         _call(_matmul_quant, kind, weight.data, act.qs, act.d, act.s, y, ROWS_PER_TASK)
     return y
+
+
+def matmul_many(weights: Sequence[WeightView], x: np.ndarray) -> list[np.ndarray]:
+    """``[matmul(w, x) for w in weights]``, bit for bit, with ``x`` quantized once for the lane
+    products among them (a layer's q, k and v, or gate and up, share their input): each type's
+    activation layout is packed once, from one Q8_K (or Q8_0) quantization of ``x``."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    quantized: dict = {}
+    packed: dict[str, tuple] = {}
+    results = []
+    for weight in weights:
+        lanes = _lane_driver(weight, x.shape[0]) if x.ndim == 2 else None
+        if lanes is None:
+            results.append(matmul(weight, x))
+            continue
+        x = _activations(weight, x, 2)
+        name = _LANE_TYPES[int(weight.ggml_type)]
+        if name not in packed:
+            packed[name] = _call(kquant_gemm.activations_for_lanes, name, x, quantized)
+        y = np.empty((x.shape[0], weight.n_out), np.float32)
+        _call(lanes, weight.data, *packed[name], x.shape[0], y)
+        results.append(y)
+    return results
 
 
 def dequantize_weight(weight: WeightView) -> np.ndarray:
