@@ -454,6 +454,17 @@ def _exp_weight(x: float) -> float:
     return p * _POW2[int(k) + 64]
 
 
+@njit(cache=True, inline="always")
+def _adjusted(dot, scale, softcap, use_alibi, slope, distance):
+    """A score from its dot: scaled, capped (Gemma 2), ALiBi's bias added."""
+    s = dot * scale
+    if softcap > 0:
+        s = softcap * np.tanh(s / softcap)
+    if use_alibi:
+        s += slope * np.float32(distance)
+    return s
+
+
 @njit(cache=True)
 def _exp_weights(scores, peak, weights):
     """weights[j] = e^(scores[j] - peak), 0 below e^_EXP_FLOOR (a loop LLVM vectorizes)."""
@@ -489,7 +500,7 @@ def _attend_tile(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out
     scores = np.empty((n_q, key_hi - key_lo), np.float32)
     peaks = np.full(n_q, -np.inf)  # float64: the softmax's differences and exps are float64
     totals = np.zeros(n_q)  # float64, like ggml's softmax sum
-    weights = np.empty(key_hi - key_lo)  # one query's float64 softmax weights
+    weights = np.empty((4, key_hi - key_lo))  # up to four queries' float64 softmax weights
     # Per query, every number below is computed exactly as a query-at-a-time loop would: the
     # same fixed-order dot per key, the keys in order for the float64 sum and for each output
     # element. Only the loops are blocked, so that a chunk of keys (or values) stays in L1
@@ -503,35 +514,64 @@ def _attend_tile(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out
             h0 = kv_head * group + i0 % group
             query_pos = n_past + t
             first = max(c0, query_pos + 1 - window) if window > 0 else c0
-            for j in range(first, min(c1, query_pos + 1)):
-                if step == 4:
-                    dots = _score4(q[t], h0, k[j, kv_head])
-                else:
-                    dots = (_score(q[t, h0], k[j, kv_head]), np.float32(0), np.float32(0), np.float32(0))
-                for u in range(step):
-                    s = dots[u] * scale
-                    if softcap > 0:
-                        s = softcap * np.tanh(s / softcap)
-                    if use_alibi:
-                        s += slopes[h0 + u] * np.float32(j - query_pos)
-                    scores[i0 + u, j - key_lo] = s
-                    peaks[i0 + u] = max(peaks[i0 + u], s)
-    for i in range(n_q):
-        t = t0 + i // group
+            # The running maxima stay in registers across the keys (in the array, each key's
+            # max waited on the last one's store).
+            if step == 4:
+                m0, m1, m2, m3 = peaks[i0], peaks[i0 + 1], peaks[i0 + 2], peaks[i0 + 3]
+                for j in range(first, min(c1, query_pos + 1)):
+                    d0, d1, d2, d3 = _score4(q[t], h0, k[j, kv_head])
+                    s0 = _adjusted(d0, scale, softcap, use_alibi, slopes[h0], j - query_pos)
+                    s1 = _adjusted(d1, scale, softcap, use_alibi, slopes[h0 + 1], j - query_pos)
+                    s2 = _adjusted(d2, scale, softcap, use_alibi, slopes[h0 + 2], j - query_pos)
+                    s3 = _adjusted(d3, scale, softcap, use_alibi, slopes[h0 + 3], j - query_pos)
+                    scores[i0, j - key_lo] = s0
+                    scores[i0 + 1, j - key_lo] = s1
+                    scores[i0 + 2, j - key_lo] = s2
+                    scores[i0 + 3, j - key_lo] = s3
+                    m0, m1, m2, m3 = max(m0, s0), max(m1, s1), max(m2, s2), max(m3, s3)
+                peaks[i0], peaks[i0 + 1], peaks[i0 + 2], peaks[i0 + 3] = m0, m1, m2, m3
+            else:
+                m0 = peaks[i0]
+                for j in range(first, min(c1, query_pos + 1)):
+                    s0 = _adjusted(_score(q[t, h0], k[j, kv_head]), scale, softcap, use_alibi, slopes[h0],
+                                   j - query_pos)
+                    scores[i0, j - key_lo] = s0
+                    m0 = max(m0, s0)
+                peaks[i0] = m0
+    step = 4 if group % 4 == 0 else 1
+    for i0 in range(0, n_q, step):  # `step` query heads of one token: the same keys
+        t = t0 + i0 // group
         query_pos = n_past + t
         first = max(0, query_pos + 1 - window) if window > 0 else 0
         # Weights below exp(-44) (~2**-63, of the largest weight's 1) are 0 and their values
         # skipped: otherwise peaked softmaxes give subnormal weights (or weight * Q8_0 scale
         # products), each costing a microcode assist per multiply on Intel cores (the prompt
         # ran 2-7x slower), for a share of the output far below float32's 2**-24 resolution.
-        # The weights first (a loop LLVM vectorizes), then their float64 sum in key order.
-        _exp_weights(scores[i, first - key_lo : query_pos + 1 - key_lo], peaks[i], weights)
-        total = 0.0
-        for j in range(first, query_pos + 1):
-            total += weights[j - first]
-            scores[i, j - key_lo] = weights[j - first]
-        totals[i] = total
-        out[t, kv_head * group + i % group, :] = 0.0
+        # The weights first (a loop LLVM vectorizes), then their float64 sums in key order:
+        # four queries' sums side by side, each its own chain (one chain waited on every add).
+        for u in range(step):
+            _exp_weights(scores[i0 + u, first - key_lo : query_pos + 1 - key_lo], peaks[i0 + u], weights[u])
+            out[t, kv_head * group + (i0 + u) % group, :] = 0.0
+        if step == 4:
+            total0 = total1 = total2 = total3 = 0.0
+            for j in range(first, query_pos + 1):
+                at = j - first
+                w0, w1, w2, w3 = weights[0, at], weights[1, at], weights[2, at], weights[3, at]
+                total0 += w0
+                total1 += w1
+                total2 += w2
+                total3 += w3
+                scores[i0, j - key_lo] = w0
+                scores[i0 + 1, j - key_lo] = w1
+                scores[i0 + 2, j - key_lo] = w2
+                scores[i0 + 3, j - key_lo] = w3
+            totals[i0], totals[i0 + 1], totals[i0 + 2], totals[i0 + 3] = total0, total1, total2, total3
+        else:
+            total = 0.0
+            for j in range(first, query_pos + 1):
+                total += weights[0, j - first]
+                scores[i0, j - key_lo] = weights[0, j - first]
+            totals[i0] = total
     for c0 in range(key_lo, key_hi, _KEY_CHUNK):
         c1 = min(key_hi, c0 + _KEY_CHUNK)
         for i in range(n_q):
