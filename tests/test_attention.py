@@ -114,6 +114,28 @@ def test_one_and_two_threads_agree_bit_for_bit():
         np.testing.assert_array_equal(one, two)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32], ids=["f16", "f32"])
+@pytest.mark.parametrize("head_dim, window, softcap, alibi", [(64, 0, 0.0, False), (80, 37, 0.0, False),
+                                                              (128, 0, 30.0, False), (64, 0, 0.0, True)])
+def test_prompt_tiles_match_one_token_at_a_time_bit_for_bit(dtype, head_dim, window, softcap, alibi):
+    """A prompt's tiles of 4 tokens x 8 query heads take their scores with the keys in the vector
+    lanes (and F16 values widened once per chunk); one token at a time (8 queries) does not. The
+    same bits either way: a prompt and its token-by-token decode agree exactly."""
+    from engine.kernels import attention
+
+    n_head, n_kv_head, n_past, n_tok = 32, 4, 150, 40
+    assert attention._TILE_TOKENS * n_head // n_kv_head >= attention._LANE_QUERIES  # the lanes run
+    rng = np.random.default_rng(head_dim + window)
+    cache, _, _ = fill_cache(rng, 1, n_past + n_tok, n_kv_head, head_dim, n_past + n_tok, dtype)
+    q = rng.standard_normal((n_tok, n_head, head_dim), dtype=np.float32) * 2
+    slopes = alibi_slopes(n_head, 8.0) if alibi else None
+    keys, values = cache.keys(0), cache.values(0)
+    prompt = attend(q, keys, values, n_past, 0.125, slopes, window=window, softcap=softcap)
+    for t in range(n_tok):
+        one = attend(q[t : t + 1], keys, values, n_past + t, 0.125, slopes, window=window, softcap=softcap)
+        np.testing.assert_array_equal(one[0].view(np.uint32), prompt[t].view(np.uint32))
+
+
 def test_first_token_attends_only_to_itself():
     rng = np.random.default_rng(7)
     cache, _, v = fill_cache(rng, 1, 8, 1, 8, 1, np.float32)

@@ -23,6 +23,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from engine.errors import HalfbyteError
+from engine.kernels import simd
 from engine.kernels.matmul import _call, f16_to_f32, to_f32
 from engine.kernels.simd import _F16, _F32, _I16, _I64, _V8F32, _Loop, _mask, _vconst
 
@@ -280,6 +281,65 @@ def _emit_scores(b: ir.IRBuilder, q_ptrs: list, k_ptr: ir.Value, n: ir.Value, ha
     return [b.fadd(result, tail_sum) for result, tail_sum in zip(results, tails)]
 
 
+def _score_lanes_codegen(context, builder, sig, args):
+    """dots[c] = _score(q, key c) for the keys of a transposed chunk ``kt`` (head_dim, KC), c < n
+    rounded up to whole vectors: the keys in the vector lanes, the same operations per key as
+    _emit_scores in the same order, so the same bits. _emit_scores keeps, per key, 16 running
+    sums: lane l of A over d = 16i + l and of B over d = 16i + 8 + l (one FMA each per i), then
+    T_l = A_l + B_l, T_l + T_(l+4), that + the one 2 lanes on, the two, + 0.0 (its empty tail).
+    Here each of those 16 sums is a vector over keys, so no sum crosses lanes: a key costs
+    head_dim / W FMAs and no shuffles. Head size a multiple of 16."""
+    b = builder
+    width = 16 if "avx512f" in simd._target_features() else 8
+    vec = ir.VectorType(_F32, width)
+    qa = context.make_array(sig.args[0])(context, b, args[0])
+    kta = context.make_array(sig.args[1])(context, b, args[1])
+    da = context.make_array(sig.args[3])(context, b, args[3])
+    n = args[2]
+    head_dim = b.extract_value(qa.shape, 0)
+    kc = b.extract_value(kta.shape, 1)
+    fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{width}f32")
+    zero = ir.Constant(vec, [0.0] * width)
+    n_vecs = b.udiv(b.add(n, ir.Constant(_I64, width - 1)), ir.Constant(_I64, width))
+    n_groups = b.udiv(head_dim, ir.Constant(_I64, 16))
+    keys = _Loop(b, n_vecs, [], "lane_keys")
+    col = b.mul(keys.index, ir.Constant(_I64, width))
+
+    def sums(half: int) -> list:  # the 8 sums of A (half 0) or B (half 1) for these keys
+        loop = _Loop(b, n_groups, [zero] * 8, f"lane_sums{half}")
+        updated = []
+        for lane in range(8):
+            d = b.add(b.mul(loop.index, ir.Constant(_I64, 16)), ir.Constant(_I64, 8 * half + lane))
+            qd = b.load(b.gep(qa.data, [d]))
+            undefined = ir.Constant(vec, ir.Undefined)
+            q_vec = b.shuffle_vector(b.insert_element(undefined, qd, ir.Constant(ir.IntType(32), 0)), undefined,
+                                     _mask([0] * width))
+            k_vec = b.load(b.bitcast(b.gep(kta.data, [b.add(b.mul(d, kc), col)]), vec.as_pointer()), align=4)
+            updated.append(b.call(fma, [q_vec, k_vec, loop.values[lane]]))
+        return loop.close(updated)
+
+    a_sums = sums(0)
+    b_sums = sums(1)
+    t = [b.fadd(x, y) for x, y in zip(a_sums, b_sums)]
+    v = [b.fadd(t[lane], t[lane + 4]) for lane in range(4)]
+    u = [b.fadd(v[lane], v[lane + 2]) for lane in range(2)]
+    dots = b.fadd(b.fadd(u[0], u[1]), zero)
+    b.store(dots, b.bitcast(b.gep(da.data, [col]), vec.as_pointer()), align=4)
+    keys.close([])
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _score_lanes(typingctx, q, kt, n, dots):
+    ok = (isinstance(q, types.Array) and q.ndim == 1 and q.layout == "C" and q.dtype == types.float32
+          and isinstance(kt, types.Array) and kt.ndim == 2 and kt.layout == "C" and kt.dtype == types.float32
+          and isinstance(dots, types.Array) and dots.ndim == 1 and dots.layout == "C"
+          and dots.dtype == types.float32)
+    if not ok:
+        return None
+    return types.void(q, kt, types.intp, dots), _score_lanes_codegen
+
+
 @intrinsic
 def _score4_float(typingctx, q, h0, k):
     """(_score(q[h0], k), ..., _score(q[h0 + 3], k)) for float32 queries ``q`` (n_head, head_dim) and a
@@ -425,12 +485,53 @@ def _accumulate_run_overload(acc, probs, p_off, v, kv_head, j0, j1):
     return float_values
 
 
+def _transpose_keys(k, kv_head, c0, c1, kt):  # pragma: no cover - the overload runs
+    raise NotImplementedError
+
+
+@overload(_transpose_keys, inline="always")
+def _transpose_keys_overload(k, kv_head, c0, c1, kt):
+    """kt[d, j - c0] = key j's element d as float32 (exact), for float caches; Q8_0 keys never
+    take the lanes (their dot has its own order)."""
+    if k.dtype == types.uint8:
+        return lambda k, kv_head, c0, c1, kt: None
+
+    def transpose(k, kv_head, c0, c1, kt):
+        for j in range(c0, c1):
+            key = k[j, kv_head]
+            for d in range(key.size):
+                kt[d, j - c0] = to_f32(key[d])
+    return transpose
+
+
+def _widen_values(v, kv_head, c0, c1, vc):  # pragma: no cover - the overload runs
+    raise NotImplementedError
+
+
+@overload(_widen_values, inline="always")
+def _widen_values_overload(v, kv_head, c0, c1, vc):
+    """vc[j - c0, 0] = value row j as float32 (exact), for F16 caches; others are read as they are."""
+    if v.dtype != types.uint16:
+        return lambda v, kv_head, c0, c1, vc: None
+
+    def widen(v, kv_head, c0, c1, vc):
+        for j in range(c0, c1):
+            row = v[j, kv_head]
+            for d in range(row.size):
+                vc[j - c0, 0, d] = to_f32(row[d])
+    return widen
+
+
 # Query tokens per tile. A tile is one KV head's queries (its `group` query heads) for this many
 # tokens: each key and value row is read once per tile instead of once per query. Measured (Intel
 # Xeon, 1.1B shape: 32 heads over 4 KV heads, 512 tokens after 4000): per-query tasks streamed the
 # layer's keys from L2/L3 once per query and ran at ~14 ns per (query, key).
 _TILE_TOKENS = 4
 _KEY_CHUNK = 64  # keys (and values) per L1-resident chunk: 64 x 64 float16 = 8 KiB
+# A tile of at least this many queries takes its scores with the keys in the vector lanes
+# (_score_lanes: the same bits), after transposing each chunk of keys once; fewer queries (a
+# token's decode) would not repay the transposition.
+_LANE_QUERIES = 32
 
 
 @njit(cache=True, inline="always")
@@ -474,7 +575,7 @@ def _exp_weights(scores, peak, weights):
 
 
 @njit(cache=True, parallel=True)
-def _attend_kernel(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out):
+def _attend_kernel(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, lane_keys, lane_values, out):
     n_tiles = (q.shape[0] + _TILE_TOKENS - 1) // _TILE_TOKENS
     # KV-head-major task order, and within a head the tiles from both ends of the prompt in turn
     # (first, last, second, second to last...): a static split over threads then gives each
@@ -483,11 +584,13 @@ def _attend_kernel(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, o
     for task in prange(k.shape[1] * n_tiles):
         turn = task % n_tiles
         tile = turn // 2 if turn % 2 == 0 else n_tiles - 1 - turn // 2
-        _attend_tile(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out, task // n_tiles, tile)
+        _attend_tile(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, lane_keys, lane_values, out,
+                     task // n_tiles, tile)
 
 
 @njit(cache=True)
-def _attend_tile(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out, kv_head, tile):
+def _attend_tile(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, lane_keys, lane_values, out, kv_head,
+                 tile):
     """Queries of tokens ``tile * _TILE_TOKENS ...`` sharing KV head ``kv_head``, over their keys."""
     n_tok, n_head, head_dim = q.shape
     group = n_head // k.shape[1]
@@ -505,8 +608,43 @@ def _attend_tile(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out
     # same fixed-order dot per key, the keys in order for the float64 sum and for each output
     # element. Only the loops are blocked, so that a chunk of keys (or values) stays in L1
     # while every query of the tile reads it.
+    lanes = lane_keys and n_q >= _LANE_QUERIES
+    kt = np.zeros((head_dim if lanes else 0, _KEY_CHUNK), np.float32)  # a chunk's keys, transposed
+    dots = np.empty(_KEY_CHUNK, np.float32)
     for c0 in range(key_lo, key_hi, _KEY_CHUNK):
         c1 = min(key_hi, c0 + _KEY_CHUNK)
+        if lanes:
+            _transpose_keys(k, kv_head, c0, c1, kt)
+            for i in range(n_q):
+                t = t0 + i // group
+                h = kv_head * group + i % group
+                query_pos = n_past + t
+                first = max(c0, query_pos + 1 - window) if window > 0 else c0
+                last = min(c1, query_pos + 1)
+                if first >= last:
+                    continue
+                _score_lanes(q[t, h], kt, last - c0, dots)
+                # four running maxima (one would wait on each key's max): the same largest score
+                m0 = m1 = m2 = m3 = peaks[i]
+                j = first
+                while j + 4 <= last:
+                    s0 = _adjusted(dots[j - c0], scale, softcap, use_alibi, slopes[h], j - query_pos)
+                    s1 = _adjusted(dots[j + 1 - c0], scale, softcap, use_alibi, slopes[h], j + 1 - query_pos)
+                    s2 = _adjusted(dots[j + 2 - c0], scale, softcap, use_alibi, slopes[h], j + 2 - query_pos)
+                    s3 = _adjusted(dots[j + 3 - c0], scale, softcap, use_alibi, slopes[h], j + 3 - query_pos)
+                    scores[i, j - key_lo] = s0
+                    scores[i, j + 1 - key_lo] = s1
+                    scores[i, j + 2 - key_lo] = s2
+                    scores[i, j + 3 - key_lo] = s3
+                    m0, m1, m2, m3 = max(m0, s0), max(m1, s1), max(m2, s2), max(m3, s3)
+                    j += 4
+                while j < last:
+                    s0 = _adjusted(dots[j - c0], scale, softcap, use_alibi, slopes[h], j - query_pos)
+                    scores[i, j - key_lo] = s0
+                    m0 = max(m0, s0)
+                    j += 1
+                peaks[i] = max(max(m0, m1), max(m2, m3))
+            continue
         # four query heads of a token at a time when the group allows: one key read, four dots
         step = 4 if group % 4 == 0 else 1
         for i0 in range(0, n_q, step):
@@ -572,14 +710,23 @@ def _attend_tile(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out
                 total += weights[0, j - first]
                 scores[i0, j - key_lo] = weights[0, j - first]
             totals[i0] = total
+    # F16 values widened once per chunk for the whole tile, not once per query (the same bits)
+    widened = lane_values and n_q >= _LANE_QUERIES
+    vc = np.empty((_KEY_CHUNK if widened else 0, 1, head_dim), np.float32)
     for c0 in range(key_lo, key_hi, _KEY_CHUNK):
         c1 = min(key_hi, c0 + _KEY_CHUNK)
+        if widened:
+            _widen_values(v, kv_head, c0, c1, vc)
         for i in range(n_q):
             t = t0 + i // group
             query_pos = n_past + t
             first = max(c0, query_pos + 1 - window) if window > 0 else c0
-            _accumulate_run(out[t, kv_head * group + i % group], scores[i], key_lo, v, kv_head, first,
-                            min(c1, query_pos + 1))
+            last = min(c1, query_pos + 1)
+            if widened:
+                _accumulate_run(out[t, kv_head * group + i % group], scores[i], key_lo - c0, vc, 0, first - c0,
+                                last - c0)
+            else:
+                _accumulate_run(out[t, kv_head * group + i % group], scores[i], key_lo, v, kv_head, first, last)
     for i in range(n_q):
         acc = out[t0 + i // group, kv_head * group + i % group]
         inv = np.float32(1.0 / totals[i])
@@ -645,8 +792,10 @@ def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int,
     elif out.shape != q.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise HalfbyteError(f"out must be a C-contiguous float32 array of shape {q.shape}")
     if n_tok:
+        lane_keys = k.dtype != np.uint8 and head_dim % 16 == 0  # _score_lanes: float keys, whole 16s
+        lane_values = v.dtype == np.uint16 and head_dim % 32 == 0  # F16 values for _accumulate_keys
         _call(_attend_kernel, q, k, v, n_past, np.float32(scale), slopes, alibi_slopes is not None, int(window),
-              np.float32(softcap), out)
+              np.float32(softcap), lane_keys, lane_values, out)
     return out
 
 
