@@ -525,8 +525,10 @@ def _widen_values_overload(v, kv_head, c0, c1, vc):
 # Query tokens per tile. A tile is one KV head's queries (its `group` query heads) for this many
 # tokens: each key and value row is read once per tile instead of once per query. Measured (Intel
 # Xeon, 1.1B shape: 32 heads over 4 KV heads, 512 tokens after 4000): per-query tasks streamed the
-# layer's keys from L2/L3 once per query and ran at ~14 ns per (query, key).
-_TILE_TOKENS = 4
+# layer's keys from L2/L3 once per query and ran at ~14 ns per (query, key). With the lanes, 8
+# tokens (64 queries) repay each chunk's transposition better than 4: that layer took 574 -> 520
+# ms on one thread (16 tokens: 504-540, within the noise).
+_TILE_TOKENS = 8
 _KEY_CHUNK = 64  # keys (and values) per L1-resident chunk: 64 x 64 float16 = 8 KiB
 # A tile of at least this many queries takes its scores with the keys in the vector lanes
 # (_score_lanes: the same bits), after transposing each chunk of keys once; fewer queries (a
