@@ -118,7 +118,7 @@ def test_one_and_two_threads_agree_bit_for_bit():
 @pytest.mark.parametrize("head_dim, window, softcap, alibi", [(64, 0, 0.0, False), (80, 37, 0.0, False),
                                                               (128, 0, 30.0, False), (64, 0, 0.0, True)])
 def test_prompt_tiles_match_one_token_at_a_time_bit_for_bit(dtype, head_dim, window, softcap, alibi):
-    """A prompt's tiles of 4 tokens x 8 query heads take their scores with the keys in the vector
+    """A prompt's tiles of 8 tokens x 8 query heads take their scores with the keys in the vector
     lanes (and F16 values widened once per chunk); one token at a time (8 queries) does not. The
     same bits either way: a prompt and its token-by-token decode agree exactly."""
     from engine.kernels import attention

@@ -504,6 +504,17 @@ def _transpose_keys_overload(k, kv_head, c0, c1, kt):
     return transpose
 
 
+def _half_values(v):  # pragma: no cover - the overload runs
+    raise NotImplementedError
+
+
+@overload(_half_values, inline="always")
+def _half_values_overload(v):
+    """Whether a cache holds F16 bits (uint16), as a constant of the compiled kernel."""
+    half = v.dtype == types.uint16
+    return lambda v: half
+
+
 def _widen_values(v, kv_head, c0, c1, vc):  # pragma: no cover - the overload runs
     raise NotImplementedError
 
@@ -577,7 +588,7 @@ def _exp_weights(scores, peak, weights):
 
 
 @njit(cache=True, parallel=True)
-def _attend_kernel(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, lane_keys, lane_values, out):
+def _attend_kernel(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out):
     n_tiles = (q.shape[0] + _TILE_TOKENS - 1) // _TILE_TOKENS
     # KV-head-major task order, and within a head the tiles from both ends of the prompt in turn
     # (first, last, second, second to last...): a static split over threads then gives each
@@ -586,69 +597,49 @@ def _attend_kernel(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, l
     for task in prange(k.shape[1] * n_tiles):
         turn = task % n_tiles
         tile = turn // 2 if turn % 2 == 0 else n_tiles - 1 - turn // 2
-        _attend_tile(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, lane_keys, lane_values, out,
-                     task // n_tiles, tile)
+        _attend_tile(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out, task // n_tiles, tile)
+
+
+@njit(cache=True, parallel=True)
+def _attend_kernel_lanes(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out):
+    """_attend_kernel with _attend_tile_lanes: the same bits. A kernel of its own, compiled at the
+    first prompt that takes it, so that a short run (a decode, a model without grouped heads)
+    does not compile it."""
+    n_tiles = (q.shape[0] + _TILE_TOKENS - 1) // _TILE_TOKENS
+    for task in prange(k.shape[1] * n_tiles):
+        turn = task % n_tiles
+        tile = turn // 2 if turn % 2 == 0 else n_tiles - 1 - turn // 2
+        _attend_tile_lanes(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out, task // n_tiles, tile)
+
+
+@njit(cache=True, inline="always")
+def _tile_span(n_tok, group, n_past, window, tile):
+    """(first token, tokens, queries, first key, end of keys) of a tile: query i is token
+    t0 + i // group, head kv_head * group + i % group; its keys run from the first query's window
+    start to the last query's position."""
+    t0 = tile * _TILE_TOKENS
+    n_t = min(_TILE_TOKENS, n_tok - t0)
+    key_lo = max(0, n_past + t0 + 1 - window) if window > 0 else 0
+    return t0, n_t, n_t * group, key_lo, n_past + t0 + n_t
 
 
 @njit(cache=True)
-def _attend_tile(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, lane_keys, lane_values, out, kv_head,
-                 tile):
-    """Queries of tokens ``tile * _TILE_TOKENS ...`` sharing KV head ``kv_head``, over their keys."""
+def _attend_tile(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out, kv_head, tile):
+    """Queries of tokens ``tile * _TILE_TOKENS ...`` sharing KV head ``kv_head``, over their keys.
+
+    Per query, every number is computed exactly as a query-at-a-time loop would: the same
+    fixed-order dot per key, the keys in order for the float64 sum and for each output element.
+    Only the loops are blocked, so that a chunk of keys (or values) stays in L1 while every query
+    of the tile reads it."""
     n_tok, n_head, head_dim = q.shape
     group = n_head // k.shape[1]
-    t0 = tile * _TILE_TOKENS
-    n_t = min(_TILE_TOKENS, n_tok - t0)
-    n_q = n_t * group  # query i: token t0 + i // group, head kv_head * group + i % group
-    # keys of the tile: from the first query's window start to the last query's position
-    key_lo = max(0, n_past + t0 + 1 - window) if window > 0 else 0
-    key_hi = n_past + t0 + n_t  # exclusive
+    t0, n_t, n_q, key_lo, key_hi = _tile_span(n_tok, group, n_past, window, tile)
     scores = np.empty((n_q, key_hi - key_lo), np.float32)
     peaks = np.full(n_q, -np.inf)  # float64: the softmax's differences and exps are float64
-    totals = np.zeros(n_q)  # float64, like ggml's softmax sum
-    weights = np.empty((4, key_hi - key_lo))  # up to four queries' float64 softmax weights
-    # Per query, every number below is computed exactly as a query-at-a-time loop would: the
-    # same fixed-order dot per key, the keys in order for the float64 sum and for each output
-    # element. Only the loops are blocked, so that a chunk of keys (or values) stays in L1
-    # while every query of the tile reads it.
-    lanes = lane_keys and n_q >= _LANE_QUERIES
-    kt = np.zeros((head_dim if lanes else 0, _KEY_CHUNK), np.float32)  # a chunk's keys, transposed
-    dots = np.empty(_KEY_CHUNK, np.float32)
+    # four query heads of a token at a time when the group allows: one key read, four dots
+    step = 4 if group % 4 == 0 else 1
     for c0 in range(key_lo, key_hi, _KEY_CHUNK):
         c1 = min(key_hi, c0 + _KEY_CHUNK)
-        if lanes:
-            _transpose_keys(k, kv_head, c0, c1, kt)
-            for i in range(n_q):
-                t = t0 + i // group
-                h = kv_head * group + i % group
-                query_pos = n_past + t
-                first = max(c0, query_pos + 1 - window) if window > 0 else c0
-                last = min(c1, query_pos + 1)
-                if first >= last:
-                    continue
-                _score_lanes(q[t, h], kt, last - c0, dots)
-                # four running maxima (one would wait on each key's max): the same largest score
-                m0 = m1 = m2 = m3 = peaks[i]
-                j = first
-                while j + 4 <= last:
-                    s0 = _adjusted(dots[j - c0], scale, softcap, use_alibi, slopes[h], j - query_pos)
-                    s1 = _adjusted(dots[j + 1 - c0], scale, softcap, use_alibi, slopes[h], j + 1 - query_pos)
-                    s2 = _adjusted(dots[j + 2 - c0], scale, softcap, use_alibi, slopes[h], j + 2 - query_pos)
-                    s3 = _adjusted(dots[j + 3 - c0], scale, softcap, use_alibi, slopes[h], j + 3 - query_pos)
-                    scores[i, j - key_lo] = s0
-                    scores[i, j + 1 - key_lo] = s1
-                    scores[i, j + 2 - key_lo] = s2
-                    scores[i, j + 3 - key_lo] = s3
-                    m0, m1, m2, m3 = max(m0, s0), max(m1, s1), max(m2, s2), max(m3, s3)
-                    j += 4
-                while j < last:
-                    s0 = _adjusted(dots[j - c0], scale, softcap, use_alibi, slopes[h], j - query_pos)
-                    scores[i, j - key_lo] = s0
-                    m0 = max(m0, s0)
-                    j += 1
-                peaks[i] = max(max(m0, m1), max(m2, m3))
-            continue
-        # four query heads of a token at a time when the group allows: one key read, four dots
-        step = 4 if group % 4 == 0 else 1
         for i0 in range(0, n_q, step):
             t = t0 + i0 // group
             h0 = kv_head * group + i0 % group
@@ -678,6 +669,89 @@ def _attend_tile(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, lan
                     scores[i0, j - key_lo] = s0
                     m0 = max(m0, s0)
                 peaks[i0] = m0
+    totals = _softmax_tile(scores, peaks, out, kv_head, group, n_past, window, t0, n_q, key_lo)
+    for c0 in range(key_lo, key_hi, _KEY_CHUNK):
+        c1 = min(key_hi, c0 + _KEY_CHUNK)
+        for i in range(n_q):
+            t = t0 + i // group
+            query_pos = n_past + t
+            first = max(c0, query_pos + 1 - window) if window > 0 else c0
+            _accumulate_run(out[t, kv_head * group + i % group], scores[i], key_lo, v, kv_head, first,
+                            min(c1, query_pos + 1))
+    _normalize_tile(out, totals, group, kv_head, t0, n_q)
+
+
+@njit(cache=True)
+def _attend_tile_lanes(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out, kv_head, tile):
+    """_attend_tile for float keys (head size a multiple of 16), with the same bits: each chunk of
+    keys transposed once, then every query's scores with the keys in the vector lanes
+    (_score_lanes); F16 values widened once per chunk, not once per query."""
+    n_tok, n_head, head_dim = q.shape
+    group = n_head // k.shape[1]
+    t0, n_t, n_q, key_lo, key_hi = _tile_span(n_tok, group, n_past, window, tile)
+    scores = np.empty((n_q, key_hi - key_lo), np.float32)
+    peaks = np.full(n_q, -np.inf)
+    kt = np.zeros((head_dim, _KEY_CHUNK), np.float32)  # a chunk's keys, transposed
+    dots = np.empty(_KEY_CHUNK, np.float32)
+    for c0 in range(key_lo, key_hi, _KEY_CHUNK):
+        c1 = min(key_hi, c0 + _KEY_CHUNK)
+        _transpose_keys(k, kv_head, c0, c1, kt)
+        for i in range(n_q):
+            t = t0 + i // group
+            h = kv_head * group + i % group
+            query_pos = n_past + t
+            first = max(c0, query_pos + 1 - window) if window > 0 else c0
+            last = min(c1, query_pos + 1)
+            if first >= last:
+                continue
+            _score_lanes(q[t, h], kt, last - c0, dots)
+            # four running maxima (one would wait on each key's max): the same largest score
+            m0 = m1 = m2 = m3 = peaks[i]
+            j = first
+            while j + 4 <= last:
+                s0 = _adjusted(dots[j - c0], scale, softcap, use_alibi, slopes[h], j - query_pos)
+                s1 = _adjusted(dots[j + 1 - c0], scale, softcap, use_alibi, slopes[h], j + 1 - query_pos)
+                s2 = _adjusted(dots[j + 2 - c0], scale, softcap, use_alibi, slopes[h], j + 2 - query_pos)
+                s3 = _adjusted(dots[j + 3 - c0], scale, softcap, use_alibi, slopes[h], j + 3 - query_pos)
+                scores[i, j - key_lo] = s0
+                scores[i, j + 1 - key_lo] = s1
+                scores[i, j + 2 - key_lo] = s2
+                scores[i, j + 3 - key_lo] = s3
+                m0, m1, m2, m3 = max(m0, s0), max(m1, s1), max(m2, s2), max(m3, s3)
+                j += 4
+            while j < last:
+                s0 = _adjusted(dots[j - c0], scale, softcap, use_alibi, slopes[h], j - query_pos)
+                scores[i, j - key_lo] = s0
+                m0 = max(m0, s0)
+                j += 1
+            peaks[i] = max(max(m0, m1), max(m2, m3))
+    totals = _softmax_tile(scores, peaks, out, kv_head, group, n_past, window, t0, n_q, key_lo)
+    widened = _half_values(v) and head_dim % 32 == 0  # _accumulate_keys' whole 32s
+    vc = np.empty((_KEY_CHUNK if widened else 0, 1, head_dim), np.float32)
+    for c0 in range(key_lo, key_hi, _KEY_CHUNK):
+        c1 = min(key_hi, c0 + _KEY_CHUNK)
+        if widened:
+            _widen_values(v, kv_head, c0, c1, vc)
+        for i in range(n_q):
+            t = t0 + i // group
+            query_pos = n_past + t
+            first = max(c0, query_pos + 1 - window) if window > 0 else c0
+            last = min(c1, query_pos + 1)
+            if widened:
+                _accumulate_run(out[t, kv_head * group + i % group], scores[i], key_lo - c0, vc, 0, first - c0,
+                                last - c0)
+            else:
+                _accumulate_run(out[t, kv_head * group + i % group], scores[i], key_lo, v, kv_head, first, last)
+    _normalize_tile(out, totals, group, kv_head, t0, n_q)
+
+
+@njit(cache=True, inline="always")
+def _softmax_tile(scores, peaks, out, kv_head, group, n_past, window, t0, n_q, key_lo):
+    """Each query's scores -> its softmax weights (float32, in place, unnormalized) and its output
+    row zeroed; returns the float64 totals, which _normalize_tile divides by once the values are
+    summed."""
+    totals = np.zeros(n_q)  # float64, like ggml's softmax sum
+    weights = np.empty((4, scores.shape[1]))  # up to four queries' float64 softmax weights
     step = 4 if group % 4 == 0 else 1
     for i0 in range(0, n_q, step):  # `step` query heads of one token: the same keys
         t = t0 + i0 // group
@@ -712,27 +786,15 @@ def _attend_tile(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, lan
                 total += weights[0, j - first]
                 scores[i0, j - key_lo] = weights[0, j - first]
             totals[i0] = total
-    # F16 values widened once per chunk for the whole tile, not once per query (the same bits)
-    widened = lane_values and n_q >= _LANE_QUERIES
-    vc = np.empty((_KEY_CHUNK if widened else 0, 1, head_dim), np.float32)
-    for c0 in range(key_lo, key_hi, _KEY_CHUNK):
-        c1 = min(key_hi, c0 + _KEY_CHUNK)
-        if widened:
-            _widen_values(v, kv_head, c0, c1, vc)
-        for i in range(n_q):
-            t = t0 + i // group
-            query_pos = n_past + t
-            first = max(c0, query_pos + 1 - window) if window > 0 else c0
-            last = min(c1, query_pos + 1)
-            if widened:
-                _accumulate_run(out[t, kv_head * group + i % group], scores[i], key_lo - c0, vc, 0, first - c0,
-                                last - c0)
-            else:
-                _accumulate_run(out[t, kv_head * group + i % group], scores[i], key_lo, v, kv_head, first, last)
+    return totals
+
+
+@njit(cache=True, inline="always")
+def _normalize_tile(out, totals, group, kv_head, t0, n_q):
     for i in range(n_q):
         acc = out[t0 + i // group, kv_head * group + i % group]
         inv = np.float32(1.0 / totals[i])
-        for d in range(head_dim):
+        for d in range(acc.size):
             acc[d] *= inv
 
 
@@ -794,10 +856,12 @@ def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int,
     elif out.shape != q.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise HalfbyteError(f"out must be a C-contiguous float32 array of shape {q.shape}")
     if n_tok:
-        lane_keys = k.dtype != np.uint8 and head_dim % 16 == 0  # _score_lanes: float keys, whole 16s
-        lane_values = v.dtype == np.uint16 and head_dim % 32 == 0  # F16 values for _accumulate_keys
-        _call(_attend_kernel, q, k, v, n_past, np.float32(scale), slopes, alibi_slopes is not None, int(window),
-              np.float32(softcap), lane_keys, lane_values, out)
+        # The lanes for float keys (head size a multiple of 16) when a tile has the queries to repay
+        # transposing the keys; the same bits either way.
+        group = n_head // n_kv_head
+        lanes = k.dtype != np.uint8 and head_dim % 16 == 0 and min(n_tok, _TILE_TOKENS) * group >= _LANE_QUERIES
+        _call(_attend_kernel_lanes if lanes else _attend_kernel, q, k, v, n_past, np.float32(scale), slopes,
+              alibi_slopes is not None, int(window), np.float32(softcap), out)
     return out
 
 
