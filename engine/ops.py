@@ -37,9 +37,15 @@ def linear(x: np.ndarray, weight: Weight) -> np.ndarray:
     return _add_lora(x, weight, _matmul.matmul(weight, x))
 
 
+_LINEAR = linear
+
+
 def linears(x: np.ndarray, *weights: Weight) -> list[np.ndarray]:
     """``[linear(x, w) for w in weights]``, bit for bit, quantizing ``x`` once for them all where
-    their kernels take the same activations (a layer's q, k, v; gate and up)."""
+    their kernels take the same activations (a layer's q, k, v; gate and up). While ``linear`` is
+    wrapped (engine/imatrix.py observes every product that way), each goes through it."""
+    if linear is not _LINEAR:
+        return [linear(x, w) for w in weights]
     x = np.ascontiguousarray(x, dtype=np.float32)
     return [_add_lora(x, w, y) for w, y in zip(weights, _matmul.matmul_many(weights, x))]
 
