@@ -543,8 +543,11 @@ _TILE_TOKENS = 8
 _KEY_CHUNK = 64  # keys (and values) per L1-resident chunk: 64 x 64 float16 = 8 KiB
 # A call whose tiles have at least this many queries takes _attend_kernel_lanes (the keys in the
 # vector lanes, the same bits), after transposing each chunk of keys once; fewer queries (a
-# token's decode: one token's heads) would not repay the transposition.
+# token's decode: one token's heads) would not repay the transposition. And only once its last
+# query sees this many keys: below that attention is a small part of a prompt, and the lanes
+# kernel's first use compiles for 5 s (Intel Xeon), which a short prompt would not repay.
 _LANE_QUERIES = 32
+_LANE_KEYS = 1024
 
 
 @njit(cache=True, inline="always")
@@ -859,7 +862,8 @@ def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int,
         # The lanes for float keys (head size a multiple of 16) when a tile has the queries to repay
         # transposing the keys; the same bits either way.
         group = n_head // n_kv_head
-        lanes = k.dtype != np.uint8 and head_dim % 16 == 0 and min(n_tok, _TILE_TOKENS) * group >= _LANE_QUERIES
+        lanes = (k.dtype != np.uint8 and head_dim % 16 == 0 and n_past + n_tok >= _LANE_KEYS
+                 and min(n_tok, _TILE_TOKENS) * group >= _LANE_QUERIES)
         _call(_attend_kernel_lanes if lanes else _attend_kernel, q, k, v, n_past, np.float32(scale), slopes,
               alibi_slopes is not None, int(window), np.float32(softcap), out)
     return out
