@@ -137,6 +137,31 @@ def test_prompt_tiles_match_one_token_at_a_time_bit_for_bit(dtype, head_dim, win
         np.testing.assert_array_equal(one[0].view(np.uint32), prompt[t].view(np.uint32))
 
 
+def test_parallel_kernel_calls_the_tiles_through_their_address_without_their_code(monkeypatch):
+    """The parallel kernel calls a tile by address: its module holds no copy of either tile (a
+    linked copy is optimized again in every caller, which doubled attention's first-use compile),
+    and one kernel specialization serves both tiles with the same bits."""
+    from engine.kernels import attention
+
+    rng = np.random.default_rng(3)
+    cache, _, _ = fill_cache(rng, 1, 48, 4, 64, 48, np.float16)
+    q = rng.standard_normal((40, 32, 64), dtype=np.float32)
+    plain = attend(q, cache.keys(0), cache.values(0), 8, 0.125)
+    monkeypatch.setattr(attention, "_LANE_KEYS", 0)
+    lanes = attend(q, cache.keys(0), cache.values(0), 8, 0.125)
+    np.testing.assert_array_equal(plain.view(np.uint32), lanes.view(np.uint32))
+    tiles = {fn for fn, _ in attention._TILE_ADDRESSES}
+    assert {attention._attend_tile, attention._attend_tile_lanes} <= tiles
+    # a fresh, uncached copy of the kernel (Numba cannot show the IR of code loaded from its cache)
+    kernel = numba.njit(parallel=True)(attention._attend_kernel.py_func)
+    args = (q, cache.keys(0).view(np.uint16), cache.values(0).view(np.uint16), 8, np.float32(0.125),
+            np.zeros(32, np.float32), False, 0, np.float32(0.0), np.empty_like(q))
+    kernel(attention._tile_address(attention._attend_tile, args), *args)
+    np.testing.assert_array_equal(args[-1].view(np.uint32), plain.view(np.uint32))
+    kernel_ir = "".join(kernel.inspect_llvm().values())
+    assert "inttoptr" in kernel_ir and "_attend_tile" not in kernel_ir and "_exp_weights" not in kernel_ir
+
+
 def test_first_token_attends_only_to_itself():
     rng = np.random.default_rng(7)
     cache, _, v = fill_cache(rng, 1, 8, 1, 8, 1, np.float32)

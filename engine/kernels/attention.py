@@ -18,13 +18,13 @@ import math
 import numpy as np
 from gguf import GGMLQuantizationType
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, prange, typeof, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from engine.errors import HalfbyteError
 from engine.kernels import simd
-from engine.kernels.matmul import _call, f16_to_f32, to_f32
+from engine.kernels.matmul import _call, f16_to_f32, slp_scope, to_f32
 from engine.kernels.simd import _F16, _F32, _I16, _I64, _V8F32, _Loop, _mask, _vconst
 
 # Float math here never reassociates: with "reassoc" LLVM picks a reduction's vector width and
@@ -541,11 +541,11 @@ def _widen_values_overload(v, kv_head, c0, c1, vc):
 # ms on one thread (16 tokens: 504-540, within the noise).
 _TILE_TOKENS = 8
 _KEY_CHUNK = 64  # keys (and values) per L1-resident chunk: 64 x 64 float16 = 8 KiB
-# A call whose tiles have at least this many queries takes _attend_kernel_lanes (the keys in the
+# A call whose tiles have at least this many queries takes _attend_tile_lanes (the keys in the
 # vector lanes, the same bits), after transposing each chunk of keys once; fewer queries (a
 # token's decode: one token's heads) would not repay the transposition. And only once its last
 # query sees this many keys: below that attention is a small part of a prompt, and the lanes
-# kernel's first use compiles for 5 s (Intel Xeon), which a short prompt would not repay.
+# tile's first use compiles for seconds, which a short prompt would not repay.
 _LANE_QUERIES = 32
 _LANE_KEYS = 1024
 
@@ -590,29 +590,66 @@ def _exp_weights(scores, peak, weights):
         weights[j] = _exp_weight(max(diff, -44.0)) if diff >= _EXP_FLOOR else 0.0
 
 
+# The tile functions' scalar parameters, as the kernel passes them (see _call_tile).
+_TILE_SCALARS = {3: types.int64, 4: types.float32, 6: types.boolean, 7: types.int64, 8: types.float32,
+                 10: types.int64, 11: types.int64}
+
+
+@intrinsic
+def _call_tile(typingctx, address, q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out, kv_head, tile):
+    """Call the compiled tile function at ``address`` (an _attend_tile or _attend_tile_lanes
+    specialization, Numba's calling convention) with the other arguments.
+
+    Through a pointer, not by name: a jitted call links the callee's code into the caller's
+    module, and LLVM optimizes it all over again there, once per parallel kernel. That was 2.5 s
+    of the demo model's first run (a Zen 4 EPYC: the tile 2.85 s on its own, the parallel kernel
+    5.4 s with it). This way the tile is compiled (and cached) once by itself, the kernel stays
+    small, and one kernel serves both tiles."""
+    given = (q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out, kv_head, tile)
+    wanted = tuple(_TILE_SCALARS.get(i, ty) for i, ty in enumerate(given))
+
+    def codegen(context, builder, sig, args):
+        values = [context.cast(builder, val, have, want) for val, have, want in zip(args[1:], sig.args[1:], wanted)]
+        fn_type = context.call_conv.get_function_type(types.none, wanted)
+        callee = builder.inttoptr(args[0], fn_type.as_pointer())
+        status, _ = context.call_conv.call_function(builder, callee, types.none, wanted, values)
+        with cgutils.if_unlikely(builder, status.is_error):
+            context.call_conv.return_status_propagate(builder, status)
+        return context.get_dummy_value()
+
+    return types.none(address, *given), codegen
+
+
 @njit(cache=True, parallel=True)
-def _attend_kernel(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out):
+def _attend_kernel(tile_address, q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out):
     n_tiles = (q.shape[0] + _TILE_TOKENS - 1) // _TILE_TOKENS
     # KV-head-major task order, and within a head the tiles from both ends of the prompt in turn
     # (first, last, second, second to last...): a static split over threads then gives each
-    # thread a fair share of the causal triangle. The tile's work is a function of its own: the
-    # parallel loop stays small (its passes over the whole tile body were 0.7 s of compiling).
+    # thread a fair share of the causal triangle. The tile's work is a function of its own, called
+    # through its address (_call_tile).
     for task in prange(k.shape[1] * n_tiles):
         turn = task % n_tiles
         tile = turn // 2 if turn % 2 == 0 else n_tiles - 1 - turn // 2
-        _attend_tile(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out, task // n_tiles, tile)
+        _call_tile(tile_address, q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out, task // n_tiles,
+                   tile)
 
 
-@njit(cache=True, parallel=True)
-def _attend_kernel_lanes(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out):
-    """_attend_kernel with _attend_tile_lanes: the same bits. A kernel of its own, compiled at the
-    first prompt that takes it, so that a short run (a decode, a model without grouped heads)
-    does not compile it."""
-    n_tiles = (q.shape[0] + _TILE_TOKENS - 1) // _TILE_TOKENS
-    for task in prange(k.shape[1] * n_tiles):
-        turn = task % n_tiles
-        tile = turn // 2 if turn % 2 == 0 else n_tiles - 1 - turn // 2
-        _attend_tile_lanes(q, k, v, n_past, scale, slopes, use_alibi, window, softcap, out, task // n_tiles, tile)
+_TILE_ADDRESSES: dict = {}
+
+
+def _tile_address(tile_fn, args: tuple) -> int:
+    """The address of ``tile_fn`` compiled for the kernel's ``args`` (compiled or loaded from the
+    cache on first use, with SLP on as every kernel here)."""
+    given = tuple(typeof(arg) for arg in args) + (types.int64, types.int64)
+    key = (tile_fn, given)
+    known = _TILE_ADDRESSES.get(key)
+    if known is None:
+        signature = types.none(*(_TILE_SCALARS.get(i, ty) for i, ty in enumerate(given)))
+        with slp_scope():
+            result = tile_fn.get_compile_result(signature)
+        # the compile result stays referenced beside its address: it owns the code
+        known = _TILE_ADDRESSES[key] = (result.library.get_pointer_to_function(result.fndesc.llvm_func_name), result)
+    return known[0]
 
 
 @njit(cache=True, inline="always")
@@ -864,8 +901,9 @@ def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int,
         group = n_head // n_kv_head
         lanes = (k.dtype != np.uint8 and head_dim % 16 == 0 and n_past + n_tok >= _LANE_KEYS
                  and min(n_tok, _TILE_TOKENS) * group >= _LANE_QUERIES)
-        _call(_attend_kernel_lanes if lanes else _attend_kernel, q, k, v, n_past, np.float32(scale), slopes,
-              alibi_slopes is not None, int(window), np.float32(softcap), out)
+        args = (q, k, v, int(n_past), np.float32(scale), slopes, alibi_slopes is not None, int(window),
+                np.float32(softcap), out)
+        _call(_attend_kernel, _tile_address(_attend_tile_lanes if lanes else _attend_tile, args), *args)
     return out
 
 
