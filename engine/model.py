@@ -219,7 +219,7 @@ class Model:
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, threads: int | None = None,
                  kv_type: str = "f16", chat_template: str | None = None, type_k: str | None = None,
                  type_v: str | None = None, lora: Sequence = ()) -> None:
-        from engine.kernels.attention import cache_type_name
+        from engine.kernels.attention import cache_type_name, compile_in_background
 
         if not isinstance(path, (str, os.PathLike)):
             raise HalfbyteError(f"path must be a str or os.PathLike, got {_type_name(path)} {path!r}")
@@ -258,6 +258,8 @@ class Model:
                 warnings.warn(f"n_ctx ({self.n_ctx}) > n_ctx_train ({n_ctx_train}) -- possible training context "
                               "overflow", ContextOverflowWarning, stacklevel=3)
             self.cache = self.new_cache(self.n_ctx)
+            # the attention tile compiles on a spare core while this one compiles the rest
+            compile_in_background(type_k, type_v)
         except BaseException:
             self.file.close()  # not left open until garbage collection
             raise

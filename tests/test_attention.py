@@ -271,3 +271,47 @@ def test_softmax_exp_is_within_one_ulp_of_libm() -> None:
     below = np.empty(3)
     _exp_weights(np.float32([-44.01, -100.0, -np.inf]), 0.0, below)
     assert not below.any()
+
+
+BACKGROUND_SCRIPT = """
+import sys
+import numpy as np
+from engine.kernels import attention
+started = attention.compile_in_background("f16", "f32")
+print("started", started, attention.compile_in_background("f16", "f32"))
+if started:
+    rng = np.random.default_rng(0)
+    cache = attention.KVCache(1, 64, 2, 32, "f16", "f32")
+    k, v = rng.standard_normal((2, 5, 2, 32)).astype(np.float32)
+    cache.store(0, k, v, 0)
+    q = rng.standard_normal((5, 4, 32)).astype(np.float32)
+    out = attention.attend(q, cache.keys(0), cache.values(0), 0, 0.2)
+    want = attention.reference_attention(q, cache.keys(0), cache.values(0), 0, 0.2)
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+    tile, kernel = attention._attend_tile.stats, attention._attend_kernel.stats
+    print("misses", sum(tile.cache_misses.values()) + sum(kernel.cache_misses.values()),
+          "hits", sum(tile.cache_hits.values()), sum(kernel.cache_hits.values()))
+"""
+
+
+@pytest.mark.slow
+def test_attention_compiles_in_a_child_process_and_loads_from_its_cache(tmp_path):
+    """compile_in_background: a child compiles the tile and the parallel kernel into the on-disk
+    cache; this process's first attention waits for it and loads both (no compilation of its own,
+    the same results). With both cached, nothing is started."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(repo))
+    env.pop("HALFBYTE_BACKGROUND_COMPILE", None)
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: nothing compiles in the background")
+    runs = [subprocess.run([sys.executable, "-c", BACKGROUND_SCRIPT], env=env, capture_output=True, text=True,
+                           timeout=600, cwd=tmp_path) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert runs[0].stdout.split() == ["started", "True", "False", "misses", "0", "hits", "1", "1"]
+    assert runs[1].stdout.split() == ["started", "False", "False"]

@@ -14,12 +14,14 @@ before the softmax (and before ALiBi, as llama.cpp orders them).
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 
 import numpy as np
 from gguf import GGMLQuantizationType
 from llvmlite import ir
 from numba import njit, prange, typeof, types
-from numba.core import cgutils
+from numba.core import cgutils, event
 from numba.extending import intrinsic, overload
 
 from engine.errors import HalfbyteError
@@ -635,21 +637,108 @@ def _attend_kernel(tile_address, q, k, v, n_past, scale, slopes, use_alibi, wind
 
 
 _TILE_ADDRESSES: dict = {}
+_BACKGROUND: dict = {}  # tile signature -> the child process compiling it (compile_in_background)
+
+
+def _tile_signature(args: tuple):
+    given = tuple(typeof(arg) for arg in args) + (types.int64, types.int64)
+    return types.none(*(_TILE_SCALARS.get(i, ty) for i, ty in enumerate(given)))
 
 
 def _tile_address(tile_fn, args: tuple) -> int:
     """The address of ``tile_fn`` compiled for the kernel's ``args`` (compiled or loaded from the
     cache on first use, with SLP on as every kernel here)."""
-    given = tuple(typeof(arg) for arg in args) + (types.int64, types.int64)
-    key = (tile_fn, given)
+    signature = _tile_signature(args)
+    key = (tile_fn, signature)
     known = _TILE_ADDRESSES.get(key)
     if known is None:
-        signature = types.none(*(_TILE_SCALARS.get(i, ty) for i, ty in enumerate(given)))
+        child = _BACKGROUND.pop(key, None)
+        if child is not None:  # a child is compiling it into the on-disk cache: load it from there
+            # announced as a compilation (engine/jit_cache.py counts it and tells the user)
+            with event.trigger_event("numba:compile", data={"dispatcher": tile_fn, "args": signature.args,
+                                                            "return_type": types.none}):
+                try:
+                    child.wait(timeout=_BACKGROUND_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    child.kill()
         with slp_scope():
             result = tile_fn.get_compile_result(signature)
         # the compile result stays referenced beside its address: it owns the code
         known = _TILE_ADDRESSES[key] = (result.library.get_pointer_to_function(result.fndesc.llvm_func_name), result)
     return known[0]
+
+
+# Compiling the attention tile in a child process, beside the kernels this process compiles.
+_BACKGROUND_TIMEOUT = 120.0  # seconds to wait for the child before compiling here after all
+
+
+def _sample_args(type_k: str, type_v: str) -> tuple:
+    """Kernel arguments (tiny arrays) of the types a cache of ``type_k`` / ``type_v`` gives: the
+    tile's signature depends on the arrays' types only, not on their shapes."""
+    def cache(kind: str) -> np.ndarray:
+        return np.zeros((1, 1, Q8_0_BLOCK_BYTES), np.uint8) if kind == "q8_0" else _cache_array(
+            np.zeros((1, 1, Q8_0_BLOCK), CACHE_TYPES[kind]), kind)
+
+    q = np.zeros((1, 1, Q8_0_BLOCK), np.float32)
+    return q, cache(type_k), cache(type_v), 0, np.float32(1.0), np.zeros(1, np.float32), False, 0, np.float32(0.0), q
+
+
+def _load_cached(tile_fn, signature) -> bool:
+    """Load ``tile_fn``'s ``signature`` from Numba's on-disk cache, without compiling: whether it
+    was there (what Dispatcher.compile does before it compiles)."""
+    from numba.core.compiler_lock import global_compiler_lock
+
+    with global_compiler_lock:
+        if tuple(signature.args) in tile_fn.overloads:
+            return True
+        result = tile_fn._cache.load_overload(signature, tile_fn.targetctx)
+        if result is None:
+            return False
+        tile_fn.targetctx.insert_user_function(result.entry_point, result.fndesc, [result.library])
+        tile_fn.add_overload(result)
+        return True
+
+
+def compile_in_background(type_k: str = "f16", type_v: str = "f16") -> bool:
+    """Start compiling the attention tile for a cache of these types in a child process, unless
+    it is in Numba's on-disk cache already; returns whether a child was started.
+
+    The tile and its parallel kernel are the largest part of a model's first run (3.6 of the demo
+    model's 7.7 s of compiling, Zen 4 EPYC), and attention comes only after the embedding, norm
+    and products, whose kernels this process compiles meanwhile on one core: the other core
+    compiles attention. The first attention call waits for the child, then loads both from the
+    cache (or compiles them itself if the child failed). Only with a core to spare: on one core
+    it would only compete. ``HALFBYTE_BACKGROUND_COMPILE=0`` turns it off."""
+    import sys
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    if cores < 2 or os.environ.get("HALFBYTE_BACKGROUND_COMPILE", "1") == "0":
+        return False
+    signature = _tile_signature(_sample_args(cache_type_name(type_k), cache_type_name(type_v)))
+    key = (_attend_tile, signature)
+    if key in _TILE_ADDRESSES or key in _BACKGROUND:
+        return False
+    try:
+        if _load_cached(_attend_tile, signature):
+            return False
+    except Exception:  # Numba's internals moved: compile in this process, as without the child
+        return False
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    code = f"from engine.kernels.attention import _compile_tile; _compile_tile({type_k!r}, {type_v!r})"
+    _BACKGROUND[key] = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return True
+
+
+def _compile_tile(type_k: str, type_v: str) -> None:
+    """The child of compile_in_background: the tile and the parallel kernel into the on-disk
+    cache (the kernel by a call on one token)."""
+    args = _sample_args(type_k, type_v)
+    _call(_attend_kernel, _tile_address(_attend_tile, args), *args)
 
 
 @njit(cache=True, inline="always")
