@@ -150,7 +150,7 @@ def test_parallel_kernel_calls_the_tiles_through_their_address_without_their_cod
     monkeypatch.setattr(attention, "_LANE_KEYS", 0)
     lanes = attend(q, cache.keys(0), cache.values(0), 8, 0.125)
     np.testing.assert_array_equal(plain.view(np.uint32), lanes.view(np.uint32))
-    tiles = {fn for fn, _ in attention._TILE_ADDRESSES}
+    tiles = {key[0] for key in attention._TILE_ADDRESSES}
     assert {attention._attend_tile, attention._attend_tile_lanes} <= tiles
     # a fresh, uncached copy of the kernel (Numba cannot show the IR of code loaded from its cache)
     kernel = numba.njit(parallel=True)(attention._attend_kernel.py_func)

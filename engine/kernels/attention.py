@@ -648,6 +648,13 @@ def _tile_signature(args: tuple):
 def _tile_address(tile_fn, args: tuple) -> int:
     """The address of ``tile_fn`` compiled for the kernel's ``args`` (compiled or loaded from the
     cache on first use, with SLP on as every kernel here)."""
+    # What the arrays' Numba types depend on (the scalars' are fixed), far cheaper than typeof:
+    # this runs once per layer and token.
+    quick = (tile_fn, *((a.dtype, a.ndim, a.flags.writeable, a.flags.aligned, a.flags.c_contiguous) for a in args if
+                        isinstance(a, np.ndarray)))
+    known = _TILE_ADDRESSES.get(quick)
+    if known is not None:
+        return known[0]
     signature = _tile_signature(args)
     key = (tile_fn, signature)
     known = _TILE_ADDRESSES.get(key)
@@ -665,6 +672,7 @@ def _tile_address(tile_fn, args: tuple) -> int:
             result = tile_fn.get_compile_result(signature)
         # the compile result stays referenced beside its address: it owns the code
         known = _TILE_ADDRESSES[key] = (result.library.get_pointer_to_function(result.fndesc.llvm_func_name), result)
+    _TILE_ADDRESSES[quick] = known
     return known[0]
 
 
