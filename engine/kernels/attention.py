@@ -677,7 +677,7 @@ def _tile_address(tile_fn, args: tuple) -> int:
 
 
 # Compiling the attention tile in a child process, beside the kernels this process compiles.
-_BACKGROUND_TIMEOUT = 120.0  # seconds to wait for the child before compiling here after all
+_BACKGROUND_TIMEOUT = 900.0  # seconds to wait for the child before compiling here after all (emulators are slow)
 
 
 def _sample_args(type_k: str, type_v: str) -> tuple:
@@ -737,8 +737,11 @@ def compile_in_background(type_k: str = "f16", type_v: str = "f16") -> bool:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     code = f"from engine.kernels.attention import _compile_tile; _compile_tile({type_k!r}, {type_v!r})"
-    _BACKGROUND[key] = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _BACKGROUND[key] = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:  # no interpreter to start (an embedded Python): compile here, as without the child
+        return False
     return True
 
 
