@@ -49,7 +49,13 @@ def logits_in_child(tmp_path: Path, cpu_name: str | None) -> np.ndarray:
     env = dict(os.environ, PYTHONPATH=str(REPO), NUMBA_CACHE_DIR=str(tmp_path / f"cache-{cpu_name}"))
     if cpu_name is not None:
         env["NUMBA_CPU_NAME"] = cpu_name
-        env["NUMBA_CPU_FEATURES"] = ",".join(f"+{f}" for f in sorted(simd._target_features()))
+        # Every feature said, present or absent: a feature left unsaid takes the CPU name's default,
+        # and znver5's include AVX-VNNI, which a Zen 4 host lacks (the child died of SIGILL there).
+        import llvmlite.binding as llvm
+
+        have = simd._target_features()
+        known = set(llvm.get_host_cpu_features()) | have
+        env["NUMBA_CPU_FEATURES"] = ",".join(f"+{f}" if f in have else f"-{f}" for f in sorted(known))
     out = tmp_path / f"logits-{cpu_name}.npy"
     result = subprocess.run([sys.executable, "-c", LOGITS_SCRIPT, str(out)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=900)
