@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import subprocess
+import sys
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -28,6 +29,7 @@ from engine.errors import HalfbyteError
 from engine.kernels import simd
 from engine.kernels.matmul import _call, f16_to_f32, slp_scope, to_f32
 from engine.kernels.simd import _F16, _F32, _I16, _I64, _V8F32, _Loop, _mask, _vconst
+from engine.threads import available_cores
 
 # Float math here never reassociates: with "reassoc" LLVM picks a reduction's vector width and
 # interleave from the CPU's cost model, and the same file gave other logits (and other sampled
@@ -717,13 +719,7 @@ def compile_in_background(type_k: str = "f16", type_v: str = "f16") -> bool:
     compiles attention. The first attention call waits for the child, then loads both from the
     cache (or compiles them itself if the child failed). Only with a core to spare: on one core
     it would only compete. ``HALFBYTE_BACKGROUND_COMPILE=0`` turns it off."""
-    import sys
-
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    if cores < 2 or os.environ.get("HALFBYTE_BACKGROUND_COMPILE", "1") == "0":
+    if available_cores() < 2 or os.environ.get("HALFBYTE_BACKGROUND_COMPILE", "1") == "0":
         return False
     signature = _tile_signature(_sample_args(cache_type_name(type_k), cache_type_name(type_v)))
     key = (_attend_tile, signature)
