@@ -115,15 +115,18 @@ def test_matmul_takes_the_lanes_from_8_tokens(qtype, n_tok) -> None:
     np.testing.assert_allclose(lanes, tiles, rtol=1e-5, atol=1e-5 * np.abs(tiles).max())
 
 
-@pytest.mark.parametrize("n_tok", [3, 20])
+@pytest.mark.parametrize("n_tok", [1, 3, 20])
 def test_products_of_one_input_quantize_it_once_and_match_bit_for_bit(n_tok) -> None:
     """matmul_many (a layer's q, k, v; gate, up): the same bits as one matmul per weight, with
-    K-quants of two layouts, a repeated type, a 32-block type and a float weight in one call."""
+    K-quants of two layouts, a repeated type, 32-block types (Q4_0 twice: the SIMD products share
+    one quantization) and a float weight in one call; one token included (the decode step)."""
     rng = np.random.default_rng(11)
     weights = [mm.WeightView(T.Q5_K, 512, 24, random_k_rows(T.Q5_K, 24, 512, rng)),
                mm.WeightView(T.Q6_K, 512, 16, random_k_rows(T.Q6_K, 16, 512, rng)),
                mm.WeightView(T.Q5_K, 512, 8, random_k_rows(T.Q5_K, 8, 512, rng)),
                mm.WeightView(T.Q8_0, 512, 8, random_block32_rows(T.Q8_0, 8, 512, rng)),
+               mm.WeightView(T.Q4_0, 512, 12, random_block32_rows(T.Q4_0, 12, 512, rng)),
+               mm.WeightView(T.Q4_0, 512, 4, random_block32_rows(T.Q4_0, 4, 512, rng)),
                mm.WeightView(T.F32, 512, 4, rng.standard_normal((4, 512)).astype(np.float32))]
     x = rng.standard_normal((n_tok, 512)).astype(np.float32)
     for weight, shared in zip(weights, mm.matmul_many(weights, x)):

@@ -271,7 +271,6 @@ class Place:
         self.release()
 
 
-
 class Ingress:
     """Every HTTP request: forwarded to the ``model`` deployment as a streaming call."""
 

@@ -795,11 +795,17 @@ def _simd_kernels(kind: int, n_tok: int = 1):
     return simd.matvec_q8_0, (simd.matmul_q8_0_x8 if x8 else simd.matmul_q8_0)
 
 
-def _simd_product(kind: int, drivers, raw: np.ndarray, x: np.ndarray, y: np.ndarray, batch: bool) -> None:
-    if batch:
-        xq, scales, sums = _call(simd.quantize_activations_q8_0_batch, x)
+def _simd_product(kind: int, drivers, raw: np.ndarray, x: np.ndarray, y: np.ndarray, batch: bool,
+                  quantized: dict | None = None) -> None:
+    """``quantized``, a dict kept across products of the same ``x``, keeps its Q8_0 activations."""
+    key = "simd_batch" if batch else "simd_one"
+    if quantized is not None and key in quantized:
+        xq, scales, sums = quantized[key]
     else:
-        xq, scales, sums = _call(simd.quantize_activations_q8_0, x)
+        quantize = simd.quantize_activations_q8_0_batch if batch else simd.quantize_activations_q8_0
+        xq, scales, sums = _call(quantize, x)
+        if quantized is not None:
+            quantized[key] = xq, scales, sums
     driver = drivers[1] if batch else drivers[0]
     if kind == Q4_0 or driver is simd.matmul_q8_0_x8:
         _call(driver, raw, xq, scales, sums, y)
@@ -947,7 +953,8 @@ def matmul(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> 
 def matmul_many(weights: Sequence[WeightView], x: np.ndarray) -> list[np.ndarray]:
     """``[matmul(w, x) for w in weights]``, bit for bit, with ``x`` quantized once for the lane
     products among them (a layer's q, k and v, or gate and up, share their input): each type's
-    activation layout is packed once, from one Q8_K (or Q8_0) quantization of ``x``."""
+    activation layout is packed once, from one Q8_K (or Q8_0) quantization of ``x``; likewise for
+    the Q4_0 / Q8_0 / IQ4_NL SIMD products (a decode step's matrix-vector products)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     quantized: dict = {}
     packed: dict[str, tuple] = {}
@@ -955,7 +962,16 @@ def matmul_many(weights: Sequence[WeightView], x: np.ndarray) -> list[np.ndarray
     for weight in weights:
         lanes = _lane_driver(weight, x.shape[0]) if x.ndim == 2 else None
         if lanes is None:
-            results.append(matmul(weight, x))
+            kind = int(weight.ggml_type)
+            drivers = _simd_kernels(kind, x.shape[0]) if x.ndim == 2 and x.shape[0] else None
+            if drivers is None:
+                results.append(matmul(weight, x))
+                continue
+            x = _activations(weight, x, 2)
+            y = np.empty((x.shape[0], weight.n_out), np.float32)
+            one = x.shape[0] == 1  # as matmul: one token takes the matrix-vector kernel
+            _simd_product(kind, drivers, weight.data, x[0] if one else x, y[0] if one else y, not one, quantized)
+            results.append(y)
             continue
         x = _activations(weight, x, 2)
         name = _LANE_TYPES[int(weight.ggml_type)]
