@@ -1,6 +1,6 @@
 """`python -m engine ...`: the `halfbyte` command without relying on the console script."""
 
-from engine.cli import main
+from engine.cli import entry
 
 if __name__ == "__main__":
-    main(prog_name="halfbyte")
+    entry()

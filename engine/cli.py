@@ -6,6 +6,7 @@ on stderr with a non-zero exit; tracebacks are reserved for bugs.
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any
 
@@ -24,6 +25,11 @@ def fail(message: str, code: int = EXIT_ERROR) -> None:
 
 def interrupted() -> None:
     click.echo("halfbyte: interrupted", err=True)
+    # A KeyboardInterrupt that came out of an exec()/eval() of source text (Numba's compiler runs
+    # generated code that way, so a Ctrl-C while kernels compile does) leaves CPython's "unhandled
+    # KeyboardInterrupt" flag set; under `python -m` the interpreter then ends by killing itself
+    # with SIGINT (status -2) instead of exiting 130. Any exec of source text resets that flag.
+    exec("")
     sys.exit(EXIT_INTERRUPTED)
 
 
@@ -69,6 +75,25 @@ class HalfbyteGroup(click.Group):
 @click.version_option(package_name="halfbyte", prog_name="halfbyte")
 def main() -> None:
     """halfbyte: run LLaMA, MPT and Falcon on the CPU from one 4-bit GGUF file."""
+
+
+def entry() -> None:
+    """The `halfbyte` console script and `python -m engine`: ``main``, keeping a Ctrl-C's status.
+
+    Once a Ctrl-C has become exit status 130, a further SIGINT (a second key press, or one sent
+    to the whole process group) must not raise a KeyboardInterrupt while the exit unwinds:
+    Python reports an uncaught one by killing itself with SIGINT (status -2, once seen in CI
+    after `halfbyte: interrupted` was printed). So SIGINT is ignored from then on, and a
+    KeyboardInterrupt that escaped ``main`` anyway is the same one-line 130."""
+    try:
+        main(prog_name="halfbyte")
+    except SystemExit as exc:
+        if exc.code == EXIT_INTERRUPTED:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        interrupted()
 
 
 @main.command()
