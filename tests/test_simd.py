@@ -440,17 +440,22 @@ OTHER_ISA_SCRIPT = textwrap.dedent(
 
 
 # What to take away from the host's features to make Numba compile (and kernel_isa() pick) each
-# lesser x86 ISA.
-LESSER_ISA_DROP = {"avx2": ("avxvnni", "avx512vnni"), "avx2-vnni": ("avx512vnni",)}
+# lesser x86 ISA. "avx2-no-gfni" is an AVX2 CPU before GFNI (Zen 3, Haswell): its 4-bit unpacking
+# differs from a GFNI host's.
+LESSER_ISA_DROP = {"avx2": ("avxvnni", "avx512vnni"), "avx2-no-gfni": ("avxvnni", "avx512vnni", "gfni"),
+                   "avx2-vnni": ("avx512vnni",)}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("isa", sorted(LESSER_ISA_DROP))
-def test_lesser_x86_isas_match_the_portable_kernels(isa: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", sorted(LESSER_ISA_DROP))
+def test_lesser_x86_isas_match_the_portable_kernels(case: str, tmp_path: Path) -> None:
     host = simd._target_features()
-    if not simd.has_x8_kernels() or isa == simd.kernel_isa():
+    isa = case.removesuffix("-no-gfni")
+    if case != isa and "gfni" not in host:
+        pytest.skip("this CPU has no GFNI: the avx2 case is already without it")
+    if not simd.has_x8_kernels() or case == simd.kernel_isa():
         pytest.skip(f"{isa} is this host's own ISA (tested directly) or the host is not x86 AVX2")
-    drop = LESSER_ISA_DROP[isa]
+    drop = LESSER_ISA_DROP[case]
     if isa == "avx2-vnni" and "avxvnni" not in host:
         pytest.skip("AVX-VNNI without AVX512-VNNI: this CPU cannot run that combination")
     if isa == "avx2-vnni" and simd.kernel_isa() == "avx2":
@@ -486,6 +491,20 @@ def test_ir_lowers_without_library_calls(triple: str, cpu: str, features: str, i
         elif triple.startswith("aarch64"):
             assert "smull" in instructions or "smlal" in instructions  # NEON widening multiplies
             assert "fmla" in instructions
+
+
+@pytest.mark.parametrize("gfni, cpu, isa, unpack", [(True, "znver4", "avx512-vnni", "vgf2p8affineqb"),
+                                                     (True, "icelake-server", "avx512-vnni", "vgf2p8affineqb"),
+                                                     (False, "haswell", "avx2", "vpsrlvq")])
+def test_x86_4bit_unpacking_is_one_instruction_per_block(gfni: bool, cpu: str, isa: str, unpack: str) -> None:
+    """Q4_0's nibbles: one broadcast load of the 16 bytes, then one GFNI affine (or one variable
+    shift and a mask): no per-half shift/mask/insert sequence."""
+    instructions, asm = instructions_for(simd.standalone_row_dot_ir("q4_0", isa, gfni=gfni),
+                                         "x86_64-unknown-linux-gnu", cpu)
+    assert not [i for i in instructions if i in CALLS], asm
+    blocks = instructions.count("vpdpbusd" if "vnni" in isa else "vpmaddubsw")
+    assert blocks >= 2 and instructions.count(unpack) == blocks, asm
+    assert "vinserti128" not in instructions, asm
 
 
 # ---------------------------------------------------------------------------------------------
