@@ -116,7 +116,7 @@ def test_matmul_takes_the_lanes_from_8_tokens(qtype, n_tok) -> None:
 
 
 @pytest.mark.parametrize("n_tok", [1, 3, 20])
-def test_products_of_one_input_quantize_it_once_and_match_bit_for_bit(n_tok) -> None:
+def test_products_of_one_input_quantize_it_once_and_match_bit_for_bit(n_tok, monkeypatch) -> None:
     """matmul_many (a layer's q, k, v; gate, up): the same bits as one matmul per weight, with
     K-quants of two layouts, a repeated type, 32-block types (Q4_0 twice: the SIMD products share
     one quantization) and a float weight in one call; one token included (the decode step)."""
@@ -129,7 +129,14 @@ def test_products_of_one_input_quantize_it_once_and_match_bit_for_bit(n_tok) -> 
                mm.WeightView(T.Q4_0, 512, 4, random_block32_rows(T.Q4_0, 4, 512, rng)),
                mm.WeightView(T.F32, 512, 4, rng.standard_normal((4, 512)).astype(np.float32))]
     x = rng.standard_normal((n_tok, 512)).astype(np.float32)
-    for weight, shared in zip(weights, mm.matmul_many(weights, x)):
+    quantized_for = []
+    original = ks.activations_for
+    monkeypatch.setattr(ks, "activations_for", lambda name, x: quantized_for.append(name) or original(name, x))
+    products = mm.matmul_many(weights, x)
+    if n_tok == 1:  # the K-quant row drivers: one quantization per type, Q5_K's shared by its two weights
+        assert sorted(quantized_for) == ["q5_k", "q6_k"]
+    monkeypatch.undo()
+    for weight, shared in zip(weights, products):
         np.testing.assert_array_equal(shared.view(np.uint32), mm.matmul(weight, x).view(np.uint32))
 
 

@@ -846,15 +846,22 @@ def _has_k_product(weight: WeightView) -> bool:
     return weight.ggml_type in K_QUANT_TYPES or (int(weight.ggml_type) in _K_PRODUCTS and _kernel_path != "reference")
 
 
-def _k_product(kind: int, raw: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+def _k_product(kind: int, raw: np.ndarray, x: np.ndarray, y: np.ndarray, quantized: dict | None = None) -> None:
     """K-quant products: integer SIMD against Q8_K activations (as llama.cpp), or on the
-    "reference" path float dequant-dots against the float activations."""
+    "reference" path float dequant-dots against the float activations. ``quantized``, a dict kept
+    across products of the same ``x``, keeps each type's activations."""
     if _kernel_path == "reference":
         _call(kquants.matmul, kind, raw, x, y)
         return
     name, *drivers = _K_PRODUCTS[kind]
     drivers = drivers[2:] if _kernel_path == "portable" else drivers[:2]
-    xq, xd, xs = _call(kquant_simd.activations_for, name, x)
+    key = ("k", name)
+    if quantized is not None and key in quantized:
+        xq, xd, xs = quantized[key]
+    else:
+        xq, xd, xs = _call(kquant_simd.activations_for, name, x)
+        if quantized is not None:
+            quantized[key] = xq, xd, xs
     _call(drivers[0] if x.shape[0] == 1 else drivers[1], raw, xq, xd, xs, y)
 
 
@@ -965,6 +972,13 @@ def matmul_many(weights: Sequence[WeightView], x: np.ndarray) -> list[np.ndarray
             kind = int(weight.ggml_type)
             drivers = _simd_kernels(kind, x.shape[0]) if x.ndim == 2 and x.shape[0] else None
             if drivers is None:
+                if x.ndim == 2 and x.shape[0] == 1 and _has_k_product(weight):
+                    # one token (a decode step): the K-quant row drivers, the activations shared
+                    x = _activations(weight, x, 2)
+                    y = np.empty((1, weight.n_out), np.float32)
+                    _k_product(kind, weight.data, x, y, quantized)
+                    results.append(y)
+                    continue
                 results.append(matmul(weight, x))
                 continue
             x = _activations(weight, x, 2)
