@@ -12,11 +12,18 @@ event; loading from the cache sends none. A listener on that event:
   gets one notice.
 
 Nothing is remembered between processes: a notice appears exactly when compiling happens.
+
+It also holds a Ctrl-C back while a compilation runs (main thread, Python's default SIGINT handler
+only), and raises the KeyboardInterrupt when the compilation ends. Raised where it arrives, it would
+often land in a ctypes callback of LLVM's code generator (llvmlite's object-cache notification),
+which prints "Exception ignored" and drops it: the Ctrl-C was lost and `halfbyte run` went on
+generating (seen in the Ctrl-C test when a kernel compiled mid-run).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -48,12 +55,21 @@ class _CompileWatcher(event.Listener):
         self._what = ""
         self._timer: threading.Timer | None = None
         self.notice: Callable[[str], None] | None = None
+        self._holding_sigint = False
+        self._sigint_pending = False
+
+    def _hold_sigint(self, signum: int, frame: object) -> None:
+        self._sigint_pending = True
 
     def on_start(self, ev: event.Event) -> None:
         with self._lock:
             self._depth += 1
             if self._depth > 1:
                 return
+            if (threading.current_thread() is threading.main_thread()
+                    and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+                signal.signal(signal.SIGINT, self._hold_sigint)
+                self._holding_sigint = True
             now = time.perf_counter()
             self._started = now
             if now - self._burst_end > BURST_GAP:
@@ -79,6 +95,14 @@ class _CompileWatcher(event.Listener):
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+            interrupted = False
+            if self._holding_sigint:
+                self._holding_sigint = False
+                if signal.getsignal(signal.SIGINT) == self._hold_sigint:  # nobody replaced it meanwhile
+                    signal.signal(signal.SIGINT, signal.default_int_handler)
+                interrupted, self._sigint_pending = self._sigint_pending, False
+        if interrupted:  # the compilation is complete (and cached); the Ctrl-C takes effect now
+            raise KeyboardInterrupt
 
     def _still_compiling(self) -> None:
         with self._lock:

@@ -101,6 +101,42 @@ def test_compile_watcher_counts_only_real_compilations():
     assert notices in ([], ["fresh_kernel"])  # a fast compile may end before the timer fires
 
 
+def test_ctrl_c_while_a_kernel_compiles_comes_out_when_it_is_compiled():
+    """A SIGINT during a compilation is held until the compilation ends, then raised: raised where
+    it arrives it could land in LLVM's ctypes callback, which drops it (the run went on)."""
+    import os
+    import signal
+
+    import numba
+
+    from engine import jit_cache  # noqa: F401 (installs the compile watcher)
+
+    @numba.njit
+    def _kernel_compiled_under_ctrl_c(x):
+        return x * 2 + 1
+
+    from numba.core import event
+
+    class SendSigint(event.Listener):  # the Ctrl-C arrives in the middle of the compilation
+        def on_start(self, ev):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # Python would run a handler here: the held one only sets a flag
+
+        def on_end(self, ev):
+            pass
+
+    sender = SendSigint()
+    event.register("numba:compile", sender)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _kernel_compiled_under_ctrl_c(1)
+    finally:
+        event.unregister("numba:compile", sender)
+    assert _kernel_compiled_under_ctrl_c.signatures  # raised after the compilation, not inside it
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert _kernel_compiled_under_ctrl_c(2) == 5
+
+
 @pytest.mark.parametrize("args,message", [
     (["-p", "hi", "--temp", "-1"], "temperature"),
     (["-p", "hi", "-c", "-1"], "-c must be >= 0"),
