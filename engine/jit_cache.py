@@ -131,6 +131,11 @@ def compile_seconds() -> float:
     return _watcher.total()
 
 
+def sigint_held() -> bool:
+    """Whether a Ctrl-C arrived during the running compilation (it is raised when that ends)."""
+    return _watcher._sigint_pending
+
+
 def set_notice(callback: Callable[[str], None] | None) -> None:
     """``callback(kernel_name)`` runs (from a timer thread) when a compilation has taken more than
     ``NOTICE_AFTER`` seconds; None: log it to the ``halfbyte`` logger at INFO level instead."""

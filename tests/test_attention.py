@@ -315,3 +315,27 @@ def test_attention_compiles_in_a_child_process_and_loads_from_its_cache(tmp_path
         assert run.returncode == 0, run.stderr[-3000:]
     assert runs[0].stdout.split() == ["started", "True", "False", "misses", "0", "hits", "1", "1"]
     assert runs[1].stdout.split() == ["started", "False", "False"]
+
+
+def test_ctrl_c_does_not_wait_for_the_compiling_child():
+    """A Ctrl-C held by the forward pass while it waits for the background compile is raised within
+    a poll, not when the child is done; the child is left to finish its cache."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from engine.kernels.attention import _wait_for_child
+    from engine.model import deferred_interrupts
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt), deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            _wait_for_child(child)
+        assert time.monotonic() - start < 5 and child.poll() is None
+    finally:
+        child.kill()
+        child.wait()

@@ -17,6 +17,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -666,10 +667,7 @@ def _tile_address(tile_fn, args: tuple) -> int:
             # announced as a compilation (engine/jit_cache.py counts it and tells the user)
             with event.trigger_event("numba:compile", data={"dispatcher": tile_fn, "args": signature.args,
                                                             "return_type": types.none}):
-                try:
-                    child.wait(timeout=_BACKGROUND_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+                _wait_for_child(child)
         with slp_scope():
             result = tile_fn.get_compile_result(signature)
         # the compile result stays referenced beside its address: it owns the code
@@ -680,6 +678,28 @@ def _tile_address(tile_fn, args: tuple) -> int:
 
 # Compiling the attention tile in a child process, beside the kernels this process compiles.
 _BACKGROUND_TIMEOUT = 900.0  # seconds to wait for the child before compiling here after all (emulators are slow)
+
+
+def _wait_for_child(child: subprocess.Popen) -> None:
+    """Wait for the compiling child, but let a Ctrl-C through at once: one held by the forward pass
+    (engine.model.deferred_interrupts) or by the compile watcher (engine.jit_cache) would otherwise
+    wait for the whole compilation, seconds on a loaded machine. The child is left to finish (it
+    fills the on-disk cache for the next run)."""
+    from engine import jit_cache
+    from engine.model import check_interrupt
+
+    deadline = time.monotonic() + _BACKGROUND_TIMEOUT
+    while True:
+        try:
+            child.wait(timeout=0.05)
+            return
+        except subprocess.TimeoutExpired:
+            check_interrupt()
+            if jit_cache.sigint_held():
+                raise KeyboardInterrupt from None
+            if time.monotonic() > deadline:
+                child.kill()
+                return
 
 
 def _sample_args(type_k: str, type_v: str) -> tuple:
