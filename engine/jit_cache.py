@@ -13,11 +13,14 @@ event; loading from the cache sends none. A listener on that event:
 
 Nothing is remembered between processes: a notice appears exactly when compiling happens.
 
-It also holds a Ctrl-C back while a compilation runs (main thread, Python's default SIGINT handler
-only), and raises the KeyboardInterrupt when the compilation ends. Raised where it arrives, it would
-often land in a ctypes callback of LLVM's code generator (llvmlite's object-cache notification),
-which prints "Exception ignored" and drops it: the Ctrl-C was lost and `halfbyte run` went on
-generating (seen in the Ctrl-C test when a kernel compiled mid-run).
+It also makes sure a Ctrl-C during a compilation is not lost, nor held back until it ends (main
+thread, under Python's SIGINT handler or engine.model's deferral). The KeyboardInterrupt is raised
+where it arrives, as usual, but that can be inside a ctypes callback of LLVM's code generator
+(llvmlite's object-cache notification), which prints "Exception ignored" and drops it: the
+compilation then completes and `halfbyte run` went on generating (seen in the Ctrl-C test when a
+kernel compiled mid-run). So the Ctrl-C is also noted, and raised again when a compilation it
+arrived in ends without it. (Holding it until the end instead would make a Ctrl-C wait for a whole
+compilation: over 15 s on a loaded machine.)
 """
 
 from __future__ import annotations
@@ -56,19 +59,25 @@ class _CompileWatcher(event.Listener):
         self._timer: threading.Timer | None = None
         self.notice: Callable[[str], None] | None = None
         self._holding_sigint = False
+        self._previous_sigint: object = None
         self._sigint_pending = False
 
-    def _hold_sigint(self, signum: int, frame: object) -> None:
+    def _note_sigint(self, signum: int, frame: object) -> None:
         self._sigint_pending = True
+        raise KeyboardInterrupt
 
     def on_start(self, ev: event.Event) -> None:
         with self._lock:
             self._depth += 1
             if self._depth > 1:
                 return
-            if (threading.current_thread() is threading.main_thread()
-                    and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-                signal.signal(signal.SIGINT, self._hold_sigint)
+            in_main = threading.current_thread() is threading.main_thread()
+            previous = signal.getsignal(signal.SIGINT) if in_main else None
+            # Python's handler, or one that only defers a Ctrl-C until the kernels return (engine.model:
+            # a compilation is Python code, where a KeyboardInterrupt is safe, and can take many seconds)
+            if previous is signal.default_int_handler or getattr(previous, "defers_ctrl_c", False):
+                signal.signal(signal.SIGINT, self._note_sigint)
+                self._previous_sigint = previous
                 self._holding_sigint = True
             now = time.perf_counter()
             self._started = now
@@ -95,13 +104,16 @@ class _CompileWatcher(event.Listener):
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            interrupted = False
+            lost = False
             if self._holding_sigint:
                 self._holding_sigint = False
-                if signal.getsignal(signal.SIGINT) == self._hold_sigint:  # nobody replaced it meanwhile
-                    signal.signal(signal.SIGINT, signal.default_int_handler)
-                interrupted, self._sigint_pending = self._sigint_pending, False
-        if interrupted:  # the compilation is complete (and cached); the Ctrl-C takes effect now
+                if signal.getsignal(signal.SIGINT) == self._note_sigint:  # nobody replaced it meanwhile
+                    signal.signal(signal.SIGINT, self._previous_sigint)
+                self._previous_sigint = None
+                # a Ctrl-C arrived, yet the compilation ended without its KeyboardInterrupt: dropped
+                lost = self._sigint_pending and not _ended_by_interrupt(ev)
+                self._sigint_pending = False
+        if lost:
             raise KeyboardInterrupt
 
     def _still_compiling(self) -> None:
@@ -122,6 +134,11 @@ class _CompileWatcher(event.Listener):
             return self._total + running
 
 
+def _ended_by_interrupt(ev: event.Event) -> bool:
+    details = getattr(ev, "_exc_details", None)  # Event.is_failed says only whether there was one
+    return bool(details) and isinstance(details[1], KeyboardInterrupt)
+
+
 _watcher = _CompileWatcher()
 event.register("numba:compile", _watcher)
 
@@ -132,7 +149,8 @@ def compile_seconds() -> float:
 
 
 def sigint_held() -> bool:
-    """Whether a Ctrl-C arrived during the running compilation (it is raised when that ends)."""
+    """Whether a Ctrl-C arrived during the running compilation (if it was dropped, it is raised
+    again when that ends)."""
     return _watcher._sigint_pending
 
 

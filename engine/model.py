@@ -60,6 +60,11 @@ def _deferred_sigint(signum: int, frame: object) -> None:
     _interrupt_pending = True
 
 
+# engine.jit_cache raises a Ctrl-C at once during a kernel's compilation (Python code, and seconds
+# long) instead of deferring it, then puts this handler back
+_deferred_sigint.defers_ctrl_c = True
+
+
 def check_interrupt() -> None:
     """Raise KeyboardInterrupt here if a Ctrl-C arrived while ``deferred_interrupts`` was on."""
     global _interrupt_pending

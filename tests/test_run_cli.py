@@ -101,40 +101,71 @@ def test_compile_watcher_counts_only_real_compilations():
     assert notices in ([], ["fresh_kernel"])  # a fast compile may end before the timer fires
 
 
-def test_ctrl_c_while_a_kernel_compiles_comes_out_when_it_is_compiled():
-    """A SIGINT during a compilation is held until the compilation ends, then raised: raised where
-    it arrives it could land in LLVM's ctypes callback, which drops it (the run went on)."""
+def test_a_ctrl_c_dropped_inside_a_compilation_is_raised_when_it_ends():
+    """A SIGINT during a compilation raises at once, but where it lands in a ctypes callback
+    (llvmlite's) the KeyboardInterrupt is printed and dropped, and the compilation completes: the
+    compile watcher raises it again then (the run used to go on). One that comes out of the
+    compilation itself is not raised twice."""
     import os
     import signal
 
     import numba
+    from numba.core import event
 
     from engine import jit_cache  # noqa: F401 (installs the compile watcher)
 
-    @numba.njit
-    def _kernel_compiled_under_ctrl_c(x):
-        return x * 2 + 1
+    class CtrlCInACallback(event.Listener):
+        """The Ctrl-C arrives while code that swallows exceptions runs, as a ctypes callback does."""
 
-    from numba.core import event
+        def __init__(self, swallow: bool) -> None:
+            self.swallow = swallow
 
-    class SendSigint(event.Listener):  # the Ctrl-C arrives in the middle of the compilation
         def on_start(self, ev):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # Python would run a handler here: the held one only sets a flag
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler runs here and raises
+            except KeyboardInterrupt:
+                if not self.swallow:
+                    raise
 
         def on_end(self, ev):
             pass
 
-    sender = SendSigint()
-    event.register("numba:compile", sender)
+    for swallow in (True, False):
+        @numba.njit
+        def kernel_compiled_under_ctrl_c(x):
+            return x * 2 + 1
+
+        listener = CtrlCInACallback(swallow)
+        event.register("numba:compile", listener)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                kernel_compiled_under_ctrl_c(1)
+        finally:
+            event.unregister("numba:compile", listener)
+        # dropped: raised after the compilation, which completed; not dropped: it stopped the compilation
+        assert bool(kernel_compiled_under_ctrl_c.signatures) == swallow
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert not jit_cache.sigint_held()
+        assert kernel_compiled_under_ctrl_c(2) == 5
+
+    # inside a forward pass (Ctrl-C deferred while kernels run) a compilation still takes it at once
+    from engine.model import deferred_interrupts
+
+    @numba.njit
+    def kernel_compiled_in_a_forward_pass(x):
+        return x - 1
+
+    listener = CtrlCInACallback(swallow=False)
+    event.register("numba:compile", listener)
     try:
-        with pytest.raises(KeyboardInterrupt):
-            _kernel_compiled_under_ctrl_c(1)
+        with pytest.raises(KeyboardInterrupt), deferred_interrupts():
+            deferring = signal.getsignal(signal.SIGINT)
+            kernel_compiled_in_a_forward_pass(1)
     finally:
-        event.unregister("numba:compile", sender)
-    assert _kernel_compiled_under_ctrl_c.signatures  # raised after the compilation, not inside it
+        event.unregister("numba:compile", listener)
+    assert deferring is not signal.default_int_handler and not kernel_compiled_in_a_forward_pass.signatures
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert _kernel_compiled_under_ctrl_c(2) == 5
 
 
 @pytest.mark.parametrize("args,message", [
