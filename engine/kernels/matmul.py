@@ -797,8 +797,9 @@ def _simd_kernels(kind: int, n_tok: int = 1):
 
 def _simd_product(kind: int, drivers, raw: np.ndarray, x: np.ndarray, y: np.ndarray, batch: bool,
                   quantized: dict | None = None) -> None:
-    """``quantized``, a dict kept across products of the same ``x``, keeps its Q8_0 activations."""
-    key = "simd_batch" if batch else "simd_one"
+    """``quantized``, a dict kept across products of the same ``x``, keeps its Q8_0 activations
+    (a batch's under the key kquant_gemm.activations_for_lanes uses for the same quantization)."""
+    key = "q8_0" if batch else "q8_0_one"
     if quantized is not None and key in quantized:
         xq, scales, sums = quantized[key]
     else:
@@ -904,14 +905,15 @@ def matvec(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> 
     return y
 
 
-def _matvec_into(weight: WeightView, x: np.ndarray, y: np.ndarray) -> None:
-    """matvec on checked arguments (the decode step's hot path: one call per weight per token)."""
+def _matvec_into(weight: WeightView, x: np.ndarray, y: np.ndarray, quantized: dict | None = None) -> None:
+    """matvec on checked arguments (the decode step's hot path: one call per weight per token);
+    ``quantized`` as in _matmul_into."""
     kind = int(weight.ggml_type)
     drivers = _simd_kernels(kind)
     if drivers is not None:
-        _simd_product(kind, drivers, weight.data, x, y, batch=False)
+        _simd_product(kind, drivers, weight.data, x, y, False, quantized)
     elif _has_k_product(weight):
-        _k_product(kind, weight.data, x.reshape(1, -1), y.reshape(1, -1))
+        _k_product(kind, weight.data, x.reshape(1, -1), y.reshape(1, -1), quantized)
     elif weight.ggml_type in DEQUANT_TYPES or weight.ggml_type in GGUF_DEQUANT_TYPES:
         _dequant_product(weight, x.reshape(1, -1), y.reshape(1, -1))
     elif kind == F32:
@@ -931,20 +933,31 @@ def matmul(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> 
     """
     x = _activations(weight, x, 2)
     y = _check_out(out, (x.shape[0], weight.n_out))
+    _matmul_into(weight, x, y)
+    return y
+
+
+def _matmul_into(weight: WeightView, x: np.ndarray, y: np.ndarray, quantized: dict | None = None) -> None:
+    """matmul on checked arguments. ``quantized``, a dict kept across products of the same ``x``,
+    keeps what is computed from ``x`` alone (its Q8_0 / Q8_K quantizations, the lane layouts)."""
     if x.shape[0] <= 1:  # one token: the decode kernel, without unpacking rows for a batch
         if x.shape[0] == 1:
-            _matvec_into(weight, x[0], y[0])
-        return y
+            _matvec_into(weight, x[0], y[0], quantized)
+        return
     kind = int(weight.ggml_type)
     lanes = _lane_driver(weight, x.shape[0])
     if lanes is not None:
-        _call(lanes, weight.data, *_call(kquant_gemm.activations_for_lanes, _LANE_TYPES[kind], x), x.shape[0], y)
-        return y
+        name = _LANE_TYPES[kind]
+        quantized = {} if quantized is None else quantized
+        if ("lanes", name) not in quantized:
+            quantized["lanes", name] = _call(kquant_gemm.activations_for_lanes, name, x, quantized)
+        _call(lanes, weight.data, *quantized["lanes", name], x.shape[0], y)
+        return
     drivers = _simd_kernels(kind, x.shape[0])
     if drivers is not None:
-        _simd_product(kind, drivers, weight.data, x, y, batch=True)
+        _simd_product(kind, drivers, weight.data, x, y, True, quantized)
     elif _has_k_product(weight):
-        _k_product(kind, weight.data, x, y)
+        _k_product(kind, weight.data, x, y, quantized)
     elif weight.ggml_type in DEQUANT_TYPES or weight.ggml_type in GGUF_DEQUANT_TYPES:
         _dequant_product(weight, x, y)
     elif kind == F32:
@@ -954,45 +967,19 @@ def matmul(weight: WeightView, x: np.ndarray, out: np.ndarray | None = None) -> 
     else:
         act = quantize_activations(x)
         _call(_matmul_quant, kind, weight.data, act.qs, act.d, act.s, y, ROWS_PER_TASK)
-    return y
 
 
 def matmul_many(weights: Sequence[WeightView], x: np.ndarray) -> list[np.ndarray]:
-    """``[matmul(w, x) for w in weights]``, bit for bit, with ``x`` quantized once for the lane
-    products among them (a layer's q, k and v, or gate and up, share their input): each type's
-    activation layout is packed once, from one Q8_K (or Q8_0) quantization of ``x``; likewise for
-    the Q4_0 / Q8_0 / IQ4_NL SIMD products (a decode step's matrix-vector products)."""
+    """``[matmul(w, x) for w in weights]``, bit for bit, with what is computed from ``x`` alone done
+    once for them all (a layer's q, k and v, or gate and up, share their input): one Q8_0 and one
+    Q8_K quantization of ``x``, each lane layout once."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     quantized: dict = {}
-    packed: dict[str, tuple] = {}
     results = []
     for weight in weights:
-        lanes = _lane_driver(weight, x.shape[0]) if x.ndim == 2 else None
-        if lanes is None:
-            kind = int(weight.ggml_type)
-            drivers = _simd_kernels(kind, x.shape[0]) if x.ndim == 2 and x.shape[0] else None
-            if drivers is None:
-                if x.ndim == 2 and x.shape[0] == 1 and _has_k_product(weight):
-                    # one token (a decode step): the K-quant row drivers, the activations shared
-                    x = _activations(weight, x, 2)
-                    y = np.empty((1, weight.n_out), np.float32)
-                    _k_product(kind, weight.data, x, y, quantized)
-                    results.append(y)
-                    continue
-                results.append(matmul(weight, x))
-                continue
-            x = _activations(weight, x, 2)
-            y = np.empty((x.shape[0], weight.n_out), np.float32)
-            one = x.shape[0] == 1  # as matmul: one token takes the matrix-vector kernel
-            _simd_product(kind, drivers, weight.data, x[0] if one else x, y[0] if one else y, not one, quantized)
-            results.append(y)
-            continue
-        x = _activations(weight, x, 2)
-        name = _LANE_TYPES[int(weight.ggml_type)]
-        if name not in packed:
-            packed[name] = _call(kquant_gemm.activations_for_lanes, name, x, quantized)
-        y = np.empty((x.shape[0], weight.n_out), np.float32)
-        _call(lanes, weight.data, *packed[name], x.shape[0], y)
+        checked = _activations(weight, x, 2)
+        y = np.empty((checked.shape[0], weight.n_out), np.float32)
+        _matmul_into(weight, checked, y, quantized)
         results.append(y)
     return results
 
