@@ -299,16 +299,9 @@ class _Emitter:
         scale = self._fp16_splat(block_ptr)
         payload = self.b.gep(block_ptr, [ir.Constant(_I64, 2)])
         if self.qtype == "q4_0":
-            if self.x86:
-                return scale, (self.nibbles_x86(payload),)  # the u8 operand of pmaddubsw / vpdpbusd
-            packed = self._load(payload, _V16I8)
-            # low nibbles are elements 0..15, high nibbles elements 16..31: mask / shift, then
-            # concatenate into one 32 x u8 vector in element order (matches the activations)
-            low = self.b.and_(packed, _vconst(_V16I8, 0x0F))
-            high = self.b.lshr(packed, _vconst(_V16I8, 4))
-            nibbles = self.b.shuffle_vector(low, high, _mask(range(32)))
-            if self.sdot:
-                return scale, (nibbles,)  # 0..15 is also a valid s8 for sdot
+            nibbles = self.nibbles(payload)
+            if self.x86 or self.sdot:
+                return scale, (nibbles,)  # u8 operand of pmaddubsw / vpdpbusd; 0..15 is also a valid s8 for sdot
             return scale, (self.b.zext(nibbles, _V32I16),)
         weights = self._load(payload, _V32I8)
         if self.sdot:
@@ -320,17 +313,22 @@ class _Emitter:
             return scale, (self.b.call(abs_fn, [weights, ir.Constant(_I1, 0)]), weights)
         return scale, (self.b.sext(weights, _V32I16),)
 
-    def nibbles_x86(self, packed_ptr: ir.Value) -> ir.Value:
+    def nibbles(self, packed_ptr: ir.Value) -> ir.Value:
         """<32 x i8>: the 16 bytes at packed_ptr as ggml orders their nibbles (the low nibbles are
         elements 0..15, the high ones 16..31), each 0..15.
 
-        The 16 bytes are loaded into both 128-bit halves at once (vbroadcasti128, a load without
-        shuffle work); then one instruction per half: with GFNI a vgf2p8affineqb whose bit matrix
-        is "keep bits 0-3" for the low half and "bits 4-7 down to 0-3" for the high half, else a
-        vpsrlvq shifting the high half by 4 and one mask. The older and/shift/vinserti128 sequence
-        took three vector instructions more per block: Q4_0 4096x4096 matrix-vector, 1 thread, AMD
-        EPYC Zen 4: 18.3 -> 21.5 GB/s (GFNI), same bits."""
+        On x86 the 16 bytes are loaded into both 128-bit halves at once (vbroadcasti128, a load
+        without shuffle work); then one instruction per half: with GFNI a vgf2p8affineqb whose bit
+        matrix is "keep bits 0-3" for the low half and "bits 4-7 down to 0-3" for the high half,
+        else a vpsrlvq shifting the high half by 4 and one mask. The portable mask/shift/concatenate
+        took three vector instructions more per block there: Q4_0 4096x4096 matrix-vector, 1 thread,
+        AMD EPYC Zen 4: 18.3 -> 21.5 GB/s (GFNI), same bits."""
         b = self.b
+        if not self.x86:
+            packed = self._load(packed_ptr, _V16I8)
+            low = b.and_(packed, _vconst(_V16I8, 0x0F))
+            high = b.lshr(packed, _vconst(_V16I8, 4))
+            return b.shuffle_vector(low, high, _mask(range(32)))
         v2i64, v4i64 = ir.VectorType(_I64, 2), ir.VectorType(_I64, 4)
         packed = self._load(packed_ptr, v2i64)
         both = b.shuffle_vector(packed, packed, _mask([0, 1, 0, 1]))
@@ -1368,15 +1366,7 @@ class _IQ4NLEmitter(_Emitter):
 
     def weight_block(self, block_ptr: ir.Value) -> tuple[ir.Value, tuple[ir.Value, ...]]:
         scale = self._fp16_splat(block_ptr)
-        payload = self.b.gep(block_ptr, [ir.Constant(_I64, 2)])
-        if self.x86:
-            codes = self.nibbles_x86(payload)
-        else:
-            packed = self._load(payload, _V16I8)
-            low = self.b.and_(packed, _vconst(_V16I8, 0x0F))
-            high = self.b.lshr(packed, _vconst(_V16I8, 4))
-            codes = self.b.shuffle_vector(low, high, _mask(range(32)))
-        weights = self._lookup16(codes)
+        weights = self._lookup16(self.nibbles(self.b.gep(block_ptr, [ir.Constant(_I64, 2)])))
         if self.sdot:
             return scale, (weights,)
         if self.x86:
