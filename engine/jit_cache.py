@@ -58,8 +58,7 @@ class _CompileWatcher(event.Listener):
         self._what = ""
         self._timer: threading.Timer | None = None
         self.notice: Callable[[str], None] | None = None
-        self._holding_sigint = False
-        self._previous_sigint: object = None
+        self._previous_sigint: object = None  # the SIGINT handler a compilation replaced, if it did
         self._sigint_pending = False
 
     def _note_sigint(self, signum: int, frame: object) -> None:
@@ -78,7 +77,6 @@ class _CompileWatcher(event.Listener):
             if previous is signal.default_int_handler or getattr(previous, "defers_ctrl_c", False):
                 signal.signal(signal.SIGINT, self._note_sigint)
                 self._previous_sigint = previous
-                self._holding_sigint = True
             now = time.perf_counter()
             self._started = now
             if now - self._burst_end > BURST_GAP:
@@ -105,8 +103,7 @@ class _CompileWatcher(event.Listener):
                 self._timer.cancel()
                 self._timer = None
             lost = False
-            if self._holding_sigint:
-                self._holding_sigint = False
+            if self._previous_sigint is not None:
                 if signal.getsignal(signal.SIGINT) == self._note_sigint:  # nobody replaced it meanwhile
                     signal.signal(signal.SIGINT, self._previous_sigint)
                 self._previous_sigint = None
@@ -146,12 +143,6 @@ event.register("numba:compile", _watcher)
 def compile_seconds() -> float:
     """Seconds this process has spent compiling kernels so far (a running compilation included)."""
     return _watcher.total()
-
-
-def sigint_held() -> bool:
-    """Whether a Ctrl-C arrived during the running compilation (if it was dropped, it is raised
-    again when that ends)."""
-    return _watcher._sigint_pending
 
 
 def set_notice(callback: Callable[[str], None] | None) -> None:

@@ -681,11 +681,11 @@ _BACKGROUND_TIMEOUT = 900.0  # seconds to wait for the child before compiling he
 
 
 def _wait_for_child(child: subprocess.Popen) -> None:
-    """Wait for the compiling child, but let a Ctrl-C through at once: one held by the forward pass
-    (engine.model.deferred_interrupts) or by the compile watcher (engine.jit_cache) would otherwise
-    wait for the whole compilation, seconds on a loaded machine. The child is left to finish (it
-    fills the on-disk cache for the next run)."""
-    from engine import jit_cache
+    """Wait for the compiling child, but let a Ctrl-C through at once: one the forward pass held
+    before the wait (engine.model.deferred_interrupts) would otherwise wait for the whole
+    compilation, seconds on a loaded machine (one during the wait raises by itself: the wait is
+    announced as a compilation, engine.jit_cache). The child is left to finish (it fills the
+    on-disk cache for the next run)."""
     from engine.model import check_interrupt
 
     deadline = time.monotonic() + _BACKGROUND_TIMEOUT
@@ -695,8 +695,6 @@ def _wait_for_child(child: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             check_interrupt()
-            if jit_cache.sigint_held():
-                raise KeyboardInterrupt from None
             if time.monotonic() > deadline:
                 child.kill()
                 return
