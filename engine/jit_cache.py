@@ -19,14 +19,16 @@ where it arrives, as usual, but that can be inside a ctypes callback of LLVM's c
 (llvmlite's object-cache notification), which prints "Exception ignored" and drops it: the
 compilation then completes and `halfbyte run` went on generating (seen in the Ctrl-C test when a
 kernel compiled mid-run). So the Ctrl-C is also noted, and raised again when a compilation it
-arrived in ends without it. (Holding it until the end instead would make a Ctrl-C wait for a whole
-compilation: over 15 s on a loaded machine.)
+arrived in ends without it, and Python's "Exception ignored" report of the dropped one (a
+traceback on the user's terminal) is left out. (Holding it until the end instead would make a
+Ctrl-C wait for a whole compilation: over 15 s on a loaded machine.)
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -60,10 +62,17 @@ class _CompileWatcher(event.Listener):
         self.notice: Callable[[str], None] | None = None
         self._previous_sigint: object = None  # the SIGINT handler a compilation replaced, if it did
         self._sigint_pending = False
+        self._previous_unraisablehook: Callable[[object], None] | None = None
 
     def _note_sigint(self, signum: int, frame: object) -> None:
         self._sigint_pending = True
         raise KeyboardInterrupt
+
+    def _unraisable(self, unraisable: object) -> None:
+        # the noted Ctrl-C, dropped in a ctypes callback: on_end raises it again, so nothing is lost
+        if self._sigint_pending and isinstance(getattr(unraisable, "exc_value", None), KeyboardInterrupt):
+            return
+        (self._previous_unraisablehook or sys.__unraisablehook__)(unraisable)
 
     def on_start(self, ev: event.Event) -> None:
         with self._lock:
@@ -77,6 +86,8 @@ class _CompileWatcher(event.Listener):
             if previous is signal.default_int_handler or getattr(previous, "defers_ctrl_c", False):
                 signal.signal(signal.SIGINT, self._note_sigint)
                 self._previous_sigint = previous
+                self._previous_unraisablehook = sys.unraisablehook
+                sys.unraisablehook = self._unraisable
             now = time.perf_counter()
             self._started = now
             if now - self._burst_end > BURST_GAP:
@@ -107,6 +118,9 @@ class _CompileWatcher(event.Listener):
                 if signal.getsignal(signal.SIGINT) == self._note_sigint:  # nobody replaced it meanwhile
                     signal.signal(signal.SIGINT, self._previous_sigint)
                 self._previous_sigint = None
+                if sys.unraisablehook == self._unraisable:
+                    sys.unraisablehook = self._previous_unraisablehook
+                self._previous_unraisablehook = None
                 # a Ctrl-C arrived, yet the compilation ended without its KeyboardInterrupt: dropped
                 lost = self._sigint_pending and not _ended_by_interrupt(ev)
                 self._sigint_pending = False
