@@ -9,6 +9,7 @@ import numpy as np
 
 from engine.errors import file_error
 from engine.gguf_file import GGUFFile
+from engine.kernels import decode_step as _decode_step
 from engine.kernels import matmul as _matmul
 from engine.kernels import ops as _ops
 from engine.weights import Weight
@@ -48,6 +49,29 @@ def linears(x: np.ndarray, *weights: Weight) -> list[np.ndarray]:
         return [linear(x, w) for w in weights]
     x = np.ascontiguousarray(x, dtype=np.float32)
     return [_add_lora(x, w, y) for w, y in zip(weights, _matmul.matmul_many(weights, x))]
+
+
+# Off: every decode step runs the layer code (benchmarks and tests compare the two).
+COMPILED_DECODE = True
+
+
+def compiled_decode_stack(layers: list, n_embd: int, n_head: int, n_kv_head: int, head_dim: int, n_ff: int,
+                          eps: float) -> _decode_step.DecodeStack | None:
+    """A pre-norm gated decoder stack's one-token step as one compiled function
+    (engine/kernels/decode_step.py: the same kernels and bits as its layer code, without the Python
+    between them), or None when these layers' products cannot run there (types without a
+    matrix-vector driver, LoRA adapters) or products are being observed (``linear`` wrapped)."""
+    if not COMPILED_DECODE or linear is not _LINEAR:
+        return None
+    try:
+        return _decode_step.DecodeStack(layers, n_embd, n_head, n_kv_head, head_dim, n_ff, eps)
+    except _decode_step.Unsupported:
+        return None
+
+
+def kernel_path() -> str:
+    """What the products run on now (matmul.kernel_description): a compiled step is built per path."""
+    return _matmul.kernel_description()
 
 
 def _add_lora(x: np.ndarray, weight: Weight, y: np.ndarray) -> np.ndarray:

@@ -32,6 +32,7 @@ from engine.decoder import Decoder
 from engine.errors import file_error
 from engine.gguf_file import GGUFFile
 from engine.hparams import HParams, Tensors
+from engine.model import check_interrupt
 from engine.rope import RopeScaling
 from engine.weights import Weight
 
@@ -177,6 +178,49 @@ class PreNormDecoder(Decoder):
         self.rotation_short = p.rope.rotation(p.n_rot, p.rope_theta, short)
         self.rotation_long = p.rope.rotation(p.n_rot, p.rope_theta, long if long is not None else short)
         self.original_context = p.rope.original_context or hp_original_context(file, self.ARCH, p.n_ctx_train)
+
+    def run_layers(self, x: np.ndarray, batch: Batch, first: int, last: int) -> np.ndarray:
+        """One token of one sequence through plain layers (no fused projections, biases or q/k norms)
+        runs as one compiled step (ops.compiled_decode_stack) when their weights allow; the rest
+        runs the layer code."""
+        step = self._compiled_step(batch, first, last)
+        if step is None:
+            return super().run_layers(x, batch, first, last)
+        check_interrupt()
+        p = self.params
+        seq = batch.sequences[0]
+        cache = seq.cache
+        lo, hi = first - batch.first_layer, last - batch.first_layer
+        scale, divisors, magnitude = self.rotation(batch)
+        if not step(x, cache.k[lo:hi], cache.v[lo:hi], seq.n_past, p.n_rot, p.rope_theta, scale, self.NEOX,
+                    divisors, magnitude, p.sliding_window):
+            return super().run_layers(x, batch, first, last)  # the step is still being compiled
+        cache.n_past = seq.n_past + 1  # as the layer code's stores leave it
+        return x
+
+    def _compiled_step(self, batch: Batch, first: int, last: int):
+        # exactly this class's layer code (Gemma's is its own), on a plain cache with room left
+        if (batch.n_tok != 1 or len(batch.sequences) != 1 or not ops.COMPILED_DECODE
+                or type(self).layer is not PreNormDecoder.layer):
+            return None
+        seq = batch.sequences[0]
+        cache = seq.cache
+        if cache.type_k not in ("f16", "f32") or cache.type_v != cache.type_k or seq.n_past >= cache.n_ctx:
+            return None
+        layers = self.layers[first:last]
+        for layer in layers:
+            if layer is None or layer.wqkv is not None or layer.w_gate is None or any(
+                    part is not None for part in (layer.bq, layer.bk, layer.bv, layer.q_norm, layer.k_norm)) or any(
+                    getattr(w, "lora", ()) for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate,
+                                                     layer.w_up, layer.w_down)):
+                return None
+        key = (first, last, ops.kernel_path(), tuple(id(layer) for layer in layers))
+        steps = self.__dict__.setdefault("_compiled_steps", {})
+        if key not in steps:
+            p = self.params
+            steps[key] = ops.compiled_decode_stack(layers, p.n_embd, p.n_head, p.n_head_kv, p.head_dim, p.n_ff,
+                                                   p.rms_eps)
+        return steps[key]
 
     def rotation(self, batch: Batch) -> tuple[float, np.ndarray | None, float]:
         """(position scale, frequency divisors, magnitude) for this batch's RoPE."""

@@ -711,7 +711,7 @@ def _sample_args(type_k: str, type_v: str) -> tuple:
     return q, cache(type_k), cache(type_v), 0, np.float32(1.0), np.zeros(1, np.float32), False, 0, np.float32(0.0), q
 
 
-def _load_cached(tile_fn, signature) -> bool:
+def load_cached(tile_fn, signature) -> bool:
     """Load ``tile_fn``'s ``signature`` from Numba's on-disk cache, without compiling: whether it
     was there (what Dispatcher.compile does before it compiles)."""
     from numba.core.compiler_lock import global_compiler_lock
@@ -727,6 +727,30 @@ def _load_cached(tile_fn, signature) -> bool:
         return True
 
 
+def background_compiles() -> bool:
+    """Whether kernels may compile in a child process beside this one: only with a core to spare
+    (on one core it would only compete); ``HALFBYTE_BACKGROUND_COMPILE=0`` turns it off."""
+    return available_cores() >= 2 and os.environ.get("HALFBYTE_BACKGROUND_COMPILE", "1") != "0"
+
+
+def start_compiling_child(code: str, data: bytes = b"") -> subprocess.Popen | None:
+    """A child Python running ``code`` (which compiles kernels into Numba's on-disk cache) with
+    ``data`` on its standard input, or None if none can start (an embedded Python)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    try:
+        child = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+    try:
+        child.stdin.write(data)
+        child.stdin.close()
+    except OSError:  # the child is gone already: it compiled nothing, the caller will compile
+        pass
+    return child
+
+
 def compile_in_background(type_k: str = "f16", type_v: str = "f16") -> bool:
     """Start compiling the attention tile for a cache of these types in a child process, unless
     it is in Numba's on-disk cache already; returns whether a child was started.
@@ -735,27 +759,23 @@ def compile_in_background(type_k: str = "f16", type_v: str = "f16") -> bool:
     model's 7.7 s of compiling, Zen 4 EPYC), and attention comes only after the embedding, norm
     and products, whose kernels this process compiles meanwhile on one core: the other core
     compiles attention. The first attention call waits for the child, then loads both from the
-    cache (or compiles them itself if the child failed). Only with a core to spare: on one core
-    it would only compete. ``HALFBYTE_BACKGROUND_COMPILE=0`` turns it off."""
-    if available_cores() < 2 or os.environ.get("HALFBYTE_BACKGROUND_COMPILE", "1") == "0":
+    cache (or compiles them itself if the child failed). Only where background_compiles()."""
+    if not background_compiles():
         return False
     signature = _tile_signature(_sample_args(cache_type_name(type_k), cache_type_name(type_v)))
     key = (_attend_tile, signature)
     if key in _TILE_ADDRESSES or key in _BACKGROUND:
         return False
     try:
-        if _load_cached(_attend_tile, signature):
+        if load_cached(_attend_tile, signature):
             return False
     except Exception:  # Numba's internals moved: compile in this process, as without the child
         return False
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    code = f"from engine.kernels.attention import _compile_tile; _compile_tile({type_k!r}, {type_v!r})"
-    try:
-        _BACKGROUND[key] = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL,
-                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    except OSError:  # no interpreter to start (an embedded Python): compile here, as without the child
+    child = start_compiling_child(
+        f"from engine.kernels.attention import _compile_tile; _compile_tile({type_k!r}, {type_v!r})")
+    if child is None:  # no interpreter to start: compile here, as without the child
         return False
+    _BACKGROUND[key] = child
     return True
 
 
@@ -1010,15 +1030,20 @@ def attend(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int,
     elif out.shape != q.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise HalfbyteError(f"out must be a C-contiguous float32 array of shape {q.shape}")
     if n_tok:
-        # The lanes for float keys (head size a multiple of 16) when a tile has the queries to repay
-        # transposing the keys; the same bits either way.
-        group = n_head // n_kv_head
-        lanes = (k.dtype != np.uint8 and head_dim % 16 == 0 and n_past + n_tok >= _LANE_KEYS
-                 and min(n_tok, _TILE_TOKENS) * group >= _LANE_QUERIES)
         args = (q, k, v, int(n_past), np.float32(scale), slopes, alibi_slopes is not None, int(window),
                 np.float32(softcap), out)
-        _call(_attend_kernel, _tile_address(_attend_tile_lanes if lanes else _attend_tile, args), *args)
+        tile_fn = tile_function(n_tok, n_head, n_kv_head, head_dim, k.dtype, n_past)
+        _call(_attend_kernel, _tile_address(tile_fn, args), *args)
     return out
+
+
+def tile_function(n_tok: int, n_head: int, n_kv_head: int, head_dim: int, key_dtype: np.dtype, n_past: int):
+    """The tile that attends ``n_tok`` queries at ``n_past`` over keys of ``key_dtype``: the lanes for
+    float keys (head size a multiple of 16) when a tile has the queries to repay transposing the
+    keys; the same bits either way."""
+    lanes = (key_dtype != np.uint8 and head_dim % 16 == 0 and n_past + n_tok >= _LANE_KEYS
+             and min(n_tok, _TILE_TOKENS) * (n_head // n_kv_head) >= _LANE_QUERIES)
+    return _attend_tile_lanes if lanes else _attend_tile
 
 
 def reference_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int, scale: float,

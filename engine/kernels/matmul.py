@@ -814,6 +814,16 @@ def _simd_product(kind: int, drivers, raw: np.ndarray, x: np.ndarray, y: np.ndar
         _call(driver, raw, xq, scales, y)
 
 
+def matvec_driver(weight: WeightView) -> tuple[Callable[..., None], bool] | None:
+    """The SIMD matrix-vector driver of ``weight`` on the current kernel path and whether it takes the
+    activations' block sums (Q4_0: ``driver(w, xq, xscales, xsums, y)``, else ``driver(w, xq,
+    xscales, y)``), or None when its products run another way (the compiled decode step's choice,
+    engine/kernels/decode_step.py, the same as _matvec_into's)."""
+    kind = int(weight.ggml_type)
+    drivers = _simd_kernels(kind)
+    return None if drivers is None else (drivers[0], kind == Q4_0)
+
+
 # kind -> (name, host matvec, host matmul, portable matvec, portable matmul)
 _K_PRODUCTS = {int(GGMLQuantizationType[name.upper()]): (name, *drivers)
                for name, drivers in (kquant_simd.DRIVERS | iquant_simd.DRIVERS).items()}
