@@ -5,6 +5,8 @@ Activations are float32 ``(n_tok, n)`` arrays. Everything here is architecture-n
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from engine.errors import file_error
@@ -51,8 +53,9 @@ def linears(x: np.ndarray, *weights: Weight) -> list[np.ndarray]:
     return [_add_lora(x, w, y) for w, y in zip(weights, _matmul.matmul_many(weights, x))]
 
 
-# Off: every decode step runs the layer code (benchmarks and tests compare the two).
-COMPILED_DECODE = True
+# Off (or HALFBYTE_COMPILED_DECODE=0): every decode step runs the layer code (benchmarks and tests
+# compare the two).
+COMPILED_DECODE = os.environ.get("HALFBYTE_COMPILED_DECODE", "1") != "0"
 
 
 def compiled_decode_stack(layers: list, n_embd: int, n_head: int, n_kv_head: int, head_dim: int, n_ff: int,
