@@ -184,7 +184,7 @@ class PreNormDecoder(Decoder):
         runs as one compiled step (ops.compiled_decode_stack) when their weights allow; the rest
         runs the layer code."""
         step = self._compiled_step(batch, first, last)
-        if step is None:
+        if step is None or not (x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable):
             return super().run_layers(x, batch, first, last)
         check_interrupt()
         p = self.params

@@ -214,6 +214,7 @@ class DecodeStack:
                  eps: float) -> None:
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.eps = np.float32(eps)
+        self.layers = list(layers)  # kept: callers may key this object by the layers' ids
         # the arrays the addresses below point into, kept alive with this object
         self.arrays = [np.ascontiguousarray(layer.attn_norm, dtype=np.float32) for layer in layers] + [
             np.ascontiguousarray(layer.ffn_norm, dtype=np.float32) for layer in layers]
