@@ -90,14 +90,19 @@ def test_compiled_step_gives_the_layer_codes_logits_bit_for_bit(which, kv_type, 
     assert model.n_past == 5 + 12
 
 
-def test_sliding_window_and_rope_scaling_pass_through(tmp_path, steps_run) -> None:
-    """Mistral's window (here 4 positions, far less than the context) and linear RoPE scaling reach
-    the step's attention and rotation as they reach the layer code's."""
+@pytest.mark.parametrize("scaling", [
+    {"llama.rope.scaling.type": ("linear", GGUFValueType.STRING),
+     "llama.rope.scaling.factor": (2.0, GGUFValueType.FLOAT32)},
+    # YaRN: per-pair frequency divisors and a magnitude other than 1 on the rotated values
+    {"llama.rope.scaling.type": ("yarn", GGUFValueType.STRING),
+     "llama.rope.scaling.factor": (4.0, GGUFValueType.FLOAT32),
+     "llama.rope.scaling.original_context_length": (16, GGUFValueType.UINT32)},
+], ids=["linear", "yarn"])
+def test_sliding_window_and_rope_scaling_pass_through(tmp_path, steps_run, scaling) -> None:
+    """Mistral's window (here 4 positions, far less than the context) and the RoPE scalings reach the
+    step's attention and rotation as they reach the layer code's."""
     path = with_metadata(tmp_path / "windowed.gguf", default_model_path(), {
-        "llama.attention.sliding_window": (4, GGUFValueType.UINT32),
-        "llama.rope.scaling.type": ("linear", GGUFValueType.STRING),
-        "llama.rope.scaling.factor": (2.0, GGUFValueType.FLOAT32),
-    })
+        "llama.attention.sliding_window": (4, GGUFValueType.UINT32), **scaling})
     model = Model.load(path, n_ctx=64, threads=1)
     compiled = generate_logits(model, True)
     np.testing.assert_array_equal(compiled.view(np.uint32), generate_logits(model, False).view(np.uint32))
