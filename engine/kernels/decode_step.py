@@ -92,6 +92,10 @@ def kernel_address(dispatcher: Any, args: tuple) -> int:
     known = _ADDRESSES.get(key)
     if known is None:
         with slp_scope():
+            # by the argument types alone: Numba's on-disk cache keys what it compiles by the
+            # signature it was given, and a kernel's calls give argument types (a full signature
+            # would miss their entries, and compile the kernel again in each new process)
+            dispatcher.compile(tuple(signature.args))
             result = dispatcher.get_compile_result(signature)
         known = _ADDRESSES[key] = (result.library.get_pointer_to_function(result.fndesc.llvm_func_name), result)
     return known[0]
