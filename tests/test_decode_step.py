@@ -18,7 +18,7 @@ from converters.synthetic import LlamaShape, write_synthetic
 from engine import ops
 from engine.default_model import default_model_path
 from engine.gguf_file import GGUFFile, GGUFWriter
-from engine.kernels import decode_step
+from engine.kernels import decode_step, matmul
 from engine.model import Model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,19 +123,55 @@ def test_the_layer_code_runs_where_the_step_cannot(tmp_path, q4_0_file, steps_ru
     generate_logits(Model.load(q4_0_file, n_ctx=64, threads=1), True, 3)
     assert steps_run == [] and len(seen) == 4 * (7 * SHAPE.n_layer + 1)  # and the output head
     monkeypatch.setattr(ops, "linear", plain)
-    # a weight type without a matrix-vector driver (a K-quant): the layer code, whatever the others
+    # a weight type without an integer matrix-vector driver (Q4_1): the layer code, whatever the others
+    generate_logits(Model.load(requantized(tmp_path, "q4_1", GGMLQuantizationType.Q4_1), n_ctx=64, threads=1), True, 3)
+    assert steps_run == []
+
+
+def requantized(tmp_path: Path, mix: str, expected_q: GGMLQuantizationType) -> Path:
+    """A 256-wide synthetic file (K-quants take rows of 256) quantized by `halfbyte quantize`."""
     from click.testing import CliRunner
 
     from engine.cli import main
 
-    wide = write_synthetic(tmp_path / "wide.gguf", LlamaShape(32000, 256, 2, 4, 2, 512, 256))
-    k_quant = tmp_path / "q4_k_s.gguf"
-    result = CliRunner().invoke(main, ["quantize", str(wide), str(k_quant), "q4_k_s", "--allow-requantize", "-q"])
+    wide = tmp_path / "wide.gguf"
+    if not wide.exists():
+        write_synthetic(wide, LlamaShape(32000, 256, 2, 4, 2, 512, 512), seed=3)
+    out = tmp_path / f"{mix}.gguf"
+    result = CliRunner().invoke(main, ["quantize", str(wide), str(out), mix, "--allow-requantize", "-q"])
     assert result.exit_code == 0, result.output
-    with GGUFFile(k_quant) as f:
-        assert f.tensors["blk.0.attn_q.weight"].ggml_type == GGMLQuantizationType.Q4_K
-    generate_logits(Model.load(k_quant, n_ctx=64, threads=1), True, 3)
-    assert steps_run == []
+    with GGUFFile(out) as f:
+        assert f.tensors["blk.0.attn_q.weight"].ggml_type == expected_q
+    return out
+
+
+@pytest.mark.parametrize("mix, expected_q", [
+    ("q4_k_m", GGMLQuantizationType.Q4_K),  # Q6_K for some layers' attn_v and ffn_down: two kinds of sums
+    ("q5_k_s", GGMLQuantizationType.Q5_K),
+    ("q6_k", GGMLQuantizationType.Q6_K),
+    ("iq4_xs", GGMLQuantizationType.IQ4_XS),
+])
+def test_k_quant_files_run_the_step_bit_for_bit(tmp_path, steps_run, mix, expected_q) -> None:
+    model = Model.load(requantized(tmp_path, mix, expected_q), n_ctx=64, threads=2)
+    compiled = generate_logits(model, True, 6)
+    assert steps_run == [True] * 6
+    np.testing.assert_array_equal(compiled.view(np.uint32), generate_logits(model, False, 6).view(np.uint32))
+
+
+def test_the_step_follows_the_kernel_path(tmp_path, steps_run) -> None:
+    """The portable kernels' step gives their layer code's bits; the reference path (float products
+    for the K-quants) has no step."""
+    model = Model.load(requantized(tmp_path, "q4_k_m", GGMLQuantizationType.Q4_K), n_ctx=64, threads=2)
+    previous = matmul.set_kernel_path("portable")
+    try:
+        compiled = generate_logits(model, True, 4)
+        assert steps_run == [True] * 4
+        np.testing.assert_array_equal(compiled.view(np.uint32), generate_logits(model, False, 4).view(np.uint32))
+        matmul.set_kernel_path("reference")
+        generate_logits(model, True, 2)
+        assert len(steps_run) == 4
+    finally:
+        matmul.set_kernel_path(previous)
 
 
 BACKGROUND_SCRIPT = textwrap.dedent(
@@ -143,7 +179,7 @@ BACKGROUND_SCRIPT = textwrap.dedent(
     import numpy as np
     from engine import ops
     from engine.default_model import default_model_path
-    from engine.kernels import decode_step
+    from engine.kernels import decode_step, matmul
     from engine.model import Model
 
     runs = []

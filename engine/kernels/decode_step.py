@@ -19,9 +19,11 @@ the current code. The layers' weights and norms travel as addresses too (``_read
 one compilation serves every model; it still takes about 3 s, done once per machine by a child
 process while the first run generates on the layer code (``_compiled``).
 
-Weights: one of the SIMD matrix-vector types per product (Q4_0, Q8_0, IQ4_NL: each weight's driver
+Weights: any type with an integer matrix-vector driver, per product (Q4_0, Q8_0, IQ4_NL against
+Q8_0 activations; the K-quants, IQ4_XS and the grid types against Q8_K ones: each weight's driver
 chosen in Python by engine/kernels/matmul.py, as the layer code's), KV cache F16 or F32. Anything
-else (K-quants, LoRA, biases, a Q8_0 cache...) runs the layer code (models/blocks.py decides).
+else (float or legacy types, LoRA, biases, a Q8_0 cache...) runs the layer code (models/blocks.py
+decides).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from numba import njit, typeof, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from engine.kernels import attention, matmul, ops, simd
+from engine.kernels import attention, kquant_simd, matmul, ops, simd
 from engine.kernels.matmul import f32_to_f16, slp_scope
 
 
@@ -101,23 +103,47 @@ def kernel_address(dispatcher: Any, args: tuple) -> int:
     return known[0]
 
 
+# activations[i, j]: what product j of layer i takes (matmul.matvec_driver's kinds), in this order
+Q8_0, Q8_0_SUMS, Q8_K_BSUMS, Q8_K_SUMS32 = range(4)
+_ACTIVATIONS = {"q8_0": Q8_0, "q8_0+sums": Q8_0_SUMS, "q8_k+bsums": Q8_K_BSUMS, "q8_k+sums32": Q8_K_SUMS32}
+
+
 @njit(cache=True)
-def _product(address, with_sums, w, q8, y):
-    xq, xscales, xsums = q8
-    if with_sums:
-        call_address(address, (w, xq, xscales, xsums, y))
+def _product(address, activations, w, buffers, n, y):
+    """y = w x through the driver at ``address``, from x's activations of the kind it takes, which
+    _quantize left in the first entries of ``buffers`` for x of length ``n``."""
+    qs, scales, sums, k_qs, k_d, k_bsums, k_sums32, _ = buffers
+    if activations == Q8_0:
+        call_address(address, (w, qs[:n], scales[: n // 32], y))
+    elif activations == Q8_0_SUMS:
+        call_address(address, (w, qs[:n], scales[: n // 32], sums[: n // 32], y))
+    elif activations == Q8_K_BSUMS:
+        call_address(address, (w, k_qs[:n].reshape(1, n), k_d[: n // 256].reshape(1, n // 256),
+                               k_bsums[: n // 16].reshape(1, n // 16), y.reshape(1, y.shape[0])))
     else:
-        call_address(address, (w, xq, xscales, y))
+        call_address(address, (w, k_qs[:n].reshape(1, n), k_d[: n // 256].reshape(1, n // 256),
+                               k_sums32[: n // 32].reshape(1, n // 32), y.reshape(1, y.shape[0])))
 
 
 @njit(cache=True)
-def _quantized(quantize, x, buffers):
-    """x's Q8_0 activations (values, scales, block sums) in the first len(x) entries of ``buffers``."""
-    qs, scales, sums = buffers
+def _quantize(kernels, x, activations, i, first, count, buffers) -> None:
+    """x's activations of every kind products ``first`` to ``first + count - 1`` of layer ``i`` take,
+    each once (they share x), into the first entries of ``buffers``, by the layer code's kernels."""
+    q8_0 = q8_k = sums32 = False
+    for j in range(first, first + count):
+        kind = activations[i, j]
+        q8_0 |= kind <= Q8_0_SUMS
+        q8_k |= kind >= Q8_K_BSUMS
+        sums32 |= kind == Q8_K_SUMS32
+    qs, scales, sums, k_qs, k_d, k_bsums, k_sums32, k_scratch = buffers
     n = x.shape[0]
-    q8 = (qs[:n], scales[: n // 32], sums[: n // 32])
-    call_address(quantize, (x, q8[0], q8[1], q8[2]))
-    return q8
+    if q8_0:
+        call_address(kernels[QUANTIZE], (x, qs[:n], scales[: n // 32], sums[: n // 32]))
+    if q8_k:
+        call_address(kernels[QUANTIZE_K], (x, k_qs[:n], k_d[: n // 256], k_bsums[: n // 16], k_scratch))
+    if sums32:
+        call_address(kernels[SUMS32], (k_d[: n // 256].reshape(1, n // 256), k_bsums[: n // 16].reshape(1, n // 16),
+                                       k_sums32[: n // 32].reshape(1, n // 32)))
 
 
 @njit(cache=True)
@@ -142,26 +168,27 @@ def _store(cache, pos, values, as_f16):
 
 
 # kernels[...]: the addresses of the small kernels, in this order
-RMS_NORM, QUANTIZE, ROPE, SWIGLU, ATTEND = range(5)
+RMS_NORM, QUANTIZE, QUANTIZE_K, SUMS32, ROPE, SWIGLU, ATTEND = range(7)
 _U8 = np.empty((0, 0), np.uint8)  # dtype markers of _readonly_view
 _F32 = np.empty((0, 0), np.float32)
 
 
 @njit(cache=True)
-def decode_layers(x, norms, weights, drivers, with_sums, k_cache, v_cache, as_f16, positions, n_rot, theta,
+def decode_layers(x, norms, weights, drivers, activations, k_cache, v_cache, as_f16, positions, n_rot, theta,
                   rope_scale, neox, factors, magnitude, kernels, tile, attn_scale, slopes, use_alibi, window, eps,
-                  scratch, q8_buffers):
+                  scratch, buffers):
     """Every layer of the stack for the token ``x`` (1, n_embd), updated in place, at ``positions[0]``.
 
     Per layer ``i``: ``norms[i]`` the addresses of its attention and FFN norm weights (n_embd float32);
     ``weights[i, j]`` (address, rows, row bytes) of its products' weights, j = q, k, v, o, gate, up,
-    down, ``drivers[i, j]`` the addresses of their matrix-vector drivers and ``with_sums[i, j]``
-    whether one takes the activations' block sums (Q4_0); ``k_cache[i]``/``v_cache[i]`` its (n_ctx,
-    n_kv_head, head_dim) cache. ``kernels``: the addresses of RMSNorm, Q8_0 quantization, RoPE,
-    SwiGLU and attention (indices above), ``tile`` the attention tile's; ``use_alibi`` False (an
-    argument: a literal would not have the kernel's type). ``scratch``: (h, q, k, v, attn, o, gate,
-    up, act, down), the step's activations; ``q8_buffers``: room for the longest one's Q8_0
-    activations."""
+    down, ``drivers[i, j]`` the addresses of their matrix-vector drivers and ``activations[i, j]``
+    the kind of activations each takes (Q8_0 ...); ``k_cache[i]``/``v_cache[i]`` its (n_ctx,
+    n_kv_head, head_dim) cache. ``kernels``: the addresses of RMSNorm, Q8_0 and Q8_K quantization,
+    Q8_K sums of 32, RoPE, SwiGLU and attention (indices above), ``tile`` the attention tile's;
+    ``use_alibi`` False (an argument: a literal would not have the kernel's type). ``scratch``: (h, q,
+    k, v, attn, o, gate, up, act, down), the step's activations; ``buffers``: room for the longest
+    one's quantized activations (Q8_0 values, scales, sums; Q8_K values, scales, sums of 16, scaled
+    sums of 32, 256 floats of scratch)."""
     h, q, k, v, attn, o, gate, up, act, down = scratch
     pos = np.int64(positions[0])
     n_embd = x.shape[1]
@@ -170,9 +197,9 @@ def decode_layers(x, norms, weights, drivers, with_sums, k_cache, v_cache, as_f1
         attn_norm = _readonly_view(norms[i, 0], 1, n_embd, _F32)[0]
         ffn_norm = _readonly_view(norms[i, 1], 1, n_embd, _F32)[0]
         call_address(kernels[RMS_NORM], (x, attn_norm, eps, h))
-        q8 = _quantized(kernels[QUANTIZE], h[0], q8_buffers)
+        _quantize(kernels, h[0], activations, i, 0, 3, buffers)
         for j in range(3):
-            _product(drivers[i, j], with_sums[i, j], _weight(weights, i, j), q8, outputs[j])
+            _product(drivers[i, j], activations[i, j], _weight(weights, i, j), buffers, n_embd, outputs[j])
         call_address(kernels[ROPE], (q, positions, n_rot, theta, rope_scale, neox, factors, q))
         call_address(kernels[ROPE], (k, positions, n_rot, theta, rope_scale, neox, factors, k))
         if magnitude != np.float32(1.0):
@@ -182,16 +209,17 @@ def decode_layers(x, norms, weights, drivers, with_sums, k_cache, v_cache, as_f1
         _store(v_cache[i], pos, v[0], as_f16)
         call_address(kernels[ATTEND], (tile, q, k_cache[i], v_cache[i], pos, attn_scale, slopes, use_alibi,
                                        window, np.float32(0.0), attn))
-        q8 = _quantized(kernels[QUANTIZE], attn.reshape(-1), q8_buffers)
-        _product(drivers[i, 3], with_sums[i, 3], _weight(weights, i, 3), q8, o.reshape(-1))
+        n_attn = attn.shape[1] * attn.shape[2]
+        _quantize(kernels, attn.reshape(-1), activations, i, 3, 1, buffers)
+        _product(drivers[i, 3], activations[i, 3], _weight(weights, i, 3), buffers, n_attn, o.reshape(-1))
         x += o
         call_address(kernels[RMS_NORM], (x, ffn_norm, eps, h))
-        q8 = _quantized(kernels[QUANTIZE], h[0], q8_buffers)
-        _product(drivers[i, 4], with_sums[i, 4], _weight(weights, i, 4), q8, gate)
-        _product(drivers[i, 5], with_sums[i, 5], _weight(weights, i, 5), q8, up)
+        _quantize(kernels, h[0], activations, i, 4, 2, buffers)
+        _product(drivers[i, 4], activations[i, 4], _weight(weights, i, 4), buffers, n_embd, gate)
+        _product(drivers[i, 5], activations[i, 5], _weight(weights, i, 5), buffers, n_embd, up)
         call_address(kernels[SWIGLU], (gate, up, act))
-        q8 = _quantized(kernels[QUANTIZE], act, q8_buffers)
-        _product(drivers[i, 6], with_sums[i, 6], _weight(weights, i, 6), q8, down.reshape(-1))
+        _quantize(kernels, act, activations, i, 6, 1, buffers)
+        _product(drivers[i, 6], activations[i, 6], _weight(weights, i, 6), buffers, act.shape[0], down.reshape(-1))
         x += down
 
 
@@ -233,9 +261,11 @@ class DecodeStack:
                         np.zeros((1, n_head, head_dim), f32), np.zeros((1, n_embd), f32),
                         np.zeros(n_ff, f32), np.zeros(n_ff, f32), np.zeros(n_ff, f32), np.zeros((1, n_embd), f32))
         longest = max(n_embd, n_head * head_dim, n_ff)
-        self.q8_buffers = (np.zeros(longest, np.int8), np.zeros(longest // 32, f32), np.zeros(longest // 32, np.int32))
+        self.buffers = (np.zeros(longest, np.int8), np.zeros(longest // 32, f32), np.zeros(longest // 32, np.int32),
+                        np.zeros(longest, np.int8), np.zeros(longest // 256, f32), np.zeros(longest // 16, np.int16),
+                        np.zeros(longest // 32, f32), np.zeros(256, f32))
         self.drivers = np.zeros((len(layers), len(_PRODUCTS)), np.int64)
-        self.with_sums = np.zeros((len(layers), len(_PRODUCTS)), np.bool_)
+        self.activations = np.zeros((len(layers), len(_PRODUCTS)), np.int8)
         h, q, k, v, attn, o, gate, up, act, down = self.scratch
         outputs = (q.reshape(-1), k.reshape(-1), v.reshape(-1), o.reshape(-1), gate, up, down.reshape(-1))
         inputs = (n_embd, n_embd, n_embd, n_head * head_dim, n_embd, n_embd, n_ff)
@@ -245,7 +275,10 @@ class DecodeStack:
                 chosen = matmul.matvec_driver(weight)
                 if chosen is None or getattr(weight, "lora", ()) or weight.n_in != inputs[j]:
                     raise Unsupported(f"{name}: no matrix-vector driver for {weight.ggml_type.name}")
-                driver, with_sums = chosen
+                driver, kind = chosen
+                kind = _ACTIVATIONS[kind]
+                if kind >= Q8_K_BSUMS and inputs[j] % 256:
+                    raise Unsupported(f"{name}: Q8_K activations of {inputs[j]} values")
                 data = weight.data
                 if data.dtype != np.uint8 or data.ndim != 2 or not data.flags.c_contiguous:
                     raise Unsupported(f"{name}: weights not as C-contiguous rows of blocks")
@@ -253,22 +286,35 @@ class DecodeStack:
                 self.weights[i, j] = data.ctypes.data, data.shape[0], data.shape[1]
                 data = data.view()
                 data.flags.writeable = False  # the type of _readonly_view's arrays
-                qs, scales, sums = (b[: inputs[j] // (1 if n == 0 else 32)] for n, b in enumerate(self.q8_buffers))
-                args = (data, qs, scales) + ((sums,) if with_sums else ()) + (outputs[j],)
-                self.drivers[i, j] = kernel_address(driver, args)
-                self.with_sums[i, j] = with_sums
-        qs, scales, sums = self.q8_buffers
+                self.drivers[i, j] = kernel_address(driver, self._product_args(kind, data, inputs[j], outputs[j]))
+                self.activations[i, j] = kind
+        qs, scales, sums, k_qs, k_d, k_bsums, k_sums32, k_scratch = self.buffers
         positions = np.zeros(1, np.float64)
         factors = np.ones(head_dim // 2, f32)
-        self.kernels = np.zeros(5, np.int64)
+        self.kernels = np.zeros(7, np.int64)
         norm = self.arrays[0].view()
         norm.flags.writeable = False
         self.kernels[RMS_NORM] = kernel_address(ops._rms_norm_kernel, (h, norm, self.eps, h))
         self.kernels[QUANTIZE] = kernel_address(simd._quantize_row_q8_0_into, (h[0], qs, scales, sums))
+        if (self.activations >= Q8_K_BSUMS).any():  # (compiled only for the files that use them)
+            self.kernels[QUANTIZE_K] = kernel_address(kquant_simd._quantize_q8_k_into,
+                                                      (h[0], k_qs, k_d, k_bsums, k_scratch))
+            self.kernels[SUMS32] = kernel_address(kquant_simd._scaled_sums32_into, (
+                k_d.reshape(1, -1), k_bsums.reshape(1, -1), k_sums32.reshape(1, -1)))
         self.kernels[ROPE] = kernel_address(ops._rope_kernel, (q, positions, 2, 1.0, 1.0, False, factors, q))
         self.kernels[SWIGLU] = kernel_address(ops._swiglu_kernel, (gate, up, act))
         self._attend_addresses: dict = {}  # key cache type -> the attention kernel's address for it
         self._ready: set = set()  # key cache types whose decode_layers can run
+
+    def _product_args(self, kind: int, data: np.ndarray, n: int, y: np.ndarray) -> tuple:
+        """Arguments of the types _product passes a driver taking ``kind`` activations of ``n`` values."""
+        qs, scales, sums, k_qs, k_d, k_bsums, k_sums32, _ = self.buffers
+        if kind == Q8_0:
+            return data, qs[:n], scales[: n // 32], y
+        if kind == Q8_0_SUMS:
+            return data, qs[:n], scales[: n // 32], sums[: n // 32], y
+        k_sums = k_bsums[: n // 16] if kind == Q8_K_BSUMS else k_sums32[: n // 32]
+        return data, k_qs[:n].reshape(1, -1), k_d[: n // 256].reshape(1, -1), k_sums.reshape(1, -1), y.reshape(1, -1)
 
     def __call__(self, x: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, pos: int, n_rot: int, theta: float,
                  rope_scale: float, neox: bool, freq_factors: np.ndarray | None, magnitude: float, window: int) -> bool:
@@ -291,10 +337,10 @@ class DecodeStack:
         self.kernels[ATTEND] = self._attend_addresses[kind]
         factors = (np.ones(n_rot // 2, np.float32) if freq_factors is None
                    else np.ascontiguousarray(freq_factors, dtype=np.float32))
-        args = (x, self.norms, self.weights, self.drivers, self.with_sums, k_cache, v_cache,
+        args = (x, self.norms, self.weights, self.drivers, self.activations, k_cache, v_cache,
                 as_f16, np.array([float(pos)]), int(n_rot), float(theta), float(rope_scale), bool(neox), factors,
                 np.float32(magnitude), self.kernels, tile, scale, slopes, False, int(window), self.eps, self.scratch,
-                self.q8_buffers)
+                self.buffers)
         if kind not in self._ready:
             signature = types.none(*(typeof(arg) for arg in args))
             if not _compiled(signature):

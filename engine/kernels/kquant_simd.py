@@ -68,7 +68,7 @@ BLOCK_BYTES = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210, "
 KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 # types whose drivers take float32 ``d * (sum of 32 activations)`` (their mins multiply it); every
 # other type takes the int16 sums of 16 activations (offsets such as Q6_K's -32; IQ4_XS ignores them)
-_SUMS32_TYPES = ("q4_k", "q5_k")
+SUMS32_TYPES = ("q4_k", "q5_k")
 # where each type keeps its fp16 super-block scale d and, with mins, dmin
 FP16_OFFSETS = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208, None), "iq4_xs": (0, None), "q2_k": (80, 82),
                 "q3_k": (108, None)}
@@ -186,7 +186,7 @@ def activations_for(qtype: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     int16 sums of 16 values, for Q4_K/Q5_K the float32 ``d * (sum of 32 values)`` per 32-value
     sub-block (their mins multiply it: computed once per product instead of per row)."""
     qs, d, bsums = quantize_activations_q8_k(x)
-    if qtype not in _SUMS32_TYPES:
+    if qtype not in SUMS32_TYPES:
         return qs, d, bsums
     sums32 = np.empty((qs.shape[0], qs.shape[1] // 32), np.float32)
     _scaled_sums32_into(d, bsums, sums32)
@@ -440,7 +440,7 @@ class _KEmitter:
                     groups.append((code, b.extract_element(scales, c(8 * half + 2 * k)),
                                    b.extract_element(scales, c(8 * half + 2 * k + 1))))
             return groups, scales, None
-        if self.qtype in _SUMS32_TYPES:
+        if self.qtype in SUMS32_TYPES:
             scales, mins = self.q4_5_k_scales(block)
             qs_offset = 16 if self.qtype == "q4_k" else 48
             qh = self._load(block, 16, _V32I8) if self.qtype == "q5_k" else None
@@ -525,7 +525,7 @@ class _KEmitter:
         # row reads it from memory, the others from L1: one prefetch per super-block.
         for line in range(0, self.block_bytes if len(tokens) == 1 else 1, 64):
             emit_prefetch(b, block, _PREFETCH_BYTES + line)
-        sums_per_block = 8 if self.qtype in _SUMS32_TYPES else 16  # bsums of 16 values / scaled sums of 32
+        sums_per_block = 8 if self.qtype in SUMS32_TYPES else 16  # bsums of 16 values / scaled sums of 32
         here = [
             (b.gep(x, [b.mul(index, ir.Constant(_I64, self.x_stride * QK_K))]), b.gep(d, [index]),
              b.gep(s, [b.mul(index, ir.Constant(_I64, sums_per_block))]))
@@ -585,7 +585,7 @@ def make_tile(qtype: str, isa_mode: str, n_tok: int, interleaved: bool = False, 
     ret = types.UniTuple(types.float32, n_tok)
     block_bytes = emitter.BLOCK_BYTES[qtype]
     sums_type, sums_elem, sums_per_block = (
-        (types.float32, _F32, 8) if qtype in _SUMS32_TYPES else (types.int16, _I16, 16))
+        (types.float32, _F32, 8) if qtype in SUMS32_TYPES else (types.int16, _I16, 16))
 
     def codegen(context, builder, sig, args):
         isa = kernel_isa() if isa_mode == "host" else "generic"

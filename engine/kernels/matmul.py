@@ -814,14 +814,23 @@ def _simd_product(kind: int, drivers, raw: np.ndarray, x: np.ndarray, y: np.ndar
         _call(driver, raw, xq, scales, y)
 
 
-def matvec_driver(weight: WeightView) -> tuple[Callable[..., None], bool] | None:
-    """The SIMD matrix-vector driver of ``weight`` on the current kernel path and whether it takes the
-    activations' block sums (Q4_0: ``driver(w, xq, xscales, xsums, y)``, else ``driver(w, xq,
-    xscales, y)``), or None when its products run another way (the compiled decode step's choice,
-    engine/kernels/decode_step.py, the same as _matvec_into's)."""
+def matvec_driver(weight: WeightView) -> tuple[Callable[..., None], str] | None:
+    """The SIMD matrix-vector driver of ``weight`` on the current kernel path and the activations it
+    takes, or None when its products run another way (the compiled decode step's choice,
+    engine/kernels/decode_step.py, the same as _matvec_into's). Activations: "q8_0" ``driver(w, xq,
+    xscales, y)``, "q8_0+sums" (Q4_0) ``driver(w, xq, xscales, xsums, y)``, both 1-D Q8_0 arrays;
+    the K-quant and grid types' ``driver(w, xq, xd, xs, y)`` take 2-D (one token) Q8_K arrays as
+    kquant_simd.activations_for makes them: "q8_k+bsums" with int16 sums of 16 values, "q8_k+sums32"
+    with float32 scaled sums of 32."""
     kind = int(weight.ggml_type)
     drivers = _simd_kernels(kind)
-    return None if drivers is None else (drivers[0], kind == Q4_0)
+    if drivers is not None:
+        return drivers[0], "q8_0+sums" if kind == Q4_0 else "q8_0"
+    if kind not in _K_PRODUCTS or _kernel_path == "reference":
+        return None
+    name, host, _, portable, _ = _K_PRODUCTS[kind]
+    return (portable if _kernel_path == "portable" else host), (
+        "q8_k+sums32" if name in kquant_simd.SUMS32_TYPES else "q8_k+bsums")
 
 
 # kind -> (name, host matvec, host matmul, portable matvec, portable matmul)
