@@ -180,8 +180,8 @@ class PreNormDecoder(Decoder):
         self.original_context = p.rope.original_context or hp_original_context(file, self.ARCH, p.n_ctx_train)
 
     def run_layers(self, x: np.ndarray, batch: Batch, first: int, last: int) -> np.ndarray:
-        """One token of one sequence through plain layers (no fused projections, biases or q/k norms)
-        runs as one compiled step (ops.compiled_decode_stack) when their weights allow; the rest
+        """One token of one sequence through layers with separate q/k/v and gate/up products (biases
+        and q/k norms allowed) runs as one compiled step (ops.compiled_decode_stack) when their weights allow; the rest
         runs the layer code."""
         step = self._compiled_step(batch, first, last)
         if step is None or not (x.dtype == np.float32 and x.flags.c_contiguous and x.flags.writeable):
@@ -210,7 +210,6 @@ class PreNormDecoder(Decoder):
         layers = self.layers[first:last]
         for layer in layers:
             if layer is None or layer.wqkv is not None or layer.w_gate is None or any(
-                    part is not None for part in (layer.bq, layer.bk, layer.bv, layer.q_norm, layer.k_norm)) or any(
                     getattr(w, "lora", ()) for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate,
                                                      layer.w_up, layer.w_down)):
                 return None

@@ -217,3 +217,19 @@ def test_a_first_run_generates_on_the_layer_code_while_a_child_compiles_the_step
         pytest.skip("one core: the step compiles in the process itself")
     assert cold_first > 0 and cold_same, results  # the layer code first, then the step
     assert warm_first == 0 and warm_same, results
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_biases_and_per_head_norms_run_the_step_bit_for_bit(tmp_path, steps_run, arch) -> None:
+    """Qwen2's q/k/v biases and Qwen3's per-head q/k norms, in the step as in the layer code."""
+    from test_architectures import checkpoint
+
+    from converters.convert import convert
+
+    path = convert(str(checkpoint(arch, tmp_path)), tmp_path / "m.gguf", GGMLQuantizationType.Q8_0, progress=False)
+    model = Model.load(path, n_ctx=64, threads=2)
+    layer = model.arch.layers[0]
+    assert (layer.bq is not None) == (arch == "qwen2") and (layer.q_norm is not None) == (arch == "qwen3")
+    compiled = generate_logits(model, True, 6)
+    assert steps_run == [True] * 6
+    np.testing.assert_array_equal(compiled.view(np.uint32), generate_logits(model, False, 6).view(np.uint32))

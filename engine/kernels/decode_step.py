@@ -3,7 +3,7 @@ one compiled function: the same kernels, in the same order, as the layer code of
 runs from Python, so the same bits, without the Python between them.
 
     for each layer:
-        h = rms_norm(x) ; q, k, v = h Wq, h Wk, h Wv ; rope(q, k) ; cache[pos] = k, v
+        h = rms_norm(x) ; q, k, v = h Wq (+ bq), ... ; [q, k = per-head rms_norm] ; rope(q, k) ; cache[pos] = k, v
         x = x + attention(q, cache) Wo
         h = rms_norm(x) ; x = x + (silu(h Wgate) * h Wup) Wdown
 
@@ -19,10 +19,11 @@ the current code. The layers' weights and norms travel as addresses too (``_read
 one compilation serves every model; it still takes about 3 s, done once per machine by a child
 process while the first run generates on the layer code (``_compiled``).
 
-Weights: any type with an integer matrix-vector driver, per product (Q4_0, Q8_0, IQ4_NL against
-Q8_0 activations; the K-quants, IQ4_XS and the grid types against Q8_K ones: each weight's driver
-chosen in Python by engine/kernels/matmul.py, as the layer code's), KV cache F16 or F32. Anything
-else (float or legacy types, LoRA, biases, a Q8_0 cache...) runs the layer code (models/blocks.py
+Layers may have q/k/v biases (Qwen2) and per-head q/k norms (Qwen3). Weights: any type with an
+integer matrix-vector driver, per product (Q4_0, Q8_0, IQ4_NL against Q8_0 activations; the
+K-quants, IQ4_XS and the grid types against Q8_K ones: each weight's driver chosen in Python by
+engine/kernels/matmul.py, as the layer code's), KV cache F16 or F32. Anything else (float or
+legacy types, fused projections, LoRA, a Q8_0 cache...) runs the layer code (models/blocks.py
 decides).
 """
 
@@ -167,6 +168,14 @@ def _store(cache, pos, values, as_f16):
                 cache[pos, h, e] = values[h, e]
 
 
+@njit(cache=True)
+def _add(y, bias):
+    for e in range(y.shape[0]):  # numpy's y += bias: one float32 addition each
+        y[e] += bias[e]
+
+
+# vectors[i, ...]: the addresses of a layer's float32 vectors, in this order (0: the layer has none)
+ATTN_NORM, FFN_NORM, BIAS_Q, BIAS_K, BIAS_V, Q_NORM, K_NORM = range(7)
 # kernels[...]: the addresses of the small kernels, in this order
 RMS_NORM, QUANTIZE, QUANTIZE_K, SUMS32, ROPE, SWIGLU, ATTEND = range(7)
 _U8 = np.empty((0, 0), np.uint8)  # dtype markers of _readonly_view
@@ -174,12 +183,13 @@ _F32 = np.empty((0, 0), np.float32)
 
 
 @njit(cache=True)
-def decode_layers(x, norms, weights, drivers, activations, k_cache, v_cache, as_f16, positions, n_rot, theta,
+def decode_layers(x, vectors, weights, drivers, activations, k_cache, v_cache, as_f16, positions, n_rot, theta,
                   rope_scale, neox, factors, magnitude, kernels, tile, attn_scale, slopes, use_alibi, window, eps,
                   scratch, buffers):
     """Every layer of the stack for the token ``x`` (1, n_embd), updated in place, at ``positions[0]``.
 
-    Per layer ``i``: ``norms[i]`` the addresses of its attention and FFN norm weights (n_embd float32);
+    Per layer ``i``: ``vectors[i]`` the addresses of its float32 vectors (indices above: attention and
+    FFN norm weights, n_embd; q, k, v biases; per-head q and k norm weights, head_dim), 0 for none;
     ``weights[i, j]`` (address, rows, row bytes) of its products' weights, j = q, k, v, o, gate, up,
     down, ``drivers[i, j]`` the addresses of their matrix-vector drivers and ``activations[i, j]``
     the kind of activations each takes (Q8_0 ...); ``k_cache[i]``/``v_cache[i]`` its (n_ctx,
@@ -193,13 +203,23 @@ def decode_layers(x, norms, weights, drivers, activations, k_cache, v_cache, as_
     pos = np.int64(positions[0])
     n_embd = x.shape[1]
     outputs = (q.reshape(-1), k.reshape(-1), v.reshape(-1))
+    heads_q = q.reshape(q.shape[1], q.shape[2])  # (heads, head_dim): the per-head norms' rows
+    heads_k = k.reshape(k.shape[1], k.shape[2])
     for i in range(weights.shape[0]):
-        attn_norm = _readonly_view(norms[i, 0], 1, n_embd, _F32)[0]
-        ffn_norm = _readonly_view(norms[i, 1], 1, n_embd, _F32)[0]
+        attn_norm = _readonly_view(vectors[i, ATTN_NORM], 1, n_embd, _F32)[0]
+        ffn_norm = _readonly_view(vectors[i, FFN_NORM], 1, n_embd, _F32)[0]
         call_address(kernels[RMS_NORM], (x, attn_norm, eps, h))
         _quantize(kernels, h[0], activations, i, 0, 3, buffers)
         for j in range(3):
             _product(drivers[i, j], activations[i, j], _weight(weights, i, j), buffers, n_embd, outputs[j])
+            if vectors[i, BIAS_Q + j]:
+                _add(outputs[j], _readonly_view(vectors[i, BIAS_Q + j], 1, outputs[j].shape[0], _F32)[0])
+        if vectors[i, Q_NORM]:
+            call_address(kernels[RMS_NORM], (heads_q, _readonly_view(vectors[i, Q_NORM], 1, q.shape[2], _F32)[0],
+                                             eps, heads_q))
+        if vectors[i, K_NORM]:
+            call_address(kernels[RMS_NORM], (heads_k, _readonly_view(vectors[i, K_NORM], 1, k.shape[2], _F32)[0],
+                                             eps, heads_k))
         call_address(kernels[ROPE], (q, positions, n_rot, theta, rope_scale, neox, factors, q))
         call_address(kernels[ROPE], (k, positions, n_rot, theta, rope_scale, neox, factors, k))
         if magnitude != np.float32(1.0):
@@ -247,13 +267,23 @@ class DecodeStack:
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.eps = np.float32(eps)
         self.layers = list(layers)  # kept: callers may key this object by the layers' ids
-        # the arrays the addresses below point into, kept alive with this object
-        self.arrays = [np.ascontiguousarray(layer.attn_norm, dtype=np.float32) for layer in layers] + [
-            np.ascontiguousarray(layer.ffn_norm, dtype=np.float32) for layer in layers]
-        self.norms = np.array([[a.ctypes.data for a in self.arrays[: len(layers)]],
-                               [a.ctypes.data for a in self.arrays[len(layers):]]], np.int64).T.copy()
-        if any(a.shape != (n_embd,) for a in self.arrays):
-            raise Unsupported("norm weights of another length than the embedding")
+        self.arrays: list[np.ndarray] = []  # what the addresses below point into, kept alive with this object
+        self.vectors = np.zeros((len(layers), 7), np.int64)
+        n_q, n_kv = n_head * head_dim, n_kv_head * head_dim
+        for i, layer in enumerate(layers):
+            for column, name, length in ((ATTN_NORM, "attn_norm", n_embd), (FFN_NORM, "ffn_norm", n_embd),
+                                         (BIAS_Q, "bq", n_q), (BIAS_K, "bk", n_kv), (BIAS_V, "bv", n_kv),
+                                         (Q_NORM, "q_norm", head_dim), (K_NORM, "k_norm", head_dim)):
+                vector = getattr(layer, name, None)
+                if vector is None:
+                    continue
+                vector = np.ascontiguousarray(vector, dtype=np.float32)
+                if vector.shape != (length,):
+                    raise Unsupported(f"{name} of shape {vector.shape}, not ({length},)")
+                self.arrays.append(vector)
+                self.vectors[i, column] = vector.ctypes.data
+        if not self.vectors[:, ATTN_NORM].all() or not self.vectors[:, FFN_NORM].all():
+            raise Unsupported("a layer without its norms")
         self.weights = np.zeros((len(layers), len(_PRODUCTS), 3), np.int64)
         f32 = np.float32
         self.scratch = (np.zeros((1, n_embd), f32), np.zeros((1, n_head, head_dim), f32),
@@ -292,8 +322,8 @@ class DecodeStack:
         positions = np.zeros(1, np.float64)
         factors = np.ones(head_dim // 2, f32)
         self.kernels = np.zeros(7, np.int64)
-        norm = self.arrays[0].view()
-        norm.flags.writeable = False
+        norm = np.zeros(n_embd, f32)
+        norm.flags.writeable = False  # the type of _readonly_view's arrays
         self.kernels[RMS_NORM] = kernel_address(ops._rms_norm_kernel, (h, norm, self.eps, h))
         self.kernels[QUANTIZE] = kernel_address(simd._quantize_row_q8_0_into, (h[0], qs, scales, sums))
         if (self.activations >= Q8_K_BSUMS).any():  # (compiled only for the files that use them)
@@ -337,7 +367,7 @@ class DecodeStack:
         self.kernels[ATTEND] = self._attend_addresses[kind]
         factors = (np.ones(n_rot // 2, np.float32) if freq_factors is None
                    else np.ascontiguousarray(freq_factors, dtype=np.float32))
-        args = (x, self.norms, self.weights, self.drivers, self.activations, k_cache, v_cache,
+        args = (x, self.vectors, self.weights, self.drivers, self.activations, k_cache, v_cache,
                 as_f16, np.array([float(pos)]), int(n_rot), float(theta), float(rope_scale), bool(neox), factors,
                 np.float32(magnitude), self.kernels, tile, scale, slopes, False, int(window), self.eps, self.scratch,
                 self.buffers)
