@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine import quants
 from engine.gguf_file import GGUFFile
 from engine.kernels import dequant_any
 from engine.kernels.matmul import WeightView
@@ -45,9 +44,7 @@ class Weight(WeightView):
             return selected.view(np.float16).astype(np.float32)
         if self.ggml_type.name == "BF16":
             return (selected.astype(np.uint32) << 16).view(np.float32)
-        if not dequant_any.native(self.ggml_type):  # types only llama.cpp writes: gguf's dequantizer
-            return dequant_any.dequantize_rows(selected, self.ggml_type).reshape(len(selected), self.n_in)
-        return quants.dequantize(np.ascontiguousarray(selected), self.ggml_type).reshape(len(selected), self.n_in)
+        return dequant_any.dequantize_rows(selected, self.ggml_type).reshape(len(selected), self.n_in)
 
     def dequantize(self) -> np.ndarray:
         return self.rows(np.arange(self.n_out))

@@ -346,3 +346,27 @@ def test_sizes() -> None:
 def test_clear_errors(call) -> None:
     with pytest.raises(HalfbyteError):
         call()
+
+
+@pytest.mark.parametrize("qtype", sorted((t for t in quants.SUPPORTED_TYPES if t.name not in ("F32", "F16", "BF16")),
+                                         key=int), ids=lambda t: t.name)
+def test_embedding_rows_take_ggufs_numpy_dequantizer_with_the_kernels_bits(qtype) -> None:
+    """A prompt's embedding rows are dequantized by gguf's numpy code (no compiling on a model's first
+    run): the same bits as halfbyte's kernels, which whole tensors still take."""
+    from gguf import GGML_QUANT_SIZES
+
+    from engine.kernels import dequant_any
+    from engine.weights import Weight
+
+    block, _ = GGML_QUANT_SIZES[qtype]
+    n = 2048 if 2048 % block == 0 else 8 * block
+    rng = np.random.default_rng(int(qtype))
+    x = (rng.standard_normal((300, n)) * rng.uniform(0.001, 4, (300, 1))).astype(np.float32)
+    x[7] = 0  # all-zero blocks: zero scales
+    raw = quants.quantize(x, qtype)
+    kernels = quants.dequantize(raw, qtype).reshape(300, n)
+    weight = Weight(qtype, n, 300, raw.reshape(300, -1))
+    ids = np.array([7, 0, 299, 5, 5, 123])
+    assert len(ids) * n <= dequant_any.NUMPY_ROWS_WEIGHTS < 300 * n or n < 2048
+    np.testing.assert_array_equal(weight.rows(ids).view(np.uint32), kernels[ids].view(np.uint32))
+    np.testing.assert_array_equal(weight.dequantize().view(np.uint32), kernels.view(np.uint32))
