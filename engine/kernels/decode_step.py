@@ -113,7 +113,7 @@ _ACTIVATIONS = {"q8_0": Q8_0, "q8_0+sums": Q8_0_SUMS, "q8_k+bsums": Q8_K_BSUMS, 
 def _product(address, activations, w, buffers, n, y):
     """y = w x through the driver at ``address``, from x's activations of the kind it takes, which
     _quantize left in the first entries of ``buffers`` for x of length ``n``."""
-    qs, scales, sums, k_qs, k_d, k_bsums, k_sums32, _ = buffers
+    qs, scales, sums, k_qs, k_d, k_bsums, k_sums32 = buffers
     if activations == Q8_0:
         call_address(address, (w, qs[:n], scales[: n // 32], y))
     elif activations == Q8_0_SUMS:
@@ -136,12 +136,13 @@ def _quantize(kernels, x, activations, i, first, count, buffers) -> None:
         q8_0 |= kind <= Q8_0_SUMS
         q8_k |= kind >= Q8_K_BSUMS
         sums32 |= kind == Q8_K_SUMS32
-    qs, scales, sums, k_qs, k_d, k_bsums, k_sums32, k_scratch = buffers
+    qs, scales, sums, k_qs, k_d, k_bsums, k_sums32 = buffers
     n = x.shape[0]
     if q8_0:
         call_address(kernels[QUANTIZE], (x, qs[:n], scales[: n // 32], sums[: n // 32]))
     if q8_k:
-        call_address(kernels[QUANTIZE_K], (x, k_qs[:n], k_d[: n // 256], k_bsums[: n // 16], k_scratch))
+        k_row = (k_qs[:n].reshape(1, n), k_d[: n // 256].reshape(1, n // 256), k_bsums[: n // 16].reshape(1, n // 16))
+        call_address(kernels[QUANTIZE_K], (x.reshape(1, n), k_row[0], k_row[1], k_row[2]))
     if sums32:
         call_address(kernels[SUMS32], (k_d[: n // 256].reshape(1, n // 256), k_bsums[: n // 16].reshape(1, n // 16),
                                        k_sums32[: n // 32].reshape(1, n // 32)))
@@ -198,7 +199,7 @@ def decode_layers(x, vectors, weights, drivers, activations, k_cache, v_cache, a
     ``use_alibi`` False (an argument: a literal would not have the kernel's type). ``scratch``: (h, q,
     k, v, attn, o, gate, up, act, down), the step's activations; ``buffers``: room for the longest
     one's quantized activations (Q8_0 values, scales, sums; Q8_K values, scales, sums of 16, scaled
-    sums of 32, 256 floats of scratch)."""
+    sums of 32)."""
     h, q, k, v, attn, o, gate, up, act, down = scratch
     pos = np.int64(positions[0])
     n_embd = x.shape[1]
@@ -293,7 +294,7 @@ class DecodeStack:
         longest = max(n_embd, n_head * head_dim, n_ff)
         self.buffers = (np.zeros(longest, np.int8), np.zeros(longest // 32, f32), np.zeros(longest // 32, np.int32),
                         np.zeros(longest, np.int8), np.zeros(longest // 256, f32), np.zeros(longest // 16, np.int16),
-                        np.zeros(longest // 32, f32), np.zeros(256, f32))
+                        np.zeros(longest // 32, f32))
         self.drivers = np.zeros((len(layers), len(_PRODUCTS)), np.int64)
         self.activations = np.zeros((len(layers), len(_PRODUCTS)), np.int8)
         h, q, k, v, attn, o, gate, up, act, down = self.scratch
@@ -318,7 +319,7 @@ class DecodeStack:
                 data.flags.writeable = False  # the type of _readonly_view's arrays
                 self.drivers[i, j] = kernel_address(driver, self._product_args(kind, data, inputs[j], outputs[j]))
                 self.activations[i, j] = kind
-        qs, scales, sums, k_qs, k_d, k_bsums, k_sums32, k_scratch = self.buffers
+        qs, scales, sums, k_qs, k_d, k_bsums, k_sums32 = self.buffers
         positions = np.zeros(1, np.float64)
         factors = np.ones(head_dim // 2, f32)
         self.kernels = np.zeros(7, np.int64)
@@ -327,8 +328,8 @@ class DecodeStack:
         self.kernels[RMS_NORM] = kernel_address(ops._rms_norm_kernel, (h, norm, self.eps, h))
         self.kernels[QUANTIZE] = kernel_address(simd._quantize_row_q8_0_into, (h[0], qs, scales, sums))
         if (self.activations >= Q8_K_BSUMS).any():  # (compiled only for the files that use them)
-            self.kernels[QUANTIZE_K] = kernel_address(kquant_simd._quantize_q8_k_into,
-                                                      (h[0], k_qs, k_d, k_bsums, k_scratch))
+            self.kernels[QUANTIZE_K] = kernel_address(kquant_simd._quantize_q8_k_rows, (
+                h, k_qs.reshape(1, -1), k_d.reshape(1, -1), k_bsums.reshape(1, -1)))
             self.kernels[SUMS32] = kernel_address(kquant_simd._scaled_sums32_into, (
                 k_d.reshape(1, -1), k_bsums.reshape(1, -1), k_sums32.reshape(1, -1)))
         self.kernels[ROPE] = kernel_address(ops._rope_kernel, (q, positions, 2, 1.0, 1.0, False, factors, q))
@@ -338,7 +339,7 @@ class DecodeStack:
 
     def _product_args(self, kind: int, data: np.ndarray, n: int, y: np.ndarray) -> tuple:
         """Arguments of the types _product passes a driver taking ``kind`` activations of ``n`` values."""
-        qs, scales, sums, k_qs, k_d, k_bsums, k_sums32, _ = self.buffers
+        qs, scales, sums, k_qs, k_d, k_bsums, k_sums32 = self.buffers
         if kind == Q8_0:
             return data, qs[:n], scales[: n // 32], y
         if kind == Q8_0_SUMS:

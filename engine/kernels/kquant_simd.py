@@ -125,38 +125,35 @@ def _largest_magnitude(typingctx, x, base):
 
 
 @njit(cache=True)
-def _quantize_q8_k_into(x, qs, d, bsums, scratch) -> None:
-    # ``scratch``: 256 float32. Every loop but the search vectorizes (the search is vector IR).
-    rounded = scratch.view(np.int32)
-    for blk in range(x.shape[0] // QK_K):
-        base = blk * QK_K
-        vmax = _largest_magnitude(x, base)
-        if vmax == 0:
-            d[blk] = 0.0
-            qs[base : base + QK_K] = 0
-            bsums[blk * 16 : blk * 16 + 16] = 0
-            continue
-        iscale = np.float32(-127.0) / vmax
-        # ggml's nearest_int: adding 1.5 * 2**23 rounds to an integer, half to even, in the low bits
-        for j in range(QK_K):
-            scratch[j] = iscale * x[base + j] + np.float32(12582912.0)
-        for j in range(QK_K):
-            qs[base + j] = min(127, rounded[j] - 0x4B400000)
-        for g in range(16):
-            total = np.int32(0)
-            for j in range(16):
-                total += np.int32(qs[base + 16 * g + j])
-            bsums[blk * 16 + g] = total
-        d[blk] = np.float32(1.0) / iscale
-
-
-@njit(cache=True)
 def _quantize_q8_k_rows(x, qs, d, bsums) -> None:
-    # One thread: a parallel version halved the time (0.5 -> 0.2 ms for 128 x 2048) but compiled 1 s
-    # longer on first use.
+    # One function, no jitted helper for a row: a helper is compiled, then linked into this and
+    # optimized again (0.7-0.9 s on first use against 0.45-0.55, Zen 4 EPYC). One thread: a parallel
+    # version halved the time (0.5 -> 0.2 ms for 128 x 2048) but compiled 1 s longer. Every loop but
+    # the search vectorizes (the search is vector IR).
     scratch = np.empty(QK_K, np.float32)
+    rounded = scratch.view(np.int32)
     for t in range(x.shape[0]):
-        _quantize_q8_k_into(x[t], qs[t], d[t], bsums[t], scratch)
+        row = x[t]
+        for blk in range(x.shape[1] // QK_K):
+            base = blk * QK_K
+            vmax = _largest_magnitude(row, base)
+            if vmax == 0:
+                d[t, blk] = 0.0
+                qs[t, base : base + QK_K] = 0
+                bsums[t, blk * 16 : blk * 16 + 16] = 0
+                continue
+            iscale = np.float32(-127.0) / vmax
+            # ggml's nearest_int: adding 1.5 * 2**23 rounds to an integer, half to even, in the low bits
+            for j in range(QK_K):
+                scratch[j] = iscale * row[base + j] + np.float32(12582912.0)
+            for j in range(QK_K):
+                qs[t, base + j] = min(127, rounded[j] - 0x4B400000)
+            for g in range(16):
+                total = np.int32(0)
+                for j in range(16):
+                    total += np.int32(qs[t, base + 16 * g + j])
+                bsums[t, blk * 16 + g] = total
+            d[t, blk] = np.float32(1.0) / iscale
 
 
 def quantize_activations_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -698,14 +695,16 @@ def _matmul_portable(w, xq, xd, xs, out):
                 out[t, r] = _one(w, r, xq, xd, xs, t)[0]
 
 
-def _matmul_rows(w, xq, xd, xs, out):
-    """out[t, r] = dot(row r, activation row t), one token at a time: 16-row chunks over threads, so a
-    row is read from memory once for every token (the small batches of the types whose larger ones
-    take engine/kernels/kquant_gemm.py's lane products)."""
-    for chunk in prange((w.shape[0] + _ROW_CHUNK - 1) // _ROW_CHUNK):
-        for r in range(chunk * _ROW_CHUNK, min(w.shape[0], (chunk + 1) * _ROW_CHUNK)):
-            for t in range(xq.shape[0]):
-                out[t, r] = _one(w, r, xq, xd, xs, t)[0]
+def _rows(w, xq, xd, xs, out):
+    """out[t, r] = dot(row r, activation row t), one token at a time, rows over threads, so a row is
+    read from memory once for every token: the one-token products and the small batches of the types
+    whose larger ones take engine/kernels/kquant_gemm.py's lane products. One function for both, so a
+    type's first use compiles one driver, not two (0.5-0.7 s each, Zen 4 EPYC); for one token it
+    streams as _matvec (Q4_K/Q6_K 5632x2048 from memory, 1 and 2 threads: 17.7/23.0 and 30.9/31.3
+    GB/s against 17.7/22.7 and 29.8/31.7), and as the 16-row chunks it replaced for 4 tokens."""
+    for r in prange(w.shape[0]):
+        for t in range(xq.shape[0]):
+            out[t, r] = _one(w, r, xq, xd, xs, t)[0]
 
 
 def _bind(template, name: str, **tiles):
@@ -719,8 +718,8 @@ def _bind(template, name: str, **tiles):
 def make_drivers(qtype: str, emitter=_KEmitter, tiles: bool = False) -> tuple:
     """(matvec, matmul, portable matvec, portable matmul) of ``qtype``, each ``(w, xq, xd, xs, out)``
     with the activations of :func:`activations_for`. Batches: with ``tiles`` 16-token tiles first (the
-    grid types), else one token at a time (the types whose batches of 8 and more take kquant_gemm's lane
-    products: no tile compiled that would never run)."""
+    grid types), else one token at a time by the matrix-vector driver itself (_rows: the types whose
+    batches of 8 and more take kquant_gemm's lane products; no tile compiled that would never run)."""
     one, one_p = make_tile(qtype, "host", 1, emitter=emitter), make_tile(qtype, "generic", 1, emitter=emitter)
     if tiles:
         matmul = _bind(_matmul_wide, f"matmul_{qtype}", _one=one,
@@ -729,8 +728,8 @@ def make_drivers(qtype: str, emitter=_KEmitter, tiles: bool = False) -> tuple:
         matmul_p = _bind(_matmul_portable, f"matmul_{qtype}_generic", _one=one_p,
                          _tile=make_tile(qtype, "generic", _TILE_TOKENS, emitter=emitter))
     else:
-        matmul = _bind(_matmul_rows, f"matmul_{qtype}", _one=one)
-        matmul_p = _bind(_matmul_rows, f"matmul_{qtype}_generic", _one=one_p)
+        rows, rows_p = _bind(_rows, f"matvec_{qtype}", _one=one), _bind(_rows, f"matvec_{qtype}_generic", _one=one_p)
+        return rows, rows, rows_p, rows_p
     return (_bind(_matvec, f"matvec_{qtype}", _one=one), matmul,
             _bind(_matvec, f"matvec_{qtype}_generic", _one=one_p), matmul_p)
 
