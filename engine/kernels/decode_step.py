@@ -15,7 +15,7 @@ Every kernel is called through its compiled code's address (``call_address``), n
 jitted call links the callee into the caller, where LLVM optimizes it all over again (about 10 s
 for this function), and Numba's cache would not notice a change in the callee's module (it tracks
 the caller's file only). The addresses come from the dispatchers at run time, so they are always
-the current code. The layers' weights and norms travel as addresses too (``_readonly_view``), so
+the current code. The layers' weights and norms travel as addresses too (``_array_at``), so
 one compilation serves every model; it still takes about 3 s, done once per machine by a child
 process while the first run generates on the layer code (``_compiled``).
 
@@ -62,14 +62,16 @@ def call_address(typingctx, address, args):
 
 
 @intrinsic
-def _readonly_view(typingctx, address, rows, cols, dtype_of):
-    """A read-only C-contiguous (rows, cols) array of ``dtype_of``'s dtype at ``address`` (memory
-    owned elsewhere: DecodeStack keeps the arrays). The layers' weights and norms travel as
+def _array_at(typingctx, address, rows, cols, like):
+    """A C-contiguous (rows, cols) array at ``address`` (memory owned elsewhere: DecodeStack keeps the
+    arrays) of ``like``'s dtype, read-only if ``like`` is: the kernels' argument types as the layer
+    code passes them (weights from the read-only file mapping, norms as writable float32 copies), so
+    their compiled code serves both. The layers' weights and norms travel as
     addresses, not as a tuple per layer: indexing a tuple by the layer number compiles a switch over
     every layer at each use (3.7 s for this function) and one specialization per layer count."""
-    if not isinstance(dtype_of, types.Array):
+    if not isinstance(like, types.Array):
         return None
-    array_type = types.Array(dtype_of.dtype, 2, "C", readonly=True)
+    array_type = types.Array(like.dtype, 2, "C", readonly=not like.mutable)
 
     def codegen(context, builder, sig, args):
         ary = context.make_array(array_type)(context, builder)
@@ -81,7 +83,7 @@ def _readonly_view(typingctx, address, rows, cols, dtype_of):
         context.populate_array(ary, data=data, shape=shape, strides=strides, itemsize=itemsize, meminfo=None)
         return ary._getvalue()
 
-    return array_type(address, rows, cols, dtype_of), codegen
+    return array_type(address, rows, cols, like), codegen
 
 
 _ADDRESSES: dict = {}  # (dispatcher, signature) -> (address, compile result that owns the code)
@@ -139,7 +141,8 @@ def _quantize(kernels, x, activations, i, first, count, buffers) -> None:
     qs, scales, sums, k_qs, k_d, k_bsums, k_sums32 = buffers
     n = x.shape[0]
     if q8_0:
-        call_address(kernels[QUANTIZE], (x, qs[:n], scales[: n // 32], sums[: n // 32]))
+        call_address(kernels[QUANTIZE], (x.reshape(1, n), qs[:n].reshape(1, n), scales[: n // 32].reshape(1, n // 32),
+                                         sums[: n // 32].reshape(1, n // 32)))
     if q8_k:
         k_row = (k_qs[:n].reshape(1, n), k_d[: n // 256].reshape(1, n // 256), k_bsums[: n // 16].reshape(1, n // 16))
         call_address(kernels[QUANTIZE_K], (x.reshape(1, n), k_row[0], k_row[1], k_row[2]))
@@ -179,7 +182,8 @@ def _add(y, bias):
 ATTN_NORM, FFN_NORM, BIAS_Q, BIAS_K, BIAS_V, Q_NORM, K_NORM = range(7)
 # kernels[...]: the addresses of the small kernels, in this order
 RMS_NORM, QUANTIZE, QUANTIZE_K, SUMS32, ROPE, SWIGLU, ATTEND = range(7)
-_U8 = np.empty((0, 0), np.uint8)  # dtype markers of _readonly_view
+_U8 = np.empty((0, 0), np.uint8)  # what _array_at's arrays are like: weights read-only, norms not
+_U8.flags.writeable = False
 _F32 = np.empty((0, 0), np.float32)
 
 
@@ -207,19 +211,19 @@ def decode_layers(x, vectors, weights, drivers, activations, k_cache, v_cache, a
     heads_q = q.reshape(q.shape[1], q.shape[2])  # (heads, head_dim): the per-head norms' rows
     heads_k = k.reshape(k.shape[1], k.shape[2])
     for i in range(weights.shape[0]):
-        attn_norm = _readonly_view(vectors[i, ATTN_NORM], 1, n_embd, _F32)[0]
-        ffn_norm = _readonly_view(vectors[i, FFN_NORM], 1, n_embd, _F32)[0]
+        attn_norm = _array_at(vectors[i, ATTN_NORM], 1, n_embd, _F32)[0]
+        ffn_norm = _array_at(vectors[i, FFN_NORM], 1, n_embd, _F32)[0]
         call_address(kernels[RMS_NORM], (x, attn_norm, eps, h))
         _quantize(kernels, h[0], activations, i, 0, 3, buffers)
         for j in range(3):
             _product(drivers[i, j], activations[i, j], _weight(weights, i, j), buffers, n_embd, outputs[j])
             if vectors[i, BIAS_Q + j]:
-                _add(outputs[j], _readonly_view(vectors[i, BIAS_Q + j], 1, outputs[j].shape[0], _F32)[0])
+                _add(outputs[j], _array_at(vectors[i, BIAS_Q + j], 1, outputs[j].shape[0], _F32)[0])
         if vectors[i, Q_NORM]:
-            call_address(kernels[RMS_NORM], (heads_q, _readonly_view(vectors[i, Q_NORM], 1, q.shape[2], _F32)[0],
+            call_address(kernels[RMS_NORM], (heads_q, _array_at(vectors[i, Q_NORM], 1, q.shape[2], _F32)[0],
                                              eps, heads_q))
         if vectors[i, K_NORM]:
-            call_address(kernels[RMS_NORM], (heads_k, _readonly_view(vectors[i, K_NORM], 1, k.shape[2], _F32)[0],
+            call_address(kernels[RMS_NORM], (heads_k, _array_at(vectors[i, K_NORM], 1, k.shape[2], _F32)[0],
                                              eps, heads_k))
         call_address(kernels[ROPE], (q, positions, n_rot, theta, rope_scale, neox, factors, q))
         call_address(kernels[ROPE], (k, positions, n_rot, theta, rope_scale, neox, factors, k))
@@ -246,7 +250,7 @@ def decode_layers(x, vectors, weights, drivers, activations, k_cache, v_cache, a
 
 @njit(cache=True)
 def _weight(weights, i, j):
-    return _readonly_view(weights[i, j, 0], weights[i, j, 1], weights[i, j, 2], _U8)
+    return _array_at(weights[i, j, 0], weights[i, j, 1], weights[i, j, 2], _U8)
 
 
 class Unsupported(Exception):
@@ -316,17 +320,17 @@ class DecodeStack:
                 self.arrays.append(data)
                 self.weights[i, j] = data.ctypes.data, data.shape[0], data.shape[1]
                 data = data.view()
-                data.flags.writeable = False  # the type of _readonly_view's arrays
+                data.flags.writeable = False  # the type of _array_at's uint8 arrays
                 self.drivers[i, j] = kernel_address(driver, self._product_args(kind, data, inputs[j], outputs[j]))
                 self.activations[i, j] = kind
         qs, scales, sums, k_qs, k_d, k_bsums, k_sums32 = self.buffers
         positions = np.zeros(1, np.float64)
         factors = np.ones(head_dim // 2, f32)
         self.kernels = np.zeros(7, np.int64)
-        norm = np.zeros(n_embd, f32)
-        norm.flags.writeable = False  # the type of _readonly_view's arrays
+        norm = np.zeros(n_embd, f32)  # of the type of _array_at's float32 arrays
         self.kernels[RMS_NORM] = kernel_address(ops._rms_norm_kernel, (h, norm, self.eps, h))
-        self.kernels[QUANTIZE] = kernel_address(simd._quantize_row_q8_0_into, (h[0], qs, scales, sums))
+        self.kernels[QUANTIZE] = kernel_address(simd._quantize_rows_q8_0, (
+            h, qs.reshape(1, -1), scales.reshape(1, -1), sums.reshape(1, -1)))
         if (self.activations >= Q8_K_BSUMS).any():  # (compiled only for the files that use them)
             self.kernels[QUANTIZE_K] = kernel_address(kquant_simd._quantize_q8_k_rows, (
                 h, k_qs.reshape(1, -1), k_d.reshape(1, -1), k_bsums.reshape(1, -1)))
