@@ -16,8 +16,8 @@ jitted call links the callee into the caller, where LLVM optimizes it all over a
 for this function), and Numba's cache would not notice a change in the callee's module (it tracks
 the caller's file only). The addresses come from the dispatchers at run time, so they are always
 the current code. The layers' weights and norms travel as addresses too (``_array_at``), so
-one compilation serves every model; it still takes about 3 s, done once per machine by a child
-process while the first run generates on the layer code (``_compiled``).
+one compilation serves every model; it still takes 6.5-8.4 s (a Zen 4 EPYC VM, 2026-12-04), done once
+per machine by a child process while the first run generates on the layer code (``_compiled``).
 
 Layers may have q/k/v biases (Qwen2) and per-head q/k norms (Qwen3). Weights: any type with an
 integer matrix-vector driver, per product (Q4_0, Q8_0, IQ4_NL against Q8_0 activations; the
@@ -140,15 +140,15 @@ def _quantize(kernels, x, activations, i, first, count, buffers) -> None:
         sums32 |= kind == Q8_K_SUMS32
     qs, scales, sums, k_qs, k_d, k_bsums, k_sums32 = buffers
     n = x.shape[0]
+    row = x.reshape(1, n)  # the quantizers take rows of tokens, as the layer code's batches
     if q8_0:
-        call_address(kernels[QUANTIZE], (x.reshape(1, n), qs[:n].reshape(1, n), scales[: n // 32].reshape(1, n // 32),
+        call_address(kernels[QUANTIZE], (row, qs[:n].reshape(1, n), scales[: n // 32].reshape(1, n // 32),
                                          sums[: n // 32].reshape(1, n // 32)))
     if q8_k:
-        k_row = (k_qs[:n].reshape(1, n), k_d[: n // 256].reshape(1, n // 256), k_bsums[: n // 16].reshape(1, n // 16))
-        call_address(kernels[QUANTIZE_K], (x.reshape(1, n), k_row[0], k_row[1], k_row[2]))
-    if sums32:
-        call_address(kernels[SUMS32], (k_d[: n // 256].reshape(1, n // 256), k_bsums[: n // 16].reshape(1, n // 16),
-                                       k_sums32[: n // 32].reshape(1, n // 32)))
+        k_scales, k_sums16 = k_d[: n // 256].reshape(1, n // 256), k_bsums[: n // 16].reshape(1, n // 16)
+        call_address(kernels[QUANTIZE_K], (row, k_qs[:n].reshape(1, n), k_scales, k_sums16))
+        if sums32:
+            call_address(kernels[SUMS32], (k_scales, k_sums16, k_sums32[: n // 32].reshape(1, n // 32)))
 
 
 @njit(cache=True)
@@ -392,7 +392,7 @@ _BACKGROUND: dict = {}  # decode_layers signature -> the child compiling it, or 
 def _compiled(signature: Any) -> bool:
     """Whether decode_layers can run for ``signature`` now: compiled, in Numba's on-disk cache, or
     compiled here when no child can do it. The first time otherwise, a child process compiles it
-    (3 s on a Zen 4 EPYC) and this says False until the child is done, so that the first run's
+    (6.5-8.4 s on a Zen 4 EPYC VM) and this says False until the child is done, so that the first run's
     generation starts at once, on the layer code, instead of pausing for it."""
     if tuple(signature.args) in decode_layers.overloads:
         return True

@@ -721,15 +721,14 @@ def make_drivers(qtype: str, emitter=_KEmitter, tiles: bool = False) -> tuple:
     grid types), else one token at a time by the matrix-vector driver itself (_rows: the types whose
     batches of 8 and more take kquant_gemm's lane products; no tile compiled that would never run)."""
     one, one_p = make_tile(qtype, "host", 1, emitter=emitter), make_tile(qtype, "generic", 1, emitter=emitter)
-    if tiles:
-        matmul = _bind(_matmul_wide, f"matmul_{qtype}", _one=one,
-                       _tile=make_tile(qtype, "host", _TILE_TOKENS, interleaved=True, emitter=emitter),
-                       _wide=make_tile(qtype, "host", _WIDE_TOKENS, interleaved=True, emitter=emitter))
-        matmul_p = _bind(_matmul_portable, f"matmul_{qtype}_generic", _one=one_p,
-                         _tile=make_tile(qtype, "generic", _TILE_TOKENS, emitter=emitter))
-    else:
+    if not tiles:
         rows, rows_p = _bind(_rows, f"matvec_{qtype}", _one=one), _bind(_rows, f"matvec_{qtype}_generic", _one=one_p)
         return rows, rows, rows_p, rows_p
+    matmul = _bind(_matmul_wide, f"matmul_{qtype}", _one=one,
+                   _tile=make_tile(qtype, "host", _TILE_TOKENS, interleaved=True, emitter=emitter),
+                   _wide=make_tile(qtype, "host", _WIDE_TOKENS, interleaved=True, emitter=emitter))
+    matmul_p = _bind(_matmul_portable, f"matmul_{qtype}_generic", _one=one_p,
+                     _tile=make_tile(qtype, "generic", _TILE_TOKENS, emitter=emitter))
     return (_bind(_matvec, f"matvec_{qtype}", _one=one), matmul,
             _bind(_matvec, f"matvec_{qtype}_generic", _one=one_p), matmul_p)
 
