@@ -149,6 +149,25 @@ def quantize(input_file: str, output_file: str, type_name: str, allow_requantize
     click.echo(f"wrote {output_file}", err=True)
 
 
+@main.command()
+@click.argument("type_names", metavar="[TYPE]...", nargs=-1)
+def precompile(type_names: tuple[str, ...]) -> None:
+    """Compile the kernels for this machine now, into Numba's cache: the demo model's and those of files
+    of each TYPE (default: every type `halfbyte quantize` writes). `pip install` does this when it
+    builds halfbyte; run it again after moving the installation to another CPU."""
+    from engine.filetypes import parse_quantize_mix
+    from engine.precompile import FILE_TYPES
+    from engine.precompile import precompile as compile_kernels
+
+    for name in type_names:
+        parse_quantize_mix(name)
+        if name.lower() not in FILE_TYPES:
+            raise HalfbyteError(f"{name}: precompile covers {', '.join(FILE_TYPES)} "
+                                "(the other mixes use their kernels)")
+    compile_kernels(tuple(name.lower() for name in type_names) or FILE_TYPES,
+                    log=lambda line: click.echo(f"halfbyte: {line}", err=True))
+
+
 def _register_commands() -> None:
     # Imported here, not at the top: these modules import engine.cli's siblings lazily and keep
     # `halfbyte --help` fast (no Numba, no torch-sized imports until a command runs).
