@@ -37,6 +37,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from engine.kernels.cpu_target import is_arm64, numba_target_features
 from engine.kernels.iquant_simd import _IQEmitter
 from engine.kernels.kquant_simd import BLOCK_BYTES as _BLOCK_BYTES_ALL
 from engine.kernels.kquant_simd import (
@@ -88,6 +89,10 @@ WIDE_CODES = ("iq4_xs", "q8_0", "iq4_nl") + IQ_SIGNED
 # activation scales per super-block: one (Q8_K), or one per block (Q8_0)
 TOKEN_SCALES = {qtype: 8 if qtype in BLOCK32_TYPES else 1 for qtype in TYPES}
 MINS = {"q4_k": 8, "q5_k": 8, "q2_k": 16}
+# AVX2 (pmaddubsw, no vpdpbusd): quads whose pair sums add up in int16 before they are widened. A pair
+# sum is at most 2 * (largest code) * 128 in size, so this many stay below 2**15: Q4_K 8 * 2 * 15 * 128 =
+# 30720, Q5_K 4 * 2 * 31 * 128, Q6_K 2 * 2 * 63 * 128, Q3_K 4 * 2 * 7 * 128, Q2_K 4 * 2 * 3 * 128
+I16_QUADS = {"q4_k": 8, "q5_k": 4, "q6_k": 2, "q3_k": 4, "q2_k": 4}
 
 _V16I32 = ir.VectorType(_I32, 16)
 _V16F32 = ir.VectorType(_F32, 16)
@@ -174,6 +179,8 @@ class _LaneEmitter(_KEmitter):
         # WIDE_CODES reach 255: pmaddubsw's pairs would saturate (255 * 127 * 2 > 2**15) and sdot
         # multiplies signed bytes, so those ISAs take the exact products below for it
         exact = self.qtype in WIDE_CODES and self.isa in ("avx2", "neon-dotprod")
+        if self.isa == "avx2" and not exact:
+            return self.widen_pairs(acc, self.pair_sums(codes, x))
         if self.isa == "avx512-vnni":
             fn = self._fn("llvm.x86.avx512.vpdpbusd.512", _V16I32, [_V16I32] * 3)
             return b.call(fn, [acc, b.bitcast(codes, _V16I32), b.bitcast(x, _V16I32)])
@@ -186,12 +193,6 @@ class _LaneEmitter(_KEmitter):
             if self.isa == "avx2-vnni":
                 fn = self._fn("llvm.x86.avx512.vpdpbusd.256", v8i32, [v8i32] * 3)
                 halves.append(b.call(fn, [a, b.bitcast(c, v8i32), b.bitcast(v, v8i32)]))
-            elif self.isa == "avx2" and not exact:
-                v16i16 = ir.VectorType(ir.IntType(16), 16)
-                maddubs = self._fn("llvm.x86.avx2.pmadd.ub.sw", v16i16, [c.type, v.type])
-                maddwd = self._fn("llvm.x86.avx2.pmadd.wd", v8i32, [v16i16, v16i16])
-                pairs = b.call(maddubs, [c, v])
-                halves.append(b.add(a, b.call(maddwd, [pairs, _vconst(v16i16, 1)])))
             elif self.isa == "neon-dotprod" and not exact:
                 v4i32, v16i8 = ir.VectorType(_I32, 4), ir.VectorType(_I8, 16)
                 sdot = self._fn("llvm.aarch64.neon.sdot.v4i32.v16i8", v4i32, [v4i32, v16i8, v16i8])
@@ -210,6 +211,43 @@ class _LaneEmitter(_KEmitter):
                 else:
                     pairs = b.sext(b.add(even, odd), v16i32)
                 halves.append(b.add(a, b.add(self._slice(pairs, range(0, 16, 2)), self._slice(pairs, range(1, 16, 2)))))
+        return b.shuffle_vector(halves[0], halves[1], _mask(range(16)))
+
+    def pair_sums(self, codes: ir.Value, x: ir.Value) -> ir.Value:
+        """AVX2: <32 x i16>, per token lane the two sums of a pair of products of unsigned ``codes`` and
+        ``x`` (pmaddubsw: exact where no pair passes 2**15, as for the codes that take it)."""
+        b = self.b
+        v16i16 = ir.VectorType(ir.IntType(16), 16)
+        halves = []
+        for part in (range(8), range(8, 16)):
+            c = b.bitcast(self._slice(b.bitcast(codes, _V16I32), part), ir.VectorType(_I8, 32))
+            v = b.bitcast(self._slice(b.bitcast(x, _V16I32), part), ir.VectorType(_I8, 32))
+            halves.append(b.call(self._fn("llvm.x86.avx2.pmadd.ub.sw", v16i16, [c.type, v.type]), [c, v]))
+        return b.shuffle_vector(halves[0], halves[1], _mask(range(32)))
+
+    def signed_dot(self, acc: ir.Value, magnitudes: ir.Value, values: ir.Value, x: ir.Value) -> ir.Value:
+        """AVX2: ``acc`` + per token lane the 4 products of signed ``values`` and ``x`` (<64 x i8> each), as
+        pmaddubsw of their ``magnitudes`` and x with the values' signs (psign: exact, as the activations
+        stay within +-127; a pair is at most 2 * 128 * 127)."""
+        b = self.b
+        v32i8 = ir.VectorType(_I8, 32)
+        psign = self._fn("llvm.x86.avx2.psign.b", v32i8, [v32i8, v32i8])
+
+        def half(vec: ir.Value, k: int) -> ir.Value:
+            return b.bitcast(self._slice(b.bitcast(vec, _V16I32), range(8 * k, 8 * k + 8)), v32i8)
+
+        signed_x = b.shuffle_vector(b.call(psign, [half(x, 0), half(values, 0)]),
+                                    b.call(psign, [half(x, 1), half(values, 1)]), _mask(range(64)))
+        return self.widen_pairs(acc, self.pair_sums(magnitudes, signed_x))
+
+    def widen_pairs(self, acc: ir.Value, pairs: ir.Value) -> ir.Value:
+        """AVX2: ``acc`` (<16 x i32>) + per token lane the sum of its pair sums ``pairs`` (pmaddwd with ones)."""
+        b = self.b
+        v16i16, v8i32 = ir.VectorType(ir.IntType(16), 16), ir.VectorType(_I32, 8)
+        maddwd = self._fn("llvm.x86.avx2.pmadd.wd", v8i32, [v16i16, v16i16])
+        halves = [b.add(self._slice(acc, range(8 * k, 8 * k + 8)),
+                        b.call(maddwd, [self._slice(pairs, range(16 * k, 16 * k + 16)), _vconst(v16i16, 1)]))
+                  for k in range(2)]
         return b.shuffle_vector(halves[0], halves[1], _mask(range(16)))
 
     def decode(self, block: ir.Value, codes: ir.Value, params: ir.Value) -> None:
@@ -281,17 +319,37 @@ class _LaneEmitter(_KEmitter):
         scales = [self._splat(self._load(at(params, 4), 0, _F32), _V16F32) for _, params in rows]
         words = [[b.bitcast(self._splat(self._load(at(codes, 4 * quads_per_sub), 4 * m, _I32), _V16I32), _V64I8)
                   for m in range(quads_per_sub)] for codes, _ in rows]
-        if self.qtype in OFFSETS:  # codes are value + offset: start at -offset * (sum of the activations)
+        # AVX2 and codes that reach 255 (value + 128): |value| times the activations with value's sign
+        # (signed_dot), so the dots start at 0
+        signs = self.isa == "avx2" and self.qtype in WIDE_CODES
+        if self.qtype in OFFSETS and not signs:  # codes are value + offset: start at -offset * (sum of the activations)
             starts = [self._load(at(s, 4 * LANES), 0, _V16I32) for _, _, s in vecs]
         else:
             starts = [_vconst(_V16I32, 0)] * len(vecs)
         dots = [list(starts) for _ in rows]
         x_sub = [at(x, 64 * quads_per_sub) for x, _, _ in vecs]
+        # AVX2: the pair sums of I16_QUADS[qtype] quads added in int16, then widened once (one pmaddwd
+        # for them all instead of one per quad)
+        chain = I16_QUADS.get(self.qtype, 0) if self.isa == "avx2" else 0
+        pairs = [[None] * len(vecs) for _ in rows]
+        if signs:
+            values = [[b.xor(w, _vconst(_V64I8, -128)) for w in row_words] for row_words in words]
+            magnitudes = [[b.select(b.icmp_signed("<", v, _vconst(_V64I8, 0)), b.neg(v), v) for v in row_values]
+                          for row_values in values]
         for m in range(quads_per_sub):
             for v, x in enumerate(x_sub):
                 xv = self._load(x, 64 * m, _V64I8)
                 for r in range(len(rows)):
-                    dots[r][v] = self.quad_dot(dots[r][v], words[r][m], xv)
+                    if signs:
+                        dots[r][v] = self.signed_dot(dots[r][v], magnitudes[r][m], values[r][m], xv)
+                        continue
+                    if not chain:
+                        dots[r][v] = self.quad_dot(dots[r][v], words[r][m], xv)
+                        continue
+                    quad = self.pair_sums(words[r][m], xv)
+                    pairs[r][v] = quad if m % chain == 0 else b.add(pairs[r][v], quad)
+                    if m % chain == chain - 1 or m == quads_per_sub - 1:
+                        dots[r][v] = self.widen_pairs(dots[r][v], pairs[r][v])
         if self.qtype in BLOCK32_TYPES:  # each block its own activation scale: (d_w * d_x) * dot, as ggml
             token_scales = [self._load(at(d, LANES), 0, _V16F32) for _, d, _ in vecs]  # d: float*
             factors = [[b.fmul(scale, ts) for ts in token_scales] for scale in scales]
@@ -422,18 +480,30 @@ def make_lane_tile(qtype: str, isa_mode: str, n_vec: int, n_rows: int = 1):
     return intrinsic(typer)
 
 
-# A call's block: 4 rows x 2 token vectors, 8 vpdpbusd per activation vector and code broadcast
-# loaded. Measured (Intel Xeon, 1 thread, 5632x2048, 128 tokens, G products/s; Q4_K / Q6_K):
-# 1 row x 4 vectors 96 / 91, 2 x 4 116 / 122, 3 x 4 116 / 128, 4 x 2 129 / 134, 8 x 1 138 / 142
-# (another run: 4 x 2 159 / 151, 8 x 1 138 / 142, 6 x 2 139 / 132, 8 x 2 145 / 138).
-TILE_ROWS, TILE_VECS = 4, 2
-_ROW_CHUNK = 16  # rows per parallel work item (a multiple of TILE_ROWS)
+
+
+def tile_shape() -> tuple[int, int]:
+    """(rows, token vectors) of a call's block. 4 x 2 with 32 vector registers (AVX-512; arm64 as
+    measured there first): 8 vpdpbusd per activation vector and code broadcast loaded. Measured (Intel
+    Xeon, 1 thread, 5632x2048, 128 tokens, G products/s; Q4_K / Q6_K): 1 row x 4 vectors 96 / 91, 2 x 4
+    116 / 122, 3 x 4 116 / 128, 4 x 2 129 / 134, 8 x 1 138 / 142 (another run: 4 x 2 159 / 151, 8 x 1
+    138 / 142, 6 x 2 139 / 132, 8 x 2 145 / 138). x86 without AVX-512 has 16 (256-bit) registers, which
+    4 x 2's accumulators (two each) fill alone: 2 x 2 there. Measured (AMD EPYC Zen 3, AVX2, 1 thread, 128
+    tokens, tokens/s; Q4_K 5632x2048 / Q4_K 4096x4096 / Q6_K 32000x2048): 4 x 2 4755 / 3391 / 770, 2 x 2
+    6456 / 4293 / 959, 4 x 1 6328 / 4296 / 967, 2 x 4 4228 / 2974 / 722, 8 x 1 5514 / 3869 / 636. Every
+    shape computes each output with the same operations in the same order: the bits do not depend on it."""
+    if is_arm64() or "avx512f" in numba_target_features():
+        return 4, 2
+    return 2, 2
+
+
+_ROW_CHUNK = 16  # rows per parallel work item (a multiple of the tile's rows)
 # Fewer tokens take kquant_simd's tiles (16 lanes cost the same for 1 token as for 16). Measured (Intel
 # Xeon, 1 thread, 5632x2048, ms, those tiles / these): 4 tokens Q4_K 1.46 / 1.52, Q6_K 2.40 / 1.56;
 # 8 tokens Q4_K 1.40 / 1.49, Q6_K 1.67 / 1.63; 16 tokens Q4_K 2.54 / 1.51, Q6_K 2.69 / 1.69.
 MIN_TOKENS = 8
 _decode = _tile_vecs = _tile_vec = None
-_BLOCK_BYTES = _SUMS = _SCALES = 0
+_BLOCK_BYTES = _SUMS = _SCALES = _TILE_ROWS = _TILE_VECS = 0
 
 
 def _matmul_lanes(w, xt, dt, st, n_tok, out):
@@ -457,11 +527,11 @@ def _matmul_lanes(w, xt, dt, st, n_tok, out):
         for sb in range(n_sb):
             for i in range(rows):
                 _decode(w, r0 + i, sb, codes, params, i)
-            for v in range(0, n_vec - n_vec % TILE_VECS, TILE_VECS):
-                for i in range(0, rows, TILE_ROWS):
+            for v in range(0, n_vec - n_vec % _TILE_VECS, _TILE_VECS):
+                for i in range(0, rows, _TILE_ROWS):
                     _tile_vecs(codes, params, i, xt, dt, st, v, sb, acc, i, v * LANES)
-            for v in range(n_vec - n_vec % TILE_VECS, n_vec):
-                for i in range(0, rows, TILE_ROWS):
+            for v in range(n_vec - n_vec % _TILE_VECS, n_vec):
+                for i in range(0, rows, _TILE_ROWS):
                     _tile_vec(codes, params, i, xt, dt, st, v, sb, acc, i, v * LANES)
         for i in range(rows):
             for t in range(n_tok):
@@ -472,9 +542,11 @@ def make_driver(qtype: str, isa_mode: str):
     """``(w, xt, dt, st, n_tok, out)``: the product of ``qtype`` rows ``w`` with :func:`activations_for_lanes`'s
     arrays of ``n_tok`` tokens into ``out`` (n_tok, n_rows); ``isa_mode`` "host" or "generic"."""
     suffix = "" if isa_mode == "host" else "_generic"
-    tiles = {"_tile_vecs": make_lane_tile(qtype, isa_mode, TILE_VECS, TILE_ROWS),
-             "_tile_vec": make_lane_tile(qtype, isa_mode, 1, TILE_ROWS)}
-    return _bind(_matmul_lanes, f"matmul_lanes_{qtype}{suffix}", _BLOCK_BYTES=BLOCK_BYTES[qtype],
+    rows, vecs = tile_shape()
+    tiles = {"_tile_vecs": make_lane_tile(qtype, isa_mode, vecs, rows),
+             "_tile_vec": make_lane_tile(qtype, isa_mode, 1, rows)}
+    return _bind(_matmul_lanes, f"matmul_lanes_{qtype}{suffix}", _TILE_ROWS=rows, _TILE_VECS=vecs,
+                 _BLOCK_BYTES=BLOCK_BYTES[qtype],
                  _SUMS=SUB_BLOCKS[qtype] if qtype in OFFSETS else MINS[qtype], _SCALES=TOKEN_SCALES[qtype],
                  _decode=make_decode(qtype, isa_mode),
                  **tiles)
