@@ -177,7 +177,8 @@ class _LaneEmitter(_KEmitter):
         products in i32 summed by fours."""
         b = self.b
         # WIDE_CODES reach 255: pmaddubsw's pairs would saturate (255 * 127 * 2 > 2**15) and sdot
-        # multiplies signed bytes, so those ISAs take the exact products below for it
+        # multiplies signed bytes, so arm64 takes the exact products below for them (AVX2 takes
+        # signed_dot: dots() does not come here with them)
         exact = self.qtype in WIDE_CODES and self.isa in ("avx2", "neon-dotprod")
         if self.isa == "avx2" and not exact:
             return self.widen_pairs(acc, self.pair_sums(codes, x))
@@ -478,8 +479,6 @@ def make_lane_tile(qtype: str, isa_mode: str, n_vec: int, n_rows: int = 1):
 
     typer.__name__ = typer.__qualname__ = f"{qtype}_lanes_{n_rows}x{n_vec}x{LANES}_{isa_mode}"
     return intrinsic(typer)
-
-
 
 
 def tile_shape() -> tuple[int, int]:
