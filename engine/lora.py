@@ -65,7 +65,8 @@ def _float_array(file: GGUFFile, name: str) -> np.ndarray:
 
 
 def read_adapter(path: str | os.PathLike, base: GGUFFile) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
-    """``{base tensor name: (A, B, alpha / r)}`` of a LoRA GGUF (1 where alpha is 0), checked
+    """``{base tensor name: (A^T, B^T, alpha / r)}`` of a LoRA GGUF (1 where alpha is 0), as float32
+    (n_in, r) and (r, n_out) arrays, checked
     against ``base``'s file: same architecture, every adapted tensor in the base with matching shapes."""
     file = GGUFFile(Path(path))
     try:
@@ -104,7 +105,9 @@ def read_adapter(path: str | os.PathLike, base: GGUFFile) -> dict[str, tuple[np.
                                             f"base model {base.path}'s {info.ne} (ggml order)")
             rank = int(b_info.ne[0])
             unit = float(alpha) / rank if alpha else 1.0
-            result[target] = (_float_array(file, name), _float_array(file, target + ".lora_b"), unit)
+            # transposed once here: the product's loops run along their rows (engine.kernels.ops.add_lora)
+            result[target] = (np.ascontiguousarray(_float_array(file, name).T),
+                              np.ascontiguousarray(_float_array(file, target + ".lora_b").T), unit)
         if not result:
             raise file_error(file.path, "has no .lora_a / .lora_b tensors")
         return result

@@ -82,10 +82,10 @@ def _add_lora(x: np.ndarray, weight: Weight, y: np.ndarray) -> np.ndarray:
     if terms:
         from engine.lora import active_scale
 
-        for a, b, unit, index, default in terms:
+        for a_t, b_t, unit, index, default in terms:
             scale = active_scale(index, default)
             if scale:
-                y += (scale * unit) * ((x @ a.T) @ b.T)
+                _ops.add_lora(x, a_t, b_t, scale * unit, y)
     return y
 
 

@@ -13,11 +13,11 @@ class Weight(WeightView):
     """A weight matrix view with the file tensor it came from.
 
     ``name``: that tensor's GGUF name (None for weights not read from a file). ``lora``: run-time
-    LoRA adapters, ``(A (r, n_in), B (n_out, r), scale)`` float32 triples that ``ops.linear``
-    adds as ``scale * (x A^T) B^T`` (engine/lora.py attaches them with ``with_lora``)."""
+    LoRA adapters, ``(A^T (n_in, r), B^T (r, n_out), alpha / r, adapter index, scale)`` entries that
+    ``ops.linear`` adds as ``scale * alpha / r * (x A^T) B^T`` (engine/lora.py attaches them with ``with_lora``)."""
 
     name: str | None = None
-    lora: tuple[tuple[np.ndarray, np.ndarray, float], ...] = ()
+    lora: tuple[tuple[np.ndarray, np.ndarray, float, int, float], ...] = ()
 
     @classmethod
     def from_file(cls, file: GGUFFile, name: str) -> Weight:

@@ -4,7 +4,10 @@ scale 0 gives the base exactly, and it makes the held-out WEB chapters more like
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -92,3 +95,44 @@ def test_perplexity_cli_takes_the_adapter():
     cli = float(re.search(r"PPL = ([0-9.]+)", result.output).group(1))
     model = Model.load(default_model_path(), n_ctx=256, lora=[(adapter, 1.0)])
     assert cli == round(perplexity(model, text.read_text(), n_ctx=256, max_chunks=2).ppl, 4)
+
+
+ADAPTED_LOGITS = """
+import sys
+import numpy as np
+from engine.default_model import default_model_path
+from engine.model import Model
+
+with Model.load(default_model_path(), n_ctx=256, threads=1, lora=[(sys.argv[2], 1.0)]) as model:
+    ids = model.tokenize("And the LORD spake unto Moses, saying,")
+    np.save(sys.argv[1], np.concatenate([model.eval(ids), model.eval([300]), model.eval([261])]))
+"""
+
+
+def test_adapter_logits_do_not_depend_on_the_cpus_blas_kernels(tmp_path) -> None:
+    """The adapter's products are halfbyte's own fixed-order sums, not BLAS calls, whose kernels OpenBLAS
+    picks by CPU: numpy's products gave another greedy text on an AVX2 EPYC than on AVX-512 machines.
+    Here OpenBLAS is told to use other CPUs' kernels (OPENBLAS_CORETYPE); the logits stay bit-identical."""
+    logits = []
+    for core in ("Haswell", "Sandybridge", "Prescott"):
+        out = tmp_path / f"{core}.npy"
+        env = dict(os.environ, OPENBLAS_CORETYPE=core)
+        result = subprocess.run([sys.executable, "-c", ADAPTED_LOGITS, str(out), str(ADAPTER)], env=env,
+                                capture_output=True, text=True, timeout=300, cwd=DEMO.parents[1])
+        assert result.returncode == 0, result.stderr[-2000:]
+        logits.append(np.load(out))
+    for other in logits[1:]:
+        np.testing.assert_array_equal(other.view(np.uint32), logits[0].view(np.uint32))
+
+
+def test_add_lora_matches_the_float64_product() -> None:
+    from engine.kernels import ops as kernel_ops
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    a_t = (rng.standard_normal((96, 8)) * 0.1).astype(np.float32)
+    b_t = (rng.standard_normal((8, 40)) * 0.1).astype(np.float32)
+    y = rng.standard_normal((5, 40)).astype(np.float32)
+    expected = y + kernel_ops.reference_add_lora(x, a_t, b_t, 0.75)
+    kernel_ops.add_lora(x, a_t, b_t, 0.75, y)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)

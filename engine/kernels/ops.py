@@ -420,6 +420,43 @@ def clamp(x: np.ndarray, limit: float, out: np.ndarray | None = None) -> np.ndar
     return _elementwise(_clamp_kernel, x, out, np.float32(limit))
 
 
+@njit(cache=True)
+def _lora_kernel(x, a_t, b_t, factor, y):
+    """y[t] += factor * ((x[t] A^T) B^T) with A^T = a_t (n_in, r) and B^T = b_t (r, n_out): every sum
+    in input order, then rank order, one multiply and one add per term (no fast-math: no FMA, no
+    reassociation), so the bits are the same on every CPU. The loops run along a_t's and b_t's rows,
+    which LLVM vectorizes without changing any element's order."""
+    n_tok, n_in = x.shape
+    rank, n_out = b_t.shape
+    s = np.empty(rank, np.float32)
+    u = np.empty(n_out, np.float32)
+    for t in range(n_tok):
+        s[:] = 0.0
+        for k in range(n_in):
+            xk = x[t, k]
+            for j in range(rank):
+                s[j] += xk * a_t[k, j]
+        u[:] = 0.0
+        for j in range(rank):
+            sj = s[j]
+            for o in range(n_out):
+                u[o] += sj * b_t[j, o]
+        for o in range(n_out):
+            y[t, o] += factor * u[o]
+
+
+def add_lora(x: np.ndarray, a_t: np.ndarray, b_t: np.ndarray, factor: float, y: np.ndarray) -> None:
+    """``y += factor * (x A^T) B^T`` in place, for ``a_t`` = A^T (n_in, r) and ``b_t`` = B^T (r, n_out), the
+    same bits on every CPU (a BLAS product's sums follow the CPU's kernel: greedy text with an adapter
+    differed between AVX2 and AVX-512 machines)."""
+    _lora_kernel(_rows(x, a_t.shape[0]), a_t, b_t, np.float32(factor), y)
+
+
+def reference_add_lora(x: np.ndarray, a_t: np.ndarray, b_t: np.ndarray, factor: float) -> np.ndarray:
+    """``factor * (x A^T) B^T`` in float64."""
+    return float(factor) * ((np.asarray(x, np.float64) @ a_t) @ b_t)
+
+
 def reference_gelu_tanh(x: np.ndarray) -> np.ndarray:
     x64 = np.asarray(x, np.float64)
     return 0.5 * x64 * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x64 + 0.044715 * x64**3)))
