@@ -24,12 +24,9 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-from numba.core import event
 
 # The file types a tiny model is made of, in two groups that share few kernels (the K-quants and
 # IQ4 types; the legacy and float types), each about half of the products' compiling.
@@ -41,25 +38,6 @@ FILE_TYPES: tuple[str, ...] = tuple(t for group in FILE_TYPE_GROUPS for t in gro
 
 _TINY_SOURCE = "source-q4_0.gguf"
 _LONG_PROMPT = 1040  # past attention's lane threshold (1024 keys), where the transposed-key tile runs
-
-
-class _CompileCounter(event.Listener):
-    """Counts the kernels compiled (top-level compile events) in this process."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._depth = 0
-        self._lock = threading.Lock()
-
-    def on_start(self, ev: event.Event) -> None:
-        with self._lock:
-            self._depth += 1
-            if self._depth == 1:
-                self.count += 1
-
-    def on_end(self, ev: event.Event) -> None:
-        with self._lock:
-            self._depth -= 1
 
 
 def write_tiny_source(directory: Path) -> Path:
@@ -151,11 +129,12 @@ def _run_jobs(jobs: Sequence[tuple[list[str], bool]], workers: int) -> None:
 
 
 def precompile(file_types: Sequence[str] = FILE_TYPES, log: Callable[[str], None] | None = None,
-               workers: int | None = None) -> int:
+               workers: int | None = None) -> float:
     """Compile (into Numba's on-disk cache) the kernels the demo model and files of ``file_types``
-    run on, with ``workers`` processes (default: up to 2, as the cores allow). Returns how many
-    kernels the final pass (everything again, in this process) compiled: with workers, 0 unless
-    two of them saved entries of one kernel at the same moment and one was lost."""
+    run on, with ``workers`` processes (default: up to 2, as the cores allow). Returns the seconds
+    the final pass (everything again, in this process) spent compiling: with workers, 0 unless two
+    of them saved entries of one kernel at the same moment and one was lost."""
+    from engine.jit_cache import compile_seconds
     from engine.threads import available_cores
 
     log = log or (lambda message: None)
@@ -164,7 +143,6 @@ def precompile(file_types: Sequence[str] = FILE_TYPES, log: Callable[[str], None
     # compiled here or by the workers below, not by the children the engine starts on its own
     previous = os.environ.get("HALFBYTE_BACKGROUND_COMPILE")
     os.environ["HALFBYTE_BACKGROUND_COMPILE"] = "0"
-    counter = _CompileCounter()
     try:
         with tempfile.TemporaryDirectory(prefix="halfbyte-precompile-") as tmp:
             folder = Path(tmp)
@@ -175,23 +153,21 @@ def precompile(file_types: Sequence[str] = FILE_TYPES, log: Callable[[str], None
                 # quantizers; the file types' products once their tiny files are written
                 _run_jobs([(["--demo"], False), (["--write", tmp, *file_types], False), (["--attention", tmp], False),
                            *((["--run", tmp, *group], True) for group in groups)], workers)
-            event.register("numba:compile", counter)
-            try:
-                exercise_demo()
-                exercise_attention(folder)
-                write_tiny_files(folder, file_types)
-                for group in groups:
-                    exercise_file_types(folder, group)
-            finally:
-                event.unregister("numba:compile", counter)
+            compiled_before = compile_seconds()
+            exercise_demo()
+            exercise_attention(folder)
+            write_tiny_files(folder, file_types)
+            for group in groups:
+                exercise_file_types(folder, group)
+            final_pass = compile_seconds() - compiled_before
     finally:
         if previous is None:
             del os.environ["HALFBYTE_BACKGROUND_COMPILE"]
         else:
             os.environ["HALFBYTE_BACKGROUND_COMPILE"] = previous
     log(f"kernels compiled for this machine in {time.perf_counter() - start:.1f} s"
-        + (f" ({counter.count} in the final pass)" if workers >= 2 else ""))
-    return counter.count
+        + (f" ({final_pass:.2f} s of it compiling in the final pass)" if workers >= 2 else ""))
+    return final_pass
 
 
 def main(argv: Sequence[str]) -> int:

@@ -482,8 +482,8 @@ def make_lane_tile(qtype: str, isa_mode: str, n_vec: int, n_rows: int = 1):
 
 
 def tile_shape() -> tuple[int, int]:
-    """(rows, token vectors) of a call's block. 4 x 2 with 32 vector registers (AVX-512; arm64 as
-    measured there first): 8 vpdpbusd per activation vector and code broadcast loaded. Measured (Intel
+    """(rows, token vectors) of a call's block. 4 x 2 with 32 vector registers (AVX-512; arm64 keeps
+    it, not measured there): 8 vpdpbusd per activation vector and code broadcast loaded. Measured (Intel
     Xeon, 1 thread, 5632x2048, 128 tokens, G products/s; Q4_K / Q6_K): 1 row x 4 vectors 96 / 91, 2 x 4
     116 / 122, 3 x 4 116 / 128, 4 x 2 129 / 134, 8 x 1 138 / 142 (another run: 4 x 2 159 / 151, 8 x 1
     138 / 142, 6 x 2 139 / 132, 8 x 2 145 / 138). x86 without AVX-512 has 16 (256-bit) registers, which
